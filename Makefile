@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint typecheck pytest soak demo bench bench-full clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/valuemesh daemon
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check protocol node cli tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy protocol
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+soak: $(STAMP)
+	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,398 @@
+"""Signed records and blocks: the two objects valuemesh signs, hashes and sends.
+
+A record is one member's signed statement; a block is a core node's signed
+vertex of a constellation's DAG carrying a batch of records. Both are frozen
+dataclasses whose wire form is deterministic CBOR. The signature covers a
+domain tag plus the canonical payload (every field but `sig`), and the content
+id is BLAKE2b-256 of the same bytes, so an id never depends on the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import cbor
+from .errors import DecodeError, LocalError, SignatureError, ValidationError
+from .identity import ID_PREFIX, Identity, MemberId
+
+HASH_LEN = 32
+MAX_RECORD_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 4 * 1024 * 1024
+MAX_RECORDS_PER_BLOCK = 2048
+MAX_PARENTS = 512
+MAX_TYPE_LEN = 64
+MAX_SEQ = (1 << 53) - 1
+RECORD_DOMAIN = b"valuemesh/record/v1\x00"
+BLOCK_DOMAIN = b"valuemesh/block/v1\x00"
+CONSTELLATION_PREFIX = "vc1"
+
+_RECORD_KEYS = frozenset({"type", "v", "c", "author", "seq", "body", "created", "sig"})
+_BLOCK_KEYS = frozenset(
+    {"c", "epoch", "author", "round", "prev", "parents", "records", "created", "sig"}
+)
+
+
+def blake2b256(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=HASH_LEN).digest()
+
+
+def _id_checksum(raw: bytes) -> bytes:
+    return hashlib.blake2b(b"valuemesh-constellation-id" + raw, digest_size=4).digest()
+
+
+def constellation_text(cid: bytes) -> str:
+    """Text form of a constellation id: `vc1` + base32(id + checksum)."""
+    return CONSTELLATION_PREFIX + base64.b32encode(cid + _id_checksum(cid)).decode().rstrip("=").lower()
+
+
+def parse_constellation(text: str) -> bytes:
+    t = text.strip().lower() if isinstance(text, str) else ""
+    body = t[len(CONSTELLATION_PREFIX) :]
+    if not t.startswith(CONSTELLATION_PREFIX) or len(body) != 58:
+        raise LocalError(f"'{text}' is not a constellation id: it should be 'vc1' and 58 letters and digits.")
+    try:
+        raw = base64.b32decode(body.upper() + "======")
+    except ValueError:
+        raise LocalError(f"'{text}' is not a constellation id: it has characters outside base32.") from None
+    cid, check = raw[:HASH_LEN], raw[HASH_LEN:]
+    if _id_checksum(cid) != check:
+        raise LocalError(f"'{text}' has a wrong checksum: the constellation id is mistyped.")
+    return cid
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise DecodeError(message)
+
+
+def _uint(value: object, what: str, limit: int = MAX_SEQ) -> int:
+    _need(isinstance(value, int) and not isinstance(value, bool), f"{what} must be an integer.")
+    assert isinstance(value, int)
+    _need(0 <= value <= limit, f"{what} is out of range.")
+    return value
+
+
+def _hash(value: object, what: str) -> bytes:
+    _need(isinstance(value, bytes) and len(value) == HASH_LEN, f"{what} must be a 32-byte hash.")
+    assert isinstance(value, bytes)
+    return value
+
+
+def _member(value: object, what: str) -> MemberId:
+    _need(isinstance(value, bytes) and len(value) == 32, f"{what} must be a 32-byte member key.")
+    assert isinstance(value, bytes)
+    return MemberId(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One member's signed statement in one constellation.
+
+    `type` names the plugin that interprets `body`, `v` its major version;
+    `seq` counts this author's records in this constellation from 0.
+    """
+
+    type: str
+    v: int
+    constellation: bytes
+    author: MemberId
+    seq: int
+    body: Mapping[str, Any]
+    created: int
+    sig: bytes
+    id: bytes = field(default=b"", compare=False)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+
+    def payload_map(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "v": self.v,
+            "c": self.constellation,
+            "author": self.author.key,
+            "seq": self.seq,
+            "body": dict(self.body),
+            "created": self.created,
+        }
+
+    @classmethod
+    def create(
+        cls,
+        identity: Identity,
+        *,
+        type: str,
+        v: int,
+        constellation: bytes,
+        seq: int,
+        body: Mapping[str, Any],
+        created: int,
+    ) -> Record:
+        """Sign a new record; the caller supplies `created` (ms since epoch)."""
+        if not type or len(type) > MAX_TYPE_LEN:
+            raise LocalError("A record type must be 1 to 64 characters.")
+        if not 0 <= seq <= MAX_SEQ:
+            raise LocalError("A record sequence number is out of range.")
+        payload_map = {
+            "type": type,
+            "v": v,
+            "c": constellation,
+            "author": identity.member.key,
+            "seq": seq,
+            "body": dict(body),
+            "created": created,
+        }
+        payload = cbor.encode(payload_map)
+        sig = identity.sign(RECORD_DOMAIN + payload)
+        raw = cbor.encode({**payload_map, "sig": sig})
+        if len(raw) > MAX_RECORD_SIZE:
+            raise LocalError(f"The record is {len(raw)} bytes, over the limit of {MAX_RECORD_SIZE}.")
+        return cls(
+            type, v, constellation, identity.member, seq, dict(body), created, sig,
+            blake2b256(payload), raw,
+        )
+
+    def encode(self) -> bytes:
+        return self.raw
+
+    @property
+    def ref(self) -> tuple[bytes, int]:
+        """The (author key, seq) slot this record occupies."""
+        return (self.author.key, self.seq)
+
+
+def decode_record(data: bytes, *, verify: bool = True) -> Record:
+    """Decode and (by default) verify a record; raise DecodeError/SignatureError."""
+    _need(len(data) <= MAX_RECORD_SIZE, f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
+    m = cbor.decode(data, max_size=MAX_RECORD_SIZE)
+    return _record_from_map(m, bytes(data), verify)
+
+
+def _record_from_map(m: object, raw: bytes, verify: bool) -> Record:
+    _need(isinstance(m, dict), "A record must be a map.")
+    assert isinstance(m, dict)
+    _need(m.keys() == _RECORD_KEYS, "A record has missing or unknown fields.")
+    rtype = m["type"]
+    _need(isinstance(rtype, str) and 0 < len(rtype) <= MAX_TYPE_LEN, "A record type must be short text.")
+    v = _uint(m["v"], "A record version", 1 << 16)
+    cid = _hash(m["c"], "A record's constellation")
+    author = _member(m["author"], "A record's author")
+    seq = _uint(m["seq"], "A record's seq")
+    body = m["body"]
+    _need(isinstance(body, dict), "A record body must be a map.")
+    created = _uint(m["created"], "A record's created time")
+    sig = m["sig"]
+    _need(isinstance(sig, bytes) and len(sig) == 64, "A record signature must be 64 bytes.")
+    payload = cbor.encode({k: m[k] for k in m if k != "sig"})
+    if verify:
+        author.verify(RECORD_DOMAIN + payload, sig)
+    return Record(rtype, v, cid, author, seq, body, created, sig, blake2b256(payload), raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A vertex of a constellation's DAG, signed by one core member.
+
+    `round` is the threshold-clock round; `parents` are ids of round-1 blocks
+    (sorted, at least a quorum by weight except in round 0); `prev` is the
+    author's own previous block, if any.
+    """
+
+    constellation: bytes
+    epoch: int
+    author: MemberId
+    round: int
+    prev: bytes | None
+    parents: tuple[bytes, ...]
+    records: tuple[Record, ...]
+    created: int
+    sig: bytes
+    id: bytes = field(default=b"", compare=False)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+
+    @classmethod
+    def create(
+        cls,
+        identity: Identity,
+        *,
+        constellation: bytes,
+        epoch: int,
+        round: int,
+        prev: bytes | None,
+        parents: tuple[bytes, ...] | list[bytes],
+        records: tuple[Record, ...] | list[Record],
+        created: int,
+    ) -> Block:
+        parents_t = tuple(sorted(set(parents)))
+        records_t = tuple(records)
+        if len(parents_t) > MAX_PARENTS or len(records_t) > MAX_RECORDS_PER_BLOCK:
+            raise LocalError("A block has too many parents or records.")
+        payload_map = _block_payload(constellation, epoch, identity.member, round, prev, parents_t, records_t, created)
+        payload = cbor.encode(payload_map)
+        sig = identity.sign(BLOCK_DOMAIN + payload)
+        raw = cbor.encode({**payload_map, "sig": sig})
+        if len(raw) > MAX_BLOCK_SIZE:
+            raise LocalError("The block is over the size limit; propose fewer records at once.")
+        return cls(
+            constellation, epoch, identity.member, round, prev, parents_t, records_t, created, sig,
+            blake2b256(payload), raw,
+        )
+
+    def encode(self) -> bytes:
+        return self.raw
+
+
+def _block_payload(
+    constellation: bytes,
+    epoch: int,
+    author: MemberId,
+    round: int,
+    prev: bytes | None,
+    parents: tuple[bytes, ...],
+    records: tuple[Record, ...],
+    created: int,
+) -> dict[str, Any]:
+    return {
+        "c": constellation,
+        "epoch": epoch,
+        "author": author.key,
+        "round": round,
+        "prev": prev,
+        "parents": list(parents),
+        "records": [r.raw for r in records],
+        "created": created,
+    }
+
+
+def decode_block(
+    data: bytes,
+    *,
+    verify: bool = True,
+    record_verifier: Callable[[bytes], Record] | None = None,
+) -> Block:
+    """Decode a block and every record in it; verify all signatures by default.
+
+    `record_verifier` lets a caller that already verified a record (by id)
+    skip doing it twice.
+    """
+    _need(len(data) <= MAX_BLOCK_SIZE, "A block is over the size limit.")
+    m = cbor.decode(data, max_size=MAX_BLOCK_SIZE)
+    _need(isinstance(m, dict), "A block must be a map.")
+    assert isinstance(m, dict)
+    _need(m.keys() == _BLOCK_KEYS, "A block has missing or unknown fields.")
+    cid = _hash(m["c"], "A block's constellation")
+    epoch = _uint(m["epoch"], "A block's epoch")
+    author = _member(m["author"], "A block's author")
+    rnd = _uint(m["round"], "A block's round")
+    prev = m["prev"]
+    if prev is not None:
+        prev = _hash(prev, "A block's prev")
+    parents = m["parents"]
+    _need(isinstance(parents, list) and len(parents) <= MAX_PARENTS, "A block's parents must be a short list.")
+    parents_t = tuple(_hash(p, "A block parent") for p in parents)
+    _need(all(parents_t[i] < parents_t[i + 1] for i in range(len(parents_t) - 1)),
+          "A block's parents must be sorted and distinct.")
+    recs = m["records"]
+    _need(isinstance(recs, list) and len(recs) <= MAX_RECORDS_PER_BLOCK, "A block has too many records.")
+    created = _uint(m["created"], "A block's created time")
+    sig = m["sig"]
+    _need(isinstance(sig, bytes) and len(sig) == 64, "A block signature must be 64 bytes.")
+    payload = cbor.encode({k: m[k] for k in m if k != "sig"})
+    if verify:
+        author.verify(BLOCK_DOMAIN + payload, sig)
+    records: list[Record] = []
+    seen: set[bytes] = set()
+    for r in recs:
+        _need(isinstance(r, bytes), "A block's records must be encoded records.")
+        rec = record_verifier(r) if record_verifier else decode_record(r, verify=verify)
+        if rec.constellation != cid:
+            raise ValidationError("A block carries a record of another constellation.")
+        if rec.id in seen:
+            raise ValidationError("A block carries the same record twice.")
+        seen.add(rec.id)
+        records.append(rec)
+    return Block(cid, epoch, author, rnd, prev, parents_t, tuple(records), created, sig,
+                 blake2b256(payload), bytes(data))
+
+
+@dataclass(frozen=True, slots=True)
+class EquivocationProof:
+    """Two different signed objects by one author in one slot: portable evidence.
+
+    `kind` is "record" (same constellation, author and seq) or "block" (same
+    constellation, epoch, author and round). Anyone can check it with `verify`.
+    """
+
+    kind: str
+    first: bytes
+    second: bytes
+
+    @property
+    def author(self) -> MemberId:
+        return self._decode()[0].author
+
+    def _decode(self) -> tuple[Any, Any]:
+        if self.kind == "record":
+            return decode_record(self.first), decode_record(self.second)
+        if self.kind == "block":
+            return decode_block(self.first), decode_block(self.second)
+        raise DecodeError("An equivocation proof has an unknown kind.")
+
+    def verify(self) -> MemberId:
+        """Check the proof; return the equivocating member or raise ValidationError."""
+        a, b = self._decode()
+        if a.id == b.id:
+            raise ValidationError("An equivocation proof names the same object twice.")
+        if a.author != b.author or a.constellation != b.constellation:
+            raise ValidationError("An equivocation proof mixes authors or constellations.")
+        if self.kind == "record" and a.seq != b.seq:
+            raise ValidationError("An equivocation proof's records have different seq numbers.")
+        if self.kind == "block" and (a.round != b.round or a.epoch != b.epoch):
+            raise ValidationError("An equivocation proof's blocks are in different rounds.")
+        return a.author  # type: ignore[no-any-return]
+
+    def encode(self) -> bytes:
+        a, b = sorted([self.first, self.second])
+        return cbor.encode({"kind": self.kind, "a": a, "b": b})
+
+    @classmethod
+    def decode(cls, data: bytes) -> EquivocationProof:
+        m = cbor.decode(data, max_size=2 * MAX_BLOCK_SIZE + 64)
+        _need(isinstance(m, dict) and m.keys() == {"kind", "a", "b"}, "An equivocation proof is malformed.")
+        _need(isinstance(m["a"], bytes) and isinstance(m["b"], bytes), "An equivocation proof is malformed.")
+        _need(m["kind"] in ("record", "block"), "An equivocation proof has an unknown kind.")
+        proof = cls(m["kind"], m["a"], m["b"])
+        proof.verify()
+        return proof
+
+
+def check_equivocation(a: Record | Block, b: Record | Block) -> EquivocationProof | None:
+    """Return a proof if `a` and `b` are distinct objects in the same author slot."""
+    if isinstance(a, Record) and isinstance(b, Record):
+        same = (a.constellation, a.author, a.seq) == (b.constellation, b.author, b.seq)
+        return EquivocationProof("record", a.raw, b.raw) if same and a.id != b.id else None
+    if isinstance(a, Block) and isinstance(b, Block):
+        same = (a.constellation, a.epoch, a.author, a.round) == (b.constellation, b.epoch, b.author, b.round)
+        return EquivocationProof("block", a.raw, b.raw) if same and a.id != b.id else None
+    return None
+
+
+def hex_id(h: bytes) -> str:
+    return h.hex()
+
+
+__all__ = [
+    "ID_PREFIX",
+    "Block",
+    "EquivocationProof",
+    "Record",
+    "SignatureError",
+    "blake2b256",
+    "check_equivocation",
+    "constellation_text",
+    "decode_block",
+    "decode_record",
+    "parse_constellation",
+]
