@@ -331,7 +331,8 @@ class EquivocationProof:
 
     @property
     def author(self) -> MemberId:
-        return self._decode()[0].author
+        first: Record | Block = self._decode()[0]
+        return first.author
 
     def _decode(self) -> tuple[Any, Any]:
         if self.kind == "record":

@@ -1,0 +1,140 @@
+"""Invite tokens: one signed string that lets a new member find and join a
+constellation — its id, the inviter, addresses of members, tier and roles,
+expiry and use limit. The ledger re-checks the token when the join is final.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from dataclasses import dataclass
+
+from . import cbor
+from .errors import DecodeError, LocalError, RemoteError
+from .identity import Identity, MemberId
+from .records import blake2b256
+
+INVITE_DOMAIN = b"valuemesh/invite/v1\x00"
+TOKEN_PREFIX = "vmi1"
+MAX_TOKEN_SIZE = 4096
+MAX_ADDRS = 16
+ROLES = ("investor", "producer", "customer", "facilitator")
+TIERS = ("core", "contributor")
+_KEYS = frozenset({"c", "name", "inviter", "tier", "roles", "uses", "expires", "addrs", "approve", "nonce"})
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    constellation: bytes
+    name: str
+    inviter: MemberId
+    tier: str
+    roles: tuple[str, ...]
+    uses: int
+    expires: int
+    addrs: tuple[tuple[str, int], ...]
+    approve: bool
+    nonce: bytes
+    sig: bytes
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "c": self.constellation,
+            "name": self.name,
+            "inviter": self.inviter.key,
+            "tier": self.tier,
+            "roles": list(self.roles),
+            "uses": self.uses,
+            "expires": self.expires,
+            "addrs": [[h, p] for h, p in self.addrs],
+            "approve": self.approve,
+            "nonce": self.nonce,
+        }
+
+    @property
+    def id(self) -> bytes:
+        return blake2b256(cbor.encode(self.payload()))
+
+    def raw(self) -> bytes:
+        return cbor.encode({"p": self.payload(), "sig": self.sig})
+
+    def text(self) -> str:
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(self.raw()).decode().rstrip("=")
+
+    @classmethod
+    def create(
+        cls,
+        identity: Identity,
+        *,
+        constellation: bytes,
+        name: str,
+        tier: str,
+        roles: tuple[str, ...],
+        uses: int,
+        expires: int,
+        addrs: tuple[tuple[str, int], ...],
+        nonce: bytes,
+        approve: bool = False,
+    ) -> Invite:
+        if tier not in TIERS:
+            raise LocalError(f"Tier must be one of: {', '.join(TIERS)}.")
+        for r in roles:
+            if r not in ROLES:
+                raise LocalError(f"Role '{r}' is not one of: {', '.join(ROLES)}.")
+        if not 1 <= uses <= 10_000:
+            raise LocalError("An invite's use limit must be between 1 and 10000.")
+        unsigned = cls(constellation, name, identity.member, tier, tuple(sorted(set(roles))), uses,
+                       expires, tuple(addrs)[:MAX_ADDRS], approve, nonce, b"")
+        sig = identity.sign(INVITE_DOMAIN + cbor.encode(unsigned.payload()))
+        return dataclasses.replace(unsigned, sig=sig)
+
+
+def decode_invite(raw: bytes) -> Invite:
+    """Decode and verify an invite's signature; raise a typed error."""
+    m = cbor.decode(raw, max_size=MAX_TOKEN_SIZE)
+    if not isinstance(m, dict) or m.keys() != {"p", "sig"}:
+        raise DecodeError("The invite token is malformed.")
+    p, sig = m["p"], m["sig"]
+    if not isinstance(p, dict) or p.keys() != _KEYS or not isinstance(sig, bytes) or len(sig) != 64:
+        raise DecodeError("The invite token is malformed.")
+    try:
+        c, name, inviter = p["c"], p["name"], MemberId(p["inviter"])
+        assert isinstance(c, bytes) and len(c) == 32
+        assert isinstance(name, str) and len(name) <= 128
+        assert p["tier"] in TIERS
+        roles = p["roles"]
+        assert isinstance(roles, list) and all(r in ROLES for r in roles)
+        assert roles == sorted(set(roles))
+        assert isinstance(p["uses"], int) and 1 <= p["uses"] <= 10_000
+        assert isinstance(p["expires"], int) and p["expires"] >= 0
+        addrs = p["addrs"]
+        assert isinstance(addrs, list) and len(addrs) <= MAX_ADDRS
+        pairs = []
+        for a in addrs:
+            assert isinstance(a, list) and len(a) == 2
+            assert isinstance(a[0], str) and 0 < len(a[0]) <= 255
+            assert isinstance(a[1], int) and 0 < a[1] < 65536
+            pairs.append((a[0], a[1]))
+        assert isinstance(p["approve"], bool)
+        assert isinstance(p["nonce"], bytes) and len(p["nonce"]) == 16
+    except (AssertionError, DecodeError, TypeError):
+        raise DecodeError("The invite token is malformed.") from None
+    inv = Invite(c, name, inviter, p["tier"], tuple(roles), p["uses"], p["expires"], tuple(pairs),
+                 p["approve"], p["nonce"], sig)
+    inviter.verify(INVITE_DOMAIN + cbor.encode(inv.payload()), sig)
+    return inv
+
+
+def parse_token(text: str) -> Invite:
+    t = text.strip() if isinstance(text, str) else ""
+    if not t.startswith(TOKEN_PREFIX):
+        raise LocalError("This is not a valuemesh invite token (it should start with 'vmi1').")
+    body = t[len(TOKEN_PREFIX):]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except ValueError:
+        raise LocalError("The invite token is damaged: it is not valid base64.") from None
+    try:
+        return decode_invite(raw)
+    except RemoteError:
+        raise LocalError("The invite token is damaged or was altered.") from None

@@ -1,0 +1,280 @@
+"""The ledger state machine: applies finalised records, in consensus order,
+through their plugins, and exposes a deterministic state hash.
+
+State is a flat map from `namespace/key` to canonical CBOR bytes, so every
+value is immutable, float-free and hashes the same on every node. Each
+record's changes are staged in an overlay and merged only if its plugin's
+`validate` and `apply` both succeed: a failing or crashing plugin rejects that
+record and leaves the state exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import cbor
+from .errors import AuthorizationError, ValidationError, ValuemeshError
+from .identity import MemberId
+from .plugins import Plugin, Registry
+from .records import Record
+
+MAX_DEFERRED_PER_AUTHOR = 256
+STATE_HASH_DOMAIN = b"valuemesh/state/v1\x00"
+MEMBERSHIP = "membership"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What applying one final record did: applied, rejected, deferred or duplicate."""
+
+    status: str
+    record: Record
+    reason: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return self.status == "applied"
+
+
+class StateReader:
+    """Read-only access to ledger state, namespaced by plugin name."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, bytes]) -> None:
+        self._data = data
+
+    def read(self, namespace: str, key: str) -> Any:
+        raw = self._data.get(f"{namespace}/{key}")
+        return None if raw is None else cbor.decode(raw)
+
+    def scan(self, namespace: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """Yield (key, value) of `namespace` whose key starts with `prefix`, sorted."""
+        full = f"{namespace}/{prefix}"
+        cut = len(namespace) + 1
+        for k in sorted(k for k in self._data if k.startswith(full)):
+            yield k[cut:], cbor.decode(self._data[k])
+
+    def member(self, key: bytes) -> dict[str, Any] | None:
+        m = self.read(MEMBERSHIP, f"m/{key.hex()}")
+        return m if isinstance(m, dict) else None
+
+    def is_active(self, key: bytes) -> bool:
+        m = self.member(key)
+        return m is not None and m.get("status") == "active"
+
+    def has_role(self, key: bytes, role: str) -> bool:
+        m = self.member(key)
+        return m is not None and m.get("status") == "active" and role in m.get("roles", [])
+
+    def policy(self) -> dict[str, Any]:
+        p = self.read(MEMBERSHIP, "policy")
+        return p if isinstance(p, dict) else {}
+
+
+class ApplyContext(StateReader):
+    """What a plugin sees while validating or applying one record.
+
+    Reads see the committed state plus this record's own staged writes; writes
+    go to the plugin's own namespace only and land only if the record applies.
+    """
+
+    __slots__ = ("_overlay", "namespace", "now", "op")
+
+    def __init__(self, data: Mapping[str, bytes], namespace: str, op: str, now: int) -> None:
+        super().__init__(data)
+        self._overlay: dict[str, bytes | None] = {}
+        self.namespace = namespace
+        self.op = op
+        self.now = now
+
+    def read(self, namespace: str, key: str) -> Any:
+        full = f"{namespace}/{key}"
+        if full in self._overlay:
+            raw = self._overlay[full]
+        else:
+            raw = self._data.get(full)
+        return None if raw is None else cbor.decode(raw)
+
+    def scan(self, namespace: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        full = f"{namespace}/{prefix}"
+        cut = len(namespace) + 1
+        keys = {k for k in self._data if k.startswith(full)}
+        keys |= {k for k in self._overlay if k.startswith(full)}
+        for k in sorted(keys):
+            raw = self._overlay[k] if k in self._overlay else self._data.get(k)
+            if raw is not None:
+                yield k[cut:], cbor.decode(raw)
+
+    def get(self, key: str) -> Any:
+        return self.read(self.namespace, key)
+
+    def put(self, key: str, value: Any) -> None:
+        self._overlay[f"{self.namespace}/{key}"] = cbor.encode(value)
+
+    def delete(self, key: str) -> None:
+        self._overlay[f"{self.namespace}/{key}"] = None
+
+    def writes(self) -> dict[str, bytes | None]:
+        return self._overlay
+
+
+class Ledger:
+    """One constellation's ledger, rebuilt identically by every node.
+
+    Feed it final records in consensus order with `apply`; `now` is the
+    consensus time of the block that carried the record (the same everywhere).
+    """
+
+    def __init__(self, registry: Registry, constellation: bytes) -> None:
+        self.registry = registry
+        self.constellation = constellation
+        self._data: dict[str, bytes] = {}
+        self._next_seq: dict[bytes, int] = {}
+        self._applied_ids: dict[tuple[bytes, int], bytes] = {}
+        self._deferred: dict[bytes, dict[int, tuple[Record, int]]] = {}
+        self._hash: bytes | None = None
+        self.applied_count = 0
+        self.committee_version = 0
+
+    # -- reading -------------------------------------------------------------
+    @property
+    def reader(self) -> StateReader:
+        return StateReader(self._data)
+
+    @property
+    def founded(self) -> bool:
+        return f"{MEMBERSHIP}/meta" in self._data
+
+    @property
+    def dissolved(self) -> bool:
+        return self.reader.read(MEMBERSHIP, "dissolved") is True
+
+    def next_seq(self, author: MemberId) -> int:
+        return self._next_seq.get(author.key, 0)
+
+    def state_hash(self) -> bytes:
+        if self._hash is None:
+            h = hashlib.blake2b(STATE_HASH_DOMAIN, digest_size=32)
+            for k in sorted(self._data):
+                kb = k.encode()
+                v = self._data[k]
+                h.update(len(kb).to_bytes(4, "big") + kb + len(v).to_bytes(4, "big") + v)
+            self._hash = h.digest()
+        return self._hash
+
+    def committee(self) -> tuple[tuple[MemberId, int], ...]:
+        """Active core members and their weights, sorted by key."""
+        out = []
+        for key, m in self.reader.scan(MEMBERSHIP, "m/"):
+            if m.get("status") == "active" and m.get("tier") == "core":
+                out.append((MemberId(bytes.fromhex(key[2:])), int(m.get("weight", 1))))
+        return tuple(sorted(out, key=lambda mw: mw[0].key))
+
+    def snapshot(self) -> bytes:
+        """The whole ledger state as canonical CBOR (for checkpoints)."""
+        return cbor.encode(
+            {
+                "c": self.constellation,
+                "data": dict(self._data),
+                "seq": {k.hex(): v for k, v in self._next_seq.items()},
+            }
+        )
+
+    # -- applying ------------------------------------------------------------
+    def check(self, record: Record, now: int) -> None:
+        """Raise a typed error if `record` would not apply now; change nothing.
+
+        Core nodes use this to refuse invalid records before proposing them.
+        """
+        if record.seq != self.next_seq(record.author):
+            raise ValidationError(
+                f"Record seq {record.seq} is not the author's next ({self.next_seq(record.author)})."
+            )
+        self._stage(record, now)
+
+    def apply(self, record: Record, now: int) -> list[Outcome]:
+        """Apply one final record; return outcomes (a gap-filling record may
+        release deferred ones, which are applied right after it)."""
+        if record.constellation != self.constellation:
+            return [Outcome("rejected", record, "The record belongs to another constellation.")]
+        author = record.author.key
+        nxt = self._next_seq.get(author, 0)
+        if record.seq < nxt:
+            if self._applied_ids.get((author, record.seq)) == record.id:
+                return [Outcome("duplicate", record)]
+            return [Outcome("rejected", record, "The record reuses a seq its author already used.")]
+        if record.seq > nxt:
+            waiting = self._deferred.setdefault(author, {})
+            if record.seq in waiting:
+                same = waiting[record.seq][0].id == record.id
+                return [Outcome("duplicate" if same else "rejected", record,
+                                "" if same else "The record reuses a seq its author already used.")]
+            if len(waiting) >= MAX_DEFERRED_PER_AUTHOR:
+                return [Outcome("rejected", record, "The author has too many records out of sequence.")]
+            waiting[record.seq] = (record, now)
+            return [Outcome("deferred", record)]
+        outcomes = [self._apply_in_sequence(record, now)]
+        pending = self._deferred.get(author)
+        while pending and self._next_seq.get(author, 0) in pending:
+            rec, t = pending.pop(self._next_seq[author])
+            outcomes.append(self._apply_in_sequence(rec, t))
+        if pending is not None and not pending:
+            del self._deferred[author]
+        return outcomes
+
+    def _apply_in_sequence(self, record: Record, now: int) -> Outcome:
+        author = record.author.key
+        # The seq slot is used whatever happens next, so a rejected record
+        # never blocks its author's later ones.
+        self._next_seq[author] = record.seq + 1
+        self._applied_ids[(author, record.seq)] = record.id
+        try:
+            writes = self._stage(record, now)
+        except ValuemeshError as exc:
+            return Outcome("rejected", record, exc.message)
+        for k, v in writes.items():
+            if v is None:
+                self._data.pop(k, None)
+            else:
+                self._data[k] = v
+        self._data[f"ledger/seq/{author.hex()}"] = cbor.encode(record.seq + 1)
+        if any(k.startswith(f"{MEMBERSHIP}/m/") for k in writes):
+            self.committee_version += 1
+        self._hash = None
+        self.applied_count += 1
+        return Outcome("applied", record)
+
+    def _stage(self, record: Record, now: int) -> dict[str, bytes | None]:
+        plugin, op = self.registry.check(record)
+        ctx = ApplyContext(self._data, plugin.name, op, now)
+        self._authorize(ctx, plugin, op, record)
+        try:
+            plugin.validate(ctx, record)
+            plugin.apply(ctx, record)
+        except ValuemeshError:
+            raise
+        except Exception as exc:  # a plugin bug must never break the node
+            raise ValidationError(
+                f"Plugin '{plugin.name}' failed on this record ({type(exc).__name__}: {exc})."
+            ) from None
+        return ctx.writes()
+
+    def _authorize(self, ctx: ApplyContext, plugin: Plugin, op: str, record: Record) -> None:
+        if not self.founded:
+            if not (plugin.name == MEMBERSHIP and op == "genesis"):
+                raise ValidationError("The constellation has no genesis yet.")
+            return
+        if self.dissolved:
+            raise AuthorizationError("The constellation is dissolved; it accepts no more records.")
+        is_join = plugin.name == MEMBERSHIP and op == "join"
+        if not is_join and not ctx.is_active(record.author.key):
+            raise AuthorizationError(f"{record.author.short}… is not an active member.")
+        reserved = ctx.policy().get("reserve", {}).get(f"{plugin.name}.{op}")
+        if reserved and not any(ctx.has_role(record.author.key, r) for r in reserved):
+            raise AuthorizationError(
+                f"Only members with the role {' or '.join(reserved)} may do '{plugin.name}.{op}'."
+            )
