@@ -1,0 +1,1285 @@
+"""The node's durable SQLite store: blocks, records, the final order, peers and node state.
+
+One database per node (aiosqlite, WAL). See docs/storage.md for the schema, the
+durability argument (why a SIGKILL at any instant loses nothing final) and the trust boundary.
+
+Theory of operation
+-------------------
+* Two connections: one writer, used only under `_write_lock` and always inside an explicit
+  `BEGIN IMMEDIATE … COMMIT`, and one `query_only` reader. In WAL mode the reader sees only
+  committed transactions, so a query can never observe half of a batch.
+* All writes go through `Batch`: callers queue operations synchronously (cheap validation
+  happens at once, so a bad argument raises before anything touches the disk) and the whole
+  batch is applied in one transaction when the `async with` block exits. Any error rolls the
+  whole batch back; nothing partial is ever committed.
+* Blocks and records are immutable rows keyed by their content hash and inserted with
+  INSERT OR IGNORE, so replaying a batch after a crash is harmless. A second, different object
+  in an author's slot is not stored as valid: it is kept as an equivocation proof.
+* `commits` is the final order. Appends must be gap-free and may never rewrite an index: a
+  different block at a stored index is a safety violation and is refused loudly.
+* `block_records` and `final_records` are derived (rebuildable from blocks and commits); they are
+  written in the same transaction as the data they derive from.
+* Raw bytes are decoded on read with verify=False: they were verified before they were stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import aiosqlite
+from valuemesh.protocol import cbor
+from valuemesh.protocol.errors import DecodeError, LocalError, ValuemeshError
+from valuemesh.protocol.identity import MemberId
+from valuemesh.protocol.records import (
+    HASH_LEN,
+    Block,
+    EquivocationProof,
+    Record,
+    decode_block,
+    decode_record,
+)
+
+# "vmsh": marks the file as a valuemesh database so we never migrate someone else's SQLite file.
+APPLICATION_ID: Final = 0x766D7368
+SCHEMA_VERSION: Final = 2
+BUSY_TIMEOUT_MS: Final = 5_000
+# Bounds the WAL file after a checkpoint; SQLite truncates it back to this size.
+JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+MAX_PAGE: Final = 10_000
+MAX_BATCH_ITEMS: Final = 100_000
+MAX_KV_KEY: Final = 200
+MAX_KV_VALUE: Final = 64 * 1024
+MAX_HOST_LEN: Final = 255
+MAX_GENESIS_SIZE: Final = 1024 * 1024
+# Rows per multi-row VALUES statement: 5 parameters each stays far below SQLite's variable limit.
+_CHUNK: Final = 200
+
+CONSTELLATION_STATUSES: Final = frozenset({"joining", "active", "left", "dissolved"})
+TIERS: Final = frozenset({"core", "contributor"})
+PEER_SOURCES: Final = frozenset({"mdns", "bootstrap", "invite", "exchange", "inbound", "manual"})
+SYNCHRONOUS_MODES: Final = frozenset({"FULL", "NORMAL"})
+
+
+class StoreError(LocalError):
+    """Raised when the database cannot be opened, read or written as asked."""
+
+
+class SchemaTooNewError(StoreError):
+    """Raised when the database was written by a newer valuemesh with a newer schema."""
+
+
+class FinalOrderError(StoreError):
+    """Raised when a commit would leave a gap in, or rewrite, a constellation's final order."""
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True, slots=True)
+class ConstellationInfo:
+    """This node's membership of one constellation: its genesis and how we take part."""
+
+    id: bytes
+    genesis: bytes
+    joined_at: int
+    status: str
+    my_tier: str
+    plugins: Mapping[str, int] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitEntry:
+    """One position of the final order: the `index`-th committed block and its anchor round."""
+
+    index: int
+    block_id: bytes
+    anchor_round: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinalRecord:
+    """A finalised record and where it sits in the final order (commit index, position)."""
+
+    commit_index: int
+    position: int
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """An epoch's closing ledger state hash and the signatures gathered for it so far."""
+
+    constellation: bytes
+    epoch: int
+    round: int
+    state_hash: bytes
+    signatures: Mapping[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """An address at which a member's node was found, and how reachable it has been."""
+
+    member: MemberId
+    host: str
+    port: int
+    source: str
+    last_seen: int
+    failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Equivocation:
+    """Stored evidence that `author` signed two different objects for one slot."""
+
+    kind: str
+    constellation: bytes
+    author: MemberId
+    slot: int
+    proof: EquivocationProof
+    found_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What a committed batch changed: new rows and the equivocations it uncovered."""
+
+    new_blocks: int = 0
+    new_records: int = 0
+    new_commits: int = 0
+    proofs: tuple[EquivocationProof, ...] = ()
+
+
+# --------------------------------------------------------------------------- schema
+
+_SCHEMA_V1: Final = """
+CREATE TABLE constellations (
+    id         BLOB PRIMARY KEY CHECK (length(id) = 32),
+    name       TEXT NOT NULL,
+    genesis    BLOB NOT NULL,
+    joined_at  INTEGER NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('joining', 'active', 'left', 'dissolved')),
+    my_tier    TEXT NOT NULL CHECK (my_tier IN ('core', 'contributor')),
+    plugins    BLOB NOT NULL
+);
+CREATE TABLE blocks (
+    id            BLOB PRIMARY KEY CHECK (length(id) = 32),
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    epoch         INTEGER NOT NULL,
+    author        BLOB NOT NULL,
+    round         INTEGER NOT NULL,
+    raw           BLOB NOT NULL,
+    received_at   INTEGER NOT NULL
+);
+CREATE INDEX blocks_by_author ON blocks(constellation, author, round);
+CREATE INDEX blocks_by_round ON blocks(constellation, round);
+CREATE TABLE records (
+    id            BLOB PRIMARY KEY CHECK (length(id) = 32),
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    author        BLOB NOT NULL,
+    seq           INTEGER NOT NULL,
+    type          TEXT NOT NULL,
+    raw           BLOB NOT NULL,
+    received_at   INTEGER NOT NULL,
+    UNIQUE (constellation, author, seq)
+);
+CREATE TABLE equivocations (
+    kind          TEXT NOT NULL CHECK (kind IN ('record', 'block')),
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    author        BLOB NOT NULL,
+    slot          INTEGER NOT NULL,
+    proof         BLOB NOT NULL,
+    found_at      INTEGER NOT NULL,
+    PRIMARY KEY (kind, constellation, author, slot)
+);
+CREATE TABLE pending (
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    record_id     BLOB NOT NULL REFERENCES records(id),
+    added_at      INTEGER NOT NULL,
+    PRIMARY KEY (constellation, record_id)
+) WITHOUT ROWID;
+CREATE TABLE commits (
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    idx           INTEGER NOT NULL CHECK (idx >= 0),
+    block_id      BLOB NOT NULL REFERENCES blocks(id),
+    anchor_round  INTEGER NOT NULL,
+    PRIMARY KEY (constellation, idx),
+    UNIQUE (constellation, block_id)
+) WITHOUT ROWID;
+CREATE TABLE checkpoints (
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    epoch         INTEGER NOT NULL,
+    round         INTEGER NOT NULL,
+    state_hash    BLOB NOT NULL,
+    signatures    BLOB NOT NULL,
+    PRIMARY KEY (constellation, epoch)
+);
+CREATE TABLE peers (
+    member    BLOB NOT NULL CHECK (length(member) = 32),
+    host      TEXT NOT NULL,
+    port      INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    source    TEXT NOT NULL,
+    last_seen INTEGER NOT NULL,
+    failures  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (member, host, port)
+) WITHOUT ROWID;
+CREATE TABLE kv (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+"""
+
+# Version 2 indexes records by the blocks that carry them and records when each became final,
+# so "is this record final" and "the final records in order" are index lookups, not scans that
+# decode every committed block. Both tables are derived and are backfilled from raw blocks.
+_SCHEMA_V2: Final = """
+CREATE TABLE block_records (
+    block_id  BLOB NOT NULL REFERENCES blocks(id),
+    pos       INTEGER NOT NULL,
+    record_id BLOB NOT NULL,
+    PRIMARY KEY (block_id, pos)
+) WITHOUT ROWID;
+CREATE INDEX block_records_by_record ON block_records(record_id);
+CREATE TABLE final_records (
+    record_id     BLOB PRIMARY KEY,
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    commit_idx    INTEGER NOT NULL,
+    pos           INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX final_records_in_order ON final_records(constellation, commit_idx, pos);
+"""
+
+Db = aiosqlite.Connection
+
+
+async def _run_script(db: Db, script: str) -> None:
+    # executescript would COMMIT the open migration transaction, so run statements one by one.
+    for statement in script.split(";"):
+        if statement.strip():
+            await db.execute(statement)
+
+
+async def _migrate_1(db: Db) -> None:
+    await _run_script(db, _SCHEMA_V1)
+
+
+async def _migrate_2(db: Db) -> None:
+    await _run_script(db, _SCHEMA_V2)
+    last = 0
+    while True:
+        rows = await db.execute_fetchall(
+            "SELECT rowid, id, raw FROM blocks WHERE rowid > ? ORDER BY rowid LIMIT 500", (last,)
+        )
+        if not rows:
+            break
+        links: list[tuple[bytes, int, bytes]] = []
+        for rowid, bid, raw in rows:
+            last = rowid
+            block = _decode_stored_block(raw, bid)
+            links.extend((bid, pos, rec.id) for pos, rec in enumerate(block.records))
+        await db.executemany("INSERT OR IGNORE INTO block_records VALUES (?, ?, ?)", links)
+    await db.execute(
+        "INSERT OR IGNORE INTO final_records (record_id, constellation, commit_idx, pos) "
+        "SELECT br.record_id, c.constellation, c.idx, br.pos FROM commits c "
+        "JOIN block_records br ON br.block_id = c.block_id ORDER BY c.constellation, c.idx, br.pos"
+    )
+
+
+Migration = Callable[[Db], Awaitable[None]]
+MIGRATIONS: Final[tuple[tuple[int, str, Migration], ...]] = (
+    (1, "blocks, records, final order, peers, checkpoints, node state", _migrate_1),
+    (2, "index records by block and by finality", _migrate_2),
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _decode_stored_block(raw: bytes, expected_id: bytes) -> Block:
+    try:
+        block = decode_block(bytes(raw), verify=False)
+    except ValuemeshError as e:
+        raise StoreError(f"The stored block {expected_id.hex()[:16]} is unreadable ({e}).") from None
+    if block.id != expected_id:
+        raise StoreError(f"The stored block {expected_id.hex()[:16]} does not match its id.")
+    return block
+
+
+def _decode_stored_record(raw: bytes, expected_id: bytes) -> Record:
+    try:
+        record = decode_record(bytes(raw), verify=False)
+    except ValuemeshError as e:
+        raise StoreError(f"The stored record {expected_id.hex()[:16]} is unreadable ({e}).") from None
+    if record.id != expected_id:
+        raise StoreError(f"The stored record {expected_id.hex()[:16]} does not match its id.")
+    return record
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise LocalError(message)
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_hash(value: object, what: str) -> bytes:
+    _need(isinstance(value, bytes) and len(value) == HASH_LEN, f"{what} must be a 32-byte hash.")
+    assert isinstance(value, bytes)
+    return value
+
+
+def _check_time(value: object, what: str) -> int:
+    _need(_is_uint(value), f"{what} must be a non-negative integer of milliseconds.")
+    assert isinstance(value, int)
+    return value
+
+
+def _check_limit(limit: int) -> None:
+    _need(_is_uint(limit) and 0 < limit <= MAX_PAGE, f"A page holds 1 to {MAX_PAGE} rows.")
+
+
+def _check_block(block: object) -> Block:
+    _need(isinstance(block, Block), "Only decoded and verified Block objects can be stored.")
+    assert isinstance(block, Block)
+    _need(len(block.id) == HASH_LEN and len(block.raw) > 0, "A block to store must carry its id and raw bytes.")
+    return block
+
+
+def _check_record(record: object) -> Record:
+    _need(isinstance(record, Record), "Only decoded and verified Record objects can be stored.")
+    assert isinstance(record, Record)
+    _need(len(record.id) == HASH_LEN and len(record.raw) > 0, "A record to store must carry its id and raw bytes.")
+    return record
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _seq_key(constellation: bytes, author: MemberId) -> str:
+    return f"next-seq/{constellation.hex()}/{author.key.hex()}"
+
+
+def _plain_sqlite_error(e: sqlite3.Error) -> str:
+    text = str(e).rstrip(".")
+    if "FOREIGN KEY" in text:
+        return "a row refers to a constellation, block or record that is not stored"
+    return text
+
+
+# --------------------------------------------------------------------------- batch
+
+
+class Batch:
+    """Writes queued by the caller and applied as one transaction when the block exits.
+
+    Methods only validate and queue; nothing touches the database until `__aexit__`, so an
+    exception inside the `async with` discards the batch with no state change.
+    """
+
+    def __init__(self, store: Store, durable: bool) -> None:
+        self._store = store
+        self._durable = durable
+        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._items = 0
+        self.result = BatchResult()
+
+    def _queue(self, op: str, *args: Any, weight: int = 1) -> None:
+        self._items += weight
+        _need(self._items <= MAX_BATCH_ITEMS, f"A batch holds at most {MAX_BATCH_ITEMS} items.")
+        self._ops.append((op, args))
+
+    async def __aenter__(self) -> Batch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None and self._ops:
+            self.result = await self._store._apply(self._ops, self._durable)
+
+    # constellations ---------------------------------------------------------------
+    def put_constellation(self, info: ConstellationInfo) -> None:
+        """Insert or update this node's view of a constellation (genesis never changes)."""
+        _check_hash(info.id, "A constellation id")
+        _need(
+            isinstance(info.genesis, bytes) and 0 < len(info.genesis) <= MAX_GENESIS_SIZE,
+            "A constellation's genesis must be non-empty bytes of at most 1 MiB.",
+        )
+        _check_time(info.joined_at, "A join time")
+        _need(info.status in CONSTELLATION_STATUSES, f"'{info.status}' is not a constellation status.")
+        _need(info.my_tier in TIERS, f"'{info.my_tier}' is not a tier: use core or contributor.")
+        _need(isinstance(info.name, str) and len(info.name) <= 200, "A constellation name is too long.")
+        _need(
+            all(isinstance(k, str) and _is_uint(v) for k, v in info.plugins.items()),
+            "Plugins must map names to major versions.",
+        )
+        self._queue("constellation", info, cbor.encode(dict(info.plugins)))
+
+    def set_constellation_status(self, constellation: bytes, status: str) -> None:
+        _check_hash(constellation, "A constellation id")
+        _need(status in CONSTELLATION_STATUSES, f"'{status}' is not a constellation status.")
+        self._queue("status", constellation, status)
+
+    # blocks and records -------------------------------------------------------------
+    def put_block(self, block: Block, received_at: int) -> None:
+        """Store a verified block and the records it carries (idempotent)."""
+        self.put_blocks([block], received_at)
+
+    def put_blocks(self, blocks: Sequence[Block], received_at: int) -> None:
+        checked = [_check_block(b) for b in blocks]
+        _check_time(received_at, "A receive time")
+        weight = sum(1 + len(b.records) for b in checked)
+        self._queue("blocks", checked, received_at, weight=weight)
+
+    def put_records(self, records: Sequence[Record], received_at: int) -> None:
+        """Store verified loose records, e.g. signed here or handed in by a contributor."""
+        checked = [_check_record(r) for r in records]
+        _check_time(received_at, "A receive time")
+        self._queue("records", checked, received_at, weight=len(checked))
+
+    def put_equivocation(self, proof: EquivocationProof, found_at: int) -> None:
+        """Keep a proof received from a peer; the caller has checked it with proof.verify()."""
+        _need(isinstance(proof, EquivocationProof), "Only EquivocationProof objects can be stored.")
+        _check_time(found_at, "A discovery time")
+        self._queue("proof", proof, found_at)
+
+    # pending and final order ----------------------------------------------------------
+    def add_pending(self, constellation: bytes, record_ids: Sequence[bytes], added_at: int) -> None:
+        """Mark stored records as proposed here and not yet final."""
+        _check_hash(constellation, "A constellation id")
+        ids = [_check_hash(r, "A record id") for r in record_ids]
+        _check_time(added_at, "A time")
+        self._queue("pending_add", constellation, ids, added_at, weight=len(ids))
+
+    def remove_pending(self, constellation: bytes, record_ids: Sequence[bytes]) -> None:
+        _check_hash(constellation, "A constellation id")
+        ids = [_check_hash(r, "A record id") for r in record_ids]
+        self._queue("pending_remove", constellation, ids, weight=len(ids))
+
+    def append_commits(self, constellation: bytes, entries: Sequence[CommitEntry]) -> None:
+        """Extend the final order; entries must continue it without a gap, in index order.
+
+        Re-appending an entry that is already stored identically is accepted (replay after a
+        crash); a different block at a stored index raises FinalOrderError.
+        """
+        _check_hash(constellation, "A constellation id")
+        items = list(entries)
+        for e in items:
+            _need(isinstance(e, CommitEntry), "Commits must be CommitEntry objects.")
+            _need(_is_uint(e.index) and _is_uint(e.anchor_round), "A commit index and round must be >= 0.")
+            _check_hash(e.block_id, "A committed block id")
+        for a, b in itertools.pairwise(items):
+            if b.index != a.index + 1:
+                raise FinalOrderError("Commits in one append must have consecutive indexes.")
+        self._queue("commits", constellation, items, weight=len(items))
+
+    # checkpoints, peers, kv --------------------------------------------------------------
+    def put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store a checkpoint or add signatures to a stored one for the same epoch."""
+        _check_hash(checkpoint.constellation, "A constellation id")
+        _check_hash(checkpoint.state_hash, "A state hash")
+        _need(_is_uint(checkpoint.epoch) and _is_uint(checkpoint.round), "A checkpoint epoch and round must be >= 0.")
+        _need(
+            all(
+                isinstance(k, bytes) and len(k) == 32 and isinstance(v, bytes) and len(v) == 64
+                for k, v in checkpoint.signatures.items()
+            ),
+            "Checkpoint signatures must map 32-byte member keys to 64-byte signatures.",
+        )
+        self._queue("checkpoint", checkpoint)
+
+    def put_peer(self, peer: PeerInfo) -> None:
+        """Insert or refresh a peer address; `last_seen` never moves backwards."""
+        _need(isinstance(peer.member, MemberId), "A peer must be named by its member id.")
+        _need(isinstance(peer.host, str) and 0 < len(peer.host) <= MAX_HOST_LEN, "A peer host is empty or too long.")
+        _need(isinstance(peer.port, int) and 1 <= peer.port <= 65535, "A peer port must be 1 to 65535.")
+        _need(peer.source in PEER_SOURCES, f"'{peer.source}' is not a peer source.")
+        _check_time(peer.last_seen, "A last-seen time")
+        _need(_is_uint(peer.failures), "A failure count must be >= 0.")
+        self._queue("peer", peer)
+
+    def peer_failed(self, member: MemberId, host: str, port: int) -> None:
+        self._queue("peer_failed", member.key, host, port)
+
+    def forget_peer(self, member: MemberId, host: str, port: int) -> None:
+        self._queue("peer_forget", member.key, host, port)
+
+    def put_kv(self, key: str, value: bytes) -> None:
+        _need(isinstance(key, str) and 0 < len(key) <= MAX_KV_KEY, "A setting name is empty or too long.")
+        _need(isinstance(value, bytes) and len(value) <= MAX_KV_VALUE, "A setting value is too large.")
+        self._queue("kv", key, value)
+
+    def delete_kv(self, key: str) -> None:
+        self._queue("kv_delete", key)
+
+
+class _Apply:
+    """Applies one batch's operations inside the writer's open transaction."""
+
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self.new_blocks = 0
+        self.new_records = 0
+        self.new_commits = 0
+        self.proofs: list[EquivocationProof] = []
+
+    async def run(self, ops: list[tuple[str, tuple[Any, ...]]]) -> BatchResult:
+        for op, args in ops:
+            await getattr(self, "op_" + op)(*args)
+        return BatchResult(self.new_blocks, self.new_records, self.new_commits, tuple(self.proofs))
+
+    async def op_constellation(self, info: ConstellationInfo, plugins: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO constellations (id, name, genesis, joined_at, status, my_tier, plugins) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name, "
+            "status = excluded.status, my_tier = excluded.my_tier, plugins = excluded.plugins",
+            (info.id, info.name, info.genesis, info.joined_at, info.status, info.my_tier, plugins),
+        )
+
+    async def op_status(self, constellation: bytes, status: str) -> None:
+        cur = await self.db.execute("UPDATE constellations SET status = ? WHERE id = ?", (status, constellation))
+        if cur.rowcount == 0:
+            raise StoreError("The constellation whose status was to change is not stored.")
+
+    async def _existing(self, table: str, ids: Sequence[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.execute_fetchall(f"SELECT id FROM {table} WHERE id IN ({marks})", tuple(chunk))
+            found.update(bytes(r[0]) for r in rows)
+        return found
+
+    async def op_blocks(self, blocks: list[Block], received_at: int) -> None:
+        unique: dict[bytes, Block] = {}
+        for b in blocks:
+            unique.setdefault(b.id, b)
+        existing = await self._existing("blocks", list(unique))
+        new = [b for b in unique.values() if b.id not in existing]
+        if not new:
+            return
+        await self._block_equivocations(new, received_at)
+        await self.db.executemany(
+            "INSERT INTO blocks (id, constellation, epoch, author, round, raw, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(b.id, b.constellation, b.epoch, b.author.key, b.round, b.raw, received_at) for b in new],
+        )
+        await self.db.executemany(
+            "INSERT INTO block_records (block_id, pos, record_id) VALUES (?, ?, ?)",
+            [(b.id, pos, r.id) for b in new for pos, r in enumerate(b.records)],
+        )
+        self.new_blocks += len(new)
+        await self.op_records([r for b in new for r in b.records], received_at)
+
+    async def _block_equivocations(self, new: list[Block], found_at: int) -> None:
+        slots: dict[tuple[bytes, int, bytes, int], Block] = {}
+        for chunk in _chunks(new):
+            values = ",".join("(?, ?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for b in chunk:
+                params += [b.constellation, b.epoch, b.author.key, b.round, b.id]
+            rows = await self.db.execute_fetchall(
+                f"WITH v(c, e, a, r, id) AS (VALUES {values}) "
+                "SELECT v.id, b.raw FROM v JOIN blocks b ON b.constellation = v.c AND "
+                "b.author = v.a AND b.round = v.r AND b.epoch = v.e AND b.id != v.id",
+                params,
+            )
+            by_id = {b.id: b for b in chunk}
+            for vid, raw in rows:
+                b = by_id[bytes(vid)]
+                await self._proof("block", b.constellation, b.author.key, b.round, bytes(raw), b.raw, found_at)
+        for b in new:
+            slot = (b.constellation, b.epoch, b.author.key, b.round)
+            first = slots.setdefault(slot, b)
+            if first is not b:
+                await self._proof("block", b.constellation, b.author.key, b.round, first.raw, b.raw, found_at)
+
+    async def _proof(
+        self, kind: str, constellation: bytes, author: bytes, slot: int, a: bytes, b: bytes, found_at: int
+    ) -> None:
+        proof = EquivocationProof(kind, a, b)
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO equivocations (kind, constellation, author, slot, proof, found_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (kind, constellation, author, slot, proof.encode(), found_at),
+        )
+        if cur.rowcount:
+            self.proofs.append(proof)
+
+    async def op_records(self, records: list[Record], received_at: int) -> None:
+        unique: dict[bytes, Record] = {}
+        for r in records:
+            unique.setdefault(r.id, r)
+        existing = await self._existing("records", list(unique))
+        fresh = [r for r in unique.values() if r.id not in existing]
+        taken: dict[tuple[bytes, bytes, int], bytes] = {}
+        for chunk in _chunks(fresh):
+            values = ",".join("(?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for r in chunk:
+                params += [r.constellation, r.author.key, r.seq]
+            rows = await self.db.execute_fetchall(
+                f"WITH v(c, a, s) AS (VALUES {values}) SELECT r.constellation, r.author, r.seq, r.raw "
+                "FROM v JOIN records r ON r.constellation = v.c AND r.author = v.a AND r.seq = v.s",
+                params,
+            )
+            for c, a, s, raw in rows:
+                taken[(bytes(c), bytes(a), s)] = bytes(raw)
+        insert: list[Record] = []
+        for r in fresh:
+            slot = (r.constellation, r.author.key, r.seq)
+            holder = taken.get(slot)
+            if holder is None:
+                taken[slot] = r.raw
+                insert.append(r)
+            else:
+                await self._proof("record", r.constellation, r.author.key, r.seq, holder, r.raw, received_at)
+        await self.db.executemany(
+            "INSERT INTO records (id, constellation, author, seq, type, raw, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.id, r.constellation, r.author.key, r.seq, r.type, r.raw, received_at) for r in insert],
+        )
+        self.new_records += len(insert)
+
+    async def op_proof(self, proof: EquivocationProof, found_at: int) -> None:
+        try:
+            first = (decode_record if proof.kind == "record" else decode_block)(proof.first, verify=False)
+        except ValuemeshError as e:
+            raise StoreError(f"The equivocation proof cannot be stored ({e}).") from None
+        slot = first.seq if isinstance(first, Record) else first.round
+        await self._proof(proof.kind, first.constellation, first.author.key, slot, proof.first, proof.second, found_at)
+
+    async def op_pending_add(self, constellation: bytes, ids: list[bytes], added_at: int) -> None:
+        wanted = set(ids)
+        found: set[bytes] = set()
+        for chunk in _chunks(list(wanted)):
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.execute_fetchall(
+                f"SELECT id FROM records WHERE constellation = ? AND id IN ({marks})",
+                (constellation, *chunk),
+            )
+            found.update(bytes(r[0]) for r in rows)
+        if found != wanted:
+            raise StoreError("Only records stored in this constellation can be marked pending.")
+        # A record that is already final is not pending any more; never resurrect it.
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO pending (constellation, record_id, added_at) "
+            "SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM final_records WHERE record_id = ?)",
+            [(constellation, rid, added_at, rid) for rid in ids],
+        )
+
+    async def op_pending_remove(self, constellation: bytes, ids: list[bytes]) -> None:
+        await self.db.executemany(
+            "DELETE FROM pending WHERE constellation = ? AND record_id = ?",
+            [(constellation, rid) for rid in ids],
+        )
+
+    async def op_commits(self, constellation: bytes, entries: list[CommitEntry]) -> None:
+        if not entries:
+            return
+        rows = await self.db.execute_fetchall(
+            "SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = ?", (constellation,)
+        )
+        next_idx = int(next(iter(rows))[0])
+        first = entries[0].index
+        if first > next_idx:
+            raise FinalOrderError(f"Commit index {first} would leave a gap: the final order ends before {next_idx}.")
+        stored = await self.db.execute_fetchall(
+            "SELECT idx, block_id FROM commits WHERE constellation = ? AND idx >= ? AND idx < ?",
+            (constellation, first, next_idx),
+        )
+        held = {int(i): bytes(b) for i, b in stored}
+        for e in entries:
+            if e.index in held and held[e.index] != e.block_id:
+                raise FinalOrderError(
+                    f"Commit index {e.index} already holds another block; the final order is never rewritten."
+                )
+        new = [e for e in entries if e.index >= next_idx]
+        if not new:
+            return
+        try:
+            await self.db.executemany(
+                "INSERT INTO commits (constellation, idx, block_id, anchor_round) VALUES (?, ?, ?, ?)",
+                [(constellation, e.index, e.block_id, e.anchor_round) for e in new],
+            )
+        except sqlite3.IntegrityError as e:
+            if "UNIQUE" in str(e):
+                raise FinalOrderError("A block cannot be committed twice in one constellation.") from None
+            raise
+        lo, hi = new[0].index, new[-1].index
+        bad = await self.db.execute_fetchall(
+            "SELECT COUNT(*) FROM commits c JOIN blocks b ON b.id = c.block_id "
+            "WHERE c.constellation = ? AND c.idx BETWEEN ? AND ? AND b.constellation != c.constellation",
+            (constellation, lo, hi),
+        )
+        if next(iter(bad))[0]:
+            raise FinalOrderError("A block of another constellation cannot enter this final order.")
+        # First appearance wins: a record carried by two committed blocks is final at the first.
+        await self.db.execute(
+            "INSERT OR IGNORE INTO final_records (record_id, constellation, commit_idx, pos) "
+            "SELECT br.record_id, c.constellation, c.idx, br.pos FROM commits c "
+            "JOIN block_records br ON br.block_id = c.block_id "
+            "WHERE c.constellation = ? AND c.idx BETWEEN ? AND ? ORDER BY c.idx, br.pos",
+            (constellation, lo, hi),
+        )
+        await self.db.execute(
+            "DELETE FROM pending WHERE constellation = ? AND record_id IN (SELECT record_id "
+            "FROM final_records WHERE constellation = ? AND commit_idx BETWEEN ? AND ?)",
+            (constellation, constellation, lo, hi),
+        )
+        self.new_commits += len(new)
+
+    async def op_checkpoint(self, cp: Checkpoint) -> None:
+        rows = await self.db.execute_fetchall(
+            "SELECT round, state_hash, signatures FROM checkpoints WHERE constellation = ? AND epoch = ?",
+            (cp.constellation, cp.epoch),
+        )
+        sigs: dict[bytes, bytes] = {}
+        for rnd, state_hash, raw in rows:
+            if rnd != cp.round or bytes(state_hash) != cp.state_hash:
+                raise StoreError(
+                    f"Epoch {cp.epoch} already has a different checkpoint; two states cannot both close it."
+                )
+            sigs.update(_decode_signatures(bytes(raw)))
+        sigs.update(cp.signatures)
+        await self.db.execute(
+            "INSERT INTO checkpoints (constellation, epoch, round, state_hash, signatures) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (constellation, epoch) DO UPDATE SET "
+            "signatures = excluded.signatures",
+            (cp.constellation, cp.epoch, cp.round, cp.state_hash, cbor.encode(sigs)),
+        )
+
+    async def op_peer(self, p: PeerInfo) -> None:
+        await self.db.execute(
+            "INSERT INTO peers (member, host, port, source, last_seen, failures) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (member, host, port) DO UPDATE SET source = excluded.source, "
+            "last_seen = MAX(last_seen, excluded.last_seen), failures = excluded.failures",
+            (p.member.key, p.host, p.port, p.source, p.last_seen, p.failures),
+        )
+
+    async def op_peer_failed(self, member: bytes, host: str, port: int) -> None:
+        await self.db.execute(
+            "UPDATE peers SET failures = failures + 1 WHERE member = ? AND host = ? AND port = ?",
+            (member, host, port),
+        )
+
+    async def op_peer_forget(self, member: bytes, host: str, port: int) -> None:
+        await self.db.execute("DELETE FROM peers WHERE member = ? AND host = ? AND port = ?", (member, host, port))
+
+    async def op_kv(self, key: str, value: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    async def op_kv_delete(self, key: str) -> None:
+        await self.db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+
+def _decode_signatures(raw: bytes) -> dict[bytes, bytes]:
+    try:
+        value = cbor.decode(raw)
+    except DecodeError:
+        raise StoreError("A stored checkpoint's signatures are unreadable.") from None
+    if not isinstance(value, dict):
+        raise StoreError("A stored checkpoint's signatures are unreadable.")
+    return {bytes(k): bytes(v) for k, v in value.items()}
+
+
+# --------------------------------------------------------------------------- store
+
+
+class Store:
+    """The node's database. Open with `await Store.open(path)`; close with `await close()`."""
+
+    def __init__(self, path: Path, writer: Db, reader: Db, synchronous: str) -> None:
+        self.path = path
+        self._writer = writer
+        self._reader = reader
+        self._synchronous = synchronous
+        self._write_lock = asyncio.Lock()
+        self._sync_now = synchronous
+        self._closed = False
+
+    # lifecycle ----------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        now_ms: int | None = None,
+    ) -> Store:
+        """Open (creating or migrating) the database at `path`.
+
+        `synchronous="FULL"` (the default) makes every committed batch survive power loss;
+        "NORMAL" survives process crashes only (see docs/storage.md). `now_ms` stamps applied
+        migrations and defaults to the wall clock.
+        """
+        mode = synchronous.upper()
+        _need(mode in SYNCHRONOUS_MODES, "synchronous must be FULL or NORMAL.")
+        _need(_is_uint(busy_timeout_ms), "The busy timeout must be a non-negative integer.")
+        p = Path(path)
+        if str(path) == ":memory:" or not p.parent.is_dir():
+            raise StoreError(f"The database must be a file in an existing directory, not '{path}'.")
+        writer = await _connect(p, mode, busy_timeout_ms, query_only=False)
+        try:
+            await _migrate(writer, p, now_ms if now_ms is not None else int(time.time() * 1000))
+            reader = await _connect(p, mode, busy_timeout_ms, query_only=True)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(p, writer, reader, mode)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with self._write_lock:
+                # Keep the WAL short for the next start; PASSIVE never blocks a reader.
+                await self._writer.execute("PRAGMA optimize")
+                await self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass  # closing must still release both connections
+        finally:
+            await self._reader.close()
+            await self._writer.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # writing -------------------------------------------------------------------------
+    def batch(self, *, durable: bool = True) -> Batch:
+        """Queue writes and apply them in one transaction at the end of `async with`.
+
+        `durable=False` commits with synchronous=NORMAL: safe against a process crash but it
+        may be lost on power failure until the next durable commit. Use it only for data that
+        can be fetched again (blocks from peers, peer addresses), never for the final order,
+        our own blocks or records, or sequence numbers.
+        """
+        self._check_open()
+        return Batch(self, durable)
+
+    async def _apply(self, ops: list[tuple[str, tuple[Any, ...]]], durable: bool) -> BatchResult:
+        self._check_open()
+        async with self._write_lock:
+            await self._set_sync(durable)
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await _Apply(db).run(ops)
+                await db.execute("COMMIT")
+            except BaseException as e:
+                await _rollback(db)
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(
+                        f"The store refused the batch and changed nothing: {_plain_sqlite_error(e)}."
+                    ) from None
+                raise
+            return result
+
+    async def _set_sync(self, durable: bool) -> None:
+        want = self._synchronous if durable else "NORMAL"
+        if want != self._sync_now:
+            await self._writer.execute(f"PRAGMA synchronous = {want}")
+            self._sync_now = want
+
+    async def reserve_seq(self, constellation: bytes, author: MemberId) -> int:
+        """Durably reserve the next record seq for `author` before signing with it.
+
+        Reserving first means a crash between signing and storing can never lead us to sign
+        a second, different record with the same seq (an equivocation).
+        """
+        _check_hash(constellation, "A constellation id")
+        self._check_open()
+        async with self._write_lock:
+            await self._set_sync(True)
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = await _next_seq(db, constellation, author)
+                await db.execute(
+                    "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (_seq_key(constellation, author), (seq + 1).to_bytes(8, "big")),
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
+            return seq
+
+    # reading -------------------------------------------------------------------------
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self._check_open()
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as e:
+            raise StoreError(f"The database could not be read: {_plain_sqlite_error(e)}.") from None
+
+    async def schema_version(self) -> int:
+        rows = await self._rows("SELECT MAX(version) FROM schema_version")
+        return int(rows[0][0])
+
+    async def integrity_check(self) -> list[str]:
+        """Run SQLite's integrity and foreign-key checks; an empty list means healthy."""
+        problems = [str(r[0]) for r in await self._rows("PRAGMA integrity_check")]
+        problems = [p for p in problems if p != "ok"]
+        fk = await self._rows("PRAGMA foreign_key_check")
+        problems += [f"row {r[1]} of {r[0]} refers to a missing row of {r[2]}" for r in fk]
+        return problems
+
+    async def constellation(self, constellation: bytes) -> ConstellationInfo | None:
+        rows = await self._rows(_CONSTELLATION_SELECT + " WHERE id = ?", (constellation,))
+        return _constellation_row(rows[0]) if rows else None
+
+    async def constellations(self) -> list[ConstellationInfo]:
+        rows = await self._rows(_CONSTELLATION_SELECT + " ORDER BY joined_at, id")
+        return [_constellation_row(r) for r in rows]
+
+    async def get_block(self, block_id: bytes) -> Block | None:
+        rows = await self._rows("SELECT raw FROM blocks WHERE id = ?", (block_id,))
+        return _decode_stored_block(rows[0][0], block_id) if rows else None
+
+    async def get_blocks(self, block_ids: Sequence[bytes]) -> dict[bytes, Block]:
+        """Blocks by id; ids that are not stored are absent from the result."""
+        out: dict[bytes, Block] = {}
+        for chunk in _chunks(list(block_ids), 500):
+            marks = ",".join("?" * len(chunk))
+            for bid, raw in await self._rows(f"SELECT id, raw FROM blocks WHERE id IN ({marks})", chunk):
+                out[bytes(bid)] = _decode_stored_block(raw, bytes(bid))
+        return out
+
+    async def has_blocks(self, block_ids: Sequence[bytes]) -> set[bytes]:
+        out: set[bytes] = set()
+        for chunk in _chunks(list(block_ids), 500):
+            marks = ",".join("?" * len(chunk))
+            out.update(bytes(r[0]) for r in await self._rows(f"SELECT id FROM blocks WHERE id IN ({marks})", chunk))
+        return out
+
+    async def blocks(
+        self,
+        constellation: bytes,
+        *,
+        from_round: int = 0,
+        to_round: int | None = None,
+        author: MemberId | None = None,
+        limit: int = MAX_PAGE,
+    ) -> list[Block]:
+        """Blocks with from_round <= round <= to_round, ordered by (round, author, id)."""
+        _check_limit(limit)
+        sql = "SELECT id, raw FROM blocks WHERE constellation = ? AND round >= ?"
+        params: list[Any] = [constellation, from_round]
+        if to_round is not None:
+            sql += " AND round <= ?"
+            params.append(to_round)
+        if author is not None:
+            sql += " AND author = ?"
+            params.append(author.key)
+        sql += " ORDER BY round, author, id LIMIT ?"
+        params.append(limit)
+        return [_decode_stored_block(raw, bytes(bid)) for bid, raw in await self._rows(sql, params)]
+
+    async def iter_blocks(self, constellation: bytes, *, from_round: int = 0, page: int = 500) -> AsyncIterator[Block]:
+        """Every block from `from_round` on, in (round, author, id) order, read page by page."""
+        _check_limit(page)
+        key: tuple[int, bytes, bytes] = (from_round, b"", b"")
+        while True:
+            rows = await self._rows(
+                "SELECT round, author, id, raw FROM blocks WHERE constellation = ? AND "
+                "(round, author, id) > (?, ?, ?) ORDER BY round, author, id LIMIT ?",
+                (constellation, *key, page),
+            )
+            for rnd, author, bid, raw in rows:
+                yield _decode_stored_block(raw, bytes(bid))
+                key = (int(rnd), bytes(author), bytes(bid))
+            if len(rows) < page:
+                return
+
+    async def heads(self, constellation: bytes) -> dict[MemberId, int]:
+        """Each author's highest stored round: what a peer needs to say what we miss."""
+        rows = await self._rows(
+            "SELECT author, MAX(round) FROM blocks WHERE constellation = ? GROUP BY author", (constellation,)
+        )
+        return {MemberId(bytes(a)): int(r) for a, r in rows}
+
+    async def block_count(self, constellation: bytes) -> int:
+        rows = await self._rows("SELECT COUNT(*) FROM blocks WHERE constellation = ?", (constellation,))
+        return int(rows[0][0])
+
+    async def get_record(self, record_id: bytes) -> Record | None:
+        rows = await self._rows("SELECT raw FROM records WHERE id = ?", (record_id,))
+        return _decode_stored_record(rows[0][0], record_id) if rows else None
+
+    async def get_records(self, record_ids: Sequence[bytes]) -> dict[bytes, Record]:
+        out: dict[bytes, Record] = {}
+        for chunk in _chunks(list(record_ids), 500):
+            marks = ",".join("?" * len(chunk))
+            for rid, raw in await self._rows(f"SELECT id, raw FROM records WHERE id IN ({marks})", chunk):
+                out[bytes(rid)] = _decode_stored_record(raw, bytes(rid))
+        return out
+
+    async def record_status(self, record_id: bytes) -> str | None:
+        """ "final", "pending" (proposed here, not final), "known" (stored) or None."""
+        rows = await self._rows(
+            "SELECT EXISTS (SELECT 1 FROM final_records WHERE record_id = ?), "
+            "EXISTS (SELECT 1 FROM pending WHERE record_id = ?), "
+            "EXISTS (SELECT 1 FROM records WHERE id = ?)",
+            (record_id, record_id, record_id),
+        )
+        final, pending, known = rows[0]
+        return "final" if final else "pending" if pending else "known" if known else None
+
+    async def pending(self, constellation: bytes, *, limit: int = MAX_PAGE) -> list[Record]:
+        """Records proposed here and not yet final, oldest first."""
+        _check_limit(limit)
+        rows = await self._rows(
+            "SELECT r.id, r.raw FROM pending p JOIN records r ON r.id = p.record_id "
+            "WHERE p.constellation = ? ORDER BY p.added_at, r.author, r.seq LIMIT ?",
+            (constellation, limit),
+        )
+        return [_decode_stored_record(raw, bytes(rid)) for rid, raw in rows]
+
+    async def next_seq(self, constellation: bytes, author: MemberId) -> int:
+        """The seq `reserve_seq` would hand out next (a read; reserves nothing)."""
+        self._check_open()
+        return await _next_seq(self._reader, constellation, author)
+
+    async def commit_count(self, constellation: bytes) -> int:
+        """How many blocks are final; also the index the next commit must carry."""
+        rows = await self._rows(
+            "SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = ?", (constellation,)
+        )
+        return int(rows[0][0])
+
+    async def commits(self, constellation: bytes, *, start: int = 0, limit: int = MAX_PAGE) -> list[CommitEntry]:
+        """The final order from index `start`, one page."""
+        _check_limit(limit)
+        rows = await self._rows(
+            "SELECT idx, block_id, anchor_round FROM commits WHERE constellation = ? AND idx >= ? ORDER BY idx LIMIT ?",
+            (constellation, start, limit),
+        )
+        return [CommitEntry(int(i), bytes(b), int(r)) for i, b, r in rows]
+
+    async def iter_commits(
+        self, constellation: bytes, *, start: int = 0, page: int = 2_000
+    ) -> AsyncIterator[CommitEntry]:
+        """The whole final order from `start`, e.g. for Consensus.restore after a restart."""
+        while True:
+            entries = await self.commits(constellation, start=start, limit=page)
+            for e in entries:
+                yield e
+            if len(entries) < page:
+                return
+            start = entries[-1].index + 1
+
+    async def final_records(self, constellation: bytes, *, start: int = 0, limit: int = MAX_PAGE) -> list[FinalRecord]:
+        """Final records in ledger order from commit index `start`, each once (first commit wins)."""
+        _check_limit(limit)
+        rows = await self._rows(
+            "SELECT f.commit_idx, f.pos, f.record_id, r.raw, c.block_id FROM final_records f "
+            "JOIN commits c ON c.constellation = f.constellation AND c.idx = f.commit_idx "
+            "LEFT JOIN records r ON r.id = f.record_id "
+            "WHERE f.constellation = ? AND f.commit_idx >= ? ORDER BY f.commit_idx, f.pos LIMIT ?",
+            (constellation, start, limit),
+        )
+        out: list[FinalRecord] = []
+        for idx, pos, rid, raw, bid in rows:
+            if raw is not None:
+                record = _decode_stored_record(raw, bytes(rid))
+            else:
+                # The record lost its slot to an equivocating twin: read it from its block.
+                block = await self.get_block(bytes(bid))
+                if block is None:
+                    raise StoreError("A committed block is missing from the store.")
+                record = block.records[int(pos)]
+            out.append(FinalRecord(int(idx), int(pos), record))
+        return out
+
+    async def equivocations(self, constellation: bytes) -> list[Equivocation]:
+        rows = await self._rows(
+            "SELECT kind, author, slot, proof, found_at FROM equivocations WHERE constellation = ? "
+            "ORDER BY found_at, kind, author, slot",
+            (constellation,),
+        )
+        out = []
+        for kind, author, slot, proof, found_at in rows:
+            try:
+                m = cbor.decode(bytes(proof))
+                p = EquivocationProof(str(m["kind"]), bytes(m["a"]), bytes(m["b"]))
+            except (DecodeError, KeyError, TypeError):
+                raise StoreError("A stored equivocation proof is unreadable.") from None
+            out.append(Equivocation(str(kind), constellation, MemberId(bytes(author)), int(slot), p, int(found_at)))
+        return out
+
+    async def equivocators(self, constellation: bytes) -> set[MemberId]:
+        rows = await self._rows("SELECT DISTINCT author FROM equivocations WHERE constellation = ?", (constellation,))
+        return {MemberId(bytes(r[0])) for r in rows}
+
+    async def checkpoints(self, constellation: bytes) -> list[Checkpoint]:
+        rows = await self._rows(
+            "SELECT epoch, round, state_hash, signatures FROM checkpoints WHERE constellation = ? ORDER BY epoch",
+            (constellation,),
+        )
+        return [
+            Checkpoint(constellation, int(e), int(r), bytes(h), _decode_signatures(bytes(s))) for e, r, h, s in rows
+        ]
+
+    async def latest_checkpoint(self, constellation: bytes) -> Checkpoint | None:
+        cps = await self.checkpoints(constellation)
+        return cps[-1] if cps else None
+
+    async def peers(self, *, limit: int = MAX_PAGE) -> list[PeerInfo]:
+        """Known peer addresses, most recently seen and least failing first."""
+        _check_limit(limit)
+        rows = await self._rows(
+            "SELECT member, host, port, source, last_seen, failures FROM peers "
+            "ORDER BY last_seen DESC, failures, member, host, port LIMIT ?",
+            (limit,),
+        )
+        return [PeerInfo(MemberId(bytes(m)), str(h), int(p), str(s), int(t), int(f)) for m, h, p, s, t, f in rows]
+
+    async def get_kv(self, key: str) -> bytes | None:
+        rows = await self._rows("SELECT value FROM kv WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("The store is closed.")
+
+
+_CONSTELLATION_SELECT: Final = "SELECT id, genesis, joined_at, status, my_tier, plugins, name FROM constellations"
+
+
+def _constellation_row(row: Any) -> ConstellationInfo:
+    cid, genesis, joined_at, status, tier, plugins, name = row
+    try:
+        plugin_map = cbor.decode(bytes(plugins))
+    except DecodeError:
+        raise StoreError("A stored constellation's plugin set is unreadable.") from None
+    return ConstellationInfo(
+        bytes(cid), bytes(genesis), int(joined_at), str(status), str(tier), dict(plugin_map), str(name)
+    )
+
+
+async def _next_seq(db: Db, constellation: bytes, author: MemberId) -> int:
+    rows = list(
+        await db.execute_fetchall(
+            "SELECT (SELECT value FROM kv WHERE key = ?), "
+            "(SELECT MAX(seq) + 1 FROM records WHERE constellation = ? AND author = ?)",
+            (_seq_key(constellation, author), constellation, author.key),
+        )
+    )
+    reserved, stored = rows[0]
+    return max(int.from_bytes(reserved, "big") if reserved is not None else 0, stored or 0)
+
+
+async def _rollback(db: Db) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # SQLite already rolled back (e.g. after SQLITE_FULL); nothing is left to undo
+
+
+async def _connect(path: Path, synchronous: str, busy_timeout_ms: int, *, query_only: bool) -> Db:
+    try:
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+    except sqlite3.Error as e:
+        raise StoreError(f"The database {path} cannot be opened: {e}.") from None
+    try:
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if not query_only:
+            rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
+            if str(rows[0][0]).lower() != "wal":
+                raise StoreError(f"The database {path} cannot use write-ahead logging on this file system.")
+            await db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        await db.execute(f"PRAGMA synchronous = {synchronous}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        if query_only:
+            await db.execute("PRAGMA query_only = ON")
+    except sqlite3.DatabaseError as e:
+        await db.close()
+        raise StoreError(f"The file {path} is not a usable database: {e}.") from None
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def _migrate(db: Db, path: Path, now_ms: int) -> None:
+    try:
+        # IMMEDIATE takes the write lock first, so two processes opening one file migrate once.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            version = await _current_version(db, path)
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNewError(
+                    f"The database {path} has schema version {version}, newer than this valuemesh "
+                    f"understands ({SCHEMA_VERSION}); upgrade valuemesh to open it."
+                )
+            if version == 0:
+                await db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                await db.execute(
+                    "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+                    "applied_at INTEGER NOT NULL, description TEXT NOT NULL)"
+                )
+            for number, description, step in MIGRATIONS:
+                if number > version:
+                    await step(db)
+                    await db.execute(
+                        "INSERT INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)",
+                        (number, now_ms, description),
+                    )
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"The database {path} could not be prepared: {e}.") from None
+
+
+async def _current_version(db: Db, path: Path) -> int:
+    app_id = int(next(iter(await db.execute_fetchall("PRAGMA application_id")))[0])
+    tables = {str(r[0]) for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return 0
+    if app_id != APPLICATION_ID or "schema_version" not in tables:
+        raise StoreError(f"The file {path} is an SQLite database of another program, not valuemesh's.")
+    rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
+    return int(rows[0][0] or 0)
+
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Batch",
+    "BatchResult",
+    "Checkpoint",
+    "CommitEntry",
+    "ConstellationInfo",
+    "Equivocation",
+    "FinalOrderError",
+    "FinalRecord",
+    "PeerInfo",
+    "SchemaTooNewError",
+    "Store",
+    "StoreError",
+]
