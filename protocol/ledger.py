@@ -196,6 +196,11 @@ class Ledger:
             )
         self._stage(record, now)
 
+    def precheck(self, record: Record, now: int) -> None:
+        """Like `check` but without the seq rule: for records that will queue
+        behind the author's other pending ones."""
+        self._stage(record, now)
+
     def apply(self, record: Record, now: int) -> list[Outcome]:
         """Apply one final record; return outcomes (a gap-filling record may
         release deferred ones, which are applied right after it)."""

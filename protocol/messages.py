@@ -1,0 +1,198 @@
+"""Gossip and sync messages exchanged between nodes over an authenticated link.
+
+Each message is a frozen dataclass; the wire form is a canonical CBOR map
+`{"t": <type>, ...fields}`. `decode_message` is strict: unknown types, missing
+or extra fields, wrong types and oversized lists raise DecodeError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from . import cbor
+from .errors import DecodeError
+from .records import MAX_BLOCK_SIZE
+
+MAX_MESSAGE_SIZE = MAX_BLOCK_SIZE + 64 * 1024
+MAX_BATCH = 256
+MAX_IDS = 1024
+MAX_CONSTELLATIONS = 256
+MAX_PEERS_PER_EXCHANGE = 32
+
+
+def _bytes_list(v: object, limit: int, size: int | None = None) -> bool:
+    return isinstance(v, list) and len(v) <= limit and all(
+        isinstance(x, bytes) and (size is None or len(x) == size) for x in v
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on a link: the constellations I follow and my listen port."""
+
+    t: ClassVar[str] = "hello"
+    constellations: list[bytes]
+    listen_port: int
+    version: str
+
+    def valid(self) -> bool:
+        return _bytes_list(self.constellations, MAX_CONSTELLATIONS, 32) and 0 <= self.listen_port < 65536 \
+            and len(self.version) <= 32
+
+
+@dataclass(frozen=True, slots=True)
+class Heads:
+    """Per author, the highest round I hold in a constellation (a sync request)."""
+
+    t: ClassVar[str] = "heads"
+    c: bytes
+    heads: dict[bytes, int]
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and len(self.heads) <= 4096 and all(
+            isinstance(k, bytes) and len(k) == 32 and isinstance(v, int) and v >= -1
+            for k, v in self.heads.items()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """Encoded blocks, in an order where parents come first when possible.
+
+    `left` says how many more the sender has queued for this sync (progress).
+    """
+
+    t: ClassVar[str] = "blocks"
+    c: bytes
+    blocks: list[bytes]
+    left: int
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and _bytes_list(self.blocks, MAX_BATCH) and self.left >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class GetBlocks:
+    """Ask for blocks by id (missing parents)."""
+
+    t: ClassVar[str] = "get"
+    c: bytes
+    ids: list[bytes]
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and _bytes_list(self.ids, MAX_IDS, 32)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRecords:
+    """Records a member hands to a core node to include in its blocks."""
+
+    t: ClassVar[str] = "records"
+    c: bytes
+    records: list[bytes]
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and _bytes_list(self.records, MAX_BATCH)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    """An invitee's first contact: its signed invite token and join record."""
+
+    t: ClassVar[str] = "join"
+    token: bytes
+    record: bytes
+
+    def valid(self) -> bool:
+        return len(self.token) <= 4096 and len(self.record) <= 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JoinReply:
+    """The constellation's genesis, so the joiner can follow it."""
+
+    t: ClassVar[str] = "welcome"
+    c: bytes
+    genesis: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """A plain-sentence refusal of the peer's last request."""
+
+    t: ClassVar[str] = "refuse"
+    reason: str
+
+    def valid(self) -> bool:
+        return len(self.reason) <= 500
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """An equivocation proof (see records.EquivocationProof)."""
+
+    t: ClassVar[str] = "proof"
+    c: bytes
+    proof: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32
+
+
+@dataclass(frozen=True, slots=True)
+class PeerExchange:
+    """Addresses of other peers I know: [member key, host, port]."""
+
+    t: ClassVar[str] = "pex"
+    peers: list[list[Any]]
+
+    def valid(self) -> bool:
+        return len(self.peers) <= MAX_PEERS_PER_EXCHANGE and all(
+            isinstance(p, list) and len(p) == 3 and isinstance(p[0], bytes) and len(p[0]) == 32
+            and isinstance(p[1], str) and 0 < len(p[1]) <= 255 and isinstance(p[2], int) and 0 < p[2] < 65536
+            for p in self.peers
+        )
+
+
+Message = Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | PeerExchange
+_TYPES: dict[str, type[Any]] = {
+    cls.t: cls
+    for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, PeerExchange)
+}
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": dict,
+    "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
+    "genesis": bytes, "reason": str, "proof": bytes, "peers": list,
+}
+
+
+def encode_message(msg: Message) -> bytes:
+    m: dict[str, Any] = {"t": msg.t}
+    for f in fields(msg):
+        m[f.name] = getattr(msg, f.name)
+    return cbor.encode(m)
+
+
+def decode_message(data: bytes) -> Message:
+    m = cbor.decode(data, max_size=MAX_MESSAGE_SIZE)
+    if not isinstance(m, dict) or not isinstance(m.get("t"), str):
+        raise DecodeError("A message must be a map with a type.")
+    cls = _TYPES.get(m["t"])
+    if cls is None:
+        raise DecodeError(f"Unknown message type '{m['t'][:32]}'.")
+    names = [f.name for f in fields(cls)]
+    if set(m) != {"t", *names}:
+        raise DecodeError(f"A '{cls.t}' message has missing or unknown fields.")
+    for n in names:
+        want = _FIELD_TYPES[n]
+        v = m[n]
+        if not isinstance(v, want) or isinstance(v, bool):
+            raise DecodeError(f"Field '{n}' of a '{cls.t}' message has the wrong type.")
+    msg: Message = cls(**{n: m[n] for n in names})
+    if not msg.valid():
+        raise DecodeError(f"A '{cls.t}' message is out of bounds.")
+    return msg
