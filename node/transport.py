@@ -1,0 +1,852 @@
+"""Authenticated, encrypted peer links over aiohttp websockets: the asyncio shell around
+`valuemesh.protocol.wire`, with limits, rate limiting, peer scores and back-off.
+
+A `Transport` listens on `/vm/peer`, dials peers, runs the handshake, keeps at most one
+live `PeerLink` per remote key and hands opaque payloads to a `LinkHandler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
+from valuemesh.protocol import wire
+from valuemesh.protocol.errors import (
+    AuthorizationError,
+    LocalError,
+    RemoteError,
+    ValuemeshError,
+)
+from valuemesh.protocol.identity import Identity, MemberId
+from yarl import URL
+
+log = logging.getLogger("valuemesh.transport")
+
+PEER_PATH = "/vm/peer"
+MAX_PAYLOAD = 4 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 15.0
+PING_INTERVAL = 15.0
+IDLE_TIMEOUT = 45.0
+SEND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+DUPLICATE_PROBE_TIMEOUT = 3.0
+FLOOD_GRACE = 5.0
+SERVER_SHUTDOWN_TIMEOUT = 2.0
+# Control frames (pong, close) may exceed the data queue's bound, but only by this much.
+MAX_CONTROL_BACKLOG = 16
+MAX_PING_BODY = 32
+_WS_MESSAGE_TOO_BIG = 1009
+_WS_POLICY_VIOLATION = 1008
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every bound a link obeys; tests shorten the timers, operators tune the rates."""
+
+    max_payload: int = MAX_PAYLOAD
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+    ping_interval: float = PING_INTERVAL
+    idle_timeout: float = IDLE_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
+    close_timeout: float = CLOSE_TIMEOUT
+    duplicate_probe_timeout: float = DUPLICATE_PROBE_TIMEOUT
+    send_queue_frames: int = 256
+    send_queue_bytes: int = 16 * 1024 * 1024
+    max_links: int = 256
+    max_handshakes: int = 32
+    max_handshakes_per_ip: int = 8
+    rate_messages: float = 2_000.0
+    burst_messages: float = 4_000.0
+    rate_bytes: float = 32 * 1024 * 1024
+    burst_bytes: float = 64 * 1024 * 1024
+    flood_grace: float = FLOOD_GRACE
+    flood_penalty: float = 25.0
+    invalid_message_penalty: float = 20.0
+    handshake_failure_penalty: float = 25.0
+    reputation: ReputationPolicy = field(default_factory=ReputationPolicy)
+
+    def __post_init__(self) -> None:
+        if self.max_payload < 1 or self.send_queue_frames < 1 or self.send_queue_bytes < 1:
+            raise LocalError("Transport limits must be positive.")
+        if self.idle_timeout <= self.ping_interval:
+            raise LocalError("The idle timeout must be longer than the ping interval.")
+
+    @property
+    def max_frame(self) -> int:
+        return self.max_payload + wire.FRAME_OVERHEAD
+
+
+class LinkClosedError(LocalError):
+    """Raised when sending on a link that is closed (or was closed because it stalled)."""
+
+
+class PeerUnreachableError(RemoteError):
+    """Raised when a peer cannot be reached or does not finish the handshake in time."""
+
+
+class BackedOffError(LocalError):
+    """Raised when dialling a key or address that this node is backing off from."""
+
+
+class LinkHandler(Protocol):
+    """What the node plugs into a Transport: admission and the three link events."""
+
+    def authorize(self, remote: MemberId, inbound: bool) -> bool: ...
+
+    async def on_connect(self, link: PeerLink) -> None: ...
+
+    async def on_message(self, link: PeerLink, payload: bytes) -> None: ...
+
+    async def on_disconnect(self, link: PeerLink, reason: str) -> None: ...
+
+
+Clock = Callable[[], float]
+_Abort = Callable[[], None]
+
+
+def _clean_reason(raw: bytes) -> str:
+    text = raw[: wire.MAX_CLOSE_REASON].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text) or "no reason given"
+
+
+class PeerLink:
+    """One established, authenticated link to `remote`; frames are encrypted both ways.
+
+    `send` queues a payload (bounded by frames and bytes; it waits up to
+    `send_timeout` for room, then the link is closed as stalled). Incoming frames
+    are decrypted, rate limited and handed to the handler in order, one at a time,
+    so a slow handler slows the peer down rather than growing a queue.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        channel: wire.SecureChannel,
+        addr: tuple[str, int],
+        inbound: bool,
+        abort: _Abort,
+    ) -> None:
+        self._t = transport
+        self._ws = ws
+        self._chan = channel
+        self._abort = abort
+        self.remote: MemberId = channel.remote
+        self.session_id: bytes = channel.session_id
+        self.addr = addr
+        self.inbound = inbound
+        lim = transport.limits
+        self._lim = lim
+        now = transport.clock()
+        self._msg_bucket = TokenBucket(lim.rate_messages, lim.burst_messages, now)
+        self._byte_bucket = TokenBucket(lim.rate_bytes, lim.burst_bytes, now)
+        self._throttled_since: float | None = None
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._queued_bytes = 0
+        self._data_frames = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._pongs: dict[bytes, asyncio.Future[None]] = {}
+        self._reason: str | None = None
+        self._done = asyncio.Event()
+        self._admitted = False
+        # The reader waits here until admission decided, so on_connect precedes on_message.
+        self._gate = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.throttled = 0
+
+    def __repr__(self) -> str:
+        way = "in" if self.inbound else "out"
+        return f"PeerLink({self.remote.short}… {way} {self.addr[0]}:{self.addr[1]})"
+
+    @property
+    def closed(self) -> bool:
+        return self._reason is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._reason
+
+    @property
+    def score(self) -> float:
+        return self._t.reputation.score(self.remote, self._t.clock())
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    # -- sending -------------------------------------------------------------
+
+    def _has_room(self, n: int) -> bool:
+        if self._data_frames >= self._lim.send_queue_frames:
+            return False
+        return self._data_frames == 0 or self._queued_bytes + n <= self._lim.send_queue_bytes
+
+    async def send(self, payload: bytes) -> None:
+        """Queue one payload; wait (bounded) for room; raise LinkClosedError if closed."""
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise LocalError("A payload must be bytes.")
+        data = bytes(payload)
+        if len(data) > self._lim.max_payload:
+            raise LocalError(
+                f"A payload of {len(data)} bytes exceeds the limit of {self._lim.max_payload}."
+            )
+        if not self._has_room(len(data)) and not self.closed:
+            try:
+                async with asyncio.timeout(self._lim.send_timeout):
+                    while not self._has_room(len(data)) and not self.closed:
+                        self._room.clear()
+                        await self._room.wait()
+            except TimeoutError:
+                self.close(f"the peer did not keep up: send queue full for {self._lim.send_timeout} s")
+        if self._reason is not None:
+            raise LinkClosedError(f"The link to {self.remote.short}… is closed: {self._reason}.")
+        self._queue.append((wire.FRAME_DATA, data))
+        self._queued_bytes += len(data)
+        self._data_frames += 1
+        self._wake.set()
+
+    def _send_control(self, kind: int, body: bytes) -> bool:
+        if len(self._queue) - self._data_frames >= MAX_CONTROL_BACKLOG:
+            return False
+        self._queue.append((kind, body))
+        self._wake.set()
+        return True
+
+    async def ping(self, timeout: float) -> float:
+        """Round-trip time of an encrypted ping; raise LinkClosedError or TimeoutError."""
+        if self.closed:
+            raise LinkClosedError(f"The link to {self.remote.short}… is closed: {self._reason}.")
+        token = os.urandom(8)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs[token] = fut
+        start = time.monotonic()
+        try:
+            if not self._send_control(wire.FRAME_PING, token):
+                raise TimeoutError
+            async with asyncio.timeout(timeout):
+                await fut
+        finally:
+            self._pongs.pop(token, None)
+        return time.monotonic() - start
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if not self._queue:
+                    self._wake.clear()
+                    try:
+                        async with asyncio.timeout(self._lim.ping_interval):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        # Keep-alive: the peer's idle timer needs something from us.
+                        self._send_control(wire.FRAME_PING, os.urandom(8))
+                    continue
+                kind, body = self._queue.popleft()
+                if kind == wire.FRAME_DATA:
+                    self._queued_bytes -= len(body)
+                    self._data_frames -= 1
+                    self._room.set()
+                frame = self._chan.seal(kind, body)
+                await self._ws.send_bytes(frame)
+                self.frames_out += 1
+                self.bytes_out += len(frame)
+                if kind == wire.FRAME_CLOSE:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self.closed:
+                self.close(f"connection lost while sending ({type(e).__name__})")
+
+    # -- receiving -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Read frames until the link closes; then finish closing it."""
+        self._writer_task = asyncio.create_task(self._writer(), name=f"vm-writer-{self.remote.short}")
+        try:
+            await self._gate.wait()
+            while not self.closed:
+                try:
+                    msg = await self._ws.receive(timeout=self._lim.idle_timeout)
+                except TimeoutError:
+                    self.close(f"idle: nothing received for {self._lim.idle_timeout} s")
+                    break
+                if self.closed:
+                    break
+                if msg.type == WSMsgType.BINARY:
+                    await self._on_frame(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    self._violation("the peer sent a text message instead of an encrypted frame")
+                elif msg.type == WSMsgType.ERROR:
+                    code = getattr(msg.data, "code", None)
+                    if code == _WS_MESSAGE_TOO_BIG:
+                        self._violation(
+                            f"the peer sent a frame larger than {self._lim.max_frame} bytes"
+                        )
+                    else:
+                        self._violation("the peer sent invalid websocket framing")
+                else:
+                    self.close("the connection was closed by the peer", notify=False)
+        except asyncio.CancelledError:
+            self.close("the link task was cancelled", notify=False)
+            raise
+        except Exception as e:
+            log.exception("link %r failed", self)
+            self.close(f"internal error ({type(e).__name__})", notify=False)
+        finally:
+            if self._reason is None:
+                self.close("the reader stopped", notify=False)
+            await self._done.wait()
+
+    async def _on_frame(self, data: bytes) -> None:
+        try:
+            frame = self._chan.open(data)
+        except wire.FrameError as e:
+            self._violation(e.message)
+            return
+        self.frames_in += 1
+        self.bytes_in += len(data)
+        await self._throttle(len(data))
+        if self.closed:
+            return
+        if frame.kind == wire.FRAME_DATA:
+            try:
+                await self._t.handler.on_message(self, frame.body)
+            except RemoteError as e:
+                self.penalize(self._lim.invalid_message_penalty, e.message)
+            except ValuemeshError as e:
+                log.warning("handler refused a message from %r: %s", self, e)
+            except Exception:
+                log.exception("handler failed on a message from %r", self)
+        elif frame.kind == wire.FRAME_PING:
+            if len(frame.body) > MAX_PING_BODY:
+                self._violation("the peer sent an oversized ping")
+            else:
+                self._send_control(wire.FRAME_PONG, frame.body)
+        elif frame.kind == wire.FRAME_PONG:
+            fut = self._pongs.get(frame.body)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif frame.kind == wire.FRAME_CLOSE:
+            self.close(f"closed by the peer: {_clean_reason(frame.body)}", notify=False)
+
+    async def _throttle(self, size: int) -> None:
+        now = self._t.clock()
+        wait = max(self._msg_bucket.charge(1, now), self._byte_bucket.charge(size, now))
+        if wait <= 0:
+            self._throttled_since = None
+            return
+        self.throttled += 1
+        if self._throttled_since is None:
+            self._throttled_since = now
+        elif now - self._throttled_since >= self._lim.flood_grace:
+            self._throttled_since = now
+            self.penalize(self._lim.flood_penalty, "flooding beyond the rate limit")
+            if self.closed:
+                return
+        # Not reading is the throttle: aiohttp stops reading the socket, TCP pushes back.
+        await asyncio.sleep(min(wait, self._lim.idle_timeout / 2))
+
+    # -- scoring and closing -------------------------------------------------
+
+    def penalize(self, points: float, reason: str) -> None:
+        """Lower the remote's score for invalid data; below the threshold it is cut off
+        and its key and address are backed off."""
+        self._t.penalize(self.remote, points, reason, ip=self.addr[0])
+
+    def _violation(self, reason: str) -> None:
+        # A broken frame leaves the channel unusable (counters desynchronised) and is
+        # never an honest mistake: cut the peer off and back off at once.
+        self._t.ban(self.remote, reason, ip=self.addr[0])
+
+    def close(self, reason: str, *, notify: bool = True) -> None:
+        """Close the link (idempotent); the handler's on_disconnect runs once."""
+        if self._reason is not None:
+            return
+        self._reason = reason
+        self._gate.set()
+        self._t._spawn(self._shutdown(notify))
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
+
+    async def _shutdown(self, notify: bool) -> None:
+        reason = self._reason or "closed"
+        self._room.set()
+        for fut in self._pongs.values():
+            if not fut.done():
+                fut.set_exception(LinkClosedError("The link closed before the ping was answered."))
+        self._t._forget(self)
+        try:
+            if self._admitted:
+                log.info("link down %r: %s", self, reason)
+                try:
+                    await self._t.handler.on_disconnect(self, reason)
+                except Exception:
+                    log.exception("on_disconnect failed for %r", self)
+            await self._close_ws(notify, reason)
+        finally:
+            self._done.set()
+
+    async def _close_ws(self, notify: bool, reason: str) -> None:
+        writer = self._writer_task
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._data_frames = 0
+        if notify and writer is not None and not writer.done():
+            self._queue.append((wire.FRAME_CLOSE, reason.encode("utf-8")[: wire.MAX_CLOSE_REASON]))
+            self._wake.set()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(writer), self._lim.close_timeout)
+        if writer is not None and not writer.done():
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+        try:
+            await asyncio.wait_for(self._ws.close(), self._lim.close_timeout)
+        except Exception:
+            self._abort()
+
+
+class Transport:
+    """Peer links for one identity on one network: listen, dial, admit, score, back off."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        network_id: bytes,
+        handler: LinkHandler,
+        *,
+        limits: Limits | None = None,
+        clock: Clock = time.monotonic,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        if not isinstance(network_id, bytes) or not 1 <= len(network_id) <= wire.MAX_NETWORK_ID:
+            raise LocalError(f"A network id must be 1 to {wire.MAX_NETWORK_ID} bytes.")
+        self.identity = identity
+        self.network_id = network_id
+        self.handler = handler
+        self.limits = limits if limits is not None else Limits()
+        self.clock = clock
+        self._random = random_bytes
+        self.reputation = Reputation(self.limits.reputation)
+        self.ip_reputation = Reputation(self.limits.reputation)
+        self._links: dict[MemberId, PeerLink] = {}
+        self._all: set[PeerLink] = set()
+        self._admit_locks: dict[MemberId, tuple[asyncio.Lock, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handshakes = 0
+        self._handshakes_by_ip: dict[str, int] = {}
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._stopping = False
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def member(self) -> MemberId:
+        return self.identity.member
+
+    @property
+    def links(self) -> dict[MemberId, PeerLink]:
+        """The live links by remote key (a copy)."""
+        return dict(self._links)
+
+    def link(self, remote: MemberId) -> PeerLink | None:
+        return self._links.get(remote)
+
+    def banned_for(self, key: MemberId | str) -> float:
+        """Seconds this node still refuses the key or IP address (0 if it does not)."""
+        rep = self.reputation if isinstance(key, MemberId) else self.ip_reputation
+        return rep.banned_for(key, self.clock())
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen for peers on host:port (0 picks a free port); return the bound address."""
+        if self._runner is not None:
+            raise LocalError("The transport is already listening.")
+        app = web.Application(client_max_size=4096)
+        app.router.add_get(PEER_PATH, self._serve)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SERVER_SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise LocalError(f"Cannot listen on {host}:{port}: {e.strerror or e}.") from None
+        self._runner = runner
+        sock = runner.addresses[0]
+        self.address = (str(sock[0]), int(sock[1]))
+        log.info("listening on %s:%d as %s", self.address[0], self.address[1], self.member)
+        return self.address
+
+    async def stop(self) -> None:
+        """Close every link (handlers see on_disconnect), stop listening, end all tasks."""
+        self._stopping = True
+        links = list(self._all)
+        for link in links:
+            link.close("this node is stopping")
+        if links:
+            await asyncio.gather(*(lk.wait_closed() for lk in links), return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- scoring -------------------------------------------------------------
+
+    def penalize(self, remote: MemberId, points: float, reason: str, *, ip: str | None = None) -> None:
+        """Lower a key's score; below the threshold its link closes and key and IP back off."""
+        now = self.clock()
+        banned = self.reputation.penalize(remote, points, now)
+        log.info("penalised %s by %s: %s", remote.short, points, reason)
+        if banned:
+            self._cut_off(remote, ip, reason, banned, now)
+
+    def ban(self, remote: MemberId, reason: str, *, ip: str | None = None) -> None:
+        """Cut a key off at once and back it (and its IP) off."""
+        now = self.clock()
+        self._cut_off(remote, ip, reason, self.reputation.ban(remote, now), now)
+
+    def _cut_off(self, remote: MemberId, ip: str | None, reason: str, length: float, now: float) -> None:
+        if ip is not None:
+            self.ip_reputation.ban(ip, now)
+        log.warning("backing off %s for %.0f s: %s", remote.short, length, reason)
+        for link in list(self._all):
+            if link.remote == remote:
+                link.close(f"{reason}; backing off for {length:.0f} s")
+
+    # -- admission -----------------------------------------------------------
+
+    def _forget(self, link: PeerLink) -> None:
+        self._all.discard(link)
+        if self._links.get(link.remote) is link:
+            del self._links[link.remote]
+
+    async def _admit(self, link: PeerLink) -> PeerLink:
+        """Make `link` the live link to its remote unless a better one exists; return the winner."""
+        lock, users = self._admit_locks.get(link.remote, (asyncio.Lock(), 0))
+        self._admit_locks[link.remote] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._admit_locked(link)
+        finally:
+            lock, users = self._admit_locks[link.remote]
+            if users <= 1:
+                del self._admit_locks[link.remote]
+            else:
+                self._admit_locks[link.remote] = (lock, users - 1)
+
+    async def _admit_locked(self, link: PeerLink) -> PeerLink:
+        if link.closed:
+            old = self._links.get(link.remote)
+            if old is not None and not old.closed:
+                return old
+            raise LinkClosedError(f"The link to {link.remote.short}… closed: {link.close_reason}.")
+        old = self._links.get(link.remote)
+        if old is not None and not old.closed:
+            if await self._new_wins(old, link):
+                old.close("replaced by another connection with the same peer")
+                await old.wait_closed()
+            else:
+                link.close("duplicate connection: the peer already has a live link")
+                return old
+        if self._stopping:
+            link.close("this node is stopping")
+            raise LinkClosedError("The transport is stopping.")
+        self._links[link.remote] = link
+        link._admitted = True
+        log.info("link up %r", link)
+        try:
+            await self.handler.on_connect(link)
+        except Exception:
+            log.exception("on_connect failed for %r", link)
+        finally:
+            link._gate.set()
+        return link
+
+    async def _new_wins(self, old: PeerLink, new: PeerLink) -> bool:
+        if old.inbound == new.inbound:
+            # Same dialler twice: it dialled again because it lost the old one.
+            return True
+
+        # Simultaneous dials: both ends keep the link dialled by the lower key, so
+        # they agree without talking. An old link that no longer answers loses anyway,
+        # so a peer that restarted is never locked out by our stale half.
+        def dialler(lk: PeerLink) -> MemberId:
+            return lk.remote if lk.inbound else self.member
+
+        if dialler(new) < dialler(old):
+            return True
+        try:
+            await old.ping(self.limits.duplicate_probe_timeout)
+        except (TimeoutError, LinkClosedError):
+            return True
+        return False
+
+    # -- server side ---------------------------------------------------------
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        ip = request.remote or "unknown"
+        now = self.clock()
+        if self._stopping:
+            return web.Response(status=503, text="The node is stopping.\n")
+        banned = self.ip_reputation.banned_for(ip, now)
+        if banned:
+            return web.Response(
+                status=429,
+                headers={"Retry-After": str(math.ceil(banned))},
+                text="This address is backed off after misbehaviour.\n",
+            )
+        lim = self.limits
+        if (
+            self._handshakes >= lim.max_handshakes
+            or self._handshakes_by_ip.get(ip, 0) >= lim.max_handshakes_per_ip
+            or len(self._all) >= lim.max_links
+        ):
+            return web.Response(status=503, headers={"Retry-After": "5"}, text="Busy.\n")
+        ws = web.WebSocketResponse(
+            max_msg_size=lim.max_frame,
+            compress=False,
+            autoping=True,
+            heartbeat=None,
+            timeout=lim.close_timeout,
+        )
+        await ws.prepare(request)
+        transport = request.transport
+
+        def abort() -> None:
+            if transport is not None:
+                transport.abort()
+
+        self._handshakes += 1
+        self._handshakes_by_ip[ip] = self._handshakes_by_ip.get(ip, 0) + 1
+        link: PeerLink | None = None
+        try:
+            async with asyncio.timeout(lim.handshake_timeout):
+                link = await self._respond(ws, request, ip, abort)
+        except (TimeoutError, RemoteError, ConnectionError, aiohttp.ClientError) as e:
+            reason = "the handshake timed out" if isinstance(e, TimeoutError) else str(e)
+            log.info("inbound handshake from %s failed: %s", ip, reason)
+            if not isinstance(e, (wire.PeerRefusedError, ConnectionError, aiohttp.ClientError)):
+                self.ip_reputation.penalize(ip, lim.handshake_failure_penalty, self.clock())
+            await self._close_raw(ws, abort)
+        finally:
+            self._handshakes -= 1
+            left = self._handshakes_by_ip.get(ip, 1) - 1
+            if left:
+                self._handshakes_by_ip[ip] = left
+            else:
+                self._handshakes_by_ip.pop(ip, None)
+        if link is None:
+            return ws
+        run = self._spawn(link._run())
+        with contextlib.suppress(LinkClosedError):
+            await self._admit(link)
+        await run
+        return ws
+
+    async def _respond(
+        self, ws: web.WebSocketResponse, request: web.Request, ip: str, abort: _Abort
+    ) -> PeerLink | None:
+        responder = wire.Responder(self.identity, self.network_id, self._random(32))
+        hello = await _recv_handshake(ws)
+        if wire.peek_hello_version(hello) not in (None, wire.VERSION):
+            await ws.send_bytes(wire.encode_reject(wire.Refusal.UNSUPPORTED_VERSION))
+            raise wire.PeerRefusedError(wire.Refusal.UNSUPPORTED_VERSION)
+        try:
+            response = responder.read_hello(hello)
+        except wire.NetworkMismatchError:
+            await ws.send_bytes(wire.encode_reject(wire.Refusal.NETWORK_MISMATCH))
+            raise
+        await ws.send_bytes(response)
+        remote = responder.read_auth(await _recv_handshake(ws))
+        code, retry = self._admission(remote, inbound=True, ip=ip)
+        verdict, channel = responder.verdict(code, retry)
+        await ws.send_bytes(verdict)
+        if channel is None:
+            raise wire.PeerRefusedError(code, retry)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        port = int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else 0
+        link = PeerLink(self, ws, channel, (ip, port), True, abort)
+        self._all.add(link)
+        return link
+
+    def _admission(self, remote: MemberId, *, inbound: bool, ip: str) -> tuple[wire.Refusal, int]:
+        now = self.clock()
+        if remote == self.member:
+            return wire.Refusal.SELF_CONNECTION, 0
+        banned = max(self.reputation.banned_for(remote, now), self.ip_reputation.banned_for(ip, now))
+        if banned:
+            return wire.Refusal.BACKED_OFF, math.ceil(banned)
+        if self._stopping or (len(self._all) >= self.limits.max_links and remote not in self._links):
+            return wire.Refusal.BUSY, 5
+        try:
+            allowed = self.handler.authorize(remote, inbound)
+        except Exception:
+            log.exception("authorize() failed for %s", remote)
+            allowed = False
+        return (wire.Refusal.ACCEPTED, 0) if allowed else (wire.Refusal.NOT_AUTHORISED, 0)
+
+    async def _close_raw(
+        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, abort: _Abort
+    ) -> None:
+        try:
+            await asyncio.wait_for(ws.close(code=_WS_POLICY_VIOLATION), self.limits.close_timeout)
+        except Exception:
+            abort()
+
+    # -- client side ---------------------------------------------------------
+
+    async def connect(self, host: str, port: int, *, expect: MemberId | None = None) -> PeerLink:
+        """Dial host:port, run the handshake and return the live link to that peer.
+
+        With `expect`, a peer presenting any other key is refused. Raises
+        PeerUnreachableError, wire.PeerRefusedError (NetworkMismatchError among them),
+        wire.HandshakeError, AuthorizationError or BackedOffError.
+        """
+        if self._stopping:
+            raise LocalError("The transport is stopping.")
+        for key in (expect, host):
+            if key is not None and self.banned_for(key):
+                raise BackedOffError(f"This node backs off from {key} for a while after misbehaviour.")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        url = URL.build(scheme="http", host=host, port=port, path=PEER_PATH)
+        lim = self.limits
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        where = f"{host}:{port}"
+
+        def abort() -> None:
+            conn = getattr(getattr(ws, "_response", None), "connection", None)
+            if conn is not None and conn.transport is not None:
+                conn.transport.abort()
+
+        try:
+            async with asyncio.timeout(lim.connect_timeout):
+                ws = await self._session.ws_connect(
+                    url,
+                    max_msg_size=lim.max_frame,
+                    autoping=True,
+                    heartbeat=None,
+                    compress=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=lim.close_timeout),
+                )
+                link = await self._initiate(ws, host, port, expect, abort)
+        except TimeoutError:
+            if ws is not None:
+                await self._close_raw(ws, abort)
+            raise PeerUnreachableError(
+                f"The peer at {where} did not complete the handshake within {lim.connect_timeout} s."
+            ) from None
+        except aiohttp.WSServerHandshakeError as e:
+            raise _http_refusal(e, where) from None
+        except (aiohttp.ClientError, OSError) as e:
+            if ws is not None:
+                await self._close_raw(ws, abort)
+            raise PeerUnreachableError(f"Cannot reach the peer at {where}: {e}.") from None
+        except BaseException:
+            if ws is not None:
+                await self._close_raw(ws, abort)
+            raise
+        self._spawn(link._run())
+        return await self._admit(link)
+
+    async def _initiate(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        host: str,
+        port: int,
+        expect: MemberId | None,
+        abort: _Abort,
+    ) -> PeerLink:
+        initiator = wire.Initiator(self.identity, self.network_id, self._random(32))
+        await ws.send_bytes(initiator.start())
+        remote = initiator.read_response(await _recv_handshake(ws))
+        if expect is not None and remote != expect:
+            raise wire.HandshakeError(
+                f"The peer at {host}:{port} presents key {remote.short}…, not {expect.short}…."
+            )
+        peer = ws.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else host
+        code, retry = self._admission(remote, inbound=False, ip=ip)
+        if code is wire.Refusal.NOT_AUTHORISED:
+            raise AuthorizationError(f"This node does not authorise the peer {remote.short}….")
+        if code is wire.Refusal.BACKED_OFF:
+            raise BackedOffError(f"This node backs off from {remote.short}… for {retry} more s.")
+        if code is not wire.Refusal.ACCEPTED:
+            raise LocalError(code.sentence.replace("The peer", "This node", 1))
+        await ws.send_bytes(initiator.auth())
+        channel = initiator.read_verdict(await _recv_handshake(ws))
+        link = PeerLink(self, ws, channel, (ip, port), False, abort)
+        self._all.add(link)
+        return link
+
+
+def _http_refusal(e: aiohttp.WSServerHandshakeError, where: str) -> ValuemeshError:
+    retry = 0
+    if e.headers is not None:
+        with contextlib.suppress(ValueError, TypeError):
+            retry = int(e.headers.get("Retry-After", "0"))
+    if e.status == 429:
+        return wire.PeerRefusedError(wire.Refusal.BACKED_OFF, retry)
+    if e.status == 503:
+        return wire.PeerRefusedError(wire.Refusal.BUSY, retry)
+    return PeerUnreachableError(
+        f"The server at {where} is not a valuemesh peer (HTTP status {e.status})."
+    )
+
+
+async def _recv_handshake(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bytes:
+    msg = await ws.receive()
+    if msg.type == WSMsgType.BINARY:
+        return bytes(msg.data)
+    if msg.type == WSMsgType.TEXT:
+        raise wire.HandshakeError("The peer sent text where a handshake message was due.")
+    if msg.type == WSMsgType.ERROR:
+        raise wire.HandshakeError("The peer sent an invalid websocket message during the handshake.")
+    raise wire.HandshakeError("The peer closed the connection during the handshake.")
+
+
+__all__ = [
+    "BackedOffError",
+    "Limits",
+    "LinkClosedError",
+    "LinkHandler",
+    "PeerLink",
+    "PeerUnreachableError",
+    "Transport",
+]
