@@ -1,0 +1,372 @@
+"""The `valuemesh` command line: every command a member needs, as a thin
+client of the daemon's local API (only `init`, `id` offline and `daemon`
+itself work without a running daemon).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from valuemesh.cli.client import ApiClient
+from valuemesh.node.home import Home, resolve_home
+from valuemesh.protocol.errors import ValuemeshError
+from valuemesh.protocol.identity import MemberId
+
+_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Ctx:
+    def __init__(self, home: Path, as_json: bool) -> None:
+        self.home = Home(home)
+        self.as_json = as_json
+
+    @property
+    def api(self) -> ApiClient:
+        return ApiClient(self.home)
+
+    def out(self, doc: Any, text: str) -> None:
+        if self.as_json:
+            click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        else:
+            click.echo(text)
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def parse_duration(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m:
+        fail(f"'{text}' is not a duration; use a number and s, m, h, d or w, like 7d.")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_quantity(text: str) -> str:
+    try:
+        q = Decimal(text)
+    except InvalidOperation:
+        fail(f"'{text}' is not a quantity; use a number like 3 or 2.5.")
+    if not q.is_finite() or q <= 0:
+        fail(f"'{text}' is not a positive quantity.")
+    s = format(q.normalize(), "f")
+    if "." in s and len(s.split(".")[1]) > 6:
+        fail(f"'{text}' has more than 6 decimals.")
+    return s
+
+
+class Group(click.Group):
+    """Turns any valuemesh error into one sentence on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValuemeshError as exc:
+            fail(exc.message)
+        except KeyboardInterrupt:
+            fail("Interrupted.")
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def json_option(f: Any) -> Any:
+    def cb(ctx: click.Context, _p: Any, value: bool) -> None:
+        if value:
+            ctx.find_object(Ctx).as_json = True  # type: ignore[union-attr]
+    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
+                        help="Print machine-readable JSON.")(f)
+
+
+@click.group(cls=Group)
+@click.option("--home", type=click.Path(file_okay=False), envvar="VALUEMESH_HOME",
+              help="Node home directory (default: $XDG_DATA_HOME/valuemesh).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.version_option(package_name="valuemesh")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None, as_json: bool) -> None:
+    """valuemesh: a leaderless node for value networks."""
+    ctx.obj = Ctx(resolve_home(home), as_json)
+
+
+@cli.command()
+@click.option("--name", default="", help="A name other members see.")
+@click.option("--passphrase-prompt", is_flag=True, help="Seal the key file with a passphrase.")
+@json_option
+@pass_ctx
+def init(c: Ctx, name: str, passphrase_prompt: bool) -> None:
+    """Create this member's identity and config."""
+    pw = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True) if passphrase_prompt else None
+    ident = c.home.init(name, pw)
+    c.out({"member": str(ident.member), "home": str(c.home.path)},
+          f"member {ident.member}\nhome   {c.home.path}")
+
+
+@cli.command("id")
+@json_option
+@pass_ctx
+def id_(c: Ctx) -> None:
+    """Show this member's id, addresses, version and plugins."""
+    try:
+        doc = c.api.call("GET", "/v1/id")
+    except ValuemeshError:
+        from valuemesh.node.daemon import installed_registry
+        ident = c.home.load_identity()
+        reg = installed_registry()
+        doc = {"member": str(ident.member), "running": False, "addresses": [],
+               "plugins": {n: str(p.version) for n, p in reg.plugins.items()}}
+    lines = [f"member   {doc['member']}", f"addresses {', '.join(doc.get('addresses', [])) or '(daemon not running)'}",
+             f"plugins  {', '.join(f'{k} {v}' for k, v in sorted(doc['plugins'].items()))}"]
+    if "version" in doc:
+        lines.insert(1, f"version  {doc['version']}")
+    c.out(doc, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--listen", default=None, help="Peer listen address HOST:PORT.")
+@click.option("--api", "api_addr", default=None, help="Local API address HOST:PORT (loopback only).")
+@click.option("--bootstrap", multiple=True, help="A peer to dial, HOST:PORT (repeatable).")
+@click.option("--mdns/--no-mdns", default=True, help="Announce and browse on the LAN.")
+@click.option("--mdns-interface", multiple=True, help="An interface IP for mDNS (repeatable).")
+@click.option("--network", default=None, help="Network id; nodes of different networks never mix.")
+@click.option("--init-if-missing", is_flag=True, help="Create an identity first if there is none.")
+@pass_ctx
+def daemon(c: Ctx, listen: str | None, api_addr: str | None, bootstrap: tuple[str, ...], mdns: bool,
+           mdns_interface: tuple[str, ...], network: str | None, init_if_missing: bool) -> None:
+    """Run the node in the foreground until SIGINT/SIGTERM."""
+    from valuemesh.node.daemon import run_daemon
+    if init_if_missing and not c.home.initialised:
+        ident = c.home.init("")
+        click.echo(f"created identity {ident.member} in {c.home.path}", err=True)
+    run_daemon(c.home, listen=listen, api=api_addr, bootstrap=list(bootstrap), mdns=mdns,
+               mdns_interfaces=list(mdns_interface), network=network)
+
+
+@cli.command()
+@json_option
+@pass_ctx
+def status(c: Ctx) -> None:
+    """Health, peers and each constellation's finality and catch-up."""
+    doc = c.api.call("GET", "/v1/status")
+    lines = [f"health   {doc['health']}", f"member   {doc['member']}",
+             f"listen   {doc['listen']}", f"peers    {len(doc['peers'])} connected"]
+    for p in doc["peers"]:
+        lines.append(f"  {p['member'][:16]}…  {p['address']}  via {p['via']}  {p['state']}")
+    for k in doc["constellations"]:
+        lines.append(f"{k['name']}  {k['id']}")
+        lines.append(f"  members {k['members']} (core {k['core']}), final {k['final']}, pending {k['pending']}, "
+                     f"round {k['round']}, catch-up {k['catchup']}")
+        lines.append(f"  guarantee: {k['guarantee_text']}")
+    c.out(doc, "\n".join(lines))
+
+
+@cli.group(cls=Group, invoke_without_command=True)
+@json_option
+@click.pass_context
+def peers(ctx: click.Context) -> None:
+    """List connected peers, or add one."""
+    if ctx.invoked_subcommand is None:
+        c: Ctx = ctx.obj
+        doc = c.api.call("GET", "/v1/peers")
+        c.out(doc, "\n".join(f"{p['member']}  {p['address']}  via {p['via']}  {p['state']}" for p in doc["peers"])
+              or "no peers")
+
+
+@peers.command("add")
+@click.argument("address")
+@json_option
+@pass_ctx
+def peers_add(c: Ctx, address: str) -> None:
+    """Dial a peer at HOST:PORT and keep it in the peer table."""
+    doc = c.api.call("POST", "/v1/peers", {"address": address})
+    c.out(doc, f"dialling {doc['address']}")
+
+
+@cli.group(cls=Group)
+def constellation() -> None:
+    """Create, join, inspect, leave or dissolve constellations."""
+
+
+@constellation.command("create")
+@click.argument("name")
+@click.option("--purpose", default="", help="What this constellation is for.")
+@json_option
+@pass_ctx
+def c_create(c: Ctx, name: str, purpose: str) -> None:
+    """Found a constellation with yourself as its first core member."""
+    doc = c.api.call("POST", "/v1/constellations", {"name": name, "purpose": purpose})
+    c.out(doc, f"created {doc['name']}\nid {doc['id']}\n{doc['guarantee_text']}")
+
+
+@constellation.command("list")
+@json_option
+@pass_ctx
+def c_list(c: Ctx) -> None:
+    """Constellations this node follows."""
+    doc = c.api.call("GET", "/v1/constellations")
+    c.out(doc, "\n".join(f"{k['id']}  {k['name']}  ({k['members']} members, {k['status']})"
+                         for k in doc["constellations"]) or "no constellations")
+
+
+def _cid(c: Ctx, cid: str) -> str:
+    from valuemesh.protocol.records import parse_constellation
+    parse_constellation(cid)
+    return cid.strip().lower()
+
+
+@constellation.command("show")
+@click.argument("cid")
+@json_option
+@pass_ctx
+def c_show(c: Ctx, cid: str) -> None:
+    """Members, roles, tiers and the agreement guarantee of one constellation."""
+    doc = c.api.call("GET", f"/v1/constellations/{_cid(c, cid)}")
+    lines = [f"{doc['name']}  {doc['id']}", f"purpose  {doc['purpose']}", f"status   {doc['status']}",
+             f"guarantee {doc['guarantee_text']}", "members:"]
+    for m in doc["member_list"]:
+        lines.append(f"  {m['member']}  {m['tier']:<11} {','.join(m['roles']) or '-':<30} {m['status']}")
+    c.out(doc, "\n".join(lines))
+
+
+@constellation.command("invite")
+@click.argument("cid")
+@click.option("--role", "roles", multiple=True,
+              type=click.Choice(["investor", "producer", "customer", "facilitator"]), help="Repeatable.")
+@click.option("--tier", type=click.Choice(["core", "contributor"]), default="contributor", show_default=True)
+@click.option("--uses", type=click.IntRange(1, 10000), default=1, show_default=True)
+@click.option("--ttl", default="7d", show_default=True, help="How long the token is valid, e.g. 30m, 7d.")
+@json_option
+@pass_ctx
+def c_invite(c: Ctx, cid: str, roles: tuple[str, ...], tier: str, uses: int, ttl: str) -> None:
+    """Print an invite token for a new member."""
+    doc = c.api.call("POST", f"/v1/constellations/{_cid(c, cid)}/invites",
+                     {"roles": list(roles), "tier": tier, "uses": uses, "ttl_s": parse_duration(ttl)})
+    c.out(doc, doc["token"])
+
+
+@constellation.command("join")
+@click.argument("token")
+@json_option
+@pass_ctx
+def c_join(c: Ctx, token: str) -> None:
+    """Join a constellation with an invite token."""
+    from valuemesh.protocol.invite import parse_token
+    parse_token(token)
+    doc = c.api.call("POST", "/v1/join", {"token": token})
+    c.out(doc, f"joining {doc['name']} ({doc['id']}); the join is {doc['status']}")
+
+
+def _submit(c: Ctx, cid: str, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = c.api.call("POST", f"/v1/constellations/{_cid(c, cid)}/records",
+                                        {"type": rtype, "body": body})
+    return result
+
+
+@constellation.command("leave")
+@click.argument("cid")
+@json_option
+@pass_ctx
+def c_leave(c: Ctx, cid: str) -> None:
+    """Leave a constellation (final once agreed)."""
+    doc = _submit(c, cid, "membership", {"op": "leave"})
+    c.out(doc, f"leave recorded as {doc['id']} ({doc['status']})")
+
+
+@constellation.command("dissolve")
+@click.argument("cid")
+@click.option("--reason", default="", help="Why.")
+@json_option
+@pass_ctx
+def c_dissolve(c: Ctx, cid: str, reason: str) -> None:
+    """Dissolve a constellation (facilitators only); it accepts no records after."""
+    body: dict[str, Any] = {"op": "dissolve"}
+    if reason:
+        body["reason"] = reason
+    doc = _submit(c, cid, "membership", body)
+    c.out(doc, f"dissolution recorded as {doc['id']} ({doc['status']})")
+
+
+@cli.command()
+@click.argument("cid")
+@click.option("--action", required=True,
+              type=click.Choice(["work", "use", "consume", "cite", "transfer", "deliver-service", "produce"]))
+@click.option("--quantity", required=True, help="A positive number, e.g. 3 or 2.5.")
+@click.option("--unit", required=True, help="hour, EUR, kg, …")
+@click.option("--note", default="", help="What was done.")
+@click.option("--evidence", type=click.Path(exists=True, dir_okay=False), help="A file whose hash is recorded.")
+@click.option("--payback", type=click.Choice(["once", "debt-like", "equity-like", "gift"]), default=None)
+@json_option
+@pass_ctx
+def contribute(c: Ctx, cid: str, action: str, quantity: str, unit: str, note: str, evidence: str | None,
+               payback: str | None) -> None:
+    """Record a contribution you made."""
+    body: dict[str, Any] = {"op": "record", "action": action, "quantity": parse_quantity(quantity), "unit": unit}
+    if note:
+        body["note"] = note
+    if payback:
+        body["payback"] = payback
+    if evidence:
+        digest = hashlib.blake2b(Path(evidence).read_bytes(), digest_size=32).hexdigest()
+        body["evidence"] = {"uri": Path(evidence).resolve().as_uri(), "hash": digest}
+    doc = _submit(c, cid, "contribution", body)
+    c.out(doc, f"contribution {doc['id']} ({doc['status']})")
+
+
+@cli.command()
+@click.argument("cid")
+@click.argument("record_id")
+@click.option("--dispute", "reason", default=None, help="Dispute instead of acknowledging, with a reason.")
+@json_option
+@pass_ctx
+def ack(c: Ctx, cid: str, record_id: str, reason: str | None) -> None:
+    """Acknowledge (or dispute) another member's contribution."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", record_id.strip()):
+        fail(f"'{record_id}' is not a record id (64 hex characters).")
+    body: dict[str, Any] = {"op": "dispute" if reason else "ack", "target": record_id.strip().lower()}
+    if reason:
+        body["reason"] = reason
+    doc = _submit(c, cid, "contribution", body)
+    c.out(doc, f"{body['op']} {doc['id']} ({doc['status']})")
+
+
+@cli.command()
+@click.argument("cid")
+@json_option
+@pass_ctx
+def ledger(c: Ctx, cid: str) -> None:
+    """The ledger: final records in consensus order, then pending ones."""
+    doc = c.api.call("GET", f"/v1/constellations/{_cid(c, cid)}/ledger")
+    lines = [f"{doc['name']}  {doc['constellation']}", f"state hash {doc['state_hash']}",
+             f"final ({len(doc['final'])}):"]
+    for r in doc["final"]:
+        flag = "" if r["status"] == "applied" else f"  [{r['status']}: {r.get('reason', '')}]"
+        lines.append(f"  {r['index']:>5} {r['type']}.{r['body'].get('op')} by {r['author'][:14]}… "
+                     f"seq {r['seq']}  {r['id'][:16]}{flag}")
+    lines.append(f"pending ({len(doc['pending'])}):")
+    for r in doc["pending"]:
+        lines.append(f"        {r['type']}.{r['body'].get('op')} by {r['author'][:14]}… seq {r['seq']}  {r['id'][:16]}")
+    c.out(doc, "\n".join(lines))
+
+
+@cli.command("check-id")
+@click.argument("member")
+def check_id(member: str) -> None:
+    """Check that a member id is well-formed (catches typos)."""
+    click.echo(str(MemberId.parse(member)))
+
+
+def main() -> None:
+    cli(prog_name="valuemesh")
+
+
+if __name__ == "__main__":
+    main()

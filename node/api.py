@@ -1,0 +1,154 @@
+"""The daemon's local HTTP/JSON API on 127.0.0.1, guarded by a bearer token
+kept in the home directory. The CLI is its first client; `/v1/openapi.json`
+describes every route. Errors are `{"error": "<one sentence>"}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
+
+if TYPE_CHECKING:
+    from valuemesh.node.daemon import Node
+
+MAX_REQUEST_BYTES = 256 * 1024
+API_VERSION = "1"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class NotFound(LocalError):
+    """Raised when the API is asked for a constellation or record it does not have."""
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def make_app(node: Node, token: str) -> web.Application:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/v1/health":
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _error(401, "The API token is missing or wrong; the CLI reads it from the home directory.")
+        if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+            return _error(413, "The request body is too large.")
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except NotFound as exc:
+            return _error(404, exc.message)
+        except LocalError as exc:
+            return _error(400, exc.message)
+        except RemoteError as exc:
+            return _error(422, exc.message)
+        except ValuemeshError as exc:
+            return _error(400, exc.message)
+
+    app = web.Application(middlewares=[guard], client_max_size=MAX_REQUEST_BYTES)
+    routes = web.RouteTableDef()
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            doc = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise LocalError("The request body is not valid JSON.") from None
+        if not isinstance(doc, dict):
+            raise LocalError("The request body must be a JSON object.")
+        return doc
+
+    def ok(doc: Any, status: int = 200) -> web.Response:
+        return web.json_response(doc, status=status, dumps=lambda d: json.dumps(d, sort_keys=True))
+
+    @routes.get("/v1/health")
+    async def health(request: web.Request) -> web.Response:
+        return ok({"ok": True, "api": API_VERSION})
+
+    @routes.get("/v1/id")
+    async def ident(request: web.Request) -> web.Response:
+        return ok(node.id_info())
+
+    @routes.get("/v1/status")
+    async def status(request: web.Request) -> web.Response:
+        return ok(node.status())
+
+    @routes.get("/v1/peers")
+    async def peers(request: web.Request) -> web.Response:
+        return ok({"peers": node.peer_list()})
+
+    @routes.post("/v1/peers")
+    async def add_peer(request: web.Request) -> web.Response:
+        doc = await body(request)
+        addr = doc.get("address")
+        if not isinstance(addr, str):
+            raise LocalError("Give the peer's address as HOST:PORT.")
+        return ok(await node.add_peer(addr))
+
+    @routes.get("/v1/constellations")
+    async def list_c(request: web.Request) -> web.Response:
+        return ok({"constellations": node.constellation_list()})
+
+    @routes.post("/v1/constellations")
+    async def create_c(request: web.Request) -> web.Response:
+        doc = await body(request)
+        name, purpose = doc.get("name"), doc.get("purpose", "")
+        if not isinstance(name, str) or not name.strip() or not isinstance(purpose, str):
+            raise LocalError("A constellation needs a name (text) and optionally a purpose (text).")
+        return ok(await node.create_constellation(name.strip(), purpose), 201)
+
+    @routes.post("/v1/join")
+    async def join(request: web.Request) -> web.Response:
+        doc = await body(request)
+        token = doc.get("token")
+        if not isinstance(token, str):
+            raise LocalError("Give the invite token as text.")
+        return ok(await node.join(token), 201)
+
+    def cid_of(request: web.Request) -> bytes:
+        return node.engine_for(request.match_info["cid"]).cid
+
+    @routes.get("/v1/constellations/{cid}")
+    async def show_c(request: web.Request) -> web.Response:
+        return ok(node.engine_for(request.match_info["cid"]).summary())
+
+    @routes.get("/v1/constellations/{cid}/ledger")
+    async def ledger(request: web.Request) -> web.Response:
+        return ok(node.engine_for(request.match_info["cid"]).ledger_view())
+
+    @routes.post("/v1/constellations/{cid}/invites")
+    async def invite(request: web.Request) -> web.Response:
+        doc = await body(request)
+        return ok(await node.invite(cid_of(request), doc), 201)
+
+    @routes.post("/v1/constellations/{cid}/records")
+    async def submit(request: web.Request) -> web.Response:
+        doc = await body(request)
+        rtype, rbody = doc.get("type"), doc.get("body")
+        if not isinstance(rtype, str):
+            raise LocalError("A record needs a type (the plugin name).")
+        return ok(await node.submit_json(cid_of(request), rtype, rbody), 202)
+
+    @routes.get("/v1/constellations/{cid}/records/{rid}")
+    async def get_record(request: web.Request) -> web.Response:
+        return ok(node.engine_for(request.match_info["cid"]).record_view(request.match_info["rid"]))
+
+    @routes.get("/v1/openapi.json")
+    async def openapi(request: web.Request) -> web.Response:
+        return ok(json.loads((Path(__file__).parent / "openapi.json").read_text()))
+
+    app.add_routes(routes)
+    for name, plugin_routes in node.plugin_routes().items():
+        sub = web.Application()
+        sub.add_routes(plugin_routes)
+        sub["node"] = node
+        app.add_subapp(f"/plugins/{name}/", sub)
+    return app

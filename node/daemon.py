@@ -1,0 +1,640 @@
+"""The valuemesh daemon: one process that runs every constellation's engine
+and wires the store, the encrypted peer transport, gossip and catch-up,
+discovery (bootstrap, invite addresses, peer exchange, mDNS) and the local API.
+
+Gossip is push-first: a node's new blocks go to every connected member at once;
+on connect, peers exchange per-author heads and stream each other's gaps in
+batches; missing parents are fetched by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points, version
+from typing import Any
+
+from aiohttp import web
+from valuemesh.node.api import NotFound, make_app
+from valuemesh.node.engine import Effects, Engine
+from valuemesh.node.home import Home
+from valuemesh.node.jsonbody import body_from_json
+from valuemesh.node.store import Store
+from valuemesh.node.transport import PeerLink, Transport
+from valuemesh.protocol import messages as m
+from valuemesh.protocol.builtin.membership import make_genesis
+from valuemesh.protocol.errors import LocalError, PluginError, RemoteError, ValuemeshError
+from valuemesh.protocol.identity import Identity, MemberId
+from valuemesh.protocol.invite import Invite, decode_invite, parse_token
+from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
+from valuemesh.protocol.records import (
+    EquivocationProof,
+    Record,
+    constellation_text,
+    decode_block,
+    decode_record,
+    parse_constellation,
+)
+
+log = logging.getLogger("valuemesh.daemon")
+TICK_S = 0.02
+DIAL_INTERVAL_S = 1.0
+JOIN_TIMEOUT_S = 15.0
+SYNC_BATCH = 128
+MAX_DIAL_ADDRS = 64
+PENALTY_INVALID = 20
+
+
+def installed_registry() -> Registry:
+    """Every plugin installed in this Python environment (entry-point group)."""
+    return load_entry_points(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    t = text.strip()
+    if t.startswith("["):
+        host, _, rest = t[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_s = t.rpartition(":")
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise LocalError(f"'{text}' is not an address; use HOST:PORT, like 127.0.0.1:7470.")
+    return host or default_host, int(port_s)
+
+
+@dataclass
+class KnownAddr:
+    member: MemberId | None
+    host: str
+    port: int
+    via: str
+    failures: int = 0
+    next_try: float = 0.0
+
+
+class Node:
+    def __init__(
+        self,
+        home: Home,
+        identity: Identity,
+        *,
+        listen: str,
+        api: str,
+        network: str,
+        bootstrap: Sequence[str] = (),
+        mdns: bool = False,
+        mdns_interfaces: Sequence[str] = (),
+        registry: Registry | None = None,
+    ) -> None:
+        self.home = home
+        self.identity = identity
+        self.listen_host, self.listen_port = parse_hostport(listen)
+        self.api_host, self.api_port = parse_hostport(api, "127.0.0.1")
+        if self.api_host not in ("127.0.0.1", "::1", "localhost"):
+            raise LocalError("The local API must listen on loopback (127.0.0.1 or ::1).")
+        self.network = network
+        self.network_id = network.encode()
+        self.registry = registry if registry is not None else installed_registry()
+        self.engines: dict[bytes, Engine] = {}
+        self.links: dict[MemberId, PeerLink] = {}
+        self.peer_constellations: dict[MemberId, set[bytes]] = {}
+        self.addrs: dict[tuple[str, int], KnownAddr] = {}
+        for b in bootstrap:
+            h, p = parse_hostport(b)
+            self.addrs[(h, p)] = KnownAddr(None, h, p, "bootstrap")
+        self.mdns = mdns
+        self.mdns_interfaces = list(mdns_interfaces)
+        self.store: Store | None = None
+        self.transport: Transport | None = None
+        self.discovery: Any = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
+        self._stopping = asyncio.Event()
+        self.started_at = time.time()
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self.store = await Store.open(self.home.db_file)
+        for info in await self.store.constellations():
+            try:
+                genesis = decode_record(info.genesis)
+                eng = Engine(self.store, self.registry, self.identity, genesis)
+                await eng.load()
+            except (PluginError, LocalError) as exc:
+                log.error("cannot follow constellation %s: %s", constellation_text(info.id), exc.message)
+                continue
+            self.engines[eng.cid] = eng
+        for p in await self.store.peers():
+            self.addrs.setdefault((p.host, p.port), KnownAddr(p.member, p.host, p.port, p.source))
+        self.transport = Transport(self.identity, self.network_id, self)
+        self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
+        token = self.home.new_api_token()
+        self._runner = web.AppRunner(make_app(self, token), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.api_host, self.api_port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.api_port = server.sockets[0].getsockname()[1]
+        self.home.write_api_address(self.api_host, self.api_port, os.getpid())
+        if self.mdns:
+            await self._start_mdns()
+        self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._dial_loop())]
+        log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
+                 self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))
+
+    async def _start_mdns(self) -> None:
+        from valuemesh.node.discovery import Discovery
+        self.discovery = Discovery(
+            member=self.identity.member, network_id=self.network_id, port=self.listen_port,
+            interfaces=self.mdns_interfaces or None, on_found=self._on_mdns_found,
+        )
+        await self.discovery.start()
+
+    def _on_mdns_found(self, found: Any) -> None:
+        if found.member != self.identity.member:
+            self.addrs.setdefault((found.host, found.port), KnownAddr(found.member, found.host, found.port, "mdns"))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.discovery is not None:
+            with contextlib.suppress(Exception):
+                await self.discovery.stop()
+        if self.transport is not None:
+            await self.transport.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.home.clear_api_address()
+        if self.store is not None:
+            await self.store.close()
+        log.info("stopped")
+
+    # -- loops -----------------------------------------------------------------
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = now_ms()
+            for eng in list(self.engines.values()):
+                try:
+                    await self._effects(eng, await eng.tick(now))
+                except ValuemeshError as exc:
+                    log.warning("tick failed for %s: %s", eng.text_id, exc.message)
+
+    async def _dial_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DIAL_INTERVAL_S if self.links or not self.addrs else 0.2)
+            now = time.monotonic()
+            for a in list(self.addrs.values())[:MAX_DIAL_ADDRS]:
+                if a.member is not None and (a.member in self.links or a.member == self.identity.member):
+                    continue
+                if a.next_try > now:
+                    continue
+                await self._dial(a)
+
+    async def _dial(self, a: KnownAddr) -> PeerLink | None:
+        assert self.transport is not None
+        try:
+            link = await self.transport.connect(a.host, a.port)
+        except (TimeoutError, ValuemeshError, OSError) as exc:
+            a.failures += 1
+            a.next_try = time.monotonic() + min(60.0, 0.5 * 2 ** min(a.failures, 7))
+            log.debug("dial %s:%d failed: %s", a.host, a.port, exc)
+            return None
+        a.failures, a.member = 0, link.remote
+        return link
+
+    # -- transport handler ---------------------------------------------------------
+    def authorize(self, remote: MemberId, inbound: bool) -> bool:
+        # Anyone on our network may connect (an invitee must reach us to join);
+        # constellation data is only ever sent to its members (see may_receive).
+        return remote != self.identity.member
+
+    async def on_connect(self, link: PeerLink) -> None:
+        self.links[link.remote] = link
+        await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
+        known = [[a.member.key, a.host, a.port] for a in self.addrs.values()
+                 if a.member is not None and a.member != link.remote and a.port > 0][: m.MAX_PEERS_PER_EXCHANGE]
+        if known:
+            await self._send(link, m.PeerExchange(known))
+
+    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
+        if self.links.get(link.remote) is link:
+            del self.links[link.remote]
+            self.peer_constellations.pop(link.remote, None)
+
+    async def on_message(self, link: PeerLink, payload: bytes) -> None:
+        try:
+            msg = m.decode_message(payload)
+            await self._dispatch(link, msg)
+        except RemoteError as exc:
+            log.info("bad data from %s: %s", link.remote.short, exc.message)
+            link.penalize(PENALTY_INVALID, exc.message)
+
+    async def _send(self, link: PeerLink, msg: m.Message) -> None:
+        with contextlib.suppress(ValuemeshError, ConnectionError, asyncio.TimeoutError):
+            await link.send(m.encode_message(msg))
+
+    async def _dispatch(self, link: PeerLink, msg: m.Message) -> None:
+        if isinstance(msg, m.Hello):
+            self.peer_constellations[link.remote] = set(msg.constellations)
+            host = link.addr[0]
+            if msg.listen_port:
+                a = self.addrs.setdefault((host, msg.listen_port),
+                                          KnownAddr(link.remote, host, msg.listen_port, "inbound"))
+                a.member = link.remote
+            for cid in msg.constellations:
+                eng = self.engines.get(cid)
+                if eng is not None and eng.may_receive(link.remote):
+                    await self._send_heads(link, eng)
+        elif isinstance(msg, m.Heads):
+            eng = self._engine_for_peer(link, msg.c)
+            await self._stream_gap(link, eng, msg.heads)
+        elif isinstance(msg, m.Blocks):
+            eng = self._engine_for_peer(link, msg.c)
+            await self._receive_blocks(link, eng, msg.blocks, msg.left)
+        elif isinstance(msg, m.GetBlocks):
+            eng = self._engine_for_peer(link, msg.c)
+            assert self.store is not None
+            found = await self.store.get_blocks(msg.ids)
+            raws = [b.raw for b in found.values() if b.constellation == eng.cid]
+            for i in range(0, len(raws), SYNC_BATCH):
+                await self._send(link, m.Blocks(eng.cid, raws[i:i + SYNC_BATCH], 0))
+        elif isinstance(msg, m.SubmitRecords):
+            eng = self._engine_for_peer(link, msg.c)
+            recs = [decode_record(r) for r in msg.records]
+            good = []
+            for r in recs:
+                try:
+                    eng.precheck(r)
+                    good.append(r)
+                except ValuemeshError as exc:
+                    await self._send(link, m.Refuse(exc.message[:500]))
+            if good:
+                await self._effects(eng, await eng.submit(good, now_ms()))
+        elif isinstance(msg, m.JoinRequest):
+            await self._on_join_request(link, msg)
+        elif isinstance(msg, m.JoinReply):
+            fut = self._join_waiters.get(msg.c)
+            if fut is not None and not fut.done():
+                genesis = decode_record(msg.genesis)
+                if genesis.constellation != msg.c or genesis.seq != 0 or genesis.type != "membership":
+                    raise RemoteError("The peer sent a genesis of another constellation.")
+                fut.set_result(genesis)
+        elif isinstance(msg, m.Refuse):
+            log.info("peer %s refused: %s", link.remote.short, msg.reason)
+            for fut in self._join_waiters.values():
+                if not fut.done():
+                    fut.set_exception(LocalError(f"The member refused the join: {msg.reason}"))
+        elif isinstance(msg, m.Proof):
+            eng = self._engine_for_peer(link, msg.c)
+            proof = EquivocationProof.decode(msg.proof)
+            assert self.store is not None
+            async with self.store.batch() as tx:
+                tx.put_equivocation(proof, now_ms())
+            log.warning("equivocation by %s in %s", proof.author, eng.text_id)
+        elif isinstance(msg, m.PeerExchange):
+            for key, host, port in msg.peers:
+                mid = MemberId(key)
+                if mid != self.identity.member and mid not in self.links and len(self.addrs) < 1024:
+                    self.addrs.setdefault((host, port), KnownAddr(mid, host, port, "exchange"))
+
+    def _engine_for_peer(self, link: PeerLink, cid: bytes) -> Engine:
+        eng = self.engines.get(cid)
+        if eng is None or not eng.may_receive(link.remote):
+            raise RemoteError("The peer sent data for a constellation it does not share with us.")
+        return eng
+
+    async def _send_heads(self, link: PeerLink, eng: Engine) -> None:
+        assert self.store is not None
+        heads = await self.store.heads(eng.cid)
+        await self._send(link, m.Heads(eng.cid, {k.key: v for k, v in heads.items()}))
+
+    async def _stream_gap(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
+        """Send every block the peer lacks, oldest rounds first, in batches."""
+        assert self.store is not None
+        mine = await self.store.heads(eng.cid)
+        lag = [(mid, their.get(mid.key, -1)) for mid, r in mine.items() if r > their.get(mid.key, -1)]
+        if not lag:
+            return
+        start = min(r for _, r in lag) + 1
+        total = sum(mine[mid] - r for mid, r in lag)
+        sent = 0
+        frm = start
+        while True:
+            blocks = await self.store.blocks(eng.cid, from_round=frm, limit=SYNC_BATCH * 4)
+            if not blocks:
+                break
+            wanted = [b for b in blocks if b.round > their.get(b.author.key, -1)]
+            for i in range(0, len(wanted), SYNC_BATCH):
+                chunk = wanted[i:i + SYNC_BATCH]
+                sent += len(chunk)
+                await self._send(link, m.Blocks(eng.cid, [b.raw for b in chunk], max(0, total - sent)))
+            last_round = blocks[-1].round
+            if len(blocks) < SYNC_BATCH * 4:
+                break
+            # Blocks are ordered by round; continue after the last full round.
+            frm = last_round if blocks[0].round != last_round else last_round + 1
+
+    async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
+        blocks = []
+        for raw in raws:
+            b = decode_block(raw)
+            if b.constellation != eng.cid:
+                raise RemoteError("A block in the batch belongs to another constellation.")
+            blocks.append(b)
+        eff, errors = await eng.add_blocks(blocks, now_ms())
+        eng.catchup["blocks_left"] = left
+        for e in errors[:3]:
+            log.info("rejected block from %s: %s", link.remote.short, e)
+        if errors:
+            link.penalize(PENALTY_INVALID * len(errors), errors[0])
+        await self._effects(eng, eff, source=link)
+
+    async def _effects(self, eng: Engine, eff: Effects, source: PeerLink | None = None) -> None:
+        if eff.blocks:
+            for b in eff.blocks:
+                payload = m.Blocks(eng.cid, [b.raw], 0)
+                await self._broadcast(eng, payload)
+        if eff.missing:
+            ask = m.GetBlocks(eng.cid, eff.missing[: m.MAX_IDS])
+            targets = [source] if source is not None else [lk for k, lk in self.links.items() if eng.may_receive(k)]
+            for link in targets:
+                await self._send(link, ask)
+        for p in eff.proofs:
+            await self._broadcast(eng, m.Proof(eng.cid, p.encode()))
+
+    async def _broadcast(self, eng: Engine, msg: m.Message) -> None:
+        payload = m.encode_message(msg)
+        for key, link in list(self.links.items()):
+            if eng.may_receive(key):
+                with contextlib.suppress(ValuemeshError, ConnectionError, asyncio.TimeoutError):
+                    await link.send(payload)
+
+    # -- joining -------------------------------------------------------------------
+    async def _on_join_request(self, link: PeerLink, msg: m.JoinRequest) -> None:
+        inv = decode_invite(msg.token)
+        eng = self.engines.get(inv.constellation)
+        if eng is None:
+            await self._send(link, m.Refuse("This node does not follow that constellation."))
+            return
+        record = decode_record(msg.record)
+        reason = None
+        if record.author != link.remote:
+            reason = "The join record is not signed by the connecting member."
+        elif record.type != "membership" or record.body.get("op") != "join" or record.body.get("token") != msg.token:
+            reason = "The join record does not carry this invite."
+        else:
+            try:
+                eng.precheck(record)
+            except ValuemeshError as exc:
+                reason = exc.message
+        if reason is not None:
+            await self._send(link, m.Refuse(reason))
+            return
+        eng.applicants.add(link.remote.key)
+        await self._send(link, m.JoinReply(eng.cid, eng.genesis.raw))
+        if eng.is_core():
+            await self._effects(eng, await eng.submit([record], now_ms()))
+        else:
+            core = [lk for k, lk in self.links.items() if k in eng.committee and k != link.remote]
+            for c in core:
+                await self._send(c, m.SubmitRecords(eng.cid, [record.raw]))
+
+    async def join(self, token: str) -> dict[str, Any]:
+        inv = parse_token(token)
+        if inv.constellation in self.engines:
+            raise LocalError(f"This node already follows {constellation_text(inv.constellation)}.")
+        if now_ms() > inv.expires:
+            raise LocalError("The invite token has expired; ask for a new one.")
+        assert self.store is not None
+        seq = await self.store.reserve_seq(inv.constellation, self.identity.member)
+        body: dict[str, Any] = {"op": "join", "token": inv.raw()}
+        name = str(self.home.config().get("name", ""))
+        if name:
+            body["name"] = name[:64]
+        record = Record.create(self.identity, type="membership", v=1, constellation=inv.constellation,
+                               seq=seq, body=body, created=now_ms())
+        fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._join_waiters[inv.constellation] = fut
+        try:
+            genesis = await self._contact_inviters(inv, record, fut)
+        finally:
+            self._join_waiters.pop(inv.constellation, None)
+        eng = Engine(self.store, self.registry, self.identity, genesis)
+        eng.pending[record.id] = record
+        async with self.store.batch() as tx:
+            tx.put_constellation(eng.info())
+            tx.put_records([record], now_ms())
+            tx.add_pending(eng.cid, [record.id], now_ms())
+        self.engines[eng.cid] = eng
+        for key, link in list(self.links.items()):
+            await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
+            if eng.may_receive(key) or key == inv.inviter:
+                await self._send_heads(link, eng)
+        return {"id": eng.text_id, "name": eng.name, "record": record.id.hex(), "status": "pending"}
+
+    async def _contact_inviters(self, inv: Invite, record: Record, fut: asyncio.Future[Record]) -> Record:
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        tried: list[str] = []
+        for host, port in inv.addrs:
+            link = self.links.get(inv.inviter)
+            if link is None or link.closed:
+                a = self.addrs.setdefault((host, port), KnownAddr(None, host, port, "invite"))
+                link = await self._dial(a)
+            if link is None:
+                tried.append(f"{host}:{port}")
+                continue
+            await self._send(link, m.JoinRequest(inv.raw(), record.raw))
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                tried.append(f"{host}:{port}")
+        if fut.done():
+            return fut.result()
+        raise LocalError(f"No member could be reached to join (tried {', '.join(tried) or 'no address'}).")
+
+    # -- API services --------------------------------------------------------------
+    def engine_for(self, text: str) -> Engine:
+        try:
+            cid = parse_constellation(text)
+        except LocalError:
+            raise
+        eng = self.engines.get(cid)
+        if eng is None:
+            raise NotFound(f"This node does not follow constellation {text}.")
+        return eng
+
+    def addresses(self) -> list[str]:
+        host = self.listen_host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return [f"{host}:{self.listen_port}"]
+
+    def id_info(self) -> dict[str, Any]:
+        return {"member": str(self.identity.member), "running": True, "addresses": self.addresses(),
+                "version": version("valuemesh"), "network": self.network,
+                "plugins": {n: str(p.version) for n, p in self.registry.plugins.items()}}
+
+    def peer_list(self) -> list[dict[str, Any]]:
+        via = {a.member: a.via for a in self.addrs.values() if a.member is not None}
+        return [{"member": str(k), "address": f"{lk.addr[0]}:{lk.addr[1]}", "via": via.get(k, "inbound"),
+                 "state": "connected", "constellations": [constellation_text(c) for c in
+                                                         sorted(self.peer_constellations.get(k, ()))]}
+                for k, lk in sorted(self.links.items())]
+
+    def status(self) -> dict[str, Any]:
+        cons = [e.summary() for e in self.engines.values()]
+        health = "ok"
+        if any(c["pending"] and c["core"] > 1 and not self.links for c in cons):
+            health = "degraded: no peers connected, records cannot become final"
+        return {"health": health, "member": str(self.identity.member), "listen": self.addresses()[0],
+                "uptime_s": int(time.time() - self.started_at), "peers": self.peer_list(), "constellations": cons}
+
+    def constellation_list(self) -> list[dict[str, Any]]:
+        return [{k: s[k] for k in ("id", "name", "members", "status", "my_tier", "guarantee")}
+                for s in (e.summary() for e in self.engines.values())]
+
+    async def add_peer(self, address: str) -> dict[str, Any]:
+        host, port = parse_hostport(address, "127.0.0.1")
+        a = self.addrs.setdefault((host, port), KnownAddr(None, host, port, "manual"))
+        a.next_try = 0.0
+        return {"address": f"{host}:{port}"}
+
+    async def create_constellation(self, name: str, purpose: str) -> dict[str, Any]:
+        if len(name) > 128 or len(purpose) > 1000:
+            raise LocalError("The name must be at most 128 characters and the purpose at most 1000.")
+        assert self.store is not None
+        plugins = {n: str(p.version) for n, p in self.registry.plugins.items()}
+        genesis = make_genesis(self.identity, name=name, purpose=purpose, nonce=secrets.token_bytes(16),
+                               created=now_ms(), plugins=plugins)
+        await self.store.reserve_seq(genesis.constellation, self.identity.member)
+        eng = Engine(self.store, self.registry, self.identity, genesis)
+        async with self.store.batch() as tx:
+            tx.put_constellation(eng.info())
+            tx.put_records([genesis], now_ms())
+        self.engines[eng.cid] = eng
+        return eng.summary()
+
+    async def invite(self, cid: bytes, doc: dict[str, Any]) -> dict[str, Any]:
+        eng = self.engines[cid]
+        roles, tier = doc.get("roles", []), doc.get("tier", "contributor")
+        uses, ttl = doc.get("uses", 1), doc.get("ttl_s", 7 * 86400)
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise LocalError("Roles must be a list of role names.")
+        if not isinstance(uses, int) or not isinstance(ttl, int) or not 60 <= ttl <= 365 * 86400:
+            raise LocalError("The time to live must be between 1 minute and 1 year.")
+        if eng.my_tier() != "core":
+            raise LocalError("Only core members can invite.")
+        inv = Invite.create(self.identity, constellation=cid, name=eng.name, tier=str(tier), roles=tuple(roles),
+                            uses=uses, expires=now_ms() + ttl * 1000, addrs=self._invite_addrs(eng),
+                            nonce=secrets.token_bytes(16))
+        return {"token": inv.text(), "expires": inv.expires, "tier": inv.tier, "roles": list(inv.roles),
+                "uses": inv.uses}
+
+    def _invite_addrs(self, eng: Engine) -> tuple[tuple[str, int], ...]:
+        out = [parse_hostport(a) for a in self.addresses()]
+        for a in self.addrs.values():
+            if a.member is not None and a.member in self.links and eng.may_receive(a.member) and a.port > 0:
+                out.append((a.host, a.port))
+        return tuple(dict.fromkeys(out))[:8]
+
+    async def submit_json(self, cid: bytes, rtype: str, body: Any) -> dict[str, Any]:
+        eng = self.engines[cid]
+        plugin = self.registry.plugins.get(rtype)
+        if plugin is None or rtype not in eng.ledger.reader.read("membership", "meta")["plugins"]:
+            raise LocalError(f"This constellation does not use record type '{rtype}'.")
+        cbody = body_from_json(plugin, body)
+        return await self.submit(eng, rtype, cbody)
+
+    async def submit(self, eng: Engine, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        plugin = self.registry.get(rtype)
+        probe = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                              seq=0, body=body, created=now_ms())
+        try:
+            eng.precheck(probe)
+        except ValuemeshError as exc:
+            raise LocalError(exc.message) from None
+        seq = await self.store.reserve_seq(eng.cid, self.identity.member)
+        seq = max(seq, eng.ledger.next_seq(self.identity.member))
+        rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                            seq=seq, body=body, created=now_ms())
+        eff = await eng.submit([rec], now_ms())
+        await self._effects(eng, eff)
+        if not eng.is_core():
+            for key, link in list(self.links.items()):
+                if key in eng.committee:
+                    await self._send(link, m.SubmitRecords(eng.cid, [rec.raw]))
+        return {"id": rec.id.hex(), "seq": rec.seq, "status": "pending"}
+
+    def plugin_routes(self) -> dict[str, list[Any]]:
+        out = {}
+        for name, p in self.registry.plugins.items():
+            try:
+                routes = p.api_routes()
+            except Exception as exc:  # a plugin bug must not stop the daemon
+                log.error("plugin %s failed to give API routes: %s", name, exc)
+                continue
+            if routes:
+                out[name] = routes
+        return out
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"t": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        for k in ("c", "epoch", "start_round"):
+            if hasattr(record, k):
+                doc[k] = getattr(record, k)
+        return json.dumps(doc)
+
+
+def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: list[str], mdns: bool,
+               mdns_interfaces: list[str], network: str | None) -> None:
+    """Run a node in the foreground until SIGINT or SIGTERM."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=os.environ.get("VALUEMESH_LOG", "INFO").upper(), handlers=[handler])
+    identity = home.load_identity()
+    cfg = home.config()
+    node = Node(home, identity, listen=listen or cfg.get("listen", "0.0.0.0:7470"),
+                api=api or cfg.get("api", "127.0.0.1:7471"), network=network or cfg.get("network", "valuemesh-main"),
+                bootstrap=bootstrap or cfg.get("bootstrap", []), mdns=mdns, mdns_interfaces=mdns_interfaces)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await node.start()
+        print(json.dumps({"ready": True, "member": str(identity.member), "listen": node.addresses()[0],
+                          "api": f"{node.api_host}:{node.api_port}"}), flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await node.stop()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise LocalError(f"The daemon could not start: {exc.strerror or exc}.") from None

@@ -1,0 +1,334 @@
+"""One constellation inside a node: its consensus machine, its ledger, its
+pending records, and the glue that turns consensus output into stored,
+broadcast and applied effects.
+
+The engine never touches sockets; it returns what to send (`Effects`) and the
+node's gossip layer sends it. Everything it applies comes from committed
+blocks, in commit order, so a restart replays exactly the same ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from valuemesh.node.jsonbody import body_to_json
+from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
+from valuemesh.protocol.consensus import Committee, Consensus, Output
+from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
+from valuemesh.protocol.identity import Identity, MemberId
+from valuemesh.protocol.ledger import Ledger, Outcome
+from valuemesh.protocol.plugins import Registry, Version
+from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
+
+log = logging.getLogger("valuemesh.engine")
+EPOCH_DELAY_ROUNDS = 10
+MAX_PENDING = 10_000
+FINAL_VIEW_LIMIT = 100_000
+
+GUARANTEE_TEXT = {
+    "single-node": "1 core member: it finalises alone, and if this node is lost nothing else holds the data; "
+                   "add a core member.",
+    "no-fault-tolerance": "2 core members: both must be online to finalise, so losing either stops agreement; "
+                          "add a third core member (or a witness seat).",
+}
+
+
+def guarantee_text(committee: Committee) -> str:
+    g = committee.guarantee
+    if g in GUARANTEE_TEXT:
+        return GUARANTEE_TEXT[g]
+    n = len(committee.members)
+    if g.startswith("crash-tolerant"):
+        crash = committee.total - committee.quorum
+        return (f"{n} core members: survives {crash} member(s) going offline but cannot tolerate a dishonest "
+                f"member; add core members until there are 4 to tolerate one.")
+    return f"{n} core members: survives {committee.f} member(s) offline or dishonest."
+
+
+@dataclass
+class Effects:
+    """What the node must do after an engine step: send blocks, ask for ids, gossip proofs."""
+
+    blocks: list[Block] = field(default_factory=list)
+    missing: list[bytes] = field(default_factory=list)
+    proofs: list[EquivocationProof] = field(default_factory=list)
+    committed: int = 0
+
+
+class Engine:
+    def __init__(self, store: Store, registry: Registry, identity: Identity, genesis: Record) -> None:
+        self.store = store
+        self.registry = registry
+        self.identity = identity
+        self.genesis = genesis
+        self.cid = genesis.constellation
+        self.ledger = Ledger(registry, self.cid)
+        first = self.ledger.apply(genesis, genesis.created)
+        if not first[0].applied:
+            raise ValidationError(f"The genesis record is invalid: {first[0].reason}")
+        plugins = self.ledger.reader.read("membership", "meta")["plugins"]
+        self.registry.require({name: Version.parse(v) for name, v in plugins.items()})
+        self.committee = Committee(0, self.ledger.committee(), 0)
+        self._committee_version = self.ledger.committee_version
+        self.consensus = Consensus(self.cid, self.committee, identity)
+        self.final: list[dict[str, Any]] = []
+        self.commit_index = 0
+        self.clock = genesis.created
+        self.pending: dict[bytes, Record] = {}
+        self.applicants: set[bytes] = set()
+        self.recent_commit_latency_ms: deque[int] = deque(maxlen=1000)
+        self.catchup: dict[str, int] = {"blocks_done": 0, "blocks_left": 0}
+        self._replaying: list[Committee] | None = None
+        self._scheduled: list[Output] = []
+        self._note(first[0])
+
+    @property
+    def text_id(self) -> str:
+        return constellation_text(self.cid)
+
+    @property
+    def name(self) -> str:
+        meta = self.ledger.reader.read("membership", "meta")
+        return str(meta["name"]) if meta else ""
+
+    def may_receive(self, member: MemberId) -> bool:
+        """Whether a peer may receive this constellation's data."""
+        m = self.ledger.reader.member(member.key)
+        return (m is not None and m.get("status") in ("active", "applicant")) or member.key in self.applicants
+
+    def my_tier(self) -> str:
+        m = self.ledger.reader.member(self.identity.member.key)
+        return str(m["tier"]) if m else "applicant"
+
+    def is_core(self) -> bool:
+        return self.identity.member in self.consensus_committee()
+
+    def consensus_committee(self) -> Committee:
+        return self.committee
+
+    # -- loading -------------------------------------------------------------
+    async def load(self) -> Effects:
+        """Rebuild ledger and consensus from the store after a (re)start."""
+        blocks = {b.id: b async for b in self.store.iter_blocks(self.cid)}
+        committed: list[bytes] = []
+        self._replaying: list[Committee] = []
+        async for entry in self.store.iter_commits(self.cid):
+            block = blocks.get(entry.block_id)
+            if block is None:
+                raise LocalError("The database lost a committed block; restore it from a backup or a peer.")
+            self._apply_block(block, entry.anchor_round)
+            committed.append(block.id)
+        committees, self._replaying = self._replaying, []
+        now = self.clock
+        out = self.consensus.restore(list(blocks.values()), committed, committees)
+        for rec in await self.store.pending(self.cid):
+            if rec.id not in self._final_ids:
+                self.pending[rec.id] = rec
+        eff = await self._handle(out, now)
+        if self.pending and self.is_core():
+            self._merge(eff, await self._handle(self.consensus.propose(list(self.pending.values()), now), now))
+        return eff
+
+    @property
+    def _final_ids(self) -> set[bytes]:
+        return {bytes.fromhex(r["id"]) for r in self.final}
+
+    # -- steps ---------------------------------------------------------------
+    def precheck(self, record: Record) -> None:
+        """Refuse a record that cannot apply to the final state (seq aside)."""
+        if len(self.pending) >= MAX_PENDING:
+            raise LocalError("Too many records are waiting to become final; try again shortly.")
+        if record.constellation != self.cid:
+            raise ValidationError("The record is for another constellation.")
+        self.ledger.precheck(record, self.clock)
+
+    async def submit(self, records: Sequence[Record], now: int) -> Effects:
+        """Store records durably as pending, then propose them if we are core."""
+        fresh = [r for r in records if r.id not in self.pending]
+        if fresh:
+            async with self.store.batch() as tx:
+                tx.put_records(fresh, now)
+                tx.add_pending(self.cid, [r.id for r in fresh], now)
+            for r in fresh:
+                self.pending[r.id] = r
+        if not self.is_core() or not fresh:
+            return Effects()
+        return await self._handle(self.consensus.propose(fresh, now), now)
+
+    async def add_blocks(self, blocks: Sequence[Block], now: int) -> tuple[Effects, list[str]]:
+        """Feed verified blocks; return effects and the reasons of rejected ones."""
+        errors: list[str] = []
+        accepted: list[Block] = []
+        total = Effects()
+        for b in blocks:
+            try:
+                out = self.consensus.add_block(b, now)
+            except ValuemeshError as exc:
+                errors.append(exc.message)
+                continue
+            accepted.append(b)
+            if accepted and (out.blocks or out.committed or out.proofs):
+                await self._persist_received(accepted, now)
+                accepted = []
+            self._merge(total, await self._handle(out, now))
+        if accepted:
+            await self._persist_received(accepted, now)
+        return total, errors
+
+    async def _persist_received(self, blocks: list[Block], now: int) -> None:
+        async with self.store.batch(durable=False) as tx:
+            tx.put_blocks(blocks, now)
+            tx.put_records([r for b in blocks for r in b.records], now)
+        self.catchup["blocks_done"] += len(blocks)
+
+    async def tick(self, now: int) -> Effects:
+        return await self._handle(self.consensus.tick(now), now)
+
+    @staticmethod
+    def _merge(into: Effects, more: Effects) -> None:
+        into.blocks += more.blocks
+        into.missing += more.missing
+        into.proofs += more.proofs
+        into.committed += more.committed
+
+    async def _handle(self, out: Output, now: int) -> Effects:
+        eff = Effects(list(out.blocks), list(out.missing), list(out.proofs))
+        if not (out.blocks or out.committed or out.proofs):
+            return eff
+        entries: list[CommitEntry] = []
+        finished: list[bytes] = []
+        for c in out.committed:
+            self._apply_block(c.block, c.anchor_round)
+            entries.append(CommitEntry(self.commit_index - 1, c.block.id, c.anchor_round))
+            for r in c.block.records:
+                if r.id in self.pending:
+                    del self.pending[r.id]
+                    finished.append(r.id)
+                    self.recent_commit_latency_ms.append(max(0, now - r.created))
+        # Own blocks are durable before anyone sees them: after a crash we must
+        # never sign a different block for a round we already signed.
+        async with self.store.batch() as tx:
+            if out.blocks:
+                tx.put_blocks(list(out.blocks), now)
+                tx.put_records([r for b in out.blocks for r in b.records], now)
+            if entries:
+                tx.append_commits(self.cid, entries)
+            if finished:
+                tx.remove_pending(self.cid, finished)
+            for p in out.proofs:
+                tx.put_equivocation(p, now)
+        eff.committed = len(entries)
+        while self._scheduled:
+            self._merge(eff, await self._handle(self._scheduled.pop(0), now))
+        return eff
+
+    def _apply_block(self, block: Block, anchor_round: int) -> None:
+        self.clock = max(self.clock, block.created)
+        for rec in block.records:
+            for o in self.ledger.apply(rec, self.clock):
+                self._note(o)
+        self.commit_index += 1
+        if self.ledger.committee_version != self._committee_version:
+            self._committee_version = self.ledger.committee_version
+            members = self.ledger.committee()
+            if members and members != self.committee.members:
+                nxt = Committee(self.committee.epoch + 1, members, anchor_round + EPOCH_DELAY_ROUNDS)
+                if self._replaying is not None:
+                    self._replaying.append(nxt)
+                else:
+                    self._scheduled.append(self.consensus.schedule_committee(nxt))
+                self.committee = nxt
+                log.info("committee change scheduled", extra={"c": self.text_id, "epoch": nxt.epoch,
+                                                              "start_round": nxt.start_round})
+
+    def _note(self, o: Outcome) -> None:
+        if o.status in ("duplicate", "deferred"):
+            return
+        r = o.record
+        entry = {
+            "index": len(self.final),
+            "id": r.id.hex(),
+            "type": r.type,
+            "author": str(r.author),
+            "seq": r.seq,
+            "body": body_to_json(self.registry.plugins.get(r.type), r.body),
+            "created": r.created,
+            "status": o.status,
+        }
+        if o.reason:
+            entry["reason"] = o.reason
+        if len(self.final) < FINAL_VIEW_LIMIT:
+            self.final.append(entry)
+
+    # -- views ---------------------------------------------------------------
+    def ledger_view(self) -> dict[str, Any]:
+        return {
+            "constellation": self.text_id,
+            "name": self.name,
+            "final": self.final,
+            "pending": [
+                {"id": r.id.hex(), "type": r.type, "author": str(r.author), "seq": r.seq,
+                 "body": body_to_json(self.registry.plugins.get(r.type), r.body), "created": r.created}
+                for r in sorted(self.pending.values(), key=lambda r: (r.author.key, r.seq))
+            ],
+            "state_hash": self.ledger.state_hash().hex(),
+        }
+
+    def members(self) -> list[dict[str, Any]]:
+        out = []
+        for key, m in self.ledger.reader.scan("membership", "m/"):
+            out.append({"member": str(MemberId(bytes.fromhex(key[2:]))), "name": m.get("name", ""),
+                        "roles": m.get("roles", []), "tier": m.get("tier"), "status": m.get("status"),
+                        "weight": m.get("weight", 1)})
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        meta = self.ledger.reader.read("membership", "meta") or {}
+        members = self.members()
+        active = [m for m in members if m["status"] == "active"]
+        lat = sorted(self.recent_commit_latency_ms)
+        return {
+            "id": self.text_id,
+            "name": meta.get("name", ""),
+            "purpose": meta.get("purpose", ""),
+            "status": "dissolved" if self.ledger.dissolved else "active",
+            "plugins": meta.get("plugins", {}),
+            "member_list": members,
+            "members": len(active),
+            "core": sum(1 for m in active if m["tier"] == "core"),
+            "my_tier": self.my_tier(),
+            "final": len(self.final),
+            "pending": len(self.pending),
+            "round": self.consensus.round,
+            "epoch": self.committee.epoch,
+            "guarantee": self.committee.guarantee,
+            "guarantee_text": guarantee_text(self.committee),
+            "state_hash": self.ledger.state_hash().hex(),
+            "catchup": dict(self.catchup),
+            "finality_ms_p50": lat[len(lat) // 2] if lat else None,
+        }
+
+    def record_view(self, rid: str) -> dict[str, Any]:
+        for r in self.final:
+            if r["id"] == rid:
+                return {**r, "final": True}
+        try:
+            key = bytes.fromhex(rid)
+        except ValueError:
+            raise LocalError(f"'{rid}' is not a record id (64 hex characters).") from None
+        if key in self.pending:
+            r = self.pending[key]
+            return {"id": rid, "type": r.type, "author": str(r.author), "seq": r.seq, "final": False,
+                    "body": body_to_json(self.registry.plugins.get(r.type), r.body)}
+        from valuemesh.node.api import NotFound
+        raise NotFound(f"No record {rid[:16]}… in this constellation.")
+
+    def info(self) -> ConstellationInfo:
+        meta = self.ledger.reader.read("membership", "meta") or {}
+        return ConstellationInfo(self.cid, self.genesis.raw, self.genesis.created, "active", self.my_tier(),
+                                 {k: Version.parse(v).major for k, v in meta.get("plugins", {}).items()},
+                                 meta.get("name", ""))

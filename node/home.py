@@ -1,0 +1,132 @@
+"""A node's home directory: where its key file, config, API token and
+database live, and how the CLI and the daemon agree on them.
+
+Resolution order: `--home`, then `$VALUEMESH_HOME`, then the XDG data
+directory (`$XDG_DATA_HOME/valuemesh`, default `~/.local/share/valuemesh`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from valuemesh.protocol.errors import KeyFileError, LocalError
+from valuemesh.protocol.identity import Identity, decode_keyfile, encode_keyfile, keyfile_is_sealed
+
+KEY_FILE = "identity.key"
+CONFIG_FILE = "config.json"
+TOKEN_FILE = "api.token"
+API_FILE = "api.json"
+DB_FILE = "node.db"
+DEFAULT_LISTEN = "0.0.0.0:7470"
+DEFAULT_API = "127.0.0.1:7471"
+DEFAULT_NETWORK = "valuemesh-main"
+
+
+def resolve_home(explicit: str | None = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("VALUEMESH_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "valuemesh"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file readable by its owner only, atomically (tmp + fsync + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Home:
+    path: Path
+
+    @property
+    def key_file(self) -> Path:
+        return self.path / KEY_FILE
+
+    @property
+    def db_file(self) -> Path:
+        return self.path / DB_FILE
+
+    @property
+    def initialised(self) -> bool:
+        return self.key_file.exists()
+
+    def init(self, name: str, passphrase: str | None = None) -> Identity:
+        if self.initialised:
+            raise LocalError(f"{self.path} already holds an identity; use another --home to make a new one.")
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ident = Identity.generate(secrets.token_bytes)
+        write_private(self.key_file, encode_keyfile(ident, passphrase, secrets.token_bytes))
+        self.save_config({"name": name, "network": DEFAULT_NETWORK, "listen": DEFAULT_LISTEN,
+                          "api": DEFAULT_API})
+        return ident
+
+    def load_identity(self, passphrase: str | None = None) -> Identity:
+        if not self.initialised:
+            raise LocalError(f"No identity in {self.path}; run 'valuemesh init' first.")
+        mode = self.key_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise KeyFileError(f"{self.key_file} is readable by others (mode {mode:o}); run chmod 600 on it.")
+        data = self.key_file.read_bytes()
+        if passphrase is None and keyfile_is_sealed(data):
+            passphrase = os.environ.get("VALUEMESH_PASSPHRASE")
+        return decode_keyfile(data, passphrase)
+
+    def config(self) -> dict[str, Any]:
+        p = self.path / CONFIG_FILE
+        if not p.exists():
+            return {"name": "", "network": DEFAULT_NETWORK, "listen": DEFAULT_LISTEN, "api": DEFAULT_API}
+        try:
+            cfg = json.loads(p.read_text())
+        except (OSError, ValueError):
+            raise LocalError(f"{p} is not valid JSON; fix or remove it.") from None
+        if not isinstance(cfg, dict):
+            raise LocalError(f"{p} must hold a JSON object.")
+        return cfg
+
+    def save_config(self, cfg: dict[str, Any]) -> None:
+        write_private(self.path / CONFIG_FILE, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+
+    def new_api_token(self) -> str:
+        token = secrets.token_urlsafe(32)
+        write_private(self.path / TOKEN_FILE, token.encode())
+        return token
+
+    def api_token(self) -> str:
+        try:
+            return (self.path / TOKEN_FILE).read_text().strip()
+        except OSError:
+            raise LocalError("The daemon is not running (no API token); start it with 'valuemesh daemon'.") from None
+
+    def write_api_address(self, host: str, port: int, pid: int) -> None:
+        write_private(self.path / API_FILE, json.dumps({"host": host, "port": port, "pid": pid}).encode())
+
+    def api_address(self) -> tuple[str, int]:
+        try:
+            doc = json.loads((self.path / API_FILE).read_text())
+            return str(doc["host"]), int(doc["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise LocalError("The daemon is not running; start it with 'valuemesh daemon'.") from None
+
+    def clear_api_address(self) -> None:
+        for name in (API_FILE, TOKEN_FILE):
+            try:
+                (self.path / name).unlink()
+            except FileNotFoundError:
+                pass
