@@ -1,0 +1,25 @@
+"""Leaderless DAG agreement for one constellation: committees, the consensus state machine,
+checkpoints and re-founding. Pure: blocks, records and time come in as arguments.
+"""
+
+from .committee import Committee
+from .machine import (
+    EPOCH_DELAY_ROUNDS,
+    GC_DEPTH_ROUNDS,
+    ROUND_TIMEOUT_MS,
+    Committed,
+    Consensus,
+    Output,
+    Params,
+)
+
+__all__ = [
+    "EPOCH_DELAY_ROUNDS",
+    "GC_DEPTH_ROUNDS",
+    "ROUND_TIMEOUT_MS",
+    "Committed",
+    "Committee",
+    "Consensus",
+    "Output",
+    "Params",
+]

@@ -1,0 +1,785 @@
+"""The leaderless DAG consensus state machine of one constellation: it takes verified
+blocks, records to propose and clock ticks, and returns blocks to send and the final order.
+
+Theory of operation
+-------------------
+Every core member appends one signed block per round. A block of round r > 0 names as
+parents blocks of round r-1 whose authors hold a quorum q of the weight (q = ceil((n+f+1)/2),
+f = floor((n-1)/3)); round 0 has no parents. A node creates its block of round r as soon as
+it holds a quorum of round r-1 (the threshold clock) and either holds the block of the
+anchor slot of r-1 or has waited ROUND_TIMEOUT_MS for it; so a silent member costs one
+timeout, never a stall.
+
+Anchor slot of round r = committee.leader(r), a fixed rotation over all members. For a
+block L in the slot of round r (an equivocator may have several):
+  vote        a block V of round r+1 votes for L iff L is among V's parents;
+  certificate a block C of round r+2 certifies L iff the authors of C's parents voting for
+              L hold >= q;
+  direct commit  authors of certificates of L hold >= q;
+  direct skip    round r+1 holds >= q of authors and, for every known L of the slot, authors
+                 with a round r+1 block not voting for L hold >= q;
+  indirect       otherwise find the lowest slot s >= r+3 whose decision is not skip; if it is
+                 a commit of block A, commit the L certified by a block in A's history, or
+                 skip if none; if it is undecided, r stays undecided.
+Decided slots are consumed in round order; an undecided slot stops the sequence. A
+committed anchor A orders every block of its causal history (parent links only) that
+no earlier anchor ordered and whose round is > A.round - GC_DEPTH_ROUNDS, sorted by (round,
+author key, id). An author with two blocks of one round in that history, or one there and
+another already consumed, is an equivocator from then on: its not-yet-ordered blocks are
+consumed without being ordered, by every node alike, since the history is a function of A.
+
+Records are deduplicated by id at ordering, so re-proposing a record whose block may
+never be ordered is safe. Nodes stop making rounds when no record is queued and no block
+near the commit frontier carries an unordered record (quiescence); `propose`, or a peer's
+block carrying unordered records, wakes them.
+
+Epochs: committee_at(r) is the last scheduled committee with start_round <= r. A node
+creates its round r block only after every slot <= r - EPOCH_DELAY_ROUNDS is decided and
+handed out in an earlier call, so a committee scheduled by a commit at anchor round a with
+start a + EPOCH_DELAY_ROUNDS is known to every honest node before it signs that round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import AuthorizationError, LocalError, ValidationError
+from ..identity import Identity, MemberId
+from ..records import Block, EquivocationProof, Record, check_equivocation
+from .committee import Committee
+
+# Virtual-ms a node waits for the anchor-slot block of a round once it holds a quorum.
+ROUND_TIMEOUT_MS = 1_000
+# Re-ask peers for still-missing blocks after this long.
+FETCH_RETRY_MS = 500
+# With work to do and no progress for this long, re-send our last block and ask for heads.
+STALL_MS = 1_500
+# A membership change committed at anchor round a takes effect at a + EPOCH_DELAY_ROUNDS.
+EPOCH_DELAY_ROUNDS = 16
+# Blocks this many rounds below the anchor being ordered are never ordered (deterministic),
+# and are dropped from memory (the node keeps them on disk).
+GC_DEPTH_ROUNDS = 48
+# Our own block still unordered this many rounds behind the commit frontier is given up on
+# and its records go back to the queue; also the reach of "pending work in the DAG".
+REPROPOSE_AFTER_ROUNDS = 4
+MAX_PENDING_RECORDS = 10_000
+MAX_RECORDS_PER_BLOCK = 512
+MAX_BUFFERED_BLOCKS = 4_096
+MAX_BUFFERED_PER_AUTHOR = 1_024
+MAX_BLOCKS_PER_CALL = 16
+MAX_MISSING_PER_OUTPUT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """Tunable limits and timers; tests and the simulator may shorten them."""
+
+    round_timeout_ms: int = ROUND_TIMEOUT_MS
+    fetch_retry_ms: int = FETCH_RETRY_MS
+    stall_ms: int = STALL_MS
+    max_pending_records: int = MAX_PENDING_RECORDS
+    max_records_per_block: int = MAX_RECORDS_PER_BLOCK
+    max_buffered_blocks: int = MAX_BUFFERED_BLOCKS
+    max_buffered_per_author: int = MAX_BUFFERED_PER_AUTHOR
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """One block in the final order: its global position and the anchor that ordered it.
+
+    `records` are the block's records not ordered before (a record re-proposed in two
+    blocks is final at its first position only); the ledger applies exactly these.
+    """
+
+    block: Block
+    anchor_round: int
+    index: int
+    records: tuple[Record, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What the node must do after one input.
+
+    Persist `blocks` (ours, new) before broadcasting them; fetch `missing` from peers;
+    apply `committed` in order; gossip `proofs`; re-send `rebroadcast` and, if
+    `request_sync`, ask peers for their latest blocks; call `tick` at `next_tick_ms`.
+    """
+
+    blocks: tuple[Block, ...] = ()
+    missing: tuple[bytes, ...] = ()
+    committed: tuple[Committed, ...] = ()
+    proofs: tuple[EquivocationProof, ...] = ()
+    rebroadcast: tuple[Block, ...] = ()
+    request_sync: bool = False
+    next_tick_ms: int | None = None
+
+
+_EMPTY = Output()
+
+
+@dataclass(slots=True)
+class _Step:
+    """Mutable accumulator for one call; turned into an Output at the end."""
+
+    now: int
+    blocks: list[Block] = field(default_factory=list)
+    missing: list[bytes] = field(default_factory=list)
+    committed: list[Committed] = field(default_factory=list)
+    proofs: list[EquivocationProof] = field(default_factory=list)
+    rebroadcast: list[Block] = field(default_factory=list)
+    request_sync: bool = False
+    first_anchor: int | None = None
+
+
+class _Decision:
+    __slots__ = ("block", "kind")
+
+    def __init__(self, kind: str, block: Block | None = None) -> None:
+        self.kind = kind  # "commit", "skip" or "undecided"
+        self.block = block
+
+
+_UNDECIDED = _Decision("undecided")
+_SKIP = _Decision("skip")
+
+
+class Consensus:
+    """The consensus machine of one constellation on one node (see the module docstring).
+
+    `identity` None makes an observer: it follows the DAG and commits, never proposes.
+    """
+
+    def __init__(
+        self,
+        constellation: bytes,
+        committee: Committee,
+        identity: Identity | None,
+        params: Params = Params(),
+    ) -> None:
+        self._cid = constellation
+        self._committees: list[Committee] = [committee]
+        self._identity = identity
+        self._me = identity.member if identity else None
+        self._p = params
+        # The DAG: blocks whose every parent is known (or below the memory horizon).
+        self._blocks: dict[bytes, Block] = {}
+        self._rounds: dict[int, dict[MemberId, list[Block]]] = {}
+        self._round_weight: dict[int, int] = {}
+        self._quorum_round = -1
+        self._quorum_at_ms: dict[int, int] = {}
+        self._horizon = 0  # blocks below this round are gone from memory
+        # Blocks waiting for parents, and blocks of an epoch not yet scheduled.
+        self._buffer: dict[bytes, Block] = {}
+        self._buffer_per_author: dict[MemberId, int] = {}
+        self._waiting_on: dict[bytes, list[bytes]] = {}
+        self._missing: dict[bytes, int] = {}  # id -> when last requested
+        self._future: dict[bytes, Block] = {}
+        self._proved: set[tuple[MemberId, int]] = set()
+        self.rejected = 0  # buffered blocks found invalid once their parents arrived
+        # Our proposer state.
+        self._last_own_round = -1
+        self._last_own: Block | None = None
+        self._pending: dict[bytes, Record] = {}
+        self._inflight: dict[bytes, Block] = {}  # own blocks with records, not yet ordered
+        self._last_progress_ms = 0
+        # The commit state: a pure function of the DAG, identical on every honest node.
+        self._decided_upto = -1
+        self._last_anchor_round = -1
+        self._consumed: set[bytes] = set()
+        self._slot_taken: dict[tuple[MemberId, int], bytes] = {}
+        self._excluded: set[MemberId] = set()
+        self._ordered_records: set[bytes] = set()
+        self._unordered_work: dict[bytes, int] = {}  # block id -> round, blocks with records
+        self._next_index = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def member(self) -> MemberId | None:
+        return self._me
+
+    @property
+    def round(self) -> int:
+        """The round this node would create next (threshold clock)."""
+        return self._quorum_round + 1
+
+    @property
+    def last_committed_round(self) -> int:
+        """Round of the last committed anchor, -1 before the first."""
+        return self._last_anchor_round
+
+    @property
+    def decided_round(self) -> int:
+        """Every anchor slot up to this round is decided and handed out."""
+        return self._decided_upto
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def guarantee(self) -> str:
+        return self.committee_at(max(self.round, 0)).guarantee
+
+    @property
+    def excluded(self) -> frozenset[MemberId]:
+        """Authors excluded from ordering as equivocators (same on every honest node)."""
+        return frozenset(self._excluded)
+
+    @property
+    def last_own_round(self) -> int:
+        return self._last_own_round
+
+    def missing(self) -> tuple[bytes, ...]:
+        return tuple(sorted(self._missing))[:MAX_MISSING_PER_OUTPUT]
+
+    def committee_at(self, round: int) -> Committee:
+        for c in reversed(self._committees):
+            if c.start_round <= round:
+                return c
+        return self._committees[0]
+
+    def has_block(self, block_id: bytes) -> bool:
+        return block_id in self._blocks
+
+    def get_block(self, block_id: bytes) -> Block | None:
+        return self._blocks.get(block_id) or self._buffer.get(block_id)
+
+    def blocks_at(self, round: int) -> tuple[Block, ...]:
+        per = self._rounds.get(round, {})
+        return tuple(b for bs in per.values() for b in bs)
+
+    @property
+    def top_round(self) -> int:
+        return max(self._rounds, default=-1)
+
+    def has_work(self) -> bool:
+        """True while this node should keep making rounds (the opposite of quiescent)."""
+        if self._pending:
+            return True
+        floor = self._last_anchor_round - REPROPOSE_AFTER_ROUNDS
+        return any(r >= floor for r in self._unordered_work.values())
+
+    # ------------------------------------------------------------------ inputs
+
+    def add_block(self, block: Block, now_ms: int) -> Output:
+        """Take a block that the node decoded and signature-checked.
+
+        Raise ValidationError (and change nothing) if it breaks a structural rule that
+        can be checked now; buffer it and ask for its parents if some are unknown.
+        """
+        step = _Step(now_ms)
+        if self._admit(block, step):
+            self._advance(step)
+        return self._finish(step)
+
+    def propose(self, records: Sequence[Record], now_ms: int) -> Output:
+        """Queue records for our next blocks and wake the constellation."""
+        if self._identity is None:
+            raise LocalError("An observer node cannot propose; hand records to a core node.")
+        fresh: dict[bytes, Record] = {}
+        for rec in records:
+            if rec.constellation != self._cid:
+                raise ValidationError("A proposed record belongs to another constellation.")
+            if rec.id not in self._ordered_records and rec.id not in self._pending:
+                fresh[rec.id] = rec
+        if len(self._pending) + len(fresh) > self._p.max_pending_records:
+            raise LocalError("The queue of records to propose is full; try again shortly.")
+        self._pending.update(fresh)
+        step = _Step(now_ms)
+        if fresh:
+            self._last_progress_ms = now_ms
+        self._advance(step)
+        return self._finish(step)
+
+    def tick(self, now_ms: int) -> Output:
+        """Run timers: the anchor wait, fetch retries and the stall guard."""
+        step = _Step(now_ms)
+        self._advance(step)
+        retry = [m for m, t in self._missing.items() if now_ms - t >= self._p.fetch_retry_ms]
+        for m in retry:
+            self._missing[m] = now_ms
+        step.missing.extend(sorted(retry)[:MAX_MISSING_PER_OUTPUT])
+        if self.has_work() and now_ms - self._last_progress_ms >= self._p.stall_ms:
+            self._last_progress_ms = now_ms
+            if self._last_own is not None:
+                step.rebroadcast.append(self._last_own)
+            step.request_sync = True
+        return self._finish(step)
+
+    def schedule_committee(self, committee: Committee) -> Output:
+        """Switch to `committee` from its start_round on (call it right after the commit).
+
+        Blocks already held for rounds >= start_round under the old epoch are dropped (an
+        honest node cannot have made them); blocks that waited for this epoch are admitted.
+        """
+        last = self._committees[-1]
+        if committee.epoch != last.epoch + 1 or committee.start_round <= last.start_round:
+            raise LocalError("A new committee must be the next epoch and start after the last.")
+        if committee.start_round <= self._last_own_round:
+            raise LocalError("A new committee cannot start at a round this node already signed.")
+        self._committees.append(committee)
+        stale = [
+            b for r, per in self._rounds.items() if r >= committee.start_round
+            for bs in per.values() for b in bs if b.epoch != committee.epoch
+        ]
+        for b in stale:
+            self._remove(b)
+        self._recount_quorum()
+        waiting = list(self._future.values())
+        self._future.clear()
+        step = _Step(self._last_progress_ms)
+        for b in waiting:
+            try:
+                self._admit(b, step)
+            except ValidationError:
+                continue
+        return self._finish(step)
+
+    def restore(
+        self,
+        blocks: Iterable[Block],
+        committed: Sequence[bytes],
+        committees: Sequence[Committee] = (),
+    ) -> Output:
+        """Rebuild after a restart from stored blocks and the block ids already handed out.
+
+        `committees` are the later epochs the ledger had scheduled. The commit sequence is
+        re-derived from the DAG and must start with `committed` (else LocalError: the store
+        is inconsistent); only commits beyond it are returned. Our own stored blocks are
+        re-added, so this node never signs a round twice.
+        """
+        if self._blocks or self._buffer or self._next_index:
+            raise LocalError("Restore works only on a fresh consensus machine.")
+        for c in committees:
+            self.schedule_committee(c)
+        step = _Step(0)
+        for b in sorted(blocks, key=lambda b: (b.round, b.id)):
+            try:
+                self._admit(b, step)
+            except ValidationError:
+                continue
+        self._decide(step)
+        done = list(committed)
+        got = [c.block.id for c in step.committed[: len(done)]]
+        if got != done:
+            raise LocalError("The stored blocks do not reproduce the stored commit order.")
+        for rid in [rid for rid in self._pending if rid in self._ordered_records]:
+            del self._pending[rid]
+        return Output(
+            committed=tuple(step.committed[len(done):]), missing=tuple(sorted(self._missing))
+        )
+
+    # ------------------------------------------------------------------ admission
+
+    def _admit(self, block: Block, step: _Step) -> bool:
+        """Check what can be checked now; insert, buffer or refuse. True if inserted."""
+        if block.constellation != self._cid:
+            raise ValidationError("The block belongs to another constellation.")
+        if block.id in self._blocks or block.id in self._buffer or block.id in self._future:
+            return False
+        if block.round < self._horizon:
+            return False  # older than anything we can still order: harmless, ignored
+        committee = self.committee_at(block.round)
+        if block.epoch > committee.epoch:
+            if len(self._future) >= self._p.max_buffered_blocks:
+                raise ValidationError("Too many blocks of a future epoch are waiting.")
+            self._future[block.id] = block
+            return False
+        if block.epoch != committee.epoch:
+            raise ValidationError(f"The block's epoch {block.epoch} is wrong for its round.")
+        if block.author not in committee:
+            raise AuthorizationError("The block's author is not a core member in its epoch.")
+        if block.round == 0 and (block.parents or block.prev is not None):
+            raise ValidationError("A round-0 block must have no parents and no prev.")
+        if block.round > 0 and block.round > self._horizon and not block.parents:
+            raise ValidationError("A block after round 0 must name parents.")
+        if block.prev is not None and block.prev == block.id:
+            raise ValidationError("A block cannot be its own prev.")
+        if len(self._rounds.get(block.round, {}).get(block.author, ())) >= len(committee.members):
+            raise ValidationError("The author has flooded this round with conflicting blocks.")
+        needed = self._unknown_links(block)
+        if needed:
+            count = self._buffer_per_author.get(block.author, 0)
+            if len(self._buffer) >= self._p.max_buffered_blocks:
+                raise ValidationError("Too many blocks are waiting for parents; send them later.")
+            if count >= self._p.max_buffered_per_author:
+                raise ValidationError("Too many of this author's blocks wait for parents.")
+            self._buffer[block.id] = block
+            self._buffer_per_author[block.author] = count + 1
+            for n in needed:
+                self._waiting_on.setdefault(n, []).append(block.id)
+                if n not in self._missing and n not in self._buffer:
+                    self._missing[n] = step.now
+                    step.missing.append(n)
+            return False
+        self._check_links(block)
+        self._insert(block, step)
+        self._release_children(block.id, step)
+        return True
+
+    def _unknown_links(self, block: Block) -> list[bytes]:
+        # prev is checked when known but never waited for: it may lie far below the memory
+        # horizon after a catch-up jump, and it is not part of the causal history.
+        if block.round <= self._horizon:
+            return []  # its parents are below what we keep; accepted as the boundary
+        return [p for p in block.parents if p not in self._blocks]
+
+    def _check_links(self, block: Block) -> None:
+        if block.round <= self._horizon:
+            return
+        prev_committee = self.committee_at(block.round - 1)
+        seen: set[MemberId] = set()
+        weight = 0
+        for pid in block.parents:
+            parent = self._blocks[pid]
+            if parent.round != block.round - 1:
+                raise ValidationError("A block's parents must all be from the previous round.")
+            if parent.author in seen:
+                raise ValidationError("A block references two blocks of one author and round.")
+            seen.add(parent.author)
+            weight += prev_committee.weight(parent.author)
+        if weight < prev_committee.quorum:
+            raise ValidationError("A block's parents do not reach a quorum of the previous round.")
+        if block.prev is not None:
+            prev = self._blocks.get(block.prev)
+            if prev is not None and (prev.author != block.author or prev.round >= block.round):
+                raise ValidationError("A block's prev must be its author's block of an earlier round.")
+
+    def _release_children(self, block_id: bytes, step: _Step) -> None:
+        ready = [block_id]
+        while ready:
+            bid = ready.pop()
+            self._missing.pop(bid, None)
+            for child_id in self._waiting_on.pop(bid, []):
+                child = self._buffer.get(child_id)
+                if child is None or self._unknown_links(child):
+                    continue
+                self._unbuffer(child)
+                try:
+                    self._check_links(child)
+                except ValidationError:
+                    self.rejected += 1
+                    continue
+                self._insert(child, step)
+                ready.append(child.id)
+
+    def _unbuffer(self, block: Block) -> None:
+        del self._buffer[block.id]
+        left = self._buffer_per_author[block.author] - 1
+        if left:
+            self._buffer_per_author[block.author] = left
+        else:
+            del self._buffer_per_author[block.author]
+
+    def _insert(self, block: Block, step: _Step) -> None:
+        self._blocks[block.id] = block
+        self._missing.pop(block.id, None)
+        per = self._rounds.setdefault(block.round, {})
+        variants = per.setdefault(block.author, [])
+        if variants and (block.author, block.round) not in self._proved:
+            proof = check_equivocation(variants[0], block)
+            if proof is not None:
+                self._proved.add((block.author, block.round))
+                step.proofs.append(proof)
+        variants.append(block)
+        if len(variants) == 1:
+            w = self.committee_at(block.round).weight(block.author)
+            total = self._round_weight.get(block.round, 0) + w
+            self._round_weight[block.round] = total
+            if total >= self.committee_at(block.round).quorum and block.round > self._quorum_round:
+                for r in range(self._quorum_round + 1, block.round + 1):
+                    self._quorum_at_ms.setdefault(r, step.now)
+                self._quorum_round = block.round
+        if block.records and block.id not in self._consumed:
+            self._unordered_work[block.id] = block.round
+        if block.author == self._me and block.round > self._last_own_round:
+            # Restored or echoed back after a restart: never sign this round again.
+            self._last_own_round = block.round
+            self._last_own = block
+            if block.records:
+                self._inflight[block.id] = block
+        self._last_progress_ms = step.now
+
+    def _remove(self, block: Block) -> None:
+        self._blocks.pop(block.id, None)
+        per = self._rounds.get(block.round, {})
+        variants = per.get(block.author, [])
+        if block in variants:
+            variants.remove(block)
+            if not variants:
+                del per[block.author]
+        self._unordered_work.pop(block.id, None)
+        self._inflight.pop(block.id, None)
+
+    def _recount_quorum(self) -> None:
+        self._round_weight = {
+            r: sum(self.committee_at(r).weight(a) for a in per) for r, per in self._rounds.items()
+        }
+        self._quorum_round = max(
+            (r for r, w in self._round_weight.items() if w >= self.committee_at(r).quorum),
+            default=-1,
+        )
+
+    # ------------------------------------------------------------------ progress
+
+    def _advance(self, step: _Step) -> None:
+        """Decide and commit what the DAG allows, then create our blocks; repeat."""
+        for _ in range(MAX_BLOCKS_PER_CALL):
+            self._decide(step)
+            if not self._create(step):
+                return
+        self._decide(step)
+
+    def _create(self, step: _Step) -> bool:
+        """Create our block of the next round if every rule allows it now."""
+        if self._identity is None or self._me is None:
+            return False
+        target = self._quorum_round + 1
+        if target <= self._last_own_round or not self.has_work():
+            return False
+        committee = self.committee_at(target)
+        if self._me not in committee:
+            return False
+        if self._decided_upto < target - EPOCH_DELAY_ROUNDS:
+            return False
+        if step.first_anchor is not None and target >= step.first_anchor + EPOCH_DELAY_ROUNDS:
+            return False  # the node must apply this call's commits (and epochs) first
+        if target > 0 and not self._has_anchor(target - 1):
+            since = self._quorum_at_ms.get(target - 1, step.now)
+            if step.now - since < self._p.round_timeout_ms:
+                return False
+        parents: list[bytes] = []
+        if target > 0:
+            for variants in self._rounds.get(target - 1, {}).values():
+                parents.append(variants[0].id)
+        records = self._take_records()
+        prev = self._last_own.id if self._last_own is not None else None
+        block = Block.create(
+            self._identity, constellation=self._cid, epoch=committee.epoch, round=target,
+            prev=prev, parents=parents, records=records, created=step.now,
+        )
+        self._insert(block, step)
+        step.blocks.append(block)
+        self._release_children(block.id, step)
+        return True
+
+    def _has_anchor(self, round: int) -> bool:
+        leader = self.committee_at(round).leader(round)
+        return bool(self._rounds.get(round, {}).get(leader))
+
+    def _take_records(self) -> list[Record]:
+        out: list[Record] = []
+        for rid in list(self._pending):
+            if len(out) >= self._p.max_records_per_block:
+                break
+            rec = self._pending.pop(rid)
+            if rid not in self._ordered_records:
+                out.append(rec)
+        return out
+
+    # ------------------------------------------------------------------ deciding
+
+    def _decide(self, step: _Step) -> None:
+        top = self.top_round
+        if top - 2 <= self._decided_upto:
+            return
+        decisions: dict[int, _Decision] = {}
+        for r in range(top - 2, self._decided_upto, -1):
+            d = self._direct(r)
+            decisions[r] = d if d is not _UNDECIDED else self._indirect(r, top, decisions)
+        for r in range(self._decided_upto + 1, top - 1):
+            d = decisions[r]
+            if d is _UNDECIDED:
+                break
+            if d.block is not None:
+                self._commit(d.block, step)
+            self._decided_upto = r
+        self._after_commits(step)
+
+    def _slot(self, round: int) -> list[Block]:
+        leader = self.committee_at(round).leader(round)
+        return self._rounds.get(round, {}).get(leader, [])
+
+    def _direct(self, r: int) -> _Decision:
+        slot = self._slot(r)
+        c1, c2 = self.committee_at(r + 1), self.committee_at(r + 2)
+        voters = self._rounds.get(r + 1, {})
+        for cand in slot:
+            support = {
+                b.id for bs in voters.values() for b in bs if cand.id in b.parents
+            }
+            certified = 0
+            for author, bs in self._rounds.get(r + 2, {}).items():
+                if any(self._certifies(c, support, c1) for c in bs):
+                    certified += c2.weight(author)
+            if certified >= c2.quorum:
+                return _Decision("commit", cand)
+        present = sum(c1.weight(a) for a in voters)
+        if present < c1.quorum:
+            return _UNDECIDED
+        for cand in slot:
+            against = sum(
+                c1.weight(a) for a, bs in voters.items() if any(cand.id not in b.parents for b in bs)
+            )
+            if against < c1.quorum:
+                return _UNDECIDED
+        return _SKIP
+
+    def _certifies(self, block: Block, support: set[bytes], c1: Committee) -> bool:
+        weight = 0
+        for pid in block.parents:
+            if pid in support:
+                weight += c1.weight(self._blocks[pid].author)
+        return weight >= c1.quorum
+
+    def _indirect(self, r: int, top: int, decisions: dict[int, _Decision]) -> _Decision:
+        for s in range(r + 3, top - 1):
+            d = decisions[s]
+            if d is _SKIP:
+                continue
+            if d.block is None:
+                return _UNDECIDED
+            return self._certified_in_history(d.block, r)
+        return _UNDECIDED
+
+    def _certified_in_history(self, anchor: Block, r: int) -> _Decision:
+        """Commit the slot-r block that some round r+2 block in anchor's history certifies."""
+        slot = self._slot(r)
+        if not slot:
+            return _SKIP
+        c1 = self.committee_at(r + 1)
+        voters = self._rounds.get(r + 1, {})
+        supports = [
+            (cand, {b.id for bs in voters.values() for b in bs if cand.id in b.parents})
+            for cand in slot
+        ]
+        for block in self._history_at(anchor, r + 2):
+            for cand, support in supports:
+                if self._certifies(block, support, c1):
+                    return _Decision("commit", cand)
+        return _SKIP
+
+    def _history_at(self, anchor: Block, round: int) -> list[Block]:
+        """Blocks of `round` in anchor's causal history, in id order."""
+        seen = {anchor.id}
+        frontier = [anchor]
+        found: dict[bytes, Block] = {}
+        while frontier:
+            nxt: list[Block] = []
+            for b in frontier:
+                if b.round == round:
+                    found[b.id] = b
+                    continue
+                for pid in b.parents:
+                    p = self._blocks.get(pid)
+                    if p is not None and pid not in seen and p.round >= round:
+                        seen.add(pid)
+                        nxt.append(p)
+            frontier = nxt
+        return [found[k] for k in sorted(found)]
+
+    # ------------------------------------------------------------------ ordering
+
+    def _commit(self, anchor: Block, step: _Step) -> None:
+        floor = anchor.round - GC_DEPTH_ROUNDS
+        history: list[Block] = []
+        stack = [anchor]
+        seen = {anchor.id}
+        while stack:
+            b = stack.pop()
+            history.append(b)
+            for pid in b.parents:
+                if pid in seen or pid in self._consumed:
+                    continue
+                p = self._blocks.get(pid)
+                if p is not None and p.round > floor:
+                    seen.add(pid)
+                    stack.append(p)
+        history.sort(key=lambda b: (b.round, b.author.key, b.id))
+        slots: dict[tuple[MemberId, int], bytes] = {}
+        for b in history:
+            key = (b.author, b.round)
+            if key in slots or self._slot_taken.get(key, b.id) != b.id:
+                self._excluded.add(b.author)
+            slots[key] = b.id
+        if step.first_anchor is None:
+            step.first_anchor = anchor.round
+        for b in history:
+            self._consumed.add(b.id)
+            self._unordered_work.pop(b.id, None)
+            self._slot_taken[(b.author, b.round)] = b.id
+            if b.author in self._excluded:
+                continue
+            fresh = tuple(r for r in b.records if r.id not in self._ordered_records)
+            for rec in fresh:
+                self._ordered_records.add(rec.id)
+                self._pending.pop(rec.id, None)
+            step.committed.append(Committed(b, anchor.round, self._next_index, fresh))
+            self._next_index += 1
+        self._last_anchor_round = anchor.round
+
+    def _after_commits(self, step: _Step) -> None:
+        """Re-queue our records whose blocks fell behind, and drop what no anchor can order."""
+        for bid, block in list(self._inflight.items()):
+            if bid in self._consumed:
+                del self._inflight[bid]
+            elif self._last_anchor_round >= block.round + REPROPOSE_AFTER_ROUNDS:
+                del self._inflight[bid]
+                back = {r.id: r for r in block.records if r.id not in self._ordered_records}
+                self._pending = {**back, **self._pending}
+        horizon = self._last_anchor_round - GC_DEPTH_ROUNDS - 1
+        if horizon > self._horizon:
+            self._gc(horizon)
+
+    def _gc(self, horizon: int) -> None:
+        for r in [r for r in self._rounds if r < horizon]:
+            for bs in self._rounds.pop(r).values():
+                for b in bs:
+                    self._blocks.pop(b.id, None)
+                    self._consumed.discard(b.id)
+                    self._unordered_work.pop(b.id, None)
+            self._round_weight.pop(r, None)
+            self._quorum_at_ms.pop(r, None)
+        for key in [k for k in self._slot_taken if k[1] < horizon]:
+            del self._slot_taken[key]
+        for bid in [b for b, blk in self._buffer.items() if blk.round < horizon]:
+            self._unbuffer(self._buffer[bid])
+        self._horizon = horizon
+
+    # ------------------------------------------------------------------ output
+
+    def _finish(self, step: _Step) -> Output:
+        if not (step.blocks or step.missing or step.committed or step.proofs
+                or step.rebroadcast or step.request_sync):
+            nt = self._next_tick(step)
+            return _EMPTY if nt is None else Output(next_tick_ms=nt)
+        return Output(
+            blocks=tuple(step.blocks),
+            missing=tuple(dict.fromkeys(step.missing))[:MAX_MISSING_PER_OUTPUT],
+            committed=tuple(step.committed),
+            proofs=tuple(step.proofs),
+            rebroadcast=tuple(step.rebroadcast),
+            request_sync=step.request_sync,
+            next_tick_ms=self._next_tick(step),
+        )
+
+    def _next_tick(self, step: _Step) -> int | None:
+        times: list[int] = []
+        if self._missing:
+            times.append(min(self._missing.values()) + self._p.fetch_retry_ms)
+        if self.has_work():
+            times.append(self._last_progress_ms + self._p.stall_ms)
+            target = self._quorum_round + 1
+            if self._identity is not None and target > self._last_own_round:
+                if step.first_anchor is not None:
+                    times.append(step.now)
+                elif target > 0 and not self._has_anchor(target - 1):
+                    since = self._quorum_at_ms.get(target - 1, step.now)
+                    times.append(since + self._p.round_timeout_ms)
+        return max(min(times), step.now) if times else None
+
+
+__all__ = ["Committed", "Consensus", "Output", "Params"]
