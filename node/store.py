@@ -36,7 +36,7 @@ from typing import Any, Final
 
 import aiosqlite
 from valuemesh.protocol import cbor
-from valuemesh.protocol.errors import DecodeError, LocalError, ValuemeshError
+from valuemesh.protocol.errors import DecodeError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 from valuemesh.protocol.records import (
     HASH_LEN,
@@ -63,7 +63,8 @@ MAX_GENESIS_SIZE: Final = 1024 * 1024
 _CHUNK: Final = 200
 
 CONSTELLATION_STATUSES: Final = frozenset({"joining", "active", "left", "dissolved"})
-TIERS: Final = frozenset({"core", "contributor"})
+# "applicant": this node asked to join and its join record is not final yet.
+TIERS: Final = frozenset({"core", "contributor", "applicant"})
 PEER_SOURCES: Final = frozenset({"mdns", "bootstrap", "invite", "exchange", "inbound", "manual"})
 SYNCHRONOUS_MODES: Final = frozenset({"FULL", "NORMAL"})
 
@@ -168,7 +169,7 @@ CREATE TABLE constellations (
     genesis    BLOB NOT NULL,
     joined_at  INTEGER NOT NULL,
     status     TEXT NOT NULL CHECK (status IN ('joining', 'active', 'left', 'dissolved')),
-    my_tier    TEXT NOT NULL CHECK (my_tier IN ('core', 'contributor')),
+    my_tier    TEXT NOT NULL CHECK (my_tier IN ('core', 'contributor', 'applicant')),
     plugins    BLOB NOT NULL
 );
 CREATE TABLE blocks (
@@ -423,7 +424,7 @@ class Batch:
         )
         _check_time(info.joined_at, "A join time")
         _need(info.status in CONSTELLATION_STATUSES, f"'{info.status}' is not a constellation status.")
-        _need(info.my_tier in TIERS, f"'{info.my_tier}' is not a tier: use core or contributor.")
+        _need(info.my_tier in TIERS, f"'{info.my_tier}' is not a tier: use core, contributor or applicant.")
         _need(isinstance(info.name, str) and len(info.name) <= 200, "A constellation name is too long.")
         _need(
             all(isinstance(k, str) and _is_uint(v) for k, v in info.plugins.items()),
@@ -661,6 +662,9 @@ class _Apply:
         except ValuemeshError as e:
             raise StoreError(f"The equivocation proof cannot be stored ({e}).") from None
         slot = first.seq if isinstance(first, Record) else first.round
+        known = await self.db.execute_fetchall("SELECT 1 FROM constellations WHERE id = ?", (first.constellation,))
+        if not list(known):
+            raise ValidationError("The equivocation proof is about a constellation this node does not follow.")
         await self._proof(proof.kind, first.constellation, first.author.key, slot, proof.first, proof.second, found_at)
 
     async def op_pending_add(self, constellation: bytes, ids: list[bytes], added_at: int) -> None:
@@ -760,7 +764,7 @@ class _Apply:
             "INSERT INTO checkpoints (constellation, epoch, round, state_hash, signatures) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (constellation, epoch) DO UPDATE SET "
             "signatures = excluded.signatures",
-            (cp.constellation, cp.epoch, cp.round, cp.state_hash, cbor.encode(sigs)),
+            (cp.constellation, cp.epoch, cp.round, cp.state_hash, _encode_signatures(sigs)),
         )
 
     async def op_peer(self, p: PeerInfo) -> None:
@@ -790,14 +794,18 @@ class _Apply:
         await self.db.execute("DELETE FROM kv WHERE key = ?", (key,))
 
 
+def _encode_signatures(sigs: Mapping[bytes, bytes]) -> bytes:
+    # CBOR map keys are text or integers here, so signatures are a list of [signer, sig] pairs
+    # sorted by signer: one canonical encoding per set of signatures.
+    return cbor.encode([[k, sigs[k]] for k in sorted(sigs)])
+
+
 def _decode_signatures(raw: bytes) -> dict[bytes, bytes]:
     try:
         value = cbor.decode(raw)
-    except DecodeError:
+        return {bytes(k): bytes(v) for k, v in value}
+    except (DecodeError, TypeError, ValueError):
         raise StoreError("A stored checkpoint's signatures are unreadable.") from None
-    if not isinstance(value, dict):
-        raise StoreError("A stored checkpoint's signatures are unreadable.")
-    return {bytes(k): bytes(v) for k, v in value.items()}
 
 
 # --------------------------------------------------------------------------- store

@@ -1,0 +1,653 @@
+"""Tests of node/store.py: schema migrations, idempotent writes, equivocation evidence, queries,
+and a crash test that SIGKILLs a writing subprocess at random instants and checks what survived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from valuemesh.node import store as store_mod
+from valuemesh.node.store import (
+    SCHEMA_VERSION,
+    Checkpoint,
+    CommitEntry,
+    ConstellationInfo,
+    FinalOrderError,
+    PeerInfo,
+    SchemaTooNewError,
+    Store,
+    StoreError,
+)
+from valuemesh.protocol.errors import LocalError
+from valuemesh.protocol.identity import Identity
+from valuemesh.protocol.records import Block, Record
+
+C = bytes([7]) * 32
+OTHER_C = bytes([8]) * 32
+ALICE = Identity(bytes([1]) * 32)
+BOB = Identity(bytes([2]) * 32)
+WRITER = Path(__file__).with_name("store_writer.py")
+
+
+def rec(author: Identity, seq: int, body: dict[str, object] | None = None, c: bytes = C) -> Record:
+    return Record.create(
+        author,
+        type="contribution",
+        v=1,
+        constellation=c,
+        seq=seq,
+        body=body if body is not None else {"seq": seq},
+        created=1000 + seq,
+    )
+
+
+def blk(
+    author: Identity,
+    rnd: int,
+    records: list[Record],
+    parents: list[bytes] | None = None,
+    c: bytes = C,
+    epoch: int = 0,
+) -> Block:
+    return Block.create(
+        author,
+        constellation=c,
+        epoch=epoch,
+        round=rnd,
+        prev=None,
+        parents=parents or [],
+        records=records,
+        created=2000 + rnd,
+    )
+
+
+def info(c: bytes = C) -> ConstellationInfo:
+    return ConstellationInfo(c, b"genesis:" + c, 5, "active", "core", {"membership": 1}, "bakery")
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = await Store.open(tmp_path / "node.sqlite")
+    async with s.batch() as tx:
+        tx.put_constellation(info())
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def count(path: Path, sql: str) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute(sql).fetchone()[0])
+
+
+# --------------------------------------------------------------------------- opening, schema
+
+
+async def test_open_sets_wal_schema_and_marks_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "n.sqlite"
+    async with await Store.open(path) as s:
+        assert await s.schema_version() == SCHEMA_VERSION
+        assert await s.integrity_check() == []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA application_id").fetchone()[0] == store_mod.APPLICATION_ID
+        versions = [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+    # Reopening an up-to-date database applies nothing twice.
+    async with await Store.open(path) as s:
+        assert await s.schema_version() == SCHEMA_VERSION
+    assert count(path, "SELECT COUNT(*) FROM schema_version") == SCHEMA_VERSION
+
+
+def make_v1_database(path: Path) -> None:
+    """A database exactly as schema version 1 left it (released migrations are append-only)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA application_id = {store_mod.APPLICATION_ID}")
+        db.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+            "applied_at INTEGER NOT NULL, description TEXT NOT NULL)"
+        )
+        db.executescript(store_mod._SCHEMA_V1)
+        db.execute("INSERT INTO schema_version VALUES (1, 0, 'v1')")
+
+
+def insert_v1_rows(path: Path, blocks: list[Block], commits: list[Block]) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "INSERT INTO constellations VALUES (?, 'old', ?, 1, 'active', 'core', ?)",
+            (C, b"g", b"\xa0"),
+        )
+        for b in blocks:
+            db.execute(
+                "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (b.id, C, b.epoch, b.author.key, b.round, b.raw, 9),
+            )
+            for r in b.records:
+                db.execute(
+                    "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (r.id, C, r.author.key, r.seq, r.type, r.raw, 9),
+                )
+        for i, b in enumerate(commits):
+            db.execute("INSERT INTO commits VALUES (?, ?, ?, ?)", (C, i, b.id, b.round))
+
+
+async def test_old_version_database_is_migrated_and_backfilled(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    make_v1_database(path)
+    b0 = blk(ALICE, 0, [rec(ALICE, 0), rec(ALICE, 1)])
+    b1 = blk(BOB, 1, [rec(BOB, 0)], parents=[b0.id])
+    b2 = blk(ALICE, 2, [rec(ALICE, 2)])  # stored, not committed
+    insert_v1_rows(path, [b0, b1, b2], [b0, b1])
+    async with await Store.open(path, now_ms=77) as s:
+        assert await s.schema_version() == 2
+        finals = await s.final_records(C)
+        assert [(f.commit_index, f.position, f.record.id) for f in finals] == [
+            (0, 0, b0.records[0].id),
+            (0, 1, b0.records[1].id),
+            (1, 0, b1.records[0].id),
+        ]
+        assert await s.record_status(b2.records[0].id) == "known"
+        assert await s.integrity_check() == []
+        # The migrated store keeps working: the next commit extends the old order.
+        async with s.batch() as tx:
+            tx.append_commits(C, [CommitEntry(2, b2.id, 2)])
+        assert await s.record_status(b2.records[0].id) == "final"
+    assert count(path, "SELECT applied_at FROM schema_version WHERE version = 2") == 77
+
+
+async def test_failed_migration_leaves_the_old_version_intact(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    make_v1_database(path)
+    good = blk(ALICE, 0, [rec(ALICE, 0)])
+    insert_v1_rows(path, [good], [good])
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        # A block whose raw bytes do not decode makes the version 2 backfill fail midway.
+        db.execute("INSERT INTO blocks VALUES (?, ?, 0, ?, 5, ?, 9)", (b"\x09" * 32, C, b"\x01" * 32, b"junk"))
+    with pytest.raises(StoreError, match="unreadable"):
+        await Store.open(path)
+    assert count(path, "SELECT MAX(version) FROM schema_version") == 1
+    assert count(path, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'block_records'") == 0
+
+
+async def test_newer_schema_is_refused_without_change(tmp_path: Path) -> None:
+    path = tmp_path / "n.sqlite"
+    await (await Store.open(path)).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO schema_version VALUES (?, 0, 'from the future')", (SCHEMA_VERSION + 1,))
+    with pytest.raises(SchemaTooNewError, match="newer than this valuemesh"):
+        await Store.open(path)
+    assert count(path, "SELECT MAX(version) FROM schema_version") == SCHEMA_VERSION + 1
+
+
+async def test_foreign_files_are_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.sqlite"
+    with contextlib.closing(sqlite3.connect(other)) as db, db:
+        db.execute("CREATE TABLE notes (t TEXT)")
+    with pytest.raises(StoreError, match="another program"):
+        await Store.open(other)
+    assert count(other, "SELECT COUNT(*) FROM sqlite_master") == 1
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(random.Random(1).randbytes(8192))
+    with pytest.raises(StoreError):
+        await Store.open(junk)
+    with pytest.raises(StoreError):
+        await Store.open(":memory:")
+    with pytest.raises(StoreError):
+        await Store.open(tmp_path / "missing-dir" / "x.sqlite")
+    with pytest.raises(LocalError):
+        await Store.open(tmp_path / "y.sqlite", synchronous="OFF")
+
+
+# --------------------------------------------------------------------------- writes
+
+
+async def test_inserts_are_idempotent(store: Store) -> None:
+    b = blk(ALICE, 0, [rec(ALICE, 0), rec(ALICE, 1)])
+    async with store.batch() as tx:
+        tx.put_block(b, 10)
+        tx.put_block(b, 10)
+        tx.put_records(list(b.records), 10)
+    assert (tx.result.new_blocks, tx.result.new_records) == (1, 2)
+    async with store.batch() as tx:
+        tx.put_block(b, 11)
+        tx.append_commits(C, [CommitEntry(0, b.id, 0)])
+    assert (tx.result.new_blocks, tx.result.new_records, tx.result.new_commits) == (0, 0, 1)
+    # Replaying the same commit after a crash is accepted and changes nothing.
+    async with store.batch() as tx:
+        tx.append_commits(C, [CommitEntry(0, b.id, 0)])
+    assert tx.result.new_commits == 0
+    assert await store.block_count(C) == 1
+    assert await store.commit_count(C) == 1
+    assert len(await store.final_records(C)) == 2
+    assert tx.result.proofs == ()
+
+
+async def test_record_equivocation_is_kept_as_evidence_not_as_a_record(store: Store) -> None:
+    first, twin = rec(ALICE, 3, {"amount": 1}), rec(ALICE, 3, {"amount": 1000})
+    async with store.batch() as tx:
+        tx.put_records([first], 10)
+    async with store.batch() as tx:
+        tx.put_records([twin], 11)
+    assert len(tx.result.proofs) == 1
+    assert tx.result.proofs[0].verify() == ALICE.member
+    assert await store.get_record(first.id) == first
+    assert await store.get_record(twin.id) is None
+    [ev] = await store.equivocations(C)
+    assert (ev.kind, ev.author, ev.slot, ev.found_at) == ("record", ALICE.member, 3, 11)
+    assert ev.proof.verify() == ALICE.member
+    assert {ev.proof.first, ev.proof.second} == {first.raw, twin.raw}
+    assert await store.equivocators(C) == {ALICE.member}
+    # The same evidence again adds nothing; a third variant in one batch is still evidence.
+    async with store.batch() as tx:
+        tx.put_records([twin, rec(ALICE, 4, {"a": 1}), rec(ALICE, 4, {"a": 2})], 12)
+    assert len(tx.result.proofs) == 1
+    assert [e.slot for e in await store.equivocations(C)] == [3, 4]
+
+
+async def test_block_equivocation_keeps_both_blocks_and_a_proof(store: Store) -> None:
+    a = blk(BOB, 5, [rec(BOB, 0)])
+    b = blk(BOB, 5, [rec(BOB, 1)])
+    async with store.batch() as tx:
+        tx.put_block(a, 1)
+    async with store.batch() as tx:
+        tx.put_block(b, 2)
+    [proof] = tx.result.proofs
+    assert proof.kind == "block" and proof.verify() == BOB.member
+    assert set(await store.has_blocks([a.id, b.id])) == {a.id, b.id}
+    [ev] = await store.equivocations(C)
+    assert (ev.kind, ev.slot) == ("block", 5)
+    # Different epochs are different slots, so no evidence.
+    async with store.batch() as tx:
+        tx.put_block(blk(ALICE, 6, [], epoch=0), 3)
+        tx.put_block(blk(ALICE, 6, [], epoch=1), 3)
+    assert tx.result.proofs == ()
+
+
+async def test_a_record_that_lost_its_slot_is_still_readable_when_final(store: Store) -> None:
+    winner, loser = rec(ALICE, 0, {"v": 1}), rec(ALICE, 0, {"v": 2})
+    b = blk(BOB, 0, [loser])
+    async with store.batch() as tx:
+        tx.put_records([winner], 1)
+        tx.put_block(b, 1)
+        tx.append_commits(C, [CommitEntry(0, b.id, 0)])
+    assert len(tx.result.proofs) == 1
+    [final] = await store.final_records(C)
+    assert final.record.id == loser.id and final.record == loser
+
+
+async def test_final_order_refuses_gaps_rewrites_and_double_commits(store: Store) -> None:
+    b0, b1, b2 = blk(ALICE, 0, []), blk(BOB, 0, []), blk(ALICE, 1, [], parents=[])
+    async with store.batch() as tx:
+        tx.put_blocks([b0, b1, b2], 1)
+        tx.append_commits(C, [CommitEntry(0, b0.id, 0)])
+    with pytest.raises(FinalOrderError, match="gap"):
+        async with store.batch() as tx:
+            tx.append_commits(C, [CommitEntry(2, b2.id, 1)])
+    with pytest.raises(FinalOrderError, match="never rewritten"):
+        async with store.batch() as tx:
+            tx.append_commits(C, [CommitEntry(0, b1.id, 0)])
+    with pytest.raises(FinalOrderError, match="twice"):
+        async with store.batch() as tx:
+            tx.append_commits(C, [CommitEntry(1, b0.id, 0)])
+    with pytest.raises(FinalOrderError, match="consecutive"):
+        store.batch().append_commits(C, [CommitEntry(1, b1.id, 0), CommitEntry(3, b2.id, 1)])
+    with pytest.raises(StoreError, match="not stored"):
+        async with store.batch() as tx:
+            tx.append_commits(C, [CommitEntry(1, b"\x05" * 32, 0)])
+    assert await store.commits(C) == [CommitEntry(0, b0.id, 0)]
+
+
+async def test_a_failed_batch_changes_nothing(store: Store) -> None:
+    good = blk(ALICE, 0, [rec(ALICE, 0)])
+    with pytest.raises(FinalOrderError):
+        async with store.batch() as tx:
+            tx.put_block(good, 1)
+            tx.put_kv("k", b"v")
+            tx.append_commits(C, [CommitEntry(5, good.id, 0)])
+    with pytest.raises(RuntimeError):
+        async with store.batch() as tx:
+            tx.put_block(good, 1)
+            raise RuntimeError("caller changed its mind")
+    # A block of a constellation this node never joined breaks a foreign key.
+    stranger = blk(ALICE, 0, [rec(ALICE, 0, c=OTHER_C)], c=OTHER_C)
+    with pytest.raises(StoreError, match="not stored"):
+        async with store.batch() as tx:
+            tx.put_block(good, 1)
+            tx.put_block(stranger, 1)
+    assert await store.block_count(C) == 0
+    assert await store.get_record(good.records[0].id) is None
+    assert await store.get_kv("k") is None
+    assert await store.integrity_check() == []
+
+
+async def test_a_block_of_another_constellation_cannot_enter_the_order(store: Store) -> None:
+    async with store.batch() as tx:
+        tx.put_constellation(info(OTHER_C))
+    other = blk(ALICE, 0, [], c=OTHER_C)
+    with pytest.raises(FinalOrderError, match="another constellation"):
+        async with store.batch() as tx:
+            tx.put_block(other, 1)
+            tx.append_commits(C, [CommitEntry(0, other.id, 0)])
+    assert await store.commit_count(C) == 0 and await store.block_count(OTHER_C) == 0
+
+
+async def test_bad_arguments_raise_before_anything_is_written(store: Store) -> None:
+    tx = store.batch()
+    bad_calls = [
+        lambda: tx.put_block("not a block", 1),  # type: ignore[arg-type]
+        lambda: tx.put_block(blk(ALICE, 0, []), -1),
+        lambda: tx.put_records([b"raw"], 1),  # type: ignore[list-item]
+        lambda: tx.put_constellation(ConstellationInfo(C, b"g", 1, "sleeping", "core")),
+        lambda: tx.put_constellation(ConstellationInfo(C, b"g", 1, "active", "boss")),
+        lambda: tx.put_constellation(ConstellationInfo(b"short", b"g", 1, "active", "core")),
+        lambda: tx.add_pending(C, [b"short"], 1),
+        lambda: tx.append_commits(C, [CommitEntry(-1, b"\x00" * 32, 0)]),
+        lambda: tx.put_peer(PeerInfo(ALICE.member, "", 1, "mdns", 0)),
+        lambda: tx.put_peer(PeerInfo(ALICE.member, "h", 70000, "mdns", 0)),
+        lambda: tx.put_peer(PeerInfo(ALICE.member, "h", 1, "rumour", 0)),
+        lambda: tx.put_kv("", b""),
+        lambda: tx.put_kv("k", b"x" * (store_mod.MAX_KV_VALUE + 1)),
+        lambda: tx.put_checkpoint(Checkpoint(C, 0, 0, b"\x00" * 32, {b"k": b"s"})),
+    ]
+    for call in bad_calls:
+        with pytest.raises(LocalError):
+            call()
+    with pytest.raises(LocalError):
+        await store.blocks(C, limit=store_mod.MAX_PAGE + 1)
+    with pytest.raises(StoreError, match="stored in this constellation"):
+        async with store.batch() as tx2:
+            tx2.add_pending(C, [b"\x01" * 32], 1)
+
+
+# --------------------------------------------------------------------------- queries
+
+
+async def test_pending_records_become_final_with_their_block(store: Store) -> None:
+    mine = [rec(ALICE, i) for i in range(3)]
+    async with store.batch() as tx:
+        tx.put_records(mine, 1)
+        tx.add_pending(C, [r.id for r in mine], 1)
+    assert await store.pending(C) == mine
+    assert await store.record_status(mine[0].id) == "pending"
+    b = blk(BOB, 0, mine[:2])
+    async with store.batch() as tx:
+        tx.put_block(b, 2)
+        tx.append_commits(C, [CommitEntry(0, b.id, 0)])
+    assert await store.pending(C) == mine[2:]
+    assert [await store.record_status(r.id) for r in mine] == ["final", "final", "pending"]
+    assert await store.record_status(b"\x00" * 32) is None
+    # A final record is never made pending again, e.g. by a replayed proposal.
+    async with store.batch() as tx:
+        tx.add_pending(C, [mine[0].id], 3)
+    assert await store.pending(C) == mine[2:]
+    async with store.batch() as tx:
+        tx.remove_pending(C, [mine[2].id])
+    assert await store.pending(C) == []
+
+
+async def test_a_record_in_two_committed_blocks_is_final_once(store: Store) -> None:
+    r = rec(ALICE, 0)
+    b0, b1 = blk(ALICE, 0, [r]), blk(BOB, 0, [rec(BOB, 0), r])
+    async with store.batch() as tx:
+        tx.put_blocks([b0, b1], 1)
+        tx.append_commits(C, [CommitEntry(0, b1.id, 0), CommitEntry(1, b0.id, 0)])
+    finals = await store.final_records(C)
+    assert [(f.commit_index, f.position, f.record.id) for f in finals] == [
+        (0, 0, b1.records[0].id),
+        (0, 1, r.id),
+    ]
+
+
+async def test_block_queries_heads_and_paging(store: Store) -> None:
+    rounds: dict[int, list[Block]] = {}
+    parents: list[bytes] = []
+    for rnd in range(5):
+        rounds[rnd] = [blk(a, rnd, [rec(a, rnd)], parents=parents) for a in (ALICE, BOB)]
+        parents = [b.id for b in rounds[rnd]]
+    everything = [b for rnd in range(5) for b in rounds[rnd]]
+    async with store.batch() as tx:
+        tx.put_blocks(list(reversed(everything)), 1)
+    want = sorted(everything, key=lambda b: (b.round, b.author.key, b.id))
+    assert await store.blocks(C) == want
+    assert await store.blocks(C, from_round=1, to_round=2) == [b for b in want if 1 <= b.round <= 2]
+    assert await store.blocks(C, from_round=3, author=BOB.member) == [
+        b for b in want if b.round >= 3 and b.author == BOB.member
+    ]
+    assert await store.blocks(C, limit=3) == want[:3]
+    assert [b async for b in store.iter_blocks(C, page=3)] == want
+    assert [b async for b in store.iter_blocks(C, from_round=4, page=1)] == want[-2:]
+    assert await store.heads(C) == {ALICE.member: 4, BOB.member: 4}
+    assert await store.heads(OTHER_C) == {}
+    assert await store.get_block(want[3].id) == want[3]
+    assert await store.get_block(b"\x00" * 32) is None
+    got = await store.get_blocks([want[0].id, b"\x00" * 32])
+    assert list(got) == [want[0].id]
+    recs = await store.get_records([b.records[0].id for b in want])
+    assert len(recs) == len(want)
+
+    async with store.batch() as tx:
+        tx.append_commits(C, [CommitEntry(i, b.id, b.round) for i, b in enumerate(want)])
+    assert [e.block_id for e in await store.commits(C, start=4, limit=2)] == [want[4].id, want[5].id]
+    assert [e.index async for e in store.iter_commits(C, page=3)] == list(range(len(want)))
+    assert [f.commit_index for f in await store.final_records(C, start=8)] == [8, 9]
+
+
+async def test_reserved_seqs_never_repeat_even_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    async with await Store.open(path) as s:
+        async with s.batch() as tx:
+            tx.put_constellation(info())
+        assert await s.next_seq(C, ALICE.member) == 0
+        got = [await s.reserve_seq(C, ALICE.member) for _ in range(3)]
+        assert got == [0, 1, 2]
+        # A record stored with a higher seq (e.g. restored from a peer) moves the counter on.
+        async with s.batch() as tx:
+            tx.put_records([rec(ALICE, 9)], 1)
+        assert await s.next_seq(C, ALICE.member) == 10
+        assert await s.next_seq(C, BOB.member) == 0
+        concurrent = await asyncio.gather(*(s.reserve_seq(C, ALICE.member) for _ in range(5)))
+        assert sorted(concurrent) == [10, 11, 12, 13, 14]
+    async with await Store.open(path) as s:
+        assert await s.reserve_seq(C, ALICE.member) == 15
+
+
+async def test_concurrent_batches_are_serialised(store: Store) -> None:
+    blocks = [blk(ALICE, r, [rec(ALICE, r)]) for r in range(20)]
+
+    async def write(b: Block) -> None:
+        async with store.batch() as tx:
+            tx.put_block(b, 1)
+
+    await asyncio.gather(*(write(b) for b in blocks))
+    assert await store.block_count(C) == 20
+    async with store.batch(durable=False) as tx:
+        tx.put_peer(PeerInfo(BOB.member, "127.0.0.1", 4000, "mdns", 5))
+    assert len(await store.peers()) == 1
+
+
+async def test_constellations_checkpoints_peers_and_settings(store: Store) -> None:
+    assert await store.constellation(C) == info()
+    async with store.batch() as tx:
+        tx.set_constellation_status(C, "left")
+    assert (await store.constellation(C)).status == "left"  # type: ignore[union-attr]
+    with pytest.raises(StoreError):
+        async with store.batch() as tx:
+            tx.set_constellation_status(OTHER_C, "left")
+    assert [c.id for c in await store.constellations()] == [C]
+
+    h = b"\x0c" * 32
+    async with store.batch() as tx:
+        tx.put_checkpoint(Checkpoint(C, 1, 100, h, {ALICE.member.key: b"a" * 64}))
+        tx.put_checkpoint(Checkpoint(C, 1, 100, h, {BOB.member.key: b"b" * 64}))
+    [cp] = await store.checkpoints(C)
+    assert cp.signatures == {ALICE.member.key: b"a" * 64, BOB.member.key: b"b" * 64}
+    with pytest.raises(StoreError, match="different checkpoint"):
+        async with store.batch() as tx:
+            tx.put_checkpoint(Checkpoint(C, 1, 100, b"\x0d" * 32, {}))
+    assert await store.latest_checkpoint(C) == cp
+
+    async with store.batch() as tx:
+        tx.put_peer(PeerInfo(ALICE.member, "127.0.0.1", 7000, "bootstrap", 50))
+        tx.put_peer(PeerInfo(BOB.member, "::1", 7001, "mdns", 40))
+        tx.peer_failed(BOB.member, "::1", 7001)
+        tx.peer_failed(BOB.member, "::1", 7001)
+        # An older sighting never moves last_seen backwards.
+        tx.put_peer(PeerInfo(ALICE.member, "127.0.0.1", 7000, "exchange", 10))
+    peers = await store.peers()
+    assert [(p.member, p.last_seen, p.failures, p.source) for p in peers] == [
+        (ALICE.member, 50, 0, "exchange"),
+        (BOB.member, 40, 2, "mdns"),
+    ]
+    async with store.batch() as tx:
+        tx.forget_peer(BOB.member, "::1", 7001)
+        tx.put_kv("api-port", b"8080")
+    assert [p.member for p in await store.peers()] == [ALICE.member]
+    assert await store.get_kv("api-port") == b"8080"
+    async with store.batch() as tx:
+        tx.delete_kv("api-port")
+    assert await store.get_kv("api-port") is None
+
+
+async def test_corrupt_stored_bytes_are_reported_not_returned(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    b = blk(ALICE, 0, [rec(ALICE, 0)])
+    async with await Store.open(path) as s:
+        async with s.batch() as tx:
+            tx.put_constellation(info())
+            tx.put_block(b, 1)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE blocks SET raw = ? WHERE id = ?", (blk(ALICE, 1, []).raw, b.id))
+        db.execute("UPDATE records SET raw = x'00'")
+    async with await Store.open(path) as s:
+        with pytest.raises(StoreError, match="does not match its id"):
+            await s.get_block(b.id)
+        with pytest.raises(StoreError, match="unreadable"):
+            await s.get_record(b.records[0].id)
+
+
+async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    s = await Store.open(tmp_path / "x.sqlite")
+    await s.close()
+    await s.close()
+    with pytest.raises(StoreError, match="closed"):
+        await s.heads(C)
+    with pytest.raises(StoreError, match="closed"):
+        s.batch()
+
+
+# --------------------------------------------------------------------------- crash safety
+
+KILLS = 15
+START_DEADLINE_S = 20.0
+
+
+async def _run_and_kill(path: Path, seed: int, rng: random.Random, wait_first: bool) -> list[int]:
+    """Start the writer, SIGKILL it at a random instant, return the indexes it reported."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WRITER),
+        str(path),
+        str(seed),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        if wait_first:
+            first = await asyncio.wait_for(proc.stdout.readline(), START_DEADLINE_S)
+            assert first.endswith(b"\n"), (await proc.stderr.read()).decode()
+            head = first
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+        else:
+            # Early kills land during start-up, schema checks and the first transactions.
+            head = b""
+            await asyncio.sleep(rng.uniform(0.0, 0.6))
+        assert proc.returncode is None, (await proc.stderr.read()).decode()
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), START_DEADLINE_S)
+        out = head + await asyncio.wait_for(proc.stdout.read(), START_DEADLINE_S)
+        await proc.stderr.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # A line cut short by the kill was not fully reported, so it promises nothing.
+    return [int(line) for line in out.split(b"\n")[:-1]]
+
+
+@pytest.mark.slow
+async def test_sigkill_at_random_instants_loses_nothing_committed(tmp_path: Path) -> None:
+    path = tmp_path / "crash.sqlite"
+    rng = random.Random(20261123)
+    reported: list[int] = []
+    for i in range(KILLS):
+        reported += await _run_and_kill(path, i, rng, wait_first=i % 3 != 0)
+        # Checked before the next run can rewrite anything: the database is intact and holds
+        # every index reported so far, with its block.
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            if reported:
+                held = db.execute(
+                    "SELECT COUNT(*) FROM commits c JOIN blocks b ON b.id = c.block_id WHERE c.idx <= ?",
+                    (max(reported),),
+                ).fetchone()[0]
+                assert held == max(reported) + 1, f"kill {i} lost reported commits"
+    assert len(reported) > KILLS, "the writer must have committed before most kills"
+
+    # One clean run proves the store resumes exactly where the last kill left it.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(WRITER),
+        str(path),
+        "99",
+        "--count",
+        "5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), START_DEADLINE_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    reported += [int(x) for x in out.split()]
+
+    sys.path.insert(0, str(WRITER.parent))
+    try:
+        import store_writer
+    finally:
+        sys.path.remove(str(WRITER.parent))
+    async with await Store.open(path) as s:
+        assert await s.integrity_check() == []
+        n = await s.commit_count(store_writer.CONSTELLATION)
+        assert max(reported) < n
+        commits = [e async for e in s.iter_commits(store_writer.CONSTELLATION)]
+        assert [e.index for e in commits] == list(range(n)), "the final order has a gap"
+        for e in commits:
+            want = store_writer.block_for(e.index)
+            assert e.block_id == want.id
+            block = await s.get_block(e.block_id)
+            assert block == want
+            stored = await s.get_records([r.id for r in want.records])
+            assert len(stored) == len(want.records)
+        finals = 0
+        while page := await s.final_records(store_writer.CONSTELLATION, start=finals // 12):
+            assert page[0].commit_index == finals // 12
+            finals += len(page)
+            if page[-1].commit_index == n - 1:
+                break
+        assert finals == n * store_writer.RECORDS_PER_BLOCK
+        # Every record the writer proposed is final, so nothing committed is left pending.
+        assert await s.pending(store_writer.CONSTELLATION) == []
