@@ -162,6 +162,7 @@ class PeerLink:
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
         self._reason: str | None = None
         self._done = asyncio.Event()
+        self._notified = asyncio.Event()
         self._admitted = False
         # The reader waits here until admission decided, so on_connect precedes on_message.
         self._gate = asyncio.Event()
@@ -402,8 +403,10 @@ class PeerLink:
                     await self._t.handler.on_disconnect(self, reason)
                 except Exception:
                     log.exception("on_disconnect failed for %r", self)
+            self._notified.set()
             await self._close_ws(notify, reason)
         finally:
+            self._notified.set()
             self._done.set()
 
     async def _close_ws(self, notify: bool, reason: str) -> None:
@@ -580,7 +583,8 @@ class Transport:
         if old is not None and not old.closed:
             if await self._new_wins(old, link):
                 old.close("replaced by another connection with the same peer")
-                await old.wait_closed()
+                # Wait for its on_disconnect only, not for the socket to finish closing.
+                await old._notified.wait()
             else:
                 link.close("duplicate connection: the peer already has a live link")
                 return old

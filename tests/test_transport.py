@@ -1,0 +1,794 @@
+"""Tests of the peer handshake (pure, protocol/wire.py) and of the transport over real
+websockets on 127.0.0.1, including hostile peers written against the wire format directly.
+
+Every network test runs under a deadline and stops every transport it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
+from valuemesh.node.transport import (
+    PEER_PATH,
+    BackedOffError,
+    Limits,
+    LinkClosedError,
+    PeerLink,
+    Transport,
+)
+from valuemesh.protocol import wire
+from valuemesh.protocol.errors import (
+    AuthorizationError,
+    LocalError,
+    RemoteError,
+    SignatureError,
+    ValidationError,
+)
+from valuemesh.protocol.identity import Identity, MemberId
+
+DEADLINE = 30.0
+NET = b"valuemesh-test"
+
+FAST = Limits(
+    handshake_timeout=3.0,
+    connect_timeout=5.0,
+    ping_interval=0.5,
+    idle_timeout=5.0,
+    send_timeout=2.0,
+    close_timeout=1.0,
+    duplicate_probe_timeout=1.0,
+)
+
+
+def ident() -> Identity:
+    return Identity(os.urandom(32))
+
+
+# -- pure handshake ----------------------------------------------------------
+
+
+def handshake(
+    a: Identity, b: Identity, net_a: bytes = NET, net_b: bytes = NET
+) -> tuple[wire.SecureChannel, wire.SecureChannel, list[bytes]]:
+    i = wire.Initiator(a, net_a, os.urandom(32))
+    r = wire.Responder(b, net_b, os.urandom(32))
+    m1 = i.start()
+    m2 = r.read_hello(m1)
+    assert i.read_response(m2) == b.member
+    m3 = i.auth()
+    assert r.read_auth(m3) == a.member
+    m4, ch_r = r.verdict()
+    ch_i = i.read_verdict(m4)
+    assert ch_r is not None
+    return ch_i, ch_r, [m1, m2, m3, m4]
+
+
+def test_handshake_agrees_and_frames_flow_both_ways() -> None:
+    a, b = ident(), ident()
+    ch_i, ch_r, msgs = handshake(a, b)
+    assert [len(m) for m in msgs] == [
+        wire.HELLO_LEN,
+        wire.RESPONSE_LEN,
+        wire.AUTH_LEN,
+        wire.VERDICT_LEN,
+    ]
+    assert ch_i.session_id == ch_r.session_id
+    assert ch_i.remote == b.member and ch_r.remote == a.member
+    for n in range(3):
+        assert ch_r.open(ch_i.seal(wire.FRAME_DATA, b"i%d" % n)) == wire.Frame(0, b"i%d" % n)
+        assert ch_i.open(ch_r.seal(wire.FRAME_DATA, b"r%d" % n)) == wire.Frame(0, b"r%d" % n)
+
+
+def test_frames_cannot_be_replayed_reflected_or_reordered() -> None:
+    ch_i, ch_r, _ = handshake(ident(), ident())
+    f0 = ch_i.seal(wire.FRAME_DATA, b"zero")
+    f1 = ch_i.seal(wire.FRAME_DATA, b"one")
+    with pytest.raises(wire.FrameError):
+        ch_r.open(f1)  # out of order
+    ch_i2, ch_r2, _ = handshake(ident(), ident())
+    g0 = ch_i2.seal(wire.FRAME_DATA, b"zero")
+    assert ch_r2.open(g0).body == b"zero"
+    with pytest.raises(wire.FrameError):
+        ch_r2.open(g0)  # replayed
+    # Reflection: a frame sent by the initiator is never valid for the initiator.
+    _, _, _ = handshake(ident(), ident())
+    ch_i3, ch_r3, _ = handshake(ident(), ident())
+    h0 = ch_i3.seal(wire.FRAME_DATA, b"me")
+    with pytest.raises(wire.FrameError):
+        ch_i3.open(h0)
+    assert ch_r3.open(h0).body == b"me"
+    del f0
+
+
+def test_wrong_network_is_told_at_hello() -> None:
+    a, b = ident(), ident()
+    i = wire.Initiator(a, b"net-one", os.urandom(32))
+    r = wire.Responder(b, b"net-two", os.urandom(32))
+    with pytest.raises(wire.NetworkMismatchError):
+        r.read_hello(i.start())
+    with pytest.raises(wire.NetworkMismatchError):
+        i2 = wire.Initiator(a, b"net-one", os.urandom(32))
+        i2.start()
+        i2.read_response(wire.encode_reject(wire.Refusal.NETWORK_MISMATCH))
+
+
+def test_network_id_is_bound_into_the_signatures() -> None:
+    # Even a responder that skipped the tag check cannot make a cross-network session:
+    # its signature covers a transcript that starts from its own network id.
+    a, b = ident(), ident()
+    i = wire.Initiator(a, b"net-one", os.urandom(32))
+    r = wire.Responder(b, b"net-two", os.urandom(32))
+    hello = i.start()
+    forged = hello[:4] + wire.network_tag(b"net-two") + hello[36:]
+    response = r.read_hello(forged)
+    with pytest.raises((SignatureError, wire.HandshakeError)):
+        i.read_response(response)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=0, max_value=3), st.data())
+def test_any_flipped_bit_in_any_handshake_message_fails(which: int, data: st.DataObject) -> None:
+    a, b = ident(), ident()
+    i = wire.Initiator(a, NET, os.urandom(32))
+    r = wire.Responder(b, NET, os.urandom(32))
+    msgs: list[bytes] = []
+
+    def deliver(msg: bytes) -> bytes:
+        if len(msgs) == which:
+            pos = data.draw(st.integers(min_value=0, max_value=len(msg) - 1))
+            bit = data.draw(st.integers(min_value=0, max_value=7))
+            msg = msg[:pos] + bytes((msg[pos] ^ (1 << bit),)) + msg[pos + 1 :]
+        msgs.append(msg)
+        return msg
+
+    with pytest.raises(RemoteError):
+        m2 = r.read_hello(deliver(i.start()))
+        i.read_response(deliver(m2))
+        m3 = deliver(i.auth())
+        r.read_auth(m3)
+        m4, ch_r = r.verdict()
+        ch_i = i.read_verdict(deliver(m4))
+        # A flipped bit in HELLO's ephemeral still yields a handshake, but not a shared key.
+        assert ch_r is not None
+        ch_r.open(ch_i.seal(wire.FRAME_DATA, b"x"))
+
+
+def test_replayed_handshake_messages_fail_against_fresh_ephemerals() -> None:
+    a, b = ident(), ident()
+    _, _, old = handshake(a, b)
+    r = wire.Responder(b, NET, os.urandom(32))
+    fresh_response = r.read_hello(old[0])
+    assert fresh_response != old[1]
+    with pytest.raises(wire.HandshakeError):
+        r.read_auth(old[2])
+    i = wire.Initiator(a, NET, os.urandom(32))
+    i.start()
+    with pytest.raises(wire.HandshakeError):
+        i.read_response(old[1])
+
+
+def test_low_order_ephemeral_is_refused() -> None:
+    r = wire.Responder(ident(), NET, os.urandom(32))
+    hello = wire.MAGIC + bytes((wire.VERSION, wire.T_HELLO)) + wire.network_tag(NET) + bytes(32)
+    with pytest.raises(wire.HandshakeError):
+        r.read_hello(hello)
+
+
+def test_handshake_steps_out_of_order_are_local_errors() -> None:
+    i = wire.Initiator(ident(), NET, os.urandom(32))
+    with pytest.raises(LocalError):
+        i.auth()
+    with pytest.raises(LocalError):
+        wire.Initiator(ident(), b"", os.urandom(32))
+
+
+# -- rate limiting and reputation (pure) -------------------------------------
+
+
+def test_token_bucket_accepts_burst_then_asks_to_wait() -> None:
+    b = TokenBucket(rate=10, burst=5, now=0.0)
+    assert [b.charge(1, 0.0) for _ in range(5)] == [0.0] * 5
+    assert b.charge(1, 0.0) == pytest.approx(0.1)
+    assert b.charge(1, 1.0) == 0.0  # refilled
+
+
+def test_reputation_backs_off_exponentially_with_an_injected_clock() -> None:
+    rep = Reputation(ReputationPolicy(start=100, threshold=0, backoff_base=10, backoff_max=50))
+    k = "10.0.0.1"
+    assert rep.penalize(k, 60, now=0.0) == 0.0
+    assert rep.banned_for(k, 0.0) == 0.0
+    assert rep.penalize(k, 60, now=0.0) == 10.0
+    assert rep.banned_for(k, 5.0) == 5.0
+    assert rep.banned_for(k, 10.0) == 0.0
+    assert rep.ban(k, 11.0) == 20.0
+    assert rep.ban(k, 40.0) == 40.0
+    assert rep.ban(k, 100.0) == 50.0  # capped
+    assert rep.strikes(k) == 4
+
+
+def test_reputation_recovers_and_is_bounded_in_size() -> None:
+    rep = Reputation(ReputationPolicy(start=100, recovery_per_s=10))
+    rep.penalize("a", 50, now=0.0)
+    assert rep.score("a", 2.0) == pytest.approx(70)
+    assert rep.score("a", 100.0) == 100
+    for n in range(10_050):
+        rep.penalize(n, 1, now=0.0)
+    assert len(rep) <= 10_000
+
+
+# -- network helpers ---------------------------------------------------------
+
+
+class Recorder:
+    """A LinkHandler that records everything and can be told to refuse or stall."""
+
+    def __init__(self, allow: set[MemberId] | None = None) -> None:
+        self.allow = allow
+        self.messages: asyncio.Queue[tuple[MemberId, bytes]] = asyncio.Queue()
+        self.events: list[tuple[str, MemberId, str]] = []
+        self.changed = asyncio.Event()
+        self.stall: asyncio.Event | None = None
+        self.invalid_prefix: bytes | None = None
+
+    def authorize(self, remote: MemberId, inbound: bool) -> bool:
+        return self.allow is None or remote in self.allow
+
+    async def on_connect(self, link: PeerLink) -> None:
+        self.events.append(("connect", link.remote, ""))
+        self.changed.set()
+
+    async def on_message(self, link: PeerLink, payload: bytes) -> None:
+        if self.stall is not None:
+            await self.stall.wait()
+        if self.invalid_prefix is not None and payload.startswith(self.invalid_prefix):
+            raise ValidationError("The message breaks a rule.")
+        await self.messages.put((link.remote, payload))
+
+    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
+        self.events.append(("disconnect", link.remote, reason))
+        self.changed.set()
+
+    def count(self, kind: str, who: MemberId) -> int:
+        return sum(1 for k, m, _ in self.events if k == kind and m == who)
+
+
+@dataclass
+class Node:
+    identity: Identity
+    handler: Recorder
+    transport: Transport
+    addr: tuple[str, int]
+
+    @property
+    def member(self) -> MemberId:
+        return self.identity.member
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+
+    async def node(
+        self,
+        *,
+        net: bytes = NET,
+        limits: Limits = FAST,
+        identity: Identity | None = None,
+        allow: set[MemberId] | None = None,
+        clock: object = None,
+    ) -> Node:
+        identity = identity or ident()
+        handler = Recorder(allow)
+        kwargs = {} if clock is None else {"clock": clock}
+        t = Transport(identity, net, handler, limits=limits, **kwargs)  # type: ignore[arg-type]
+        addr = await t.start("127.0.0.1", 0)
+        n = Node(identity, handler, t, addr)
+        self.nodes.append(n)
+        return n
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(n.transport.stop() for n in self.nodes))
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    try:
+        async with asyncio.timeout(DEADLINE):
+            yield c
+    finally:
+        async with asyncio.timeout(DEADLINE):
+            await c.stop()
+
+
+async def until(pred: object, what: str, timeout: float = 10.0) -> None:
+    """Poll a condition (bounded in time and count) for state set by other tasks."""
+    for _ in range(int(timeout / 0.01)):
+        if pred():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+async def recv(node: Node, timeout: float = 5.0) -> tuple[MemberId, bytes]:
+    async with asyncio.timeout(timeout):
+        return await node.handler.messages.get()
+
+
+async def exchange(a: Node, b: Node, tag: bytes) -> None:
+    """Assert the live link a↔b carries a message each way."""
+    la, lb = a.transport.link(b.member), b.transport.link(a.member)
+    assert la is not None and lb is not None and not la.closed and not lb.closed
+    await la.send(b"a>" + tag)
+    assert await recv(b) == (a.member, b"a>" + tag)
+    await lb.send(b"b>" + tag)
+    assert await recv(a) == (b.member, b"b>" + tag)
+
+
+class RawPeer:
+    """A hostile client speaking the wire format directly over a plain aiohttp websocket."""
+
+    def __init__(self, identity: Identity | None = None, net: bytes = NET) -> None:
+        self.identity = identity or ident()
+        self.net = net
+        self.session = aiohttp.ClientSession()
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.channel: wire.SecureChannel | None = None
+        self.sent: list[bytes] = []
+
+    async def open(self, addr: tuple[str, int], max_msg_size: int = 64 << 20) -> None:
+        url = f"http://{addr[0]}:{addr[1]}{PEER_PATH}"
+        self.ws = await self.session.ws_connect(url, max_msg_size=max_msg_size, autoping=True)
+
+    async def send(self, data: bytes) -> None:
+        assert self.ws is not None
+        self.sent.append(data)
+        await self.ws.send_bytes(data)
+
+    async def receive(self, timeout: float = 5.0) -> aiohttp.WSMessage:
+        assert self.ws is not None
+        return await self.ws.receive(timeout=timeout)
+
+    async def handshake(self, addr: tuple[str, int]) -> wire.SecureChannel:
+        await self.open(addr)
+        i = wire.Initiator(self.identity, self.net, os.urandom(32))
+        await self.send(i.start())
+        i.read_response((await self.receive()).data)
+        await self.send(i.auth())
+        self.channel = i.read_verdict((await self.receive()).data)
+        return self.channel
+
+    async def send_frame(self, kind: int, body: bytes) -> bytes:
+        assert self.channel is not None
+        frame = self.channel.seal(kind, body)
+        await self.send(frame)
+        return frame
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """Read until the server closes the socket; True if it did within the timeout."""
+        assert self.ws is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                for _ in range(100_000):
+                    msg = await self.ws.receive()
+                    if msg.type in (
+                        aiohttp.WSMsgType.CLOSE,
+                        aiohttp.WSMsgType.CLOSING,
+                        aiohttp.WSMsgType.CLOSED,
+                        aiohttp.WSMsgType.ERROR,
+                    ):
+                        return True
+        return False
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), 2.0)
+        await self.session.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[list[RawPeer]]:
+    peers: list[RawPeer] = []
+    try:
+        yield peers
+    finally:
+        for p in peers:
+            await p.close()
+
+
+def new_raw(peers: list[RawPeer], **kw: object) -> RawPeer:
+    p = RawPeer(**kw)  # type: ignore[arg-type]
+    peers.append(p)
+    return p
+
+
+# -- two honest transports ---------------------------------------------------
+
+
+async def test_two_transports_exchange_messages_both_ways_in_order(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    link = await a.transport.connect(*b.addr, expect=b.member)
+    assert link.remote == b.member and not link.inbound
+    await until(lambda: b.transport.link(a.member) is not None, "b sees the link")
+    back = b.transport.link(a.member)
+    assert back is not None and back.inbound and back.session_id == link.session_id
+    payloads = [os.urandom(n) for n in (0, 1, 100, 65_536, 1_000_000)] + [b"%d" % n for n in range(200)]
+    for p in payloads:
+        await link.send(p)
+    got = [await recv(b) for _ in payloads]
+    assert got == [(a.member, p) for p in payloads]
+    for p in payloads[:20]:
+        await back.send(p)
+    assert [await recv(a) for _ in payloads[:20]] == [(b.member, p) for p in payloads[:20]]
+    assert a.handler.count("connect", b.member) == 1 and b.handler.count("connect", a.member) == 1
+    link.close("test over")
+    await until(lambda: b.handler.count("disconnect", a.member) == 1, "b sees the close")
+    reasons = [r for k, _, r in b.handler.events if k == "disconnect"]
+    assert reasons == ["closed by the peer: test over"]
+    with pytest.raises(LinkClosedError):
+        await link.send(b"late")
+
+
+async def test_oversized_payload_is_refused_locally(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    link = await a.transport.connect(*b.addr)
+    with pytest.raises(LocalError):
+        await link.send(bytes(FAST.max_payload + 1))
+    await exchange(a, b, b"still fine")
+
+
+async def test_wrong_network_id_is_refused_with_a_clear_error(cluster: Cluster) -> None:
+    a = await cluster.node(net=b"network-a")
+    b = await cluster.node(net=b"network-b")
+    with pytest.raises(wire.NetworkMismatchError, match="different network"):
+        await a.transport.connect(*b.addr)
+    assert not a.transport.links and not b.transport.links
+    assert b.handler.events == [] and a.handler.events == []
+    # Misconfiguration is not misbehaviour: nobody is backed off.
+    assert b.transport.banned_for("127.0.0.1") == 0
+
+
+async def test_unauthorised_keys_are_refused_both_ways(cluster: Cluster) -> None:
+    outsider = ident()
+    b = await cluster.node(allow=set())
+    a = await cluster.node(identity=outsider)
+    with pytest.raises(wire.PeerRefusedError, match="does not authorise") as err:
+        await a.transport.connect(*b.addr)
+    assert err.value.code is wire.Refusal.NOT_AUTHORISED
+    assert not b.transport.links and b.handler.events == []
+    # The dialler refuses too: c only talks to members it knows.
+    c = await cluster.node(allow=set())
+    with pytest.raises(AuthorizationError):
+        await c.transport.connect(*a.addr)
+    await until(lambda: True, "settle")
+    assert not c.transport.links and not a.transport.links
+
+
+async def test_expected_key_mismatch_is_refused(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    with pytest.raises(wire.HandshakeError, match="presents key"):
+        await a.transport.connect(*b.addr, expect=ident().member)
+    assert not a.transport.links
+
+
+async def test_connecting_to_itself_is_refused(cluster: Cluster) -> None:
+    a = await cluster.node()
+    with pytest.raises(LocalError, match="itself"):
+        await a.transport.connect(*a.addr)
+    assert not a.transport.links
+
+
+async def test_simultaneous_dials_leave_one_link_both_sides_agree_on(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    la, lb = await asyncio.gather(a.transport.connect(*b.addr), b.transport.connect(*a.addr))
+    await until(
+        lambda: len(a.transport.links) == 1
+        and len(b.transport.links) == 1
+        and a.transport.links[b.member].session_id == b.transport.links[a.member].session_id,
+        "one agreed link",
+    )
+    lower = min(a.member, b.member)
+    kept = a.transport.links[b.member]
+    assert (kept.remote if kept.inbound else a.member) == lower
+    await exchange(a, b, b"after race")
+    del la, lb
+
+
+async def test_redial_replaces_the_old_link(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    first = await a.transport.connect(*b.addr)
+    second = await a.transport.connect(*b.addr)
+    assert second is not first and first.closed
+    await until(
+        lambda: (lk := b.transport.link(a.member)) is not None and lk.session_id == second.session_id,
+        "b switched to the new link",
+    )
+    assert b.handler.count("disconnect", a.member) == 1 and b.handler.count("connect", a.member) == 2
+    assert len(b.transport.links) == 1
+    await exchange(a, b, b"redialled")
+
+
+# -- hostile peers -------------------------------------------------------------
+
+
+async def honest_pair(cluster: Cluster) -> tuple[Node, Node]:
+    server, honest = await cluster.node(), await cluster.node()
+    await honest.transport.connect(*server.addr)
+    await until(lambda: server.transport.link(honest.member) is not None, "honest link up")
+    return server, honest
+
+
+async def assert_cut_off(server: Node, bad: RawPeer) -> None:
+    assert await bad.closed_by_server()
+    await until(lambda: server.transport.link(bad.identity.member) is None, "bad link gone")
+    assert server.transport.banned_for(bad.identity.member) > 0
+    assert server.transport.banned_for("127.0.0.1") > 0
+
+
+async def test_garbage_frame_cuts_the_peer_off_and_honest_peer_keeps_working(
+    cluster: Cluster, raw: list[RawPeer]
+) -> None:
+    server, honest = await honest_pair(cluster)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    await bad.send_frame(wire.FRAME_DATA, b"valid first")
+    assert await recv(server) == (bad.identity.member, b"valid first")
+    await bad.send(os.urandom(200))
+    await assert_cut_off(server, bad)
+    assert server.handler.messages.empty()
+    await exchange(server, honest, b"after garbage")
+    # The backed-off key cannot simply come back.
+    again = new_raw(raw, identity=bad.identity)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await again.open(server.addr)
+    assert err.value.status == 429
+
+
+async def test_tampered_ciphertext_is_rejected(cluster: Cluster, raw: list[RawPeer]) -> None:
+    server, honest = await honest_pair(cluster)
+    bad = new_raw(raw)
+    ch = await bad.handshake(server.addr)
+    frame = bytearray(ch.seal(wire.FRAME_DATA, b"pay me 100"))
+    frame[3] ^= 0x01
+    await bad.send(bytes(frame))
+    await assert_cut_off(server, bad)
+    assert server.handler.messages.empty()
+    await exchange(server, honest, b"after tamper")
+
+
+async def test_replayed_frame_is_rejected(cluster: Cluster, raw: list[RawPeer]) -> None:
+    server, honest = await honest_pair(cluster)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    frame = await bad.send_frame(wire.FRAME_DATA, b"once")
+    assert await recv(server) == (bad.identity.member, b"once")
+    await bad.send(frame)
+    await assert_cut_off(server, bad)
+    assert server.handler.messages.empty()
+    await exchange(server, honest, b"after replay")
+
+
+async def test_oversized_frame_is_rejected(cluster: Cluster, raw: list[RawPeer]) -> None:
+    limits = replace(FAST, max_payload=1024)
+    server = await cluster.node(limits=limits)
+    honest = await cluster.node(limits=limits)
+    await honest.transport.connect(*server.addr)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    await bad.send_frame(wire.FRAME_DATA, bytes(2048))
+    await assert_cut_off(server, bad)
+    assert server.handler.messages.empty()
+    await exchange(server, honest, b"after oversize")
+
+
+async def test_text_message_is_rejected(cluster: Cluster, raw: list[RawPeer]) -> None:
+    server, honest = await honest_pair(cluster)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    assert bad.ws is not None
+    await bad.ws.send_str("hello?")
+    await assert_cut_off(server, bad)
+    await exchange(server, honest, b"after text")
+
+
+async def test_replayed_handshake_is_refused(cluster: Cluster, raw: list[RawPeer]) -> None:
+    server, honest = await honest_pair(cluster)
+    victim_id = ident()
+    victim = victim_id.member
+    recorded = new_raw(raw, identity=victim_id)
+    await recorded.handshake(server.addr)
+    await until(lambda: server.transport.link(victim) is not None, "recorded session up")
+    hello, auth = recorded.sent[0], recorded.sent[1]
+    attacker = new_raw(raw)
+    await attacker.open(server.addr)
+    await attacker.send(hello)
+    response = await attacker.receive()
+    assert response.type == aiohttp.WSMsgType.BINARY and len(response.data) == wire.RESPONSE_LEN
+    await attacker.send(auth)
+    assert await attacker.closed_by_server()
+    # The replay made no session: the victim's one link is the recorded one, connected once.
+    assert server.handler.count("connect", victim) == 1
+    assert server.transport.link(victim) is not None
+    assert server.transport.banned_for(victim) == 0
+    await exchange(server, honest, b"after replay")
+
+
+async def test_garbage_handshake_is_refused_and_counts_against_the_address(
+    cluster: Cluster, raw: list[RawPeer]
+) -> None:
+    server, honest = await honest_pair(cluster)
+    before = server.transport.ip_reputation.score("127.0.0.1", server.transport.clock())
+    bad = new_raw(raw)
+    await bad.open(server.addr)
+    await bad.send(b"GET / HTTP/1.1\r\n\r\n" + os.urandom(64))
+    assert await bad.closed_by_server()
+    after = server.transport.ip_reputation.score("127.0.0.1", server.transport.clock())
+    assert after < before
+    assert server.handler.count("connect", bad.identity.member) == 0
+    await exchange(server, honest, b"after garbage handshake")
+
+
+async def test_silent_handshake_times_out(cluster: Cluster, raw: list[RawPeer]) -> None:
+    limits = replace(FAST, handshake_timeout=0.3)
+    server = await cluster.node(limits=limits)
+    bad = new_raw(raw)
+    await bad.open(server.addr)
+    assert await bad.closed_by_server(timeout=5.0)
+    assert server.transport.links == {}
+
+
+async def test_flood_is_throttled_then_cut_off(cluster: Cluster, raw: list[RawPeer]) -> None:
+    limits = replace(FAST,
+            rate_messages=100.0,
+            burst_messages=20.0,
+            flood_grace=0.2,
+            flood_penalty=40.0,
+        )
+    server = await cluster.node(limits=limits)
+    honest = await cluster.node(limits=limits)
+    await honest.transport.connect(*server.addr)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sent = 0
+    with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+        for _ in range(20_000):
+            await bad.send_frame(wire.FRAME_DATA, b"spam")
+            sent += 1
+            if bad.ws is None or bad.ws.closed or server.transport.link(bad.identity.member) is None:
+                break
+    await until(lambda: server.transport.link(bad.identity.member) is None, "flooder cut off")
+    elapsed = loop.time() - start
+    delivered = 0
+    while not server.handler.messages.empty():
+        who, _ = server.handler.messages.get_nowait()
+        delivered += who == bad.identity.member
+    # Throttled: never more delivered than the bucket allows over the time it ran.
+    assert delivered <= limits.burst_messages + limits.rate_messages * elapsed + 1
+    assert delivered < sent
+    assert server.transport.banned_for(bad.identity.member) > 0
+    reasons = [r for k, m, r in server.handler.events if k == "disconnect" and m == bad.identity.member]
+    assert reasons and "flooding" in reasons[0]
+    await exchange(server, honest, b"after flood")
+
+
+async def test_upper_layer_penalties_disconnect_and_back_off(cluster: Cluster) -> None:
+    server, honest = await honest_pair(cluster)
+    rogue = await cluster.node()
+    link = await rogue.transport.connect(*server.addr)
+    server.handler.invalid_prefix = b"bad:"
+    per_message = FAST.invalid_message_penalty
+    needed = int(FAST.reputation.start // per_message) + 1
+    for n in range(needed):
+        with contextlib.suppress(LinkClosedError):
+            await link.send(b"bad:%d" % n)
+    await until(lambda: link.closed, "rogue disconnected")
+    assert server.transport.banned_for(rogue.member) > 0
+    with pytest.raises(wire.PeerRefusedError) as err:
+        await rogue.transport.connect(*server.addr)
+    assert err.value.code is wire.Refusal.BACKED_OFF and err.value.retry_after > 0
+    server.handler.invalid_prefix = None
+    await exchange(server, honest, b"after penalties")
+
+
+async def test_back_off_expires_on_the_injected_clock_and_then_grows(cluster: Cluster) -> None:
+    now = [1000.0]
+    server = await cluster.node(clock=lambda: now[0])
+    client = await cluster.node()
+    link = await client.transport.connect(*server.addr)
+    remote = server.transport.link(client.member)
+    assert remote is not None
+    remote.penalize(1_000, "test")
+    await until(lambda: link.closed, "link closed by penalty")
+    first = server.transport.banned_for(client.member)
+    assert first == FAST.reputation.backoff_base
+    with pytest.raises(wire.PeerRefusedError):
+        await client.transport.connect(*server.addr)
+    now[0] += first + 1
+    link = await client.transport.connect(*server.addr)
+    remote = server.transport.link(client.member)
+    assert remote is not None
+    remote.penalize(1_000, "test again")
+    await until(lambda: link.closed, "closed again")
+    assert server.transport.banned_for(client.member) == 2 * first
+
+
+async def test_backpressure_bounds_the_queue_and_drops_a_stalled_peer(cluster: Cluster) -> None:
+    limits = replace(FAST,
+            send_queue_frames=8,
+            send_queue_bytes=256 * 1024,
+            send_timeout=0.5,
+            idle_timeout=20.0,
+        )
+    sender = await cluster.node(limits=limits)
+    slow = await cluster.node(limits=limits)
+    slow.handler.stall = asyncio.Event()
+    link = await sender.transport.connect(*slow.addr)
+    chunk = bytes(64 * 1024)
+    peak = 0
+    sent = 0
+    with pytest.raises(LinkClosedError, match="did not keep up"):
+        for _ in range(10_000):
+            await link.send(chunk)
+            sent += 1
+            peak = max(peak, link.queued_bytes)
+    assert peak <= limits.send_queue_bytes
+    assert link.closed and sent < 10_000
+    slow.handler.stall.set()
+    await link.wait_closed()
+    reasons = [r for k, _, r in sender.handler.events if k == "disconnect"]
+    assert reasons and "keep up" in reasons[0]
+
+
+async def test_idle_peer_is_dropped_but_quiet_honest_links_stay(
+    cluster: Cluster, raw: list[RawPeer]
+) -> None:
+    limits = replace(FAST, ping_interval=0.1, idle_timeout=0.6)
+    server = await cluster.node(limits=limits)
+    honest = await cluster.node(limits=limits)
+    await honest.transport.connect(*server.addr)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    assert await bad.closed_by_server(timeout=10.0)
+    reasons = [r for k, m, r in server.handler.events if k == "disconnect" and m == bad.identity.member]
+    assert reasons and reasons[0].startswith("idle")
+    # The honest pair said nothing for longer than the idle timeout, but pings kept it up.
+    await exchange(server, honest, b"quiet but alive")
+    assert server.transport.banned_for(bad.identity.member) == 0
+
+
+async def test_stop_closes_links_and_the_peer_sees_why(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    await a.transport.connect(*b.addr)
+    await until(lambda: b.transport.link(a.member) is not None, "up")
+    await a.transport.stop()
+    await until(lambda: b.handler.count("disconnect", a.member) == 1, "b notified")
+    assert "stopping" in next(r for k, _, r in b.handler.events if k == "disconnect")
+    assert a.handler.count("disconnect", b.member) == 1
+    with pytest.raises(LocalError):
+        await a.transport.connect(*b.addr)
+
+
+async def test_unreachable_and_backed_off_dials_fail_cleanly(cluster: Cluster) -> None:
+    a = await cluster.node()
+    b = await cluster.node()
+    addr = b.addr
+    await b.transport.stop()
+    from valuemesh.node.transport import PeerUnreachableError
+
+    with pytest.raises(PeerUnreachableError):
+        await a.transport.connect(*addr)
+    a.transport.ban(b.member, "test", ip=None)
+    with pytest.raises(BackedOffError):
+        await a.transport.connect(*addr, expect=b.member)
