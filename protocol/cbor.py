@@ -65,7 +65,10 @@ def _encode_into(value: CborValue, out: bytearray, depth: int) -> None:
         out += _head(2, len(b))
         out += b
     elif isinstance(value, str):
-        b = value.encode("utf-8")
+        try:
+            b = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LocalError("A text value is not valid Unicode (it holds a lone surrogate).") from None
         out += _head(3, len(b))
         out += b
     elif isinstance(value, Mapping):
@@ -92,46 +95,24 @@ def _encode_into(value: CborValue, out: bytearray, depth: int) -> None:
         raise LocalError(f"A value of type {type(value).__name__} cannot be encoded.")
 
 
+_NON_CANONICAL = "The encoding is not canonical (a length is not in its shortest form)."
+_TRUNCATED = "The encoding ends in the middle of a value."
+
+
 class _Decoder:
-    __slots__ = ("data", "items", "pos")
+    """Strict one-pass decoder; hot path for every record a node receives.
+
+    Heads are parsed inline rather than through helper calls because record
+    verification throughput is bounded by this loop (see bench/protocol.py).
+    """
+
+    __slots__ = ("data", "end", "items", "pos")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.end = len(data)
         self.pos = 0
         self.items = 0
-
-    def _take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise DecodeError("The encoding ends in the middle of a value.")
-        chunk = self.data[self.pos : end]
-        self.pos = end
-        return chunk
-
-    def _arg(self, info: int) -> int:
-        if info < 24:
-            return info
-        if info == 24:
-            v = self._take(1)[0]
-            if v < 24:
-                raise DecodeError("The encoding is not canonical (a length is not in its shortest form).")
-            return v
-        if info == 25:
-            v = int.from_bytes(self._take(2), "big")
-            if v < 0x100:
-                raise DecodeError("The encoding is not canonical (a length is not in its shortest form).")
-            return v
-        if info == 26:
-            v = int.from_bytes(self._take(4), "big")
-            if v < 0x10000:
-                raise DecodeError("The encoding is not canonical (a length is not in its shortest form).")
-            return v
-        if info == 27:
-            v = int.from_bytes(self._take(8), "big")
-            if v < 0x100000000:
-                raise DecodeError("The encoding is not canonical (a length is not in its shortest form).")
-            return v
-        raise DecodeError("The encoding uses an indefinite or reserved length, which is not allowed.")
 
     def value(self, depth: int) -> CborValue:
         if depth > MAX_DEPTH:
@@ -139,43 +120,17 @@ class _Decoder:
         self.items += 1
         if self.items > MAX_ITEMS:
             raise DecodeError("The encoding holds too many items.")
-        ib = self._take(1)[0]
-        major, info = ib >> 5, ib & 0x1F
-        if major == 0:
-            return self._arg(info)
-        if major == 1:
-            return -1 - self._arg(info)
-        if major == 2:
-            return self._take(self._arg(info))
-        if major == 3:
-            raw = self._take(self._arg(info))
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DecodeError("A text string is not valid UTF-8.") from None
-        if major == 4:
-            n = self._arg(info)
-            if n > len(self.data) - self.pos:
-                raise DecodeError("An array claims more items than the encoding holds.")
-            return [self.value(depth + 1) for _ in range(n)]
-        if major == 5:
-            n = self._arg(info)
-            if n > len(self.data) - self.pos:
-                raise DecodeError("A map claims more entries than the encoding holds.")
-            result: dict[Any, Any] = {}
-            last_key: bytes | None = None
-            for _ in range(n):
-                start = self.pos
-                key = self.value(depth + 1)
-                key_bytes = self.data[start : self.pos]
-                if not isinstance(key, (str, int)) or isinstance(key, bool):
-                    raise DecodeError("A map key is neither text nor an integer.")
-                if last_key is not None and key_bytes <= last_key:
-                    raise DecodeError("The encoding is not canonical (map keys are unsorted or repeated).")
-                last_key = key_bytes
-                result[key] = self.value(depth + 1)
-            return result
+        data = self.data
+        pos = self.pos
+        end = self.end
+        if pos >= end:
+            raise DecodeError(_TRUNCATED)
+        ib = data[pos]
+        pos += 1
+        major = ib >> 5
+        info = ib & 0x1F
         if major == 7:
+            self.pos = pos
             if info == 20:
                 return False
             if info == 21:
@@ -185,7 +140,183 @@ class _Decoder:
             if info in (25, 26, 27):
                 raise DecodeError("Floats are not allowed in valuemesh data.")
             raise DecodeError("The encoding uses a simple value valuemesh does not accept.")
-        raise DecodeError("The encoding uses tags, which valuemesh does not accept.")
+        if major == 6:
+            raise DecodeError("The encoding uses tags, which valuemesh does not accept.")
+        if info < 24:
+            arg = info
+        elif info == 24:
+            if pos + 1 > end:
+                raise DecodeError(_TRUNCATED)
+            arg = data[pos]
+            pos += 1
+            if arg < 24:
+                raise DecodeError(_NON_CANONICAL)
+        elif info == 25:
+            if pos + 2 > end:
+                raise DecodeError(_TRUNCATED)
+            arg = (data[pos] << 8) | data[pos + 1]
+            pos += 2
+            if arg < 0x100:
+                raise DecodeError(_NON_CANONICAL)
+        elif info == 26:
+            if pos + 4 > end:
+                raise DecodeError(_TRUNCATED)
+            arg = int.from_bytes(data[pos : pos + 4], "big")
+            pos += 4
+            if arg < 0x10000:
+                raise DecodeError(_NON_CANONICAL)
+        elif info == 27:
+            if pos + 8 > end:
+                raise DecodeError(_TRUNCATED)
+            arg = int.from_bytes(data[pos : pos + 8], "big")
+            pos += 8
+            if arg < 0x100000000:
+                raise DecodeError(_NON_CANONICAL)
+        else:
+            raise DecodeError("The encoding uses an indefinite or reserved length, which is not allowed.")
+        if major == 0:
+            self.pos = pos
+            return arg
+        if major == 1:
+            self.pos = pos
+            return -1 - arg
+        if major == 2 or major == 3:
+            stop = pos + arg
+            if stop > end:
+                raise DecodeError(_TRUNCATED)
+            self.pos = stop
+            if major == 2:
+                return data[pos:stop]
+            try:
+                return data[pos:stop].decode("utf-8")
+            except UnicodeDecodeError:
+                raise DecodeError("A text string is not valid UTF-8.") from None
+        self.pos = pos
+        if major == 4:
+            if arg > end - pos:
+                raise DecodeError("An array claims more items than the encoding holds.")
+            return [self.value(depth + 1) for _ in range(arg)]
+        if arg > end - pos:
+            raise DecodeError("A map claims more entries than the encoding holds.")
+        return self._map_body(arg, depth)
+
+    def _map_body(
+        self, n: int, depth: int, spans: list[tuple[Any, int, int]] | None = None
+    ) -> dict[Any, Any]:
+        """Decode `n` map entries; append (key, key start, value end) to `spans` if given.
+
+        Short text keys and short scalar values are decoded inline: they are
+        most of the items in a record, and a call per item doubles the cost.
+        """
+        if n and depth + 1 > MAX_DEPTH:
+            raise DecodeError("The encoding is nested too deeply.")
+        result: dict[Any, Any] = {}
+        data = self.data
+        end = self.end
+        last_key = b""
+        pos = self.pos
+        for i in range(n):
+            start = pos
+            ib = data[pos] if pos < end else 0xFF
+            if 0x60 <= ib < 0x78:
+                pos += 1 + ib - 0x60
+                if pos > end:
+                    raise DecodeError(_TRUNCATED)
+                try:
+                    key: Any = data[start + 1 : pos].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DecodeError("A text string is not valid UTF-8.") from None
+                self.items += 1
+            else:
+                self.pos = pos
+                key = self.value(depth + 1)
+                if type(key) is not str and type(key) is not int:
+                    raise DecodeError("A map key is neither text nor an integer.")
+                pos = self.pos
+            key_bytes = data[start:pos]
+            # Bytewise order of the encoded keys (RFC 8949 §4.2.1); equal means repeated.
+            if i and key_bytes <= last_key:
+                raise DecodeError("The encoding is not canonical (map keys are unsorted or repeated).")
+            last_key = key_bytes
+            ib = data[pos] if pos < end else 0xFF
+            if ib < 0x18:
+                result[key] = ib
+                pos += 1
+                self.items += 1
+            elif 0x60 <= ib < 0x78:
+                stop = pos + 1 + ib - 0x60
+                if stop > end:
+                    raise DecodeError(_TRUNCATED)
+                try:
+                    result[key] = data[pos + 1 : stop].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DecodeError("A text string is not valid UTF-8.") from None
+                pos = stop
+                self.items += 1
+            else:
+                self.pos = pos
+                result[key] = self._scalar_or_value(depth + 1)
+                pos = self.pos
+            if self.items > MAX_ITEMS:
+                raise DecodeError("The encoding holds too many items.")
+            if spans is not None:
+                spans.append((key, start, pos))
+        self.pos = pos
+        return result
+
+    def _scalar_or_value(self, depth: int) -> CborValue:
+        """Decode the common scalar forms of a record field inline, else defer to value()."""
+        data = self.data
+        pos = self.pos
+        end = self.end
+        if pos + 1 >= end:
+            return self.value(depth)
+        ib = data[pos]
+        if ib < 0x18:
+            value: CborValue = ib
+            self.pos = pos + 1
+        elif ib == 0x1B and pos + 9 <= end:
+            value = int.from_bytes(data[pos + 1 : pos + 9], "big")
+            if value < 0x100000000:
+                raise DecodeError(_NON_CANONICAL)
+            self.pos = pos + 9
+        elif 0x40 <= ib < 0x58 or 0x60 <= ib < 0x78:
+            stop = pos + 1 + (ib & 0x1F)
+            if stop > end:
+                raise DecodeError(_TRUNCATED)
+            value = data[pos + 1 : stop]
+            self.pos = stop
+        elif ib == 0x58 or ib == 0x78:
+            n = data[pos + 1]
+            if n < 24:
+                raise DecodeError(_NON_CANONICAL)
+            stop = pos + 2 + n
+            if stop > end:
+                raise DecodeError(_TRUNCATED)
+            value = data[pos + 2 : stop]
+            self.pos = stop
+        else:
+            return self.value(depth)
+        self.items += 1
+        if self.items > MAX_ITEMS:
+            raise DecodeError("The encoding holds too many items.")
+        if ib >= 0x60:
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DecodeError("A text string is not valid UTF-8.") from None
+        return value
+
+
+def _check_input(data: object, max_size: int) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError("Only bytes can be decoded.")
+    raw = bytes(data)
+    if len(raw) > max_size:
+        raise DecodeError(f"The encoding is {len(raw)} bytes, over the limit of {max_size}.")
+    if not raw:
+        raise DecodeError("The encoding is empty.")
+    return raw
 
 
 def decode(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> CborValue:
@@ -194,21 +325,77 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> CborValue:
     Raises DecodeError (never anything else) for malformed, non-canonical,
     oversized or trailing input.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise DecodeError("Only bytes can be decoded.")
-    data = bytes(data)
-    if len(data) > max_size:
-        raise DecodeError(f"The encoding is {len(data)} bytes, over the limit of {max_size}.")
-    if not data:
-        raise DecodeError("The encoding is empty.")
-    dec = _Decoder(data)
+    raw = _check_input(data, max_size)
+    dec = _Decoder(raw)
     try:
         value = dec.value(0)
     except RecursionError:
         raise DecodeError("The encoding is nested too deeply.") from None
-    if dec.pos != len(data):
+    if dec.pos != len(raw):
         raise DecodeError("The encoding has trailing bytes after the value.")
     return value
+
+
+def decode_prefix(data: bytes, pos: int, depth: int = 1) -> tuple[CborValue, int]:
+    """Decode one canonical value of `data` starting at `pos`; return it and its end.
+
+    For decoders of fixed envelopes (records) that parse their own frame and
+    hand each variable part here; `depth` is the value's nesting level.
+    """
+    dec = _Decoder(data)
+    dec.pos = pos
+    try:
+        value = dec.value(depth)
+    except RecursionError:
+        raise DecodeError("The encoding is nested too deeply.") from None
+    return value, dec.pos
+
+
+def read_uint(data: bytes, pos: int) -> tuple[int, int] | None:
+    """Read a canonical unsigned integer at `pos`; None if another type is there.
+
+    Raises DecodeError for a non-canonical or truncated integer.
+    """
+    if pos >= len(data) or data[pos] >> 5 != 0:
+        return None
+    value, end = decode_prefix(data, pos, 0)
+    return int(value), end
+
+
+def decode_map_without(data: bytes, omit: str, max_size: int = DEFAULT_MAX_SIZE) -> tuple[dict[Any, Any], bytes]:
+    """Decode a canonical top-level map and also return the canonical encoding
+    of the same map with the entry `omit` removed (the signed payload).
+
+    Because decoding is strict, the encoding of the rest is a splice of the
+    input, so a signed object is verified without re-encoding it. Raises
+    DecodeError if `data` is not such a map or lacks `omit`.
+    """
+    raw = _check_input(data, max_size)
+    ib = raw[0]
+    if ib >> 5 != 5:
+        raise DecodeError("The encoding is not a map.")
+    dec = _Decoder(raw)
+    try:
+        # The strict head parser is reused by reading the map head as an unsigned int.
+        head = bytearray(raw[:9])
+        head[0] = ib & 0x1F
+        hdec = _Decoder(bytes(head))
+        n = hdec.value(0)
+        dec.pos = hdec.pos
+        dec.items = 1
+        if n > len(raw) - dec.pos:
+            raise DecodeError("A map claims more entries than the encoding holds.")
+        body_start = dec.pos
+        spans: list[tuple[Any, int, int]] = []
+        result = dec._map_body(n, 0, spans)
+    except RecursionError:
+        raise DecodeError("The encoding is nested too deeply.") from None
+    if dec.pos != len(raw):
+        raise DecodeError("The encoding has trailing bytes after the value.")
+    for key, start, stop in spans:
+        if key == omit and type(key) is str:
+            return result, _head(5, n - 1) + raw[body_start:start] + raw[stop:]
+    raise DecodeError(f"The map has no '{omit}' entry.")
 
 
 def as_list(value: object, what: str) -> Sequence[Any]:

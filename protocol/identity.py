@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.pwhash
 import nacl.secret
@@ -71,12 +72,21 @@ class MemberId:
         key, check = raw[:KEY_LEN], raw[KEY_LEN:]
         if _checksum(key) != check:
             raise MemberIdError(f"'{text}' has a wrong checksum: the member id is mistyped.")
-        return cls(key)
+        member = cls(key)
+        # The last character carries 2 padding bits; only the form with zero bits is
+        # valid, so a typo there cannot pass and every id has exactly one text form.
+        if str(member) != t:
+            raise MemberIdError(f"'{text}' has a wrong last character: the member id is mistyped.")
+        return member
 
     def verify(self, message: bytes, signature: bytes) -> None:
         """Raise SignatureError unless `signature` is this member's over `message`."""
+        if not isinstance(signature, bytes) or len(signature) != SIG_LEN:
+            raise SignatureError(f"The signature of {self.short}… is not 64 bytes.")
         try:
-            nacl.signing.VerifyKey(self.key).verify(message, signature)
+            # The binding directly: VerifyKey.verify adds an object and a copy per call,
+            # and this runs once per record received.
+            nacl.bindings.crypto_sign_open(signature + message, self.key)
         except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
             raise SignatureError(f"The signature of {self.short}… does not verify.") from None
 

@@ -83,6 +83,19 @@ class Invite:
                 raise LocalError(f"Role '{r}' is not one of: {', '.join(ROLES)}.")
         if not 1 <= uses <= 10_000:
             raise LocalError("An invite's use limit must be between 1 and 10000.")
+        # Refuse here what decode_invite would refuse, so no one signs an unusable token.
+        if not isinstance(name, str) or len(name) > 128:
+            raise LocalError("An invite's constellation name must be text of at most 128 characters.")
+        if not isinstance(constellation, bytes) or len(constellation) != 32:
+            raise LocalError("An invite's constellation must be a 32-byte id.")
+        if not isinstance(nonce, bytes) or len(nonce) != 16:
+            raise LocalError("An invite's nonce must be 16 bytes.")
+        if not isinstance(expires, int) or expires < 0:
+            raise LocalError("An invite's expiry must be a non-negative time in ms.")
+        for host, port in tuple(addrs)[:MAX_ADDRS]:
+            if not (isinstance(host, str) and 0 < len(host) <= 255 and isinstance(port, int)
+                    and not isinstance(port, bool) and 0 < port < 65536):
+                raise LocalError(f"The address {host!r}:{port!r} is not a host and port.")
         unsigned = cls(constellation, name, identity.member, tier, tuple(sorted(set(roles))), uses,
                        expires, tuple(addrs)[:MAX_ADDRS], approve, nonce, b"")
         sig = identity.sign(INVITE_DOMAIN + cbor.encode(unsigned.payload()))
@@ -105,15 +118,16 @@ def decode_invite(raw: bytes) -> Invite:
         roles = p["roles"]
         assert isinstance(roles, list) and all(r in ROLES for r in roles)
         assert roles == sorted(set(roles))
-        assert isinstance(p["uses"], int) and 1 <= p["uses"] <= 10_000
-        assert isinstance(p["expires"], int) and p["expires"] >= 0
+        # bool is an int in Python; true/false must not stand in for numbers.
+        assert type(p["uses"]) is int and 1 <= p["uses"] <= 10_000
+        assert type(p["expires"]) is int and p["expires"] >= 0
         addrs = p["addrs"]
         assert isinstance(addrs, list) and len(addrs) <= MAX_ADDRS
         pairs = []
         for a in addrs:
             assert isinstance(a, list) and len(a) == 2
             assert isinstance(a[0], str) and 0 < len(a[0]) <= 255
-            assert isinstance(a[1], int) and 0 < a[1] < 65536
+            assert type(a[1]) is int and 0 < a[1] < 65536
             pairs.append((a[0], a[1]))
         assert isinstance(p["approve"], bool)
         assert isinstance(p["nonce"], bytes) and len(p["nonce"]) == 16

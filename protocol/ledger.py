@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from . import cbor
-from .errors import AuthorizationError, ValidationError, ValuemeshError
+from .errors import AuthorizationError, SequenceError, ValidationError, ValuemeshError
 from .identity import MemberId
 from .plugins import Plugin, Registry
 from .records import Record
@@ -190,8 +191,10 @@ class Ledger:
 
         Core nodes use this to refuse invalid records before proposing them.
         """
+        if record.constellation != self.constellation:
+            raise ValidationError("The record belongs to another constellation.")
         if record.seq != self.next_seq(record.author):
-            raise ValidationError(
+            raise SequenceError(
                 f"Record seq {record.seq} is not the author's next ({self.next_seq(record.author)})."
             )
         self._stage(record, now)
@@ -254,17 +257,22 @@ class Ledger:
         return Outcome("applied", record)
 
     def _stage(self, record: Record, now: int) -> dict[str, bytes | None]:
-        plugin, op = self.registry.check(record)
-        ctx = ApplyContext(self._data, plugin.name, op, now)
-        self._authorize(ctx, plugin, op, record)
+        # Everything that runs plugin code is inside the try: a plugin's own
+        # check_body may raise anything too, and the seq slot is already taken.
+        plugin_name = record.type
         try:
+            plugin, op = self.registry.check(record)
+            plugin_name = plugin.name
+            # A read-only view: a plugin can change state only through ctx.put/delete.
+            ctx = ApplyContext(MappingProxyType(self._data), plugin.name, op, now)
+            self._authorize(ctx, plugin, op, record)
             plugin.validate(ctx, record)
             plugin.apply(ctx, record)
         except ValuemeshError:
             raise
         except Exception as exc:  # a plugin bug must never break the node
             raise ValidationError(
-                f"Plugin '{plugin.name}' failed on this record ({type(exc).__name__}: {exc})."
+                f"Plugin '{plugin_name}' failed on this record ({type(exc).__name__}: {exc})."
             ) from None
         return ctx.writes()
 

@@ -26,6 +26,7 @@ MAX_RECORDS_PER_BLOCK = 2048
 MAX_PARENTS = 512
 MAX_TYPE_LEN = 64
 MAX_SEQ = (1 << 53) - 1
+MAX_VERSION = 1 << 16
 RECORD_DOMAIN = b"valuemesh/record/v1\x00"
 BLOCK_DOMAIN = b"valuemesh/block/v1\x00"
 CONSTELLATION_PREFIX = "vc1"
@@ -61,6 +62,9 @@ def parse_constellation(text: str) -> bytes:
     cid, check = raw[:HASH_LEN], raw[HASH_LEN:]
     if _id_checksum(cid) != check:
         raise LocalError(f"'{text}' has a wrong checksum: the constellation id is mistyped.")
+    # Two padding bits in the last character must be zero: one text form per id.
+    if constellation_text(cid) != t:
+        raise LocalError(f"'{text}' has a wrong last character: the constellation id is mistyped.")
     return cid
 
 
@@ -131,10 +135,17 @@ class Record:
         created: int,
     ) -> Record:
         """Sign a new record; the caller supplies `created` (ms since epoch)."""
-        if not type or len(type) > MAX_TYPE_LEN:
+        if not isinstance(type, str) or not type or len(type) > MAX_TYPE_LEN:
             raise LocalError("A record type must be 1 to 64 characters.")
         if not 0 <= seq <= MAX_SEQ:
             raise LocalError("A record sequence number is out of range.")
+        # Refuse here what decode_record would refuse, so no node signs an undecodable record.
+        if not 0 <= v <= MAX_VERSION:
+            raise LocalError("A record version is out of range.")
+        if not 0 <= created <= MAX_SEQ:
+            raise LocalError("A record's created time is out of range.")
+        if not isinstance(constellation, bytes) or len(constellation) != HASH_LEN:
+            raise LocalError("A record's constellation must be a 32-byte id.")
         payload_map = {
             "type": type,
             "v": v,
@@ -149,8 +160,11 @@ class Record:
         raw = cbor.encode({**payload_map, "sig": sig})
         if len(raw) > MAX_RECORD_SIZE:
             raise LocalError(f"The record is {len(raw)} bytes, over the limit of {MAX_RECORD_SIZE}.")
+        # The body is kept in its decoded form (tuples become lists, bytearrays bytes) so
+        # plugins see the same values on the author's node as on every other node.
+        decoded = cbor.decode(raw, max_size=MAX_RECORD_SIZE)
         return cls(
-            type, v, constellation, identity.member, seq, dict(body), created, sig,
+            type, v, constellation, identity.member, seq, decoded["body"], created, sig,
             blake2b256(payload), raw,
         )
 
@@ -165,18 +179,120 @@ class Record:
 
 def decode_record(data: bytes, *, verify: bool = True) -> Record:
     """Decode and (by default) verify a record; raise DecodeError/SignatureError."""
+    _need(isinstance(data, (bytes, bytearray, memoryview)), "A record must be given as bytes.")
     _need(len(data) <= MAX_RECORD_SIZE, f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
-    m = cbor.decode(data, max_size=MAX_RECORD_SIZE)
-    return _record_from_map(m, bytes(data), verify)
+    raw = bytes(data)
+    fast = _record_fast(raw)
+    if fast is not None:
+        rec, payload = fast
+        if verify:
+            rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
+        return rec
+    _need(len(raw) > 0 and raw[0] >> 5 == 5, "A record must be a map.")
+    m, payload = cbor.decode_map_without(raw, "sig", max_size=MAX_RECORD_SIZE)
+    return _record_from_map(m, raw, verify, payload)
 
 
-def _record_from_map(m: object, raw: bytes, verify: bool) -> Record:
+# The canonical frame of a record: its 8 keys in canonical order with the
+# fixed-size heads of the 32- and 64-byte fields. _record_fast matches these
+# literally and decodes only the variable parts, which roughly halves the cost
+# of decoding; anything that does not match takes the general path, which then
+# accepts or refuses it exactly as it would have anyway.
+_F_C = b"\xa8\x61c\x58\x20"
+_F_V = b"\x61v"
+_F_SEQ = b"\x63seq"
+_F_SIG = b"\x63sig\x58\x40"
+_F_BODY = b"\x64body"
+_F_TYPE = b"\x64type"
+_F_AUTHOR = b"\x66author\x58\x20"
+_F_CREATED = b"\x67created"
+
+
+def _uint_at(raw: bytes, p: int) -> tuple[int, int] | None:
+    """A canonical unsigned integer at `p` and its end; None if something else is there."""
+    if p >= len(raw):
+        return None
+    ib = raw[p]
+    if ib < 0x18:
+        return ib, p + 1
+    if ib > 0x1B:
+        return None
+    width = 1 << (ib - 0x18)
+    end = p + 1 + width
+    if end > len(raw):
+        raise DecodeError("The encoding ends in the middle of a value.")
+    value = int.from_bytes(raw[p + 1 : end], "big")
+    # Shortest form only: each width must be needed (RFC 8949 §4.2.1).
+    if value < (24 if width == 1 else 1 << (4 * width)):
+        raise DecodeError("The encoding is not canonical (a length is not in its shortest form).")
+    return value, end
+
+
+def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
+    """Decode a record in its canonical frame; None if it is not in that frame."""
+    if not raw.startswith(_F_C):
+        return None
+    p = 5
+    cid = raw[p : p + 32]
+    p += 32
+    if not raw.startswith(_F_V, p):
+        return None
+    got = _uint_at(raw, p + 2)
+    if got is None:
+        return None
+    v, p = got
+    if not raw.startswith(_F_SEQ, p):
+        return None
+    got = _uint_at(raw, p + 4)
+    if got is None:
+        return None
+    seq, p = got
+    if not raw.startswith(_F_SIG, p):
+        return None
+    sig_start = p
+    p += 6
+    sig = raw[p : p + 64]
+    p += 64
+    sig_end = p
+    if not raw.startswith(_F_BODY, p) or p + 5 >= len(raw) or raw[p + 5] >> 5 != 5:
+        return None
+    body, p = cbor.decode_prefix(raw, p + 5)
+    if not raw.startswith(_F_TYPE, p) or p + 5 >= len(raw):
+        return None
+    tb = raw[p + 5]
+    if not 0x60 < tb < 0x78:
+        return None
+    try:
+        rtype = raw[p + 6 : p + 6 + tb - 0x60].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    p += 6 + tb - 0x60
+    if not raw.startswith(_F_AUTHOR, p):
+        return None
+    p += 9
+    akey = raw[p : p + 32]
+    p += 32
+    if not raw.startswith(_F_CREATED, p):
+        return None
+    got = _uint_at(raw, p + 8)
+    if got is None or got[1] != len(raw) or len(akey) != 32:
+        return None
+    created = got[0]
+    _need(v <= MAX_VERSION, "A record version is out of range.")
+    _need(seq <= MAX_SEQ, "A record's seq is out of range.")
+    _need(created <= MAX_SEQ, "A record's created time is out of range.")
+    payload = b"\xa7" + raw[1:sig_start] + raw[sig_end:]
+    rec = Record(rtype, v, cid, MemberId(akey), seq, body, created, sig, blake2b256(payload), raw)
+    return rec, payload
+
+
+def _record_from_map(m: object, raw: bytes, verify: bool, payload: bytes | None = None) -> Record:
     _need(isinstance(m, dict), "A record must be a map.")
     assert isinstance(m, dict)
     _need(m.keys() == _RECORD_KEYS, "A record has missing or unknown fields.")
     rtype = m["type"]
     _need(isinstance(rtype, str) and 0 < len(rtype) <= MAX_TYPE_LEN, "A record type must be short text.")
-    v = _uint(m["v"], "A record version", 1 << 16)
+    v = _uint(m["v"], "A record version", MAX_VERSION)
     cid = _hash(m["c"], "A record's constellation")
     author = _member(m["author"], "A record's author")
     seq = _uint(m["seq"], "A record's seq")
@@ -185,7 +301,8 @@ def _record_from_map(m: object, raw: bytes, verify: bool) -> Record:
     created = _uint(m["created"], "A record's created time")
     sig = m["sig"]
     _need(isinstance(sig, bytes) and len(sig) == 64, "A record signature must be 64 bytes.")
-    payload = cbor.encode({k: m[k] for k in m if k != "sig"})
+    if payload is None:
+        payload = cbor.encode({k: m[k] for k in m if k != "sig"})
     if verify:
         author.verify(RECORD_DOMAIN + payload, sig)
     return Record(rtype, v, cid, author, seq, body, created, sig, blake2b256(payload), raw)
@@ -229,6 +346,19 @@ class Block:
         records_t = tuple(records)
         if len(parents_t) > MAX_PARENTS or len(records_t) > MAX_RECORDS_PER_BLOCK:
             raise LocalError("A block has too many parents or records.")
+        # Refuse here what decode_block would refuse, so no node signs an undecodable block.
+        if not isinstance(constellation, bytes) or len(constellation) != HASH_LEN:
+            raise LocalError("A block's constellation must be a 32-byte id.")
+        if not (0 <= epoch <= MAX_SEQ and 0 <= round <= MAX_SEQ and 0 <= created <= MAX_SEQ):
+            raise LocalError("A block's epoch, round or created time is out of range.")
+        if prev is not None and (not isinstance(prev, bytes) or len(prev) != HASH_LEN):
+            raise LocalError("A block's prev must be a 32-byte block id or None.")
+        if any(not isinstance(p, bytes) or len(p) != HASH_LEN for p in parents_t):
+            raise LocalError("A block's parents must be 32-byte block ids.")
+        if any(r.constellation != constellation for r in records_t):
+            raise LocalError("A block cannot carry a record of another constellation.")
+        if len({r.id for r in records_t}) != len(records_t):
+            raise LocalError("A block cannot carry the same record twice.")
         payload_map = _block_payload(constellation, epoch, identity.member, round, prev, parents_t, records_t, created)
         payload = cbor.encode(payload_map)
         sig = identity.sign(BLOCK_DOMAIN + payload)
@@ -277,8 +407,11 @@ def decode_block(
     `record_verifier` lets a caller that already verified a record (by id)
     skip doing it twice.
     """
+    _need(isinstance(data, (bytes, bytearray, memoryview)), "A block must be given as bytes.")
     _need(len(data) <= MAX_BLOCK_SIZE, "A block is over the size limit.")
-    m = cbor.decode(data, max_size=MAX_BLOCK_SIZE)
+    data = bytes(data)
+    _need(len(data) > 0 and data[0] >> 5 == 5, "A block must be a map.")
+    m, payload = cbor.decode_map_without(data, "sig", max_size=MAX_BLOCK_SIZE)
     _need(isinstance(m, dict), "A block must be a map.")
     assert isinstance(m, dict)
     _need(m.keys() == _BLOCK_KEYS, "A block has missing or unknown fields.")
@@ -299,7 +432,6 @@ def decode_block(
     created = _uint(m["created"], "A block's created time")
     sig = m["sig"]
     _need(isinstance(sig, bytes) and len(sig) == 64, "A block signature must be 64 bytes.")
-    payload = cbor.encode({k: m[k] for k in m if k != "sig"})
     if verify:
         author.verify(BLOCK_DOMAIN + payload, sig)
     records: list[Record] = []

@@ -78,10 +78,14 @@ class Contribution(Plugin):
                 raise AuthorizationError("Only the member who recorded a contribution can amend it.")
             if "quantity" in b:
                 check_quantity(b["quantity"])
+            if "unit" in b and not b["unit"].strip():
+                raise ValidationError("A contribution needs a unit.")
             if len(b) == 2:
                 raise ValidationError("An amendment must change the quantity, unit or note.")
             return
-        if target["provider"] == record.author.key:
+        # The poster counts as well as the provider: recording on someone's behalf
+        # must not let the poster vouch for their own entry.
+        if record.author.key in (target["provider"], target["poster"]):
             raise ValidationError("Members cannot acknowledge or dispute their own contribution.")
         me = record.author.key
         if ctx.op == "ack" and me in target["acks"]:

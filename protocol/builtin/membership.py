@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import cbor
-from ..errors import AuthorizationError, DecodeError, ValidationError
+from ..errors import AuthorizationError, DecodeError, PluginError, ValidationError
 from ..invite import ROLES, TIERS, decode_invite
 from ..ledger import ApplyContext
 from ..plugins import Field, Plugin, Version, integer, text
@@ -79,6 +79,8 @@ class Membership(Plugin):
     # genesis ---------------------------------------------------------------
     def _check_genesis(self, ctx: ApplyContext, record: Record) -> None:
         b = record.body
+        if ctx.get("meta") is not None:
+            raise ValidationError("The constellation already has a genesis.")
         if record.seq != 0:
             raise ValidationError("A genesis must be its founder's first record.")
         if constellation_id(record.author.key, dict(b)) != record.constellation:
@@ -96,7 +98,11 @@ class Membership(Plugin):
         for p in b["plugins"]:
             if len(p) != 2:
                 raise DecodeError("Each genesis plugin entry is [name, version].")
-            Version.parse(p[1])
+            try:
+                Version.parse(p[1])
+            except PluginError:
+                # PluginError blames the local node; a bad genesis is the author's fault.
+                raise ValidationError(f"The genesis names plugin '{p[0]}' with a bad version.") from None
         for entry in b.get("policy", {}).get("reserve", []):
             if len(entry) < 2:
                 raise DecodeError("Each reserve entry is [action, role, …].")
