@@ -81,6 +81,9 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_payload < 1 or self.send_queue_frames < 1 or self.send_queue_bytes < 1:
             raise LocalError("Transport limits must be positive.")
+        rates = (self.rate_messages, self.burst_messages, self.rate_bytes, self.burst_bytes)
+        if min(rates) <= 0:
+            raise LocalError("Transport rate limits must be positive.")
         if self.idle_timeout <= self.ping_interval:
             raise LocalError("The idle timeout must be longer than the ping interval.")
 
@@ -438,7 +441,7 @@ class Transport:
         network_id: bytes,
         handler: LinkHandler,
         *,
-        limits: Limits | None = None,
+        limits: Limits = Limits(),
         clock: Clock = time.monotonic,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -447,7 +450,7 @@ class Transport:
         self.identity = identity
         self.network_id = network_id
         self.handler = handler
-        self.limits = limits if limits is not None else Limits()
+        self.limits = limits
         self.clock = clock
         self._random = random_bytes
         self.reputation = Reputation(self.limits.reputation)
@@ -596,8 +599,10 @@ class Transport:
         log.info("link up %r", link)
         try:
             await self.handler.on_connect(link)
-        except Exception:
+        except Exception as e:
+            # A link the node failed to take in would be a link it does not know about.
             log.exception("on_connect failed for %r", link)
+            link.close(f"the node could not take the link in ({type(e).__name__})")
         finally:
             link._gate.set()
         return link
@@ -811,8 +816,10 @@ class Transport:
             raise AuthorizationError(f"This node does not authorise the peer {remote.short}….")
         if code is wire.Refusal.BACKED_OFF:
             raise BackedOffError(f"This node backs off from {remote.short}… for {retry} more s.")
+        if code is wire.Refusal.SELF_CONNECTION:
+            raise LocalError(f"The peer at {host}:{port} is this node itself.")
         if code is not wire.Refusal.ACCEPTED:
-            raise LocalError(code.sentence.replace("The peer", "This node", 1))
+            raise LocalError("This node has no room for another link right now.")
         await ws.send_bytes(initiator.auth())
         channel = initiator.read_verdict(await _recv_handshake(ws))
         link = PeerLink(self, ws, channel, (ip, port), False, abort)
