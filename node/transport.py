@@ -222,6 +222,25 @@ class PeerLink:
                 self.close(f"the peer did not keep up: send queue full for {self._lim.send_timeout} s")
         if self._reason is not None:
             raise LinkClosedError(f"The link to {self.remote.short}… is closed: {self._reason}.")
+        self._enqueue(data)
+
+    def try_send(self, payload: bytes) -> bool:
+        """Queue one payload only if there is room now; False if full or closed.
+
+        For callers that must not wait, e.g. a handler replying from on_message,
+        where awaiting room could stall two peers that both wait on each other.
+        """
+        data = bytes(payload)
+        if len(data) > self._lim.max_payload:
+            raise LocalError(
+                f"A payload of {len(data)} bytes exceeds the limit of {self._lim.max_payload}."
+            )
+        if self.closed or not self._has_room(len(data)):
+            return False
+        self._enqueue(data)
+        return True
+
+    def _enqueue(self, data: bytes) -> None:
         self._queue.append((wire.FRAME_DATA, data))
         self._queued_bytes += len(data)
         self._data_frames += 1

@@ -751,6 +751,29 @@ async def test_backpressure_bounds_the_queue_and_drops_a_stalled_peer(cluster: C
     assert reasons and "keep up" in reasons[0]
 
 
+async def test_try_send_reports_a_full_queue_and_everything_arrives_after(
+    cluster: Cluster,
+) -> None:
+    limits = replace(FAST, send_queue_frames=4, send_queue_bytes=128 * 1024, send_timeout=5.0)
+    sender = await cluster.node(limits=limits)
+    slow = await cluster.node(limits=limits)
+    slow.handler.stall = asyncio.Event()
+    link = await sender.transport.connect(*slow.addr)
+    chunk = bytes(32 * 1024)
+    accepted = 0
+    for _ in range(10_000):
+        if not link.try_send(chunk + accepted.to_bytes(4, "big")):
+            break
+        accepted += 1
+        assert link.queued_bytes <= limits.send_queue_bytes + 4
+        if accepted % 4 == 0:
+            await asyncio.sleep(0)  # let the writer push into the socket
+    assert 0 < accepted < 10_000 and not link.closed
+    slow.handler.stall.set()
+    got = [await recv(slow) for _ in range(accepted)]
+    assert [int.from_bytes(p[-4:], "big") for _, p in got] == list(range(accepted))
+
+
 async def test_idle_peer_is_dropped_but_quiet_honest_links_stay(
     cluster: Cluster, raw: list[RawPeer]
 ) -> None:
