@@ -191,6 +191,57 @@ def test_handshake_steps_out_of_order_are_local_errors() -> None:
         wire.Initiator(ident(), b"", os.urandom(32))
 
 
+def test_docs_spec_interoperates_with_the_implementation() -> None:
+    """An initiator written from docs/transport.md alone, against the real Responder."""
+    import hashlib
+
+    import nacl.bindings as na
+
+    def h(*p: bytes) -> bytes:
+        return hashlib.blake2b(b"".join(p), digest_size=32).digest()
+
+    def kdf(k: bytes, label: bytes, ctx: bytes) -> bytes:
+        return hashlib.blake2b(label + ctx, key=k, digest_size=32).digest()
+
+    def nonce(n: int) -> bytes:
+        return bytes(4) + n.to_bytes(8, "little")
+
+    me, server = ident(), ident()
+    net = b"spec-net"
+    e_sec = os.urandom(32)
+    e_i = na.crypto_scalarmult_base(e_sec)
+    h0 = h(b"valuemesh peer handshake v1", bytes((len(net),)), net)
+    hello = b"vm\x01\x01" + h(b"valuemesh network tag v1", net) + e_i
+    r = wire.Responder(server, net, os.urandom(32))
+    resp = r.read_hello(hello)
+    h1 = h(h0, hello)
+    e_r = resp[4:36]
+    dh = na.crypto_scalarmult(e_sec, e_r)
+    plain = na.crypto_aead_chacha20poly1305_ietf_decrypt(
+        resp[36:], h1 + e_r, nonce(0), kdf(dh, b"vm1 responder auth", h1 + e_r)
+    )
+    assert plain[:32] == server.member.key
+    server.member.verify(b"vm1 responder sig" + h1 + e_r + plain[:32], plain[32:])
+    h2 = h(h1, resp)
+    sig = me.sign(b"vm1 initiator sig" + h2 + server.member.key + me.member.key)
+    auth = b"vm\x01\x03" + na.crypto_aead_chacha20poly1305_ietf_encrypt(
+        me.member.key + sig, h2, nonce(0), kdf(dh, b"vm1 initiator auth", h2)
+    )
+    assert r.read_auth(auth) == me.member
+    h3 = h(h2, auth)
+    verdict, ch = r.verdict()
+    assert ch is not None and ch.session_id == h3
+    body = na.crypto_aead_chacha20poly1305_ietf_decrypt(
+        verdict[4:], h3, nonce(0), kdf(dh, b"vm1 verdict", h3)
+    )
+    assert body == bytes(5)
+    k_i2r, k_r2i = kdf(dh, b"vm1 traffic i2r", h3), kdf(dh, b"vm1 traffic r2i", h3)
+    frame = na.crypto_aead_chacha20poly1305_ietf_encrypt(b"\x00payload", b"", nonce(0), k_i2r)
+    assert ch.open(frame) == wire.Frame(wire.FRAME_DATA, b"payload")
+    reply = ch.seal(wire.FRAME_PING, b"abc")
+    assert na.crypto_aead_chacha20poly1305_ietf_decrypt(reply, b"", nonce(0), k_r2i) == b"\x01abc"
+
+
 # -- rate limiting and reputation (pure) -------------------------------------
 
 
