@@ -25,6 +25,7 @@ Theory of operation
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import sqlite3
 import time
@@ -32,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import aiosqlite
 from valuemesh.protocol import cbor
@@ -53,6 +54,8 @@ SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 5_000
 # Bounds the WAL file after a checkpoint; SQLite truncates it back to this size.
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+# Page cache per connection (SQLite's default is 2 MiB): holds the hot index pages of a busy node.
+CACHE_KIB: Final = 32 * 1024
 MAX_PAGE: Final = 10_000
 MAX_BATCH_ITEMS: Final = 100_000
 MAX_KV_KEY: Final = 200
@@ -182,7 +185,8 @@ CREATE TABLE blocks (
     received_at   INTEGER NOT NULL
 );
 CREATE INDEX blocks_by_author ON blocks(constellation, author, round);
-CREATE INDEX blocks_by_round ON blocks(constellation, round);
+-- Carries author and id so paging in (round, author, id) order needs no sort.
+CREATE INDEX blocks_by_round ON blocks(constellation, round, author, id);
 CREATE TABLE records (
     id            BLOB PRIMARY KEY CHECK (length(id) = 32),
     constellation BLOB NOT NULL REFERENCES constellations(id),
@@ -275,6 +279,11 @@ async def _migrate_1(db: Db) -> None:
 
 async def _migrate_2(db: Db) -> None:
     await _run_script(db, _SCHEMA_V2)
+    await _derive(db)
+
+
+async def _derive(db: Db) -> None:
+    """Fill block_records and final_records from raw blocks and commits (inside a transaction)."""
     last = 0
     while True:
         rows = await db.execute_fetchall(
@@ -814,8 +823,9 @@ def _decode_signatures(raw: bytes) -> dict[bytes, bytes]:
 class Store:
     """The node's database. Open with `await Store.open(path)`; close with `await close()`."""
 
-    def __init__(self, path: Path, writer: Db, reader: Db, synchronous: str) -> None:
+    def __init__(self, path: Path, writer: Db, reader: Db, synchronous: str, lock: IO[bytes]) -> None:
         self.path = path
+        self._lock = lock
         self._writer = writer
         self._reader = reader
         self._synchronous = synchronous
@@ -845,14 +855,20 @@ class Store:
         p = Path(path)
         if str(path) == ":memory:" or not p.parent.is_dir():
             raise StoreError(f"The database must be a file in an existing directory, not '{path}'.")
-        writer = await _connect(p, mode, busy_timeout_ms, query_only=False)
+        lock = _lock_file(p)
+        try:
+            writer = await _connect(p, mode, busy_timeout_ms, query_only=False)
+        except BaseException:
+            lock.close()
+            raise
         try:
             await _migrate(writer, p, now_ms if now_ms is not None else int(time.time() * 1000))
             reader = await _connect(p, mode, busy_timeout_ms, query_only=True)
         except BaseException:
             await writer.close()
+            lock.close()
             raise
-        return cls(p, writer, reader, mode)
+        return cls(p, writer, reader, mode, lock)
 
     async def close(self) -> None:
         if self._closed:
@@ -866,8 +882,11 @@ class Store:
         except sqlite3.Error:
             pass  # closing must still release both connections
         finally:
-            await self._reader.close()
-            await self._writer.close()
+            try:
+                await self._reader.close()
+                await self._writer.close()
+            finally:
+                self._lock.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -910,6 +929,25 @@ class Store:
         if want != self._sync_now:
             await self._writer.execute(f"PRAGMA synchronous = {want}")
             self._sync_now = want
+
+    async def rebuild_derived(self) -> None:
+        """Recompute block_records and final_records from blocks and commits in one transaction.
+
+        A repair tool: these tables are derived, so rebuilding them loses nothing.
+        """
+        self._check_open()
+        async with self._write_lock:
+            await self._set_sync(True)
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute("DELETE FROM final_records")
+                await db.execute("DELETE FROM block_records")
+                await _derive(db)
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
 
     async def reserve_seq(self, constellation: bytes, author: MemberId) -> int:
         """Durably reserve the next record seq for `author` before signing with it.
@@ -1024,8 +1062,17 @@ class Store:
 
     async def heads(self, constellation: bytes) -> dict[MemberId, int]:
         """Each author's highest stored round: what a peer needs to say what we miss."""
+        # A loose index scan: hop from author to author on blocks_by_author and read each one's
+        # maximum, so the cost grows with the number of authors, not of blocks.
         rows = await self._rows(
-            "SELECT author, MAX(round) FROM blocks WHERE constellation = ? GROUP BY author", (constellation,)
+            "WITH RECURSIVE a(author) AS ("
+            " SELECT MIN(author) FROM blocks WHERE constellation = ?1"
+            " UNION ALL"
+            " SELECT (SELECT MIN(author) FROM blocks WHERE constellation = ?1 AND author > a.author)"
+            " FROM a WHERE a.author IS NOT NULL)"
+            " SELECT author, (SELECT MAX(round) FROM blocks WHERE constellation = ?1 AND author = a.author)"
+            " FROM a WHERE author IS NOT NULL",
+            (constellation,),
         )
         return {MemberId(bytes(a)): int(r) for a, r in rows}
 
@@ -1207,6 +1254,22 @@ async def _rollback(db: Db) -> None:
         pass  # SQLite already rolled back (e.g. after SQLITE_FULL); nothing is left to undo
 
 
+def _lock_file(path: Path) -> IO[bytes]:
+    """Hold an exclusive advisory lock beside the database for as long as the store is open.
+
+    SQLite would let two processes share the file, but two daemons writing as one member could
+    sign two different records or blocks for one slot: an equivocation. The kernel drops the
+    lock when the process dies, so a SIGKILL never leaves a stale lock behind.
+    """
+    f = open(f"{path}-lock", "a+b")  # held open until Store.close
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StoreError(f"The database {path} is in use by another valuemesh process.") from None
+    return f
+
+
 async def _connect(path: Path, synchronous: str, busy_timeout_ms: int, *, query_only: bool) -> Db:
     try:
         db = await aiosqlite.connect(str(path), isolation_level=None)
@@ -1220,6 +1283,7 @@ async def _connect(path: Path, synchronous: str, busy_timeout_ms: int, *, query_
                 raise StoreError(f"The database {path} cannot use write-ahead logging on this file system.")
             await db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         await db.execute(f"PRAGMA synchronous = {synchronous}")
+        await db.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
         await db.execute("PRAGMA foreign_keys = ON")
         if query_only:
             await db.execute("PRAGMA query_only = ON")

@@ -426,6 +426,10 @@ async def test_block_queries_heads_and_paging(store: Store) -> None:
     assert [b async for b in store.iter_blocks(C, page=3)] == want
     assert [b async for b in store.iter_blocks(C, from_round=4, page=1)] == want[-2:]
     assert await store.heads(C) == {ALICE.member: 4, BOB.member: 4}
+    carol = Identity(bytes([3]) * 32)
+    async with store.batch() as tx:
+        tx.put_blocks([blk(carol, 1, []), blk(carol, 7, [])], 1)
+    assert await store.heads(C) == {ALICE.member: 4, BOB.member: 4, carol.member: 7}
     assert await store.heads(OTHER_C) == {}
     assert await store.get_block(want[3].id) == want[3]
     assert await store.get_block(b"\x00" * 32) is None
@@ -532,6 +536,34 @@ async def test_corrupt_stored_bytes_are_reported_not_returned(tmp_path: Path) ->
             await s.get_block(b.id)
         with pytest.raises(StoreError, match="unreadable"):
             await s.get_record(b.records[0].id)
+
+
+async def test_one_process_at_a_time_may_open_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite"
+    first = await Store.open(path)
+    try:
+        with pytest.raises(StoreError, match="in use"):
+            await Store.open(path)
+    finally:
+        await first.close()
+    async with await Store.open(path) as again:
+        assert await again.schema_version() == SCHEMA_VERSION
+
+
+async def test_derived_tables_rebuild_from_blocks_and_commits(store: Store) -> None:
+    r0, r1 = rec(ALICE, 0), rec(BOB, 0)
+    b0, b1 = blk(ALICE, 0, [r0]), blk(BOB, 0, [r1, r0])
+    async with store.batch() as tx:
+        tx.put_blocks([b0, b1], 1)
+        tx.append_commits(C, [CommitEntry(0, b1.id, 0), CommitEntry(1, b0.id, 0)])
+    before = await store.final_records(C)
+    with contextlib.closing(sqlite3.connect(store.path)) as db, db:
+        db.execute("DELETE FROM final_records")
+        db.execute("DELETE FROM block_records WHERE block_id = ?", (b1.id,))
+    assert await store.final_records(C) == []
+    await store.rebuild_derived()
+    assert await store.final_records(C) == before
+    assert [f.record.id for f in before] == [r1.id, r0.id]
 
 
 async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
