@@ -68,10 +68,10 @@ class Limits:
     max_links: int = 256
     max_handshakes: int = 32
     max_handshakes_per_ip: int = 8
-    rate_messages: float = 2_000.0
-    burst_messages: float = 4_000.0
-    rate_bytes: float = 32 * 1024 * 1024
-    burst_bytes: float = 64 * 1024 * 1024
+    rate_messages: float = 5_000.0
+    burst_messages: float = 10_000.0
+    rate_bytes: float = 64 * 1024 * 1024
+    burst_bytes: float = 128 * 1024 * 1024
     flood_grace: float = FLOOD_GRACE
     flood_penalty: float = 25.0
     invalid_message_penalty: float = 20.0
@@ -373,20 +373,23 @@ class PeerLink:
 
     async def _throttle(self, size: int) -> None:
         now = self._t.clock()
-        wait = max(self._msg_bucket.charge(1, now), self._byte_bucket.charge(size, now))
-        if wait <= 0:
+        msg_wait = self._msg_bucket.charge(1, now)
+        wait = max(msg_wait, self._byte_bucket.charge(size, now))
+        if msg_wait <= 0:
             self._throttled_since = None
-            return
-        self.throttled += 1
-        if self._throttled_since is None:
+        elif self._throttled_since is None:
             self._throttled_since = now
         elif now - self._throttled_since >= self._lim.flood_grace:
+            # Only a sustained *message* rate counts as flooding: bulk catch-up sends
+            # few large messages and is slowed by the byte bucket, never punished.
             self._throttled_since = now
             self.penalize(self._lim.flood_penalty, "flooding beyond the rate limit")
             if self.closed:
                 return
-        # Not reading is the throttle: aiohttp stops reading the socket, TCP pushes back.
-        await asyncio.sleep(min(wait, self._lim.idle_timeout / 2))
+        if wait > 0:
+            self.throttled += 1
+            # Not reading is the throttle: aiohttp stops reading the socket, TCP pushes back.
+            await asyncio.sleep(min(wait, self._lim.idle_timeout / 2))
 
     # -- scoring and closing -------------------------------------------------
 

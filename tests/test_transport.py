@@ -734,6 +734,23 @@ async def test_flood_is_throttled_then_cut_off(cluster: Cluster, raw: list[RawPe
     await exchange(server, honest, b"after flood")
 
 
+async def test_bulk_transfer_over_the_byte_rate_is_slowed_not_punished(cluster: Cluster) -> None:
+    limits = replace(
+        FAST, rate_bytes=1024 * 1024, burst_bytes=64 * 1024, flood_grace=0.2, flood_penalty=60.0
+    )
+    server = await cluster.node(limits=limits)
+    client = await cluster.node(limits=limits)
+    link = await client.transport.connect(*server.addr)
+    chunks = [bytes([n]) * (64 * 1024) for n in range(16)]
+    for c in chunks:
+        await link.send(c)
+    assert [await recv(server) for _ in chunks] == [(client.member, c) for c in chunks]
+    inbound = server.transport.link(client.member)
+    assert inbound is not None and inbound.throttled > 0
+    assert not inbound.closed and server.transport.banned_for(client.member) == 0
+    assert inbound.score == limits.reputation.start
+
+
 async def test_upper_layer_penalties_disconnect_and_back_off(cluster: Cluster) -> None:
     server, honest = await honest_pair(cluster)
     rogue = await cluster.node()
