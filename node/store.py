@@ -58,6 +58,8 @@ JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 CACHE_KIB: Final = 32 * 1024
 MAX_PAGE: Final = 10_000
 MAX_BATCH_ITEMS: Final = 100_000
+# Batches one group commit may take: bounds the time one transaction holds the write lock.
+MAX_GROUP: Final = 64
 MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
 MAX_HOST_LEN: Final = 255
@@ -820,6 +822,30 @@ def _decode_signatures(raw: bytes) -> dict[bytes, bytes]:
 # --------------------------------------------------------------------------- store
 
 
+@dataclass(eq=False, slots=True)
+class _Queued:
+    """A batch waiting for the next group commit, and the future its caller awaits."""
+
+    ops: list[tuple[str, tuple[Any, ...]]]
+    durable: bool
+    done: asyncio.Future[BatchResult]
+
+
+def _store_error(e: BaseException) -> BaseException:
+    if isinstance(e, sqlite3.Error):
+        return StoreError(f"The store refused the batch and changed nothing: {_plain_sqlite_error(e)}.")
+    return e
+
+
+def _fail_all(group: list[_Queued], e: BaseException) -> None:
+    for q in group:
+        if not q.done.done():
+            if isinstance(e, Exception):
+                q.done.set_exception(_store_error(e))
+            else:
+                q.done.set_exception(StoreError("The write was interrupted and changed nothing."))
+
+
 class Store:
     """The node's database. Open with `await Store.open(path)`; close with `await close()`."""
 
@@ -830,6 +856,7 @@ class Store:
         self._reader = reader
         self._synchronous = synchronous
         self._write_lock = asyncio.Lock()
+        self._queue: list[_Queued] = []
         self._sync_now = synchronous
         self._closed = False
 
@@ -907,22 +934,58 @@ class Store:
         return Batch(self, durable)
 
     async def _apply(self, ops: list[tuple[str, tuple[Any, ...]]], durable: bool) -> BatchResult:
+        """Group commit: whoever holds the write lock commits every batch queued meanwhile.
+
+        Each batch runs inside its own SAVEPOINT, so a batch that fails is undone alone and its
+        caller gets the error while the others commit; all of them share one COMMIT (one fsync).
+        Every caller returns only after the transaction holding its batch has committed.
+        """
         self._check_open()
-        async with self._write_lock:
-            await self._set_sync(durable)
-            db = self._writer
+        item = _Queued(ops, durable, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
+        try:
+            async with self._write_lock:
+                while not item.done.done():
+                    group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                    await self._commit_group(group)
+        except asyncio.CancelledError:
+            if item in self._queue:
+                self._queue.remove(item)  # never applied: cancelling leaves no trace
+            elif item.done.done() and not item.done.cancelled():
+                item.done.exception()  # consumed here: the caller sees CancelledError instead
+            raise
+        return await item.done
+
+    async def _commit_group(self, group: list[_Queued]) -> None:
+        db = self._writer
+        try:
+            await self._set_sync(any(q.durable for q in group))
             await db.execute("BEGIN IMMEDIATE")
-            try:
-                result = await _Apply(db).run(ops)
-                await db.execute("COMMIT")
-            except BaseException as e:
-                await _rollback(db)
-                if isinstance(e, sqlite3.Error):
-                    raise StoreError(
-                        f"The store refused the batch and changed nothing: {_plain_sqlite_error(e)}."
-                    ) from None
+        except sqlite3.Error as e:
+            _fail_all(group, e)
+            return
+        results: list[BatchResult | BaseException] = []
+        try:
+            for q in group:
+                await db.execute("SAVEPOINT batch")
+                try:
+                    results.append(await _Apply(db).run(q.ops))
+                except Exception as e:
+                    await db.execute("ROLLBACK TO batch")
+                    results.append(e)
+                await db.execute("RELEASE batch")
+            await db.execute("COMMIT")
+        except BaseException as e:
+            await _rollback(db)
+            _fail_all(group, e)
+            if not isinstance(e, Exception):
                 raise
-            return result
+            return
+        for q, r in zip(group, results, strict=True):
+            if isinstance(r, BaseException):
+                q.done.set_exception(_store_error(r))
+            else:
+                q.done.set_result(r)
 
     async def _set_sync(self, durable: bool) -> None:
         want = self._synchronous if durable else "NORMAL"

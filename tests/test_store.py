@@ -478,6 +478,41 @@ async def test_concurrent_batches_are_serialised(store: Store) -> None:
     assert len(await store.peers()) == 1
 
 
+async def test_group_commit_keeps_each_batch_atomic(store: Store) -> None:
+    blocks = [blk(ALICE, r, [rec(ALICE, r)]) for r in range(12)]
+
+    async def write(i: int) -> None:
+        async with store.batch() as tx:
+            tx.put_block(blocks[i], 1)
+            if i == 5:
+                tx.append_commits(C, [CommitEntry(3, blocks[i].id, 5)])  # a gap: this batch fails
+
+    results = await asyncio.gather(*(write(i) for i in range(12)), return_exceptions=True)
+    assert [i for i, r in enumerate(results) if r is not None] == [5]
+    assert isinstance(results[5], FinalOrderError)
+    assert await store.has_blocks([b.id for b in blocks]) == {b.id for i, b in enumerate(blocks) if i != 5}
+
+
+async def test_a_cancelled_batch_that_never_ran_leaves_no_trace(store: Store) -> None:
+    b = blk(ALICE, 0, [rec(ALICE, 0)])
+
+    async def write() -> None:
+        async with store.batch() as tx:
+            tx.put_block(b, 1)
+
+    async with store._write_lock:  # hold the writer so the batch has to queue
+        task = asyncio.create_task(write())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    async with store.batch() as tx:
+        tx.put_kv("after", b"1")
+    assert await store.block_count(C) == 0
+    assert await store.get_kv("after") == b"1"
+
+
 async def test_constellations_checkpoints_peers_and_settings(store: Store) -> None:
     assert await store.constellation(C) == info()
     async with store.batch() as tx:
