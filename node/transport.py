@@ -775,7 +775,12 @@ class Transport:
             if key is not None and self.banned_for(key):
                 raise BackedOffError(f"This node backs off from {key} for a while after misbehaviour.")
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+            # No connector limit: Limits.max_links bounds links, and a pool limit would
+            # make the 101st dial wait silently for a link to close.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
         url = URL.build(scheme="http", host=host, port=port, path=PEER_PATH)
         lim = self.limits
         ws: aiohttp.ClientWebSocketResponse | None = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import aiohttp
 import pytest
+from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
@@ -23,6 +24,7 @@ from valuemesh.node.transport import (
     Limits,
     LinkClosedError,
     PeerLink,
+    PeerUnreachableError,
     Transport,
 )
 from valuemesh.protocol import wire
@@ -569,6 +571,83 @@ async def test_redial_replaces_the_old_link(cluster: Cluster) -> None:
     await exchange(a, b, b"redialled")
 
 
+async def test_silent_server_and_foreign_http_server_fail_cleanly(cluster: Cluster) -> None:
+    limits = replace(FAST, connect_timeout=0.5)
+    a = await cluster.node(limits=limits)
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = silent.sockets[0].getsockname()[1]
+        with pytest.raises(PeerUnreachableError, match="did not complete"):
+            await a.transport.connect("127.0.0.1", port)
+        http_port = runner.addresses[0][1]
+        with pytest.raises(PeerUnreachableError, match="not a valuemesh peer"):
+            await a.transport.connect("127.0.0.1", http_port)
+    finally:
+        for w in held:
+            w.close()
+        silent.close()
+        await silent.wait_closed()
+        await runner.cleanup()
+    assert not a.transport.links
+
+
+async def test_hostile_server_answers_are_rejected_by_the_client(cluster: Cluster) -> None:
+    a = await cluster.node()
+    answers = [os.urandom(wire.RESPONSE_LEN), b"vm\x01\x02" + os.urandom(wire.RESPONSE_LEN - 4)]
+
+    async def serve(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        await ws.send_bytes(answers.pop(0))
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get(PEER_PATH, serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        for _ in range(2):
+            with pytest.raises(wire.HandshakeError):
+                await a.transport.connect("127.0.0.1", port)
+    finally:
+        await runner.cleanup()
+    assert not a.transport.links and a.handler.events == []
+
+
+async def test_ipv6_loopback(cluster: Cluster) -> None:
+    a = await cluster.node()
+    identity = ident()
+    handler = Recorder()
+    t = Transport(identity, NET, handler, limits=FAST)
+    try:
+        addr = await t.start("::1", 0)
+    except LocalError:
+        pytest.skip("no IPv6 loopback here")
+    cluster.nodes.append(Node(identity, handler, t, addr))
+    link = await a.transport.connect(*addr, expect=identity.member)
+    await link.send(b"over v6")
+    assert await recv(cluster.nodes[-1]) == (a.member, b"over v6")
+
+
 # -- hostile peers -------------------------------------------------------------
 
 
@@ -876,8 +955,6 @@ async def test_unreachable_and_backed_off_dials_fail_cleanly(cluster: Cluster) -
     b = await cluster.node()
     addr = b.addr
     await b.transport.stop()
-    from valuemesh.node.transport import PeerUnreachableError
-
     with pytest.raises(PeerUnreachableError):
         await a.transport.connect(*addr)
     a.transport.ban(b.member, "test", ip=None)
