@@ -15,15 +15,19 @@ from ..ledger import ApplyContext, StateReader
 from ..plugins import Field, Plugin, Version
 from ..records import Record
 from .inputs import (
+    AGREEMENT_NS,
+    CONTRIBUTION_NS,
     DISTRIBUTION_NS,
+    POLICY_NS,
     REVENUE_NS,
     current_policy,
     gather_inputs,
+    inputs_from_leaves,
     paid_debt_key,
     paid_term_key,
 )
-from .split import Distribution, compute_split
-from .splitpolicy import SplitPolicy
+from .split import Distribution, compute_split, verify
+from .splitpolicy import DEFAULT_POLICY, SplitPolicy, parse_policy
 
 
 def current_split(state: StateReader, revenue_id: bytes) -> Distribution:
@@ -45,6 +49,40 @@ def ratifiers(state: StateReader, policy: SplitPolicy, dist: Distribution) -> li
             if m.get("status") == "active" and set(policy.ratify.roles) & set(m.get("roles", [])):
                 need.add(bytes.fromhex(key[2:]))
     return sorted(k for k in need if state.is_active(k))
+
+
+def find_policy(state: StateReader, digest: bytes) -> SplitPolicy:
+    """The default policy or an adopted one, by its hash."""
+    if digest == DEFAULT_POLICY.hash:
+        return DEFAULT_POLICY
+    for _, v in state.scan(POLICY_NS, "history/"):
+        if v["hash"] == digest:
+            return parse_policy(v["policy"])
+    raise ValidationError("No policy this constellation adopted has that hash.")
+
+
+def verify_recorded(state: StateReader, distribution_id: bytes) -> Distribution:
+    """Re-verify a proposed or final distribution from the inputs it carries.
+
+    Recomputes the split from the stored inputs and the policy it names, checks
+    the Merkle root, and checks that every input names a record in this ledger.
+    """
+    d = state.read(DISTRIBUTION_NS, f"d/{distribution_id.hex()}")
+    if not isinstance(d, dict):
+        raise ValidationError("There is no distribution with that id.")
+    dist = Distribution.from_map(d["distribution"])
+    inputs = inputs_from_leaves(d["inputs"])
+    verify(dist, inputs, find_policy(state, dist.policy_hash))
+    if state.read(REVENUE_NS, f"r/{inputs.revenue.id.hex()}") is None:
+        raise ValidationError("The distribution's revenue is not in this ledger.")
+    for c in inputs.contributions:
+        if state.read(CONTRIBUTION_NS, f"c/{c.id.hex()}") is None:
+            raise ValidationError(f"Input contribution {c.id.hex()[:12]} is not in this ledger.")
+    for t in inputs.terms:
+        a = state.read(AGREEMENT_NS, f"a/{t.agreement.hex()}")
+        if not isinstance(a, dict) or a["status"] != "final":
+            raise ValidationError(f"Input agreement {t.agreement.hex()[:12]} is not final here.")
+    return dist
 
 
 class DistributionPlugin(Plugin):
@@ -128,6 +166,9 @@ class DistributionPlugin(Plugin):
                     "policy_proposal": proposal,
                     "root": dist.inputs_root,
                     "distribution": dist.to_map(),
+                    # The inputs travel with the distribution so it can be re-verified later,
+                    # when repayments and new acknowledgements have moved the ledger on.
+                    "inputs": gather_inputs(ctx, b["revenue"]).leaves(),
                     "required": ratifiers(ctx, policy, dist),
                     "signed": [],
                     "status": "proposed",

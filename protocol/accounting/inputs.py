@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ValidationError
+from ..errors import DecodeError, ValidationError
 from ..ledger import StateReader
 from .merkle import merkle_root
 from .money import parse_decimal, to_minor_floor
@@ -219,3 +219,113 @@ def debt_minor(c: ContributionInput, revenue: RevenueInput) -> int | None:
     if c.payback != "debt-like" or c.unit != revenue.currency:
         return None
     return to_minor_floor(parse_decimal(c.quantity), revenue.exponent)
+
+
+def _leaf_ok(cond: bool) -> None:
+    if not cond:
+        raise DecodeError("A split input leaf is malformed.")
+
+
+def _is_key(v: object) -> bool:
+    return isinstance(v, bytes) and len(v) == 32
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def inputs_from_leaves(leaves: object) -> SplitInputs:
+    """Rebuild inputs from their leaf maps (as a distribution carries them); DecodeError if bad."""
+    _leaf_ok(isinstance(leaves, list) and 0 < len(leaves) <= MAX_LEAVES)
+    assert isinstance(leaves, list)
+    terms: list[TermInput] = []
+    contributions: list[ContributionInput] = []
+    revenue: RevenueInput | None = None
+    for leaf in leaves:
+        _leaf_ok(isinstance(leaf, dict) and isinstance(leaf.get("k"), str))
+        kind = leaf["k"]
+        if kind == "revenue" and revenue is None:
+            _leaf_ok(set(leaf) == _REVENUE_LEAF)
+            _leaf_ok(_is_key(leaf["id"]) and _is_key(leaf["customer"]))
+            _leaf_ok(leaf["agreement"] is None or _is_key(leaf["agreement"]))
+            _leaf_ok(all(_is_uint(leaf[k]) for k in ("amount", "exp", "at")))
+            _leaf_ok(isinstance(leaf["currency"], str) and leaf["amount"] > 0)
+            revenue = RevenueInput(
+                leaf["id"],
+                leaf["amount"],
+                leaf["currency"],
+                leaf["exp"],
+                leaf["customer"],
+                leaf["agreement"],
+                leaf["at"],
+            )
+        elif kind == "term":
+            _leaf_ok(set(leaf) == _TERM_LEAF and leaf["kind"] in TERM_KINDS)
+            _leaf_ok(_is_key(leaf["id"]) and _is_key(leaf["to"]))
+            _leaf_ok(all(_is_uint(leaf[k]) for k in ("i", "paid", "at")))
+            _leaf_ok(all(leaf[k] is None or _is_uint(leaf[k]) for k in ("amount", "bps", "cap")))
+            terms.append(
+                TermInput(
+                    leaf["id"],
+                    leaf["i"],
+                    leaf["kind"],
+                    leaf["to"],
+                    leaf["amount"],
+                    leaf["bps"],
+                    leaf["cap"],
+                    leaf["paid"],
+                    leaf["at"],
+                )
+            )
+        elif kind == "contribution":
+            _leaf_ok(set(leaf) == _CONTRIBUTION_LEAF)
+            _leaf_ok(_is_key(leaf["id"]) and _is_key(leaf["provider"]))
+            _leaf_ok(
+                all(isinstance(leaf[k], str) for k in ("action", "quantity", "unit", "payback"))
+            )
+            _leaf_ok(_is_uint(leaf["at"]) and _is_uint(leaf["paid"]))
+            for k in ("acks", "disputes"):
+                _leaf_ok(isinstance(leaf[k], list) and all(_is_key(x) for x in leaf[k]))
+            try:
+                parse_decimal(leaf["quantity"])
+            except ValidationError:
+                raise DecodeError("A split input leaf is malformed.") from None
+            contributions.append(
+                ContributionInput(
+                    leaf["id"],
+                    leaf["provider"],
+                    leaf["action"],
+                    leaf["quantity"],
+                    leaf["unit"],
+                    leaf["payback"],
+                    tuple(leaf["acks"]),
+                    tuple(leaf["disputes"]),
+                    leaf["at"],
+                    leaf["paid"],
+                )
+            )
+        else:
+            raise DecodeError("A split input leaf is of an unknown kind or repeats the revenue.")
+    if revenue is None:
+        raise DecodeError("The split inputs lack their revenue.")
+    return SplitInputs(revenue, tuple(terms), tuple(contributions))
+
+
+MAX_LEAVES = 100_000
+_REVENUE_LEAF = frozenset({"k", "id", "amount", "currency", "exp", "customer", "agreement", "at"})
+_TERM_LEAF = frozenset({"k", "id", "i", "kind", "to", "amount", "bps", "cap", "paid", "at"})
+_CONTRIBUTION_LEAF = frozenset(
+    {
+        "k",
+        "id",
+        "provider",
+        "action",
+        "quantity",
+        "unit",
+        "payback",
+        "acks",
+        "disputes",
+        "at",
+        "paid",
+    }
+)
