@@ -60,6 +60,8 @@ REJECTIONS_KEPT = 64
 
 # Timers, in seconds.
 RESOLVE_TIMEOUT = 3.0
+RESOLVE_ATTEMPTS = 4
+RESOLVE_RETRY_DELAY = 0.5
 # The same (member, address) is reported again no sooner than this, so a chatty or hostile
 # announcer cannot flood the node with callbacks; the peer table is idempotent anyway.
 REREPORT_INTERVAL = 30.0
@@ -389,34 +391,42 @@ class Discovery:
         return self._name
 
     async def start(self) -> None:
+        """Open the mDNS sockets, start browsing, then announce (probing takes ~1.5 s)."""
         if self._aiozc is not None:
             raise LocalError("Discovery is already running.")
-        aiozc = AsyncZeroconf(interfaces=list(self.interfaces), ip_version=_ip_version(
-            self.interfaces))
-        txt = announcement_txt(self.member, self.network_id, self.port)
+        try:
+            aiozc = AsyncZeroconf(
+                interfaces=list(self.interfaces), ip_version=_ip_version(self.interfaces)
+            )
+        except OSError as e:
+            raise LocalError(
+                f"Cannot open mDNS sockets on {', '.join(self.interfaces)}: {e.strerror or e}."
+            ) from None
         info = AsyncServiceInfo(
             SERVICE_TYPE,
             self._name,
             port=self.port,
-            properties=txt,
+            properties=announcement_txt(self.member, self.network_id, self.port),
             server=f"{instance_name(self.member, self.network_id)}.local.",
             parsed_addresses=list(self.interfaces),
+        )
+        self._aiozc = aiozc
+        # Browse first, so that peers are found while our own name is still being probed.
+        self._browser = AsyncServiceBrowser(
+            aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
         )
         try:
             announced = await aiozc.async_register_service(info)
             await announced
         except NonUniqueNameException:
-            await aiozc.async_close()
+            await self.stop()
             raise LocalError(
                 "Another node with this member id is already announced on this network."
             ) from None
         except BaseException:
-            await aiozc.async_close()
+            await self.stop()
             raise
-        self._aiozc, self._info = aiozc, info
-        self._browser = AsyncServiceBrowser(
-            aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
-        )
+        self._info = info
         log.info(
             "discovery started member=%s service=%s interfaces=%s port=%d",
             self.member.short, self._name, ",".join(self.interfaces), self.port,
@@ -481,21 +491,26 @@ class Discovery:
 
     async def _resolve(self, name: str) -> None:
         try:
-            async with self._sem:
-                if self._aiozc is None:
+            for attempt in range(RESOLVE_ATTEMPTS):
+                async with self._sem:
+                    if self._aiozc is None:
+                        return
+                    try:
+                        info = AsyncServiceInfo(SERVICE_TYPE, name)
+                    except BadTypeInNameException:
+                        self._drop(name, "a malformed service name")
+                        return
+                    ok = await info.async_request(
+                        self._aiozc.zeroconf, int(self._resolve_timeout * 1000)
+                    )
+                if ok:
+                    self._accept(name, info)
                     return
-                try:
-                    info = AsyncServiceInfo(SERVICE_TYPE, name)
-                except BadTypeInNameException:
-                    self._drop(name, "a malformed service name")
-                    return
-                ok = await info.async_request(
-                    self._aiozc.zeroconf, int(self._resolve_timeout * 1000)
-                )
-                if not ok:
-                    log.debug("discovery: %r did not resolve in time", name[:80])
-                    return
-                self._accept(name, info)
+                # A lost answer on a busy LAN is common, and the browser will not report
+                # the same name again until it changes, so we retry here a few times.
+                log.debug("discovery: %r did not resolve (attempt %d)", name[:80], attempt + 1)
+                await asyncio.sleep(RESOLVE_RETRY_DELAY * 2**attempt)
+            log.info("discovery: %r never resolved; waiting for its next announcement", name[:80])
         finally:
             self._pending.discard(name)
 

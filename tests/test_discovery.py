@@ -1,0 +1,394 @@
+"""Tests of LAN discovery: strict TXT and address parsing, an in-process loopback test with
+hostile announcements, and real mDNS between three network namespaces joined by a bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ifaddr
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from valuemesh.node.discovery import (
+    SERVICE_TYPE,
+    Discovery,
+    Found,
+    add_bootstrap,
+    announcement_txt,
+    check_interfaces,
+    default_interfaces,
+    encode_txt,
+    instance_name,
+    parse_announcement,
+    parse_hostport,
+    parse_txt,
+)
+from valuemesh.node.peers import Dial, PeerTable, Source
+from valuemesh.protocol.errors import DecodeError, LocalError, RemoteError, ValuemeshError
+from valuemesh.protocol.identity import Identity, MemberId
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+sys.path.insert(0, str(Path(__file__).parent))
+import netns
+
+NODE_SCRIPT = str(Path(__file__).parent / "discovery_node.py")
+FIND_DEADLINE = 30.0
+
+
+def member(i: int) -> MemberId:
+    return Identity(bytes([i]) * 32).member
+
+
+NET = bytes.fromhex("a1b2c3d4e5f60718")
+
+
+def good_txt(m: MemberId | None = None, net: bytes = NET, port: int = 7000) -> bytes:
+    return encode_txt(announcement_txt(m or member(1), net, port))
+
+
+# --- TXT parsing -----------------------------------------------------------------------------
+
+
+def test_good_announcement_round_trips() -> None:
+    ann = parse_announcement(good_txt(), 7000)
+    assert (ann.member, ann.network_id, ann.port, ann.version) == (member(1), NET, 7000, 1)
+    # Unknown keys are tolerated for forward compatibility (RFC 6763 §6.4); case is folded.
+    extra = good_txt() + encode_txt({"Future": "x"})
+    assert parse_announcement(extra, 7000).member == member(1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "srv_port"),
+    [
+        (b"", 7000),  # nothing at all
+        (b"\x05id=x", 7000),  # truncated string
+        (b"\x00" + good_txt(), 7000),  # empty string
+        (good_txt() + b"\x04port", 7000),  # key without '='
+        (good_txt() + encode_txt({"id": str(member(2))}), 7000),  # duplicate key
+        (good_txt() + b"\x05\xffk=v", 7000),  # non-ASCII key
+        (good_txt(), 7001),  # TXT and SRV ports disagree
+        (good_txt(), None),
+        (good_txt().replace(b"pv=1", b"pv=2"), 7000),  # unknown version
+        (good_txt().replace(b"pv=1", b"pv=01"), 7000),  # non-canonical number
+        (good_txt(port=7000).replace(b"port=7000", b"port=+7000"), 7000),
+        (good_txt(port=7000).replace(b"port=7000", b"port=70000"), 70000),
+        (good_txt().replace(b"id=vm1", b"id=vm2"), 7000),  # not a member id
+        (encode_txt({**announcement_txt(member(1), NET, 7000),
+                     "id": str(member(1))[:-1] + ("a" if str(member(1))[-1] != "a" else "b")}),
+         7000),  # checksum mismatch
+        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": "xyz1"}), 7000),
+        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": "A1B2"}), 7000),
+        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": ""}), 7000),
+        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": "ab" * 65}), 7000),
+        (b"".join(encode_txt({f"k{i}": "v"}) for i in range(20)) + good_txt(), 7000),
+        (good_txt() + b"\xff" + b"x" * 255 + (b"\xff" + b"y" * 255) * 5, 7000),  # oversized
+    ],
+)
+def test_bad_announcements_rejected(raw: bytes, srv_port: int | None) -> None:
+    with pytest.raises(RemoteError):
+        parse_announcement(raw, srv_port)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.none() | st.integers(0, 70000))
+def test_any_bytes_parse_or_raise_typed_error(raw: bytes, port: int | None) -> None:
+    try:
+        parse_announcement(raw, port)
+    except ValuemeshError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text("abcdefghijklmnop", min_size=1, max_size=9),
+                       st.text(min_size=0, max_size=40), max_size=10))
+def test_txt_encoding_round_trips(items: dict[str, str]) -> None:
+    assert parse_txt(encode_txt(items)) == {k: v.encode() for k, v in items.items()}
+
+
+def test_txt_limits() -> None:
+    with pytest.raises(DecodeError):
+        parse_txt(b"id=x")  # the first byte is read as a length, and the string is short
+    with pytest.raises(LocalError):
+        encode_txt({"k": "v" * 300})
+
+
+# --- host:port parsing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.0.0.1:7000", ("10.0.0.1", 7000)),
+        ("  seed.example.org:443 ", ("seed.example.org", 443)),
+        ("Seed.Example.ORG.:1", ("seed.example.org", 1)),
+        ("[2001:db8::1]:7000", ("2001:db8::1", 7000)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("localhost:80", ("localhost", 80)),
+    ],
+)
+def test_parse_hostport_good(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "   ", "host", "host:", ":7000", "host:0", "host:65536", "host:-1", "host:+80",
+        "host:8o", "host:७०००", "2001:db8::1:7000", "[2001:db8::1]", "[2001:db8::1]7000",
+        "[10.0.0.1]:80", "[2001:db8::1:80", "bad_host:80", "-bad.example:80", "a..b:80",
+        "0.0.0.0:80", "224.0.0.251:5353", "1.2.3:80", "host:123456",
+    ],
+)
+def test_parse_hostport_bad(text: str) -> None:
+    with pytest.raises(LocalError) as e:
+        parse_hostport(text)
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+
+
+def test_add_bootstrap_is_all_or_nothing_and_dials() -> None:
+    t = PeerTable(member(9), random.Random(0))
+    with pytest.raises(LocalError):
+        add_bootstrap(t, ["10.0.0.1:7000", "nonsense"], 0.0)
+    assert t.anonymous() == []
+    added = add_bootstrap(t, ["10.0.0.1:7000", "[2001:db8::1]:7001"], 0.0)
+    assert t.anonymous() == sorted(added)
+    dials = [a for a in t.tick(0.0) if isinstance(a, Dial)]
+    assert {d.target.address for d in dials} == set(added)
+    assert all(d.target.member is None and d.target.source is Source.BOOTSTRAP for d in dials)
+
+
+# --- interfaces ------------------------------------------------------------------------------
+
+
+def test_check_interfaces() -> None:
+    assert check_interfaces(["127.0.0.1", "127.0.0.1"]) == ["127.0.0.1"]
+    for bad in (["eth0"], ["0.0.0.0"], ["203.0.113.77"], [], "127.0.0.1"):
+        with pytest.raises(LocalError):
+            check_interfaces(bad)  # type: ignore[arg-type]
+
+
+def test_default_interfaces_skip_loopback_link_local_and_down_links() -> None:
+    def adapter(name: str, *ips: str) -> ifaddr.Adapter:
+        return ifaddr.Adapter(name, name, [ifaddr.IP(ip, 24, name) for ip in ips])
+
+    # Names that do not exist in /sys: flags unknown, only the address rules apply.
+    fake = [
+        adapter("vmt-nosuch0", "192.0.2.10", "127.0.0.5", "169.254.1.1"),
+        adapter("vmt-nosuch1", "198.51.100.7"),
+    ]
+    assert default_interfaces(fake) == ["192.0.2.10", "198.51.100.7"]
+    if Path("/sys/class/net/lo/flags").exists():
+        # The real loopback link is excluded by its flags whatever address it carries.
+        assert default_interfaces([adapter("lo", "192.0.2.99")]) == []
+    for ip in default_interfaces():
+        assert not ip.startswith("127.") and not ip.startswith("169.254.")
+
+
+def test_discovery_rejects_bad_configuration() -> None:
+    def cb(f: Found) -> None:
+        raise AssertionError
+
+    with pytest.raises(LocalError):
+        Discovery(member(1), b"", 7000, cb, interfaces=["127.0.0.1"])
+    with pytest.raises(ValuemeshError):
+        Discovery(member(1), NET, 0, cb, interfaces=["127.0.0.1"])
+    with pytest.raises(LocalError):
+        Discovery(member(1), NET, 7000, cb, interfaces=["198.51.100.200"])
+
+
+# --- in-process, on loopback: hostile announcements are ignored ---------------------------------
+
+
+async def _wait_for(pred: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.05) + 1):
+        if pred():  # type: ignore[operator]
+            return True
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return bool(pred())  # type: ignore[operator]
+
+
+async def test_loopback_discovery_ignores_hostile_announcements() -> None:
+    net = os.urandom(8)  # unique per run: concurrent runs on this host never mix
+    a, b, c = member(11), member(12), member(13)
+    found_a: list[Found] = []
+    found_b: list[Found] = []
+    lost_b: list[MemberId] = []
+
+    def bad_cb(f: Found) -> None:
+        raise RuntimeError("a buggy callback must not stop discovery")
+
+    disc_a = Discovery(a, net, 7101, found_a.append, interfaces=["127.0.0.1"])
+    disc_b = Discovery(b, net, 7102, lambda f: (found_b.append(f), bad_cb(f)),  # type: ignore[func-returns-value]
+                       interfaces=["127.0.0.1"], on_lost=lost_b.append)
+    rogue = AsyncZeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    good = announcement_txt(c, net, 7103)
+    hostile: dict[str, tuple[bytes, int]] = {
+        "bad-checksum": (encode_txt({**good, "id": str(c)[:-2] + "aa"}), 7104),
+        "port-mismatch": (encode_txt(good), 7999),
+        "duplicate-key": (encode_txt(good) + encode_txt({"id": str(member(14))}), 7103),
+        "garbled": (b"\x40garbage", 7103),
+        "not-hex-net": (encode_txt({**good, "net": "zz" * 8}), 7103),
+        "future-version": (encode_txt({**good, "pv": "9"}), 7103),
+        "other-network": (encode_txt({**good, "net": os.urandom(8).hex()}), 7103),
+        "claims-to-be-b": (encode_txt(announcement_txt(b, net, 7105)), 7105),
+    }
+    tag = os.urandom(3).hex()
+    infos = [
+        AsyncServiceInfo(
+            SERVICE_TYPE, f"{label}-{tag}.{SERVICE_TYPE}", port=port, properties=raw,
+            server=f"{label}-{tag}.local.", parsed_addresses=["127.0.0.1"],
+        )
+        for label, (raw, port) in hostile.items()
+    ]
+    control = AsyncServiceInfo(
+        SERVICE_TYPE, f"{instance_name(c, net)}.{SERVICE_TYPE}", port=7103, properties=good,
+        server=f"control-{tag}.local.", parsed_addresses=["127.0.0.1"],
+    )
+    try:
+        # Registered together: each registration probes for ~1.5 s (RFC 6762 §8.1).
+        announced = await asyncio.gather(
+            *(rogue.async_register_service(i) for i in [*infos, control])
+        )
+        await asyncio.gather(*announced)
+        await asyncio.gather(disc_a.start(), disc_b.start())
+        wanted_b = {(a, 7101), (c, 7103)}
+        assert await _wait_for(lambda: {(f.member, f.port) for f in found_b} >= wanted_b,
+                               FIND_DEADLINE), found_b
+        hostile_names = {i.name for i in infos}
+        assert await _wait_for(
+            lambda: {n for n, _ in disc_b.rejections} >= hostile_names, FIND_DEADLINE
+        ), list(disc_b.rejections)
+        assert await _wait_for(lambda: {f.member for f in found_a} >= {b, c}, FIND_DEADLINE)
+        # Only the two honest nodes were ever reported; never ourselves, never a hostile one.
+        assert {(f.member, f.host, f.port) for f in found_b} == {
+            (a, "127.0.0.1", 7101), (c, "127.0.0.1", 7103)}
+        assert {f.member for f in found_a} == {b, c}
+        reasons = dict(disc_b.rejections)
+        assert reasons[f"other-network-{tag}.{SERVICE_TYPE}"] == "another network"
+        assert reasons[f"claims-to-be-b-{tag}.{SERVICE_TYPE}"] == "our own member id"
+        assert "SRV port" in reasons[f"port-mismatch-{tag}.{SERVICE_TYPE}"]
+        # A clean stop sends a goodbye: the other side forgets us at once, not after a TTL.
+        await disc_a.stop()
+        assert await _wait_for(lambda: a in lost_b, FIND_DEADLINE)
+    finally:
+        await disc_a.stop()
+        await disc_b.stop()
+        await rogue.async_unregister_all_services()
+        await rogue.async_close()
+
+
+# --- for real: three network namespaces on one bridge ------------------------------------------
+
+
+class _Node:
+    """One discovery_node.py process; its JSON lines are collected by a reader thread."""
+
+    def __init__(self, lan: netns.NetnsLan, host: netns.Host, seed: bytes, port: int,
+                 network: bytes) -> None:
+        self.member = Identity(seed).member
+        self.events: queue.Queue[dict[str, object]] = queue.Queue()
+        self.seen: list[dict[str, object]] = []
+        self.proc = lan.popen(
+            host,
+            [sys.executable, NODE_SCRIPT, "--interface", host.ip, "--port", str(port),
+             "--network", network.hex(), "--seed", seed.hex(), "--max-seconds", "90"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                self.events.put({"event": "garbage", "line": line})
+
+    def drain(self) -> list[dict[str, object]]:
+        while True:
+            try:
+                self.seen.append(self.events.get_nowait())
+            except queue.Empty:
+                return self.seen
+
+    def found(self) -> set[tuple[str, str, int]]:
+        return {(str(e["member"]), str(e["host"]), int(e["port"]))  # type: ignore[call-overload]
+                for e in self.drain() if e["event"] == "found"}
+
+    def lost(self) -> set[str]:
+        return {str(e["member"]) for e in self.drain() if e["event"] == "lost"}
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_three_namespaces_find_each_other_by_mdns_alone() -> None:
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    netns.remove_stale()
+    network = os.urandom(16)
+    lan = netns.NetnsLan(3)
+    names = [h.netns for h in lan.hosts] + [lan.bridge_ns]
+    try:
+        lan.create()
+        # Each namespace holds only its loopback and its veth into the test's bridge, so
+        # multicast from it cannot reach any real interface of this machine.
+        for h in lan.hosts:
+            assert lan.interfaces(h) == ["eth0", "lo"]
+        nodes = [_Node(lan, h, bytes([40 + i]) * 32, 7200 + i, network)
+                 for i, h in enumerate(lan.hosts)]
+        expect = [
+            {(str(n.member), h.ip, 7200 + j) for j, (n, h) in enumerate(zip(nodes, lan.hosts,
+                                                                             strict=True))
+             if j != i}
+            for i in range(3)
+        ]
+        ok = netns.wait_until(
+            lambda: all(n.found() >= expect[i] for i, n in enumerate(nodes)), FIND_DEADLINE
+        )
+        assert ok, [(n.drain(), n.proc.poll()) for n in nodes]
+        for i, n in enumerate(nodes):
+            # Exactly the other two; never itself, nothing else.
+            assert n.found() == expect[i]
+        # Stopping one node by PID makes it say goodbye; the other two forget it.
+        assert lan.stop(nodes[2].proc) == 0
+        gone = str(nodes[2].member)
+        assert netns.wait_until(lambda: all(gone in n.lost() for n in nodes[:2]), FIND_DEADLINE)
+        for n in nodes:
+            assert lan.stop(n.proc) == 0
+            assert any(e["event"] == "stopped" for e in n.drain())
+    finally:
+        lan.destroy()
+    assert lan.existing() == []
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    assert not any(name in left.stdout for name in names)
+
+
+async def test_same_member_twice_on_one_network_is_a_clear_error() -> None:
+    net = os.urandom(8)
+    first = Discovery(member(21), net, 7301, lambda f: None, interfaces=["127.0.0.1"])
+    second = Discovery(member(21), net, 7302, lambda f: None, interfaces=["127.0.0.1"])
+    try:
+        await first.start()
+        with pytest.raises(LocalError, match="already announced"):
+            await second.start()
+        # The failed start left nothing running: it can be stopped (a no-op) and retried.
+        await second.stop()
+    finally:
+        await first.stop()
+        await second.stop()
