@@ -613,6 +613,8 @@ class Transport:
             else:
                 link.close("duplicate connection: the peer already has a live link")
                 return old
+        if link.closed:
+            raise LinkClosedError(f"The link to {link.remote.short}… closed: {link.close_reason}.")
         if self._stopping:
             link.close("this node is stopping")
             raise LinkClosedError("The transport is stopping.")

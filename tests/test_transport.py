@@ -648,6 +648,64 @@ async def test_ipv6_loopback(cluster: Cluster) -> None:
     assert await recv(cluster.nodes[-1]) == (a.member, b"over v6")
 
 
+async def test_a_crossing_dial_returns_the_live_link_both_ends_keep(cluster: Cluster) -> None:
+    while True:
+        lo, hi = ident(), ident()
+        if lo.member < hi.member:
+            break
+    a, b = await cluster.node(identity=lo), await cluster.node(identity=hi)
+    first = await a.transport.connect(*b.addr)
+    again = await b.transport.connect(*a.addr)
+    assert again.session_id == first.session_id and again.inbound
+    await until(lambda: len(a.transport.links) == 1 and len(b.transport.links) == 1, "one link")
+    assert a.transport.links[b.member] is first and not first.closed
+    assert a.handler.count("connect", b.member) == 1 and b.handler.count("connect", a.member) == 1
+    await exchange(a, b, b"crossed")
+
+
+async def test_a_stale_link_that_no_longer_answers_loses_to_a_new_dial(cluster: Cluster) -> None:
+    # s dialled x, so on a crossing dial s's own link would normally win (lower key);
+    # here x went silent (a crash s has not noticed), so x's new dial must win.
+    while True:
+        s_id, x_id = ident(), ident()
+        if s_id.member < x_id.member:
+            break
+    s = await cluster.node(identity=s_id)
+
+    async def silent_responder(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        r = wire.Responder(x_id, NET, os.urandom(32))
+        await ws.send_bytes(r.read_hello((await ws.receive()).data))
+        r.read_auth((await ws.receive()).data)
+        await ws.send_bytes(r.verdict()[0])
+        with contextlib.suppress(Exception):
+            for _ in range(100_000):  # swallow everything, answer nothing
+                if (await ws.receive()).type != aiohttp.WSMsgType.BINARY:
+                    break
+        return ws
+
+    app = web.Application()
+    app.router.add_get(PEER_PATH, silent_responder)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        stale = await s.transport.connect("127.0.0.1", runner.addresses[0][1])
+        assert stale.remote == x_id.member and not stale.inbound
+        x = await cluster.node(identity=x_id)
+        fresh = await x.transport.connect(*s.addr)
+        await until(
+            lambda: (lk := s.transport.link(x_id.member)) is not None and lk.inbound,
+            "the new inbound link replaced the stale one",
+        )
+        assert stale.closed and not fresh.closed
+        await exchange(s, x, b"after stale")
+    finally:
+        await runner.cleanup()
+
+
 # -- hostile peers -------------------------------------------------------------
 
 
