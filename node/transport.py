@@ -66,8 +66,10 @@ class Limits:
     send_queue_frames: int = 256
     send_queue_bytes: int = 16 * 1024 * 1024
     max_links: int = 256
-    max_handshakes: int = 32
-    max_handshakes_per_ip: int = 8
+    # Before authentication aiohttp may buffer one message of up to max_frame per
+    # socket, so these two bound what strangers can make us hold (16 × 4 MiB).
+    max_handshakes: int = 16
+    max_handshakes_per_ip: int = 4
     rate_messages: float = 5_000.0
     burst_messages: float = 10_000.0
     rate_bytes: float = 64 * 1024 * 1024

@@ -940,6 +940,9 @@ async def test_backpressure_bounds_the_queue_and_drops_a_stalled_peer(cluster: C
     slow = await cluster.node(limits=limits)
     slow.handler.stall = asyncio.Event()
     link = await sender.transport.connect(*slow.addr)
+    await until(lambda: slow.transport.link(sender.member) is not None, "inbound link up")
+    inbound = slow.transport.link(sender.member)
+    assert inbound is not None
     chunk = bytes(64 * 1024)
     peak = 0
     sent = 0
@@ -950,6 +953,8 @@ async def test_backpressure_bounds_the_queue_and_drops_a_stalled_peer(cluster: C
             peak = max(peak, link.queued_bytes)
     assert peak <= limits.send_queue_bytes
     assert link.closed and sent < 10_000
+    # The stalled receiver took in one frame and left the rest in bounded socket buffers.
+    assert inbound.frames_in <= 2
     slow.handler.stall.set()
     await link.wait_closed()
     reasons = [r for k, _, r in sender.handler.events if k == "disconnect"]
