@@ -67,7 +67,7 @@ class Limits:
     send_queue_bytes: int = 16 * 1024 * 1024
     max_links: int = 256
     # Before authentication aiohttp may buffer one message of up to max_frame per
-    # socket, so these two bound what strangers can make us hold (16 × 4 MiB).
+    # socket, so these two bound what strangers can make us hold (16 x 4 MiB).
     max_handshakes: int = 16
     max_handshakes_per_ip: int = 4
     rate_messages: float = 5_000.0
