@@ -177,11 +177,12 @@ class TestConstellation:
                 raise AssertionError(f"Publishing the invite was refused: {out.reason}")
         return inv
 
-    def join(self, who: int | Identity, invite: Invite, name: str = "") -> Outcome:
+    def join(self, who: int | Identity, invite: Invite, name: str = "") -> Record:
+        """Sign (not apply) `who`'s join record carrying `invite`."""
         body: dict[str, Any] = {"op": "join", "token": invite.raw()}
         if name:
             body["name"] = name
-        return self.post(who, "membership", body)
+        return self.sign(who, "membership", body)
 
 
 def _pick(choice: Mapping[int, Any] | Sequence[Any] | None, i: int, default: Any) -> Any:
