@@ -248,6 +248,9 @@ CREATE TABLE kv (
 # Version 2 indexes records by the blocks that carry them and records when each became final,
 # so "is this record final" and "the final records in order" are index lookups, not scans that
 # decode every committed block. Both tables are derived and are backfilled from raw blocks.
+# Its triggers make the schema itself keep the invariants (the order grows by one, is never
+# rewritten, holds only its own constellation's blocks; finality follows every commit), so no
+# code path, present or future, can write a final order that breaks them.
 _SCHEMA_V2: Final = """
 CREATE TABLE block_records (
     block_id  BLOB NOT NULL REFERENCES blocks(id),
@@ -263,16 +266,56 @@ CREATE TABLE final_records (
     pos           INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX final_records_in_order ON final_records(constellation, commit_idx, pos);
+CREATE TRIGGER commits_extend_the_order BEFORE INSERT ON commits
+WHEN NEW.idx != (SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = NEW.constellation)
+BEGIN
+    SELECT RAISE(ABORT, 'final order: a commit must extend the order without a gap');
+END;
+CREATE TRIGGER commits_of_this_constellation BEFORE INSERT ON commits
+WHEN EXISTS (SELECT 1 FROM blocks WHERE id = NEW.block_id AND constellation != NEW.constellation)
+BEGIN
+    SELECT RAISE(ABORT, 'final order: a block of another constellation cannot enter it');
+END;
+CREATE TRIGGER commits_are_append_only BEFORE UPDATE ON commits
+BEGIN
+    SELECT RAISE(ABORT, 'final order: it is never rewritten');
+END;
+CREATE TRIGGER commits_are_never_deleted BEFORE DELETE ON commits
+BEGIN
+    SELECT RAISE(ABORT, 'final order: it is never rewritten');
+END;
+CREATE TRIGGER blocks_are_immutable BEFORE UPDATE ON blocks
+BEGIN
+    SELECT RAISE(ABORT, 'immutable: a stored block never changes');
+END;
+CREATE TRIGGER records_are_immutable BEFORE UPDATE ON records
+BEGIN
+    SELECT RAISE(ABORT, 'immutable: a stored record never changes');
+END;
+-- First appearance wins: a record carried by two committed blocks is final at the first.
+CREATE TRIGGER commits_finalise AFTER INSERT ON commits
+BEGIN
+    INSERT OR IGNORE INTO final_records (record_id, constellation, commit_idx, pos)
+        SELECT record_id, NEW.constellation, NEW.idx, pos FROM block_records
+        WHERE block_id = NEW.block_id ORDER BY pos;
+    DELETE FROM pending WHERE constellation = NEW.constellation
+        AND record_id IN (SELECT record_id FROM block_records WHERE block_id = NEW.block_id);
+END;
 """
 
 Db = aiosqlite.Connection
 
 
 async def _run_script(db: Db, script: str) -> None:
-    # executescript would COMMIT the open migration transaction, so run statements one by one.
-    for statement in script.split(";"):
-        if statement.strip():
-            await db.execute(statement)
+    # executescript would COMMIT the open migration transaction, so run statements one by one;
+    # complete_statement keeps a trigger's BEGIN … END body (with its inner semicolons) whole.
+    statement = ""
+    for part in script.split(";"):
+        statement += part + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \n;"):
+                await db.execute(statement)
+            statement = ""
 
 
 async def _migrate_1(db: Db) -> None:
@@ -569,23 +612,38 @@ class _Apply:
         if cur.rowcount == 0:
             raise StoreError("The constellation whose status was to change is not stored.")
 
-    async def _existing(self, table: str, ids: Sequence[bytes]) -> set[bytes]:
-        found: set[bytes] = set()
-        for chunk in _chunks(ids):
-            marks = ",".join("?" * len(chunk))
-            rows = await self.db.execute_fetchall(f"SELECT id FROM {table} WHERE id IN ({marks})", tuple(chunk))
-            found.update(bytes(r[0]) for r in rows)
-        return found
-
     async def op_blocks(self, blocks: list[Block], received_at: int) -> None:
         unique: dict[bytes, Block] = {}
         for b in blocks:
             unique.setdefault(b.id, b)
-        existing = await self._existing("blocks", list(unique))
-        new = [b for b in unique.values() if b.id not in existing]
+        # One lookup by slot answers both questions: is this block stored, and does its author
+        # have a different block in the same slot (an equivocation)?
+        holders: dict[tuple[bytes, int, bytes, int], dict[bytes, bytes]] = {}
+        for chunk in _chunks(list(unique.values())):
+            values = ",".join("(?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for b in chunk:
+                params += [b.constellation, b.epoch, b.author.key, b.round]
+            rows = await self.db.execute_fetchall(
+                f"WITH v(c, e, a, r) AS (VALUES {values}) "
+                "SELECT DISTINCT b.constellation, b.epoch, b.author, b.round, b.id, b.raw FROM v "
+                "JOIN blocks b ON b.constellation = v.c AND b.author = v.a AND b.round = v.r AND b.epoch = v.e",
+                params,
+            )
+            for c, e, a, r, bid, raw in rows:
+                holders.setdefault((bytes(c), int(e), bytes(a), int(r)), {})[bytes(bid)] = bytes(raw)
+        new: list[Block] = []
+        for b in unique.values():
+            held = holders.setdefault((b.constellation, b.epoch, b.author.key, b.round), {})
+            if b.id in held:
+                continue
+            if held:
+                other = next(iter(held.values()))
+                await self._proof("block", b.constellation, b.author.key, b.round, other, b.raw, received_at)
+            held[b.id] = b.raw
+            new.append(b)
         if not new:
             return
-        await self._block_equivocations(new, received_at)
         await self.db.executemany(
             "INSERT INTO blocks (id, constellation, epoch, author, round, raw, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -597,29 +655,6 @@ class _Apply:
         )
         self.new_blocks += len(new)
         await self.op_records([r for b in new for r in b.records], received_at)
-
-    async def _block_equivocations(self, new: list[Block], found_at: int) -> None:
-        slots: dict[tuple[bytes, int, bytes, int], Block] = {}
-        for chunk in _chunks(new):
-            values = ",".join("(?, ?, ?, ?, ?)" for _ in chunk)
-            params: list[Any] = []
-            for b in chunk:
-                params += [b.constellation, b.epoch, b.author.key, b.round, b.id]
-            rows = await self.db.execute_fetchall(
-                f"WITH v(c, e, a, r, id) AS (VALUES {values}) "
-                "SELECT v.id, b.raw FROM v JOIN blocks b ON b.constellation = v.c AND "
-                "b.author = v.a AND b.round = v.r AND b.epoch = v.e AND b.id != v.id",
-                params,
-            )
-            by_id = {b.id: b for b in chunk}
-            for vid, raw in rows:
-                b = by_id[bytes(vid)]
-                await self._proof("block", b.constellation, b.author.key, b.round, bytes(raw), b.raw, found_at)
-        for b in new:
-            slot = (b.constellation, b.epoch, b.author.key, b.round)
-            first = slots.setdefault(slot, b)
-            if first is not b:
-                await self._proof("block", b.constellation, b.author.key, b.round, first.raw, b.raw, found_at)
 
     async def _proof(
         self, kind: str, constellation: bytes, author: bytes, slot: int, a: bytes, b: bytes, found_at: int
@@ -637,30 +672,29 @@ class _Apply:
         unique: dict[bytes, Record] = {}
         for r in records:
             unique.setdefault(r.id, r)
-        existing = await self._existing("records", list(unique))
-        fresh = [r for r in unique.values() if r.id not in existing]
-        taken: dict[tuple[bytes, bytes, int], bytes] = {}
-        for chunk in _chunks(fresh):
+        # The slot's holder tells in one lookup whether a record is new, stored, or a twin.
+        taken: dict[tuple[bytes, bytes, int], tuple[bytes, bytes]] = {}
+        for chunk in _chunks(list(unique.values())):
             values = ",".join("(?, ?, ?)" for _ in chunk)
             params: list[Any] = []
             for r in chunk:
                 params += [r.constellation, r.author.key, r.seq]
             rows = await self.db.execute_fetchall(
-                f"WITH v(c, a, s) AS (VALUES {values}) SELECT r.constellation, r.author, r.seq, r.raw "
-                "FROM v JOIN records r ON r.constellation = v.c AND r.author = v.a AND r.seq = v.s",
+                f"WITH v(c, a, s) AS (VALUES {values}) SELECT DISTINCT r.constellation, r.author, r.seq, r.id, "
+                "r.raw FROM v JOIN records r ON r.constellation = v.c AND r.author = v.a AND r.seq = v.s",
                 params,
             )
-            for c, a, s, raw in rows:
-                taken[(bytes(c), bytes(a), s)] = bytes(raw)
+            for c, a, seq, rid, raw in rows:
+                taken[(bytes(c), bytes(a), int(seq))] = (bytes(rid), bytes(raw))
         insert: list[Record] = []
-        for r in fresh:
+        for r in unique.values():
             slot = (r.constellation, r.author.key, r.seq)
             holder = taken.get(slot)
             if holder is None:
-                taken[slot] = r.raw
+                taken[slot] = (r.id, r.raw)
                 insert.append(r)
-            else:
-                await self._proof("record", r.constellation, r.author.key, r.seq, holder, r.raw, received_at)
+            elif holder[0] != r.id:
+                await self._proof("record", r.constellation, r.author.key, r.seq, holder[1], r.raw, received_at)
         await self.db.executemany(
             "INSERT INTO records (id, constellation, author, seq, type, raw, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(r.id, r.constellation, r.author.key, r.seq, r.type, r.raw, received_at) for r in insert],
@@ -706,18 +740,21 @@ class _Apply:
     async def op_commits(self, constellation: bytes, entries: list[CommitEntry]) -> None:
         if not entries:
             return
+        first, last = entries[0].index, entries[-1].index
+        # One round trip: where the order ends now, and what it already holds in our range.
         rows = await self.db.execute_fetchall(
-            "SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = ?", (constellation,)
+            "SELECT (SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = ?1), c.idx, c.block_id "
+            "FROM (SELECT 1) LEFT JOIN commits c ON c.constellation = ?1 AND c.idx BETWEEN ?2 AND ?3",
+            (constellation, first, last),
         )
-        next_idx = int(next(iter(rows))[0])
-        first = entries[0].index
+        next_idx = 0
+        held: dict[int, bytes] = {}
+        for n, idx, bid in rows:
+            next_idx = int(n)
+            if idx is not None:
+                held[int(idx)] = bytes(bid)
         if first > next_idx:
             raise FinalOrderError(f"Commit index {first} would leave a gap: the final order ends before {next_idx}.")
-        stored = await self.db.execute_fetchall(
-            "SELECT idx, block_id FROM commits WHERE constellation = ? AND idx >= ? AND idx < ?",
-            (constellation, first, next_idx),
-        )
-        held = {int(i): bytes(b) for i, b in stored}
         for e in entries:
             if e.index in held and held[e.index] != e.block_id:
                 raise FinalOrderError(
@@ -726,35 +763,10 @@ class _Apply:
         new = [e for e in entries if e.index >= next_idx]
         if not new:
             return
-        try:
-            await self.db.executemany(
-                "INSERT INTO commits (constellation, idx, block_id, anchor_round) VALUES (?, ?, ?, ?)",
-                [(constellation, e.index, e.block_id, e.anchor_round) for e in new],
-            )
-        except sqlite3.IntegrityError as e:
-            if "UNIQUE" in str(e):
-                raise FinalOrderError("A block cannot be committed twice in one constellation.") from None
-            raise
-        lo, hi = new[0].index, new[-1].index
-        bad = await self.db.execute_fetchall(
-            "SELECT COUNT(*) FROM commits c JOIN blocks b ON b.id = c.block_id "
-            "WHERE c.constellation = ? AND c.idx BETWEEN ? AND ? AND b.constellation != c.constellation",
-            (constellation, lo, hi),
-        )
-        if next(iter(bad))[0]:
-            raise FinalOrderError("A block of another constellation cannot enter this final order.")
-        # First appearance wins: a record carried by two committed blocks is final at the first.
-        await self.db.execute(
-            "INSERT OR IGNORE INTO final_records (record_id, constellation, commit_idx, pos) "
-            "SELECT br.record_id, c.constellation, c.idx, br.pos FROM commits c "
-            "JOIN block_records br ON br.block_id = c.block_id "
-            "WHERE c.constellation = ? AND c.idx BETWEEN ? AND ? ORDER BY c.idx, br.pos",
-            (constellation, lo, hi),
-        )
-        await self.db.execute(
-            "DELETE FROM pending WHERE constellation = ? AND record_id IN (SELECT record_id "
-            "FROM final_records WHERE constellation = ? AND commit_idx BETWEEN ? AND ?)",
-            (constellation, constellation, lo, hi),
+        # The schema's triggers check the rest and derive finality (see _SCHEMA_V2).
+        await self.db.executemany(
+            "INSERT INTO commits (constellation, idx, block_id, anchor_round) VALUES (?, ?, ?, ?)",
+            [(constellation, e.index, e.block_id, e.anchor_round) for e in new],
         )
         self.new_commits += len(new)
 
@@ -832,6 +844,11 @@ class _Queued:
 
 
 def _store_error(e: BaseException) -> BaseException:
+    text = str(e)
+    if isinstance(e, sqlite3.IntegrityError) and text.startswith("final order: "):
+        return FinalOrderError(f"The store refused the batch and changed nothing: {text[13:]}.")
+    if isinstance(e, sqlite3.IntegrityError) and "commits.constellation, commits.block_id" in text:
+        return FinalOrderError("The store refused the batch and changed nothing: a block cannot be committed twice.")
     if isinstance(e, sqlite3.Error):
         return StoreError(f"The store refused the batch and changed nothing: {_plain_sqlite_error(e)}.")
     return e
@@ -966,14 +983,18 @@ class Store:
             return
         results: list[BatchResult | BaseException] = []
         try:
-            for q in group:
-                await db.execute("SAVEPOINT batch")
-                try:
-                    results.append(await _Apply(db).run(q.ops))
-                except Exception as e:
-                    await db.execute("ROLLBACK TO batch")
-                    results.append(e)
-                await db.execute("RELEASE batch")
+            if len(group) == 1:
+                # Alone, the batch is the transaction: no savepoint round trips needed.
+                results.append(await _Apply(db).run(group[0].ops))
+            else:
+                for q in group:
+                    await db.execute("SAVEPOINT batch")
+                    try:
+                        results.append(await _Apply(db).run(q.ops))
+                    except Exception as e:
+                        await db.execute("ROLLBACK TO batch")
+                        results.append(e)
+                    await db.execute("RELEASE batch")
             await db.execute("COMMIT")
         except BaseException as e:
             await _rollback(db)

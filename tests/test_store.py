@@ -306,6 +306,28 @@ async def test_final_order_refuses_gaps_rewrites_and_double_commits(store: Store
     assert await store.commits(C) == [CommitEntry(0, b0.id, 0)]
 
 
+async def test_the_schema_itself_guards_the_final_order(store: Store) -> None:
+    b0, b1 = blk(ALICE, 0, [rec(ALICE, 0)]), blk(BOB, 0, [])
+    async with store.batch() as tx:
+        tx.put_blocks([b0, b1], 1)
+        tx.append_commits(C, [CommitEntry(0, b0.id, 0)])
+    # Any writer, not only this module, is held to the invariants.
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        for sql, params in [
+            ("INSERT INTO commits VALUES (?, 5, ?, 0)", (C, b1.id)),
+            ("UPDATE commits SET block_id = ? WHERE idx = 0", (b1.id,)),
+            ("DELETE FROM commits", ()),
+            ("UPDATE blocks SET raw = x'00'", ()),
+            ("UPDATE records SET seq = 9", ()),
+        ]:
+            with pytest.raises(sqlite3.IntegrityError):
+                db.execute(sql, params)
+        db.rollback()
+    assert await store.commits(C) == [CommitEntry(0, b0.id, 0)]
+    assert await store.record_status(b0.records[0].id) == "final"
+
+
 async def test_a_failed_batch_changes_nothing(store: Store) -> None:
     good = blk(ALICE, 0, [rec(ALICE, 0)])
     with pytest.raises(FinalOrderError):
@@ -564,6 +586,9 @@ async def test_corrupt_stored_bytes_are_reported_not_returned(tmp_path: Path) ->
             tx.put_constellation(info())
             tx.put_block(b, 1)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
+        # Corruption comes from below SQLite (disk, other tools), so step around the triggers.
+        db.execute("DROP TRIGGER blocks_are_immutable")
+        db.execute("DROP TRIGGER records_are_immutable")
         db.execute("UPDATE blocks SET raw = ? WHERE id = ?", (blk(ALICE, 1, []).raw, b.id))
         db.execute("UPDATE records SET raw = x'00'")
     async with await Store.open(path) as s:
