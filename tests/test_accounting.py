@@ -164,6 +164,10 @@ def test_four_member_value_network_end_to_end() -> None:
     ]
     assert sum(x[2] for x in got) == 120_000
 
+    shape = d.to_json()
+    assert shape["amount"] == "1200.00" and shape["lines"][0]["amount"] == "500.00"
+    assert shape["lines"][0]["sources"] == [ids["loan"].hex()]
+
     prop_d = propose_distribution(tc, F, rev.id)
     stored = tc.ledger.reader.read("distribution", f"d/{prop_d.id.hex()}")
     assert stored["required"] == [key(tc, C)] and stored["status"] == "proposed"

@@ -100,6 +100,35 @@ class Distribution:
             out[ln.to] = out.get(ln.to, 0) + ln.amount
         return out
 
+    def to_json(self) -> dict[str, Any]:
+        """The versioned JSON shape that users script against (hex ids, decimal amounts)."""
+
+        def money(m: int) -> str:
+            return format_minor(m, self.exponent)
+
+        return {
+            "format": DISTRIBUTION_FORMAT_VERSION,
+            "hash": self.hash.hex(),
+            "revenue": self.revenue.hex(),
+            "currency": self.currency,
+            "amount": money(self.amount),
+            "amount_minor": self.amount,
+            "policy": self.policy_hash.hex(),
+            "inputs_root": self.inputs_root.hex(),
+            "lines": [
+                {
+                    "to": recipient_text(ln.to),
+                    "amount": money(ln.amount),
+                    "amount_minor": ln.amount,
+                    "kind": ln.kind,
+                    "sources": [s.hex() for s in ln.sources],
+                    "term": ln.term,
+                    "explain": ln.explain,
+                }
+                for ln in self.lines
+            ],
+        }
+
     @classmethod
     def from_map(cls, m: object) -> Distribution:
         """Rebuild a distribution from its map form; raise DecodeError if malformed."""
@@ -154,17 +183,7 @@ class Score:
     dispute_factor: Fraction
     payback_factor: Fraction
     decay: Fraction
-
-    @property
-    def value(self) -> Fraction:
-        return (
-            self.weight
-            * self.quantity
-            * self.ack_factor
-            * self.dispute_factor
-            * self.payback_factor
-            * self.decay
-        )
+    value: Fraction  # the product of the six factors above
 
     def explain(self) -> str:
         f = format_fraction
@@ -185,9 +204,7 @@ def _recognised(policy: SplitPolicy, c: ContributionInput) -> tuple[Fraction, Fr
 
 def score(policy: SplitPolicy, c: ContributionInput, revenue: RevenueInput) -> Score:
     ack, dispute = _recognised(policy, c)
-    return Score(
-        c.id,
-        c.provider,
+    factors = (
         policy.weight(c.action, c.unit),
         parse_decimal(c.quantity),
         ack,
@@ -195,6 +212,10 @@ def score(policy: SplitPolicy, c: ContributionInput, revenue: RevenueInput) -> S
         policy.payback_factor(c.payback),
         decay(revenue.at - c.at, policy.half_life_ms),
     )
+    value = Fraction(0)
+    if all(factors):
+        value = factors[0] * factors[1] * factors[2] * factors[3] * factors[4] * factors[5]
+    return Score(c.id, c.provider, *factors, value)
 
 
 def _is_debt(policy: SplitPolicy, c: ContributionInput, revenue: RevenueInput) -> bool:
@@ -385,8 +406,11 @@ def _pool_lines(policy: SplitPolicy, inputs: SplitInputs, pool: int) -> list[Lin
                 f"pool {format_minor(pool, exp)} * score {format_fraction(by_member[k])} of "
                 f"{format_fraction(total)} from {len(sources[k])} contribution(s)"
             )
-            if shares[k] != by_member[k] / total:
+            natural = by_member[k] / total
+            if shares[k] < natural:
                 text += f", capped at {policy.cap_bps} bps"
+            elif shares[k] > natural:
+                text += ", raised by what the cap kept from others"
         text += f" = {format_fraction(exact[k] / 10**exp, exp + 4)} exact"
         diff = rounded[k] - exact[k]
         if diff > 0:
