@@ -769,12 +769,16 @@ class Transport:
     async def connect(self, host: str, port: int, *, expect: MemberId | None = None) -> PeerLink:
         """Dial host:port, run the handshake and return the live link to that peer.
 
-        With `expect`, a peer presenting any other key is refused. Raises
+        With `expect`, a peer presenting any other key is refused, and a live link to
+        `expect` is returned at once instead of dialling again. Raises
         PeerUnreachableError, wire.PeerRefusedError (NetworkMismatchError among them),
         wire.HandshakeError, AuthorizationError or BackedOffError.
         """
         if self._stopping:
             raise LocalError("The transport is stopping.")
+        live = self._links.get(expect) if expect is not None else None
+        if live is not None and not live.closed:
+            return live
         for key in (expect, host):
             if key is not None and self.banned_for(key):
                 raise BackedOffError(f"This node backs off from {key} for a while after misbehaviour.")

@@ -557,6 +557,36 @@ async def test_simultaneous_dials_leave_one_link_both_sides_agree_on(cluster: Cl
     del la, lb
 
 
+async def test_full_mesh_of_crossing_dials_settles_on_one_link_per_pair(cluster: Cluster) -> None:
+    nodes = [await cluster.node() for _ in range(5)]
+    dials = [x.transport.connect(*y.addr) for x in nodes for y in nodes if x is not y]
+    results = await asyncio.gather(*dials, return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)]
+
+    def settled() -> bool:
+        for x in nodes:
+            if len(x.transport.links) != len(nodes) - 1:
+                return False
+            for y in nodes:
+                if x is not y:
+                    lx, ly = x.transport.link(y.member), y.transport.link(x.member)
+                    if lx is None or ly is None or lx.session_id != ly.session_id:
+                        return False
+        return True
+
+    await until(settled, "one agreed link per pair")
+    for x in nodes:
+        for y in nodes:
+            if x is not y:
+                assert x.handler.count("connect", y.member) - x.handler.count(
+                    "disconnect", y.member
+                ) == 1
+    await exchange(nodes[0], nodes[4], b"mesh")
+    await exchange(nodes[2], nodes[3], b"mesh")
+    live = nodes[0].transport.link(nodes[1].member)
+    assert await nodes[0].transport.connect(*nodes[1].addr, expect=nodes[1].member) is live
+
+
 async def test_redial_replaces_the_old_link(cluster: Cluster) -> None:
     a, b = await cluster.node(), await cluster.node()
     first = await a.transport.connect(*b.addr)
