@@ -369,9 +369,9 @@ def check_plugin(
     is checked in a registry from `registry_factory` (default: the built-in
     plugins) in which it replaces any plugin of the same name.
     """
-    report = Report(plugin.name)
     if not isinstance(plugin, Plugin):
         raise AssertionError(f"{plugin!r} is not a valuemesh Plugin.")
+    report = Report(plugin.name)
     if not isinstance(plugin.version, Version) or not plugin.ops:
         raise _fail(plugin, "needs a Version and at least one op.")
     Registry().register(plugin)  # name, API version and schema rules, with the registry's messages
@@ -397,10 +397,10 @@ def check_plugin(
         _check_malformed(plugin, tc, body, tag)
         report.ok(f"{tag}: malformed variants refused with typed errors, state unchanged")
 
-    _check_determinism(plugin, bodies, members, registry_factory)
-    report.ok("apply is deterministic (two ledgers, reordered maps, same outcomes and hashes)")
     _check_purity(plugin, bodies, members, registry_factory)
     report.ok("apply writes only through ctx and leaves plugin and records unchanged")
+    _check_determinism(plugin, bodies, members, registry_factory)
+    report.ok("apply is deterministic (two ledgers, reordered maps, same outcomes and hashes)")
     _check_failure_isolation(plugin, bodies, members, registry_factory)
     report.ok("an exception after apply leaves the state hash unchanged")
     _check_views(plugin, tc)
