@@ -258,7 +258,6 @@ CREATE TABLE block_records (
     record_id BLOB NOT NULL,
     PRIMARY KEY (block_id, pos)
 ) WITHOUT ROWID;
-CREATE INDEX block_records_by_record ON block_records(record_id);
 CREATE TABLE final_records (
     record_id     BLOB PRIMARY KEY,
     constellation BLOB NOT NULL REFERENCES constellations(id),
