@@ -370,10 +370,12 @@ class Node:
         await self._effects(eng, eff, source=link)
 
     async def _effects(self, eng: Engine, eff: Effects, source: PeerLink | None = None) -> None:
-        if eff.blocks:
-            for b in eff.blocks:
-                payload = m.Blocks(eng.cid, [b.raw], 0)
-                await self._broadcast(eng, payload)
+        for b in [*eff.blocks, *eff.rebroadcast]:
+            await self._broadcast(eng, m.Blocks(eng.cid, [b.raw], 0))
+        if eff.request_sync:
+            for key, link in list(self.links.items()):
+                if eng.may_receive(key):
+                    await self._send_heads(link, eng)
         if eff.missing:
             ask = m.GetBlocks(eng.cid, eff.missing[: m.MAX_IDS])
             targets = [source] if source is not None else [lk for k, lk in self.links.items() if eng.may_receive(k)]
@@ -442,7 +444,7 @@ class Node:
         eng = Engine(self.store, self.registry, self.identity, genesis)
         eng.pending[record.id] = record
         async with self.store.batch() as tx:
-            tx.put_constellation(eng.info())
+            tx.put_constellation(eng.info(inv.tier))
             tx.put_records([record], now_ms())
             tx.add_pending(eng.cid, [record.id], now_ms())
         self.engines[eng.cid] = eng

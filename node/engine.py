@@ -56,6 +56,8 @@ class Effects:
     blocks: list[Block] = field(default_factory=list)
     missing: list[bytes] = field(default_factory=list)
     proofs: list[EquivocationProof] = field(default_factory=list)
+    rebroadcast: list[Block] = field(default_factory=list)
+    request_sync: bool = False
     committed: int = 0
 
 
@@ -193,10 +195,13 @@ class Engine:
         into.blocks += more.blocks
         into.missing += more.missing
         into.proofs += more.proofs
+        into.rebroadcast += more.rebroadcast
+        into.request_sync = into.request_sync or more.request_sync
         into.committed += more.committed
 
     async def _handle(self, out: Output, now: int) -> Effects:
-        eff = Effects(list(out.blocks), list(out.missing), list(out.proofs))
+        eff = Effects(list(out.blocks), list(out.missing), list(out.proofs), list(out.rebroadcast),
+                      out.request_sync)
         if not (out.blocks or out.committed or out.proofs):
             return eff
         entries: list[CommitEntry] = []
@@ -327,8 +332,8 @@ class Engine:
         from valuemesh.node.api import NotFound
         raise NotFound(f"No record {rid[:16]}… in this constellation.")
 
-    def info(self) -> ConstellationInfo:
+    def info(self, tier: str | None = None) -> ConstellationInfo:
         meta = self.ledger.reader.read("membership", "meta") or {}
-        return ConstellationInfo(self.cid, self.genesis.raw, self.genesis.created, "active", self.my_tier(),
+        return ConstellationInfo(self.cid, self.genesis.raw, self.genesis.created, "active", tier or self.my_tier(),
                                  {k: Version.parse(v).major for k, v in meta.get("plugins", {}).items()},
                                  meta.get("name", ""))
