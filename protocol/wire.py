@@ -149,6 +149,10 @@ def _nonce(counter: int) -> bytes:
     return b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
 
 
+def _u32(value: int) -> bytes:
+    return max(0, min(int(value), MAX_RETRY_AFTER)).to_bytes(4, "big")
+
+
 def _header(kind: int) -> bytes:
     return MAGIC + bytes((VERSION, kind))
 
@@ -214,7 +218,7 @@ def encode_reject(code: Refusal, retry_after: int = 0) -> bytes:
     """A plaintext, unauthenticated refusal a responder sends instead of RESPONSE."""
     if code is Refusal.ACCEPTED:
         raise LocalError("A refusal must name a reason other than acceptance.")
-    return _header(T_REJECT) + bytes((code,)) + min(retry_after, MAX_RETRY_AFTER).to_bytes(4, "big")
+    return _header(T_REJECT) + bytes((code,)) + _u32(retry_after)
 
 
 def peek_hello_version(data: bytes) -> int | None:
@@ -422,7 +426,7 @@ class Responder:
         self._step(_Phase.GOT_AUTH, _Phase.DONE if code is Refusal.ACCEPTED else _Phase.FAILED)
         assert self._remote is not None
         k4 = _kdf(self._dh, b"vm1 verdict", self._h)
-        body = bytes((code,)) + min(retry_after, MAX_RETRY_AFTER).to_bytes(4, "big")
+        body = bytes((code,)) + _u32(retry_after)
         msg = _header(T_VERDICT) + _seal(k4, 0, body, self._h)
         if code is not Refusal.ACCEPTED:
             return msg, None
