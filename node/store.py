@@ -9,17 +9,19 @@ Theory of operation
   `BEGIN IMMEDIATE … COMMIT`, and one `query_only` reader. In WAL mode the reader sees only
   committed transactions, so a query can never observe half of a batch.
 * All writes go through `Batch`: callers queue operations synchronously (cheap validation
-  happens at once, so a bad argument raises before anything touches the disk) and the whole
-  batch is applied in one transaction when the `async with` block exits. Any error rolls the
-  whole batch back; nothing partial is ever committed.
-* Blocks and records are immutable rows keyed by their content hash and inserted with
-  INSERT OR IGNORE, so replaying a batch after a crash is harmless. A second, different object
-  in an author's slot is not stored as valid: it is kept as an equivocation proof.
-* `commits` is the final order. Appends must be gap-free and may never rewrite an index: a
-  different block at a stored index is a safety violation and is refused loudly.
-* `block_records` and `final_records` are derived (rebuildable from blocks and commits); they are
-  written in the same transaction as the data they derive from.
-* Raw bytes are decoded on read with verify=False: they were verified before they were stored.
+  happens at once, so a bad argument raises before anything touches the disk) and the batch is
+  applied when the `async with` block exits. Batches that arrive while a transaction is running
+  are group-committed: each in its own SAVEPOINT (a failing batch is undone alone and its caller
+  gets the error), all under one COMMIT. A caller returns only once its batch is committed.
+* Blocks and records are immutable rows keyed by their content hash and inserted idempotently,
+  so replaying a batch after a crash is harmless. A second, different object in an author's
+  slot is not stored as valid: it is kept as an equivocation proof.
+* `commits` is the final order. Triggers in the schema keep it gap-free, append-only and within
+  one constellation, and derive `final_records` from it in the same statement.
+* `block_records` and `final_records` are derived (rebuildable from blocks and commits).
+* Raw bytes are decoded on read with verify=False: they were verified before they were stored;
+  the id is still recomputed, so on-disk corruption is reported, never returned.
+* An advisory lock file lets one process at a time open the database.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ MAX_GROUP: Final = 64
 MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
 MAX_HOST_LEN: Final = 255
+MAX_PEERS: Final = 10_000
 MAX_GENESIS_SIZE: Final = 1024 * 1024
 # Rows per multi-row VALUES statement: 5 parameters each stays far below SQLite's variable limit.
 _CHUNK: Final = 200
@@ -795,6 +798,13 @@ class _Apply:
             "ON CONFLICT (member, host, port) DO UPDATE SET source = excluded.source, "
             "last_seen = MAX(last_seen, excluded.last_seen), failures = excluded.failures",
             (p.member.key, p.host, p.port, p.source, p.last_seen, p.failures),
+        )
+        # Peer exchange lets strangers suggest addresses: keep the table bounded by dropping the
+        # stalest, most failing entries.
+        await self.db.execute(
+            "DELETE FROM peers WHERE (member, host, port) IN (SELECT member, host, port FROM peers "
+            "ORDER BY last_seen, failures DESC LIMIT MAX(0, (SELECT COUNT(*) FROM peers) - ?))",
+            (MAX_PEERS,),
         )
 
     async def op_peer_failed(self, member: bytes, host: str, port: int) -> None:

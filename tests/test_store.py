@@ -578,6 +578,14 @@ async def test_constellations_checkpoints_peers_and_settings(store: Store) -> No
     assert await store.get_kv("api-port") is None
 
 
+async def test_the_peer_table_stays_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "MAX_PEERS", 5)
+    async with store.batch() as tx:
+        for i in range(8):
+            tx.put_peer(PeerInfo(ALICE.member, "127.0.0.1", 7000 + i, "exchange", 100 + i))
+    assert sorted(p.port for p in await store.peers()) == [7003, 7004, 7005, 7006, 7007]
+
+
 async def test_corrupt_stored_bytes_are_reported_not_returned(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     b = blk(ALICE, 0, [rec(ALICE, 0)])
