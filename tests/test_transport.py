@@ -178,6 +178,48 @@ def test_replayed_handshake_messages_fail_against_fresh_ephemerals() -> None:
         i.read_response(old[1])
 
 
+def test_every_wrong_message_in_every_state_fails_and_failure_is_final() -> None:
+    a, b = ident(), ident()
+    _, _, msgs = handshake(a, b)  # one real message of each type
+    by_type = dict(zip((wire.T_HELLO, wire.T_RESPONSE, wire.T_AUTH, wire.T_VERDICT), msgs, strict=True))
+
+    def responder_at(step: int) -> tuple[wire.Responder, object]:
+        i = wire.Initiator(a, NET, os.urandom(32))
+        r = wire.Responder(b, NET, os.urandom(32))
+        m2 = r.read_hello(i.start())
+        if step == 0:
+            return wire.Responder(b, NET, os.urandom(32)), wire.Responder.read_hello
+        i.read_response(m2)
+        return r, wire.Responder.read_auth
+
+    def initiator_at(step: int) -> tuple[wire.Initiator, object]:
+        i = wire.Initiator(a, NET, os.urandom(32))
+        r = wire.Responder(b, NET, os.urandom(32))
+        m2 = r.read_hello(i.start())
+        if step == 0:
+            return i, wire.Initiator.read_response
+        i.read_response(m2)
+        r.read_auth(i.auth())
+        return i, wire.Initiator.read_verdict
+
+    expected = {
+        (wire.Responder.read_hello, wire.T_HELLO),
+        (wire.Responder.read_auth, wire.T_AUTH),
+        (wire.Initiator.read_response, wire.T_RESPONSE),
+        (wire.Initiator.read_verdict, wire.T_VERDICT),
+    }
+    for make in (responder_at, initiator_at):
+        for step in (0, 1):
+            for t, msg in by_type.items():
+                machine, method = make(step)
+                if (method, t) in expected:
+                    continue  # the right type from another session: covered by replay tests
+                with pytest.raises(RemoteError):
+                    method(machine, msg)  # type: ignore[operator]
+                with pytest.raises(LocalError):
+                    method(machine, msg)  # type: ignore[operator]
+
+
 def test_low_order_ephemeral_is_refused() -> None:
     r = wire.Responder(ident(), NET, os.urandom(32))
     hello = wire.MAGIC + bytes((wire.VERSION, wire.T_HELLO)) + wire.network_tag(NET) + bytes(32)
