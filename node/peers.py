@@ -583,6 +583,15 @@ class PeerTable:
 
     # -- links and dialing -------------------------------------------------------------------
 
+    def forget_address(self, member: MemberId, address: Address) -> bool:
+        """Drop an address that proved to belong to someone else (the handshake showed
+        another key there). The member itself stays, whatever addresses it has left."""
+        p = self._peers.get(member)
+        if p is None or address not in p.addresses or p.link == address:
+            return False
+        del p.addresses[address]
+        return True
+
     def dial_failed(self, target: DialTarget, now: float, jitter: float) -> list[Action]:
         """A dial (connect or handshake) to `target` failed; schedule the next with back-off."""
         if target.member is None:
@@ -624,9 +633,11 @@ class PeerTable:
             if dialed is not None:
                 self._anonymous.pop(dialed.address, None)
             return []
-        if dialed is not None and dialed.member is None:
+        if dialed is not None:
+            # However the link came about, an anonymous (bootstrap) entry for this address
+            # is now resolved to `member` and keeps its more trusted source.
             anon = self._anonymous.pop(dialed.address, None)
-            if anon is not None:
+            if anon is not None and _SOURCE_RANK[anon.source] < _SOURCE_RANK[source]:
                 source = anon.source
         peer = self._peers.get(member) or self._admit(member, now, evict=True)
         if peer is None:

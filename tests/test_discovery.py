@@ -23,6 +23,7 @@ from valuemesh.node.discovery import (
     SERVICE_TYPE,
     Discovery,
     Found,
+    PeerManager,
     add_bootstrap,
     announcement_txt,
     check_interfaces,
@@ -33,7 +34,8 @@ from valuemesh.node.discovery import (
     parse_hostport,
     parse_txt,
 )
-from valuemesh.node.peers import Dial, PeerTable, Source
+from valuemesh.node.peers import Address, Dial, Died, PeerTable, Revived, Source, State, Suspected, Timers
+from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol.errors import DecodeError, LocalError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from zeroconf import IPVersion
@@ -392,3 +394,105 @@ async def test_same_member_twice_on_one_network_is_a_clear_error() -> None:
     finally:
         await first.stop()
         await second.stop()
+
+
+# --- PeerManager: the table driven against two real transports on loopback ---------------------
+
+
+class _Handler:
+    """The part of a node's LinkHandler that feeds the peer manager."""
+
+    def __init__(self) -> None:
+        self.manager: PeerManager | None = None
+
+    def authorize(self, remote: MemberId, inbound: bool) -> bool:
+        return True
+
+    async def on_connect(self, link: PeerLink) -> None:
+        if self.manager is not None:
+            self.manager.link_up(link)
+
+    async def on_message(self, link: PeerLink, payload: bytes) -> None:
+        if self.manager is not None:
+            self.manager.heard_from(link.remote)
+
+    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
+        if self.manager is not None:
+            self.manager.link_down(link)
+
+
+FAST = Timers(
+    probe_interval=0.2, probe_timeout=0.1, suspicion_alpha=1.0, suspicion_beta=2.0,
+    backoff_base=0.05, backoff_cap=0.4, reconnect_delay=0.05, dial_failures_to_suspect=2,
+)
+
+
+async def test_peer_manager_bootstraps_suspects_and_revives_over_real_links() -> None:
+    net = os.urandom(8)
+    id_a, id_b = Identity(bytes([31]) * 32), Identity(bytes([32]) * 32)
+    h_a, h_b = _Handler(), _Handler()
+    t_a, t_b = Transport(id_a, net, h_a), Transport(id_b, net, h_b)
+    t_b2: Transport | None = None
+    events: list[object] = []
+    table = PeerTable(id_a.member, random.Random(1), timers=FAST, now=time.monotonic())
+    mgr = PeerManager(table, t_a, rng=random.Random(2), on_event=events.append)
+    h_a.manager = mgr
+    b = id_b.member
+    try:
+        await t_a.start("127.0.0.1", 0)
+        _, port_b = await t_b.start("127.0.0.1", 0)
+        mgr.start()
+        mgr.add_bootstrap([f"127.0.0.1:{port_b}"])
+        assert await _wait_for(lambda: table.linked() == [b], FIND_DEADLINE)
+        # The bootstrap address now belongs to b; nothing anonymous is left to dial.
+        assert table.anonymous() == []
+        view = table.snapshot(time.monotonic())[0]
+        assert view.via is not None and view.via.source == "bootstrap"
+        # Probes are answered over the encrypted link: b stays alive, our health stays good.
+        await asyncio.sleep(1.0)
+        assert table.state(b) is State.ALIVE and table.local_health == 0
+        assert not any(isinstance(e, Suspected) for e in events)
+
+        await t_b.stop()  # b goes away: redials fail, b is suspected, then declared dead
+        assert await _wait_for(lambda: Died(b, 0) in events, FIND_DEADLINE), events
+        assert Suspected(b, 0) in events
+        assert b in table and table.state(b) is State.DEAD  # a proposal, not a removal
+
+        t_b2 = Transport(id_b, net, h_b)
+        await t_b2.start("127.0.0.1", port_b)  # b comes back where it was
+        assert await _wait_for(lambda: table.linked() == [b], FIND_DEADLINE), events
+        assert Revived(b, 0) in events and table.state(b) is State.ALIVE
+    finally:
+        await mgr.stop()
+        await t_a.stop()
+        await t_b.stop()
+        if t_b2 is not None:
+            await t_b2.stop()
+
+
+async def test_peer_manager_moves_an_address_that_proves_to_be_another_key() -> None:
+    net = os.urandom(8)
+    id_a, id_b = Identity(bytes([33]) * 32), Identity(bytes([34]) * 32)
+    h_a, h_b = _Handler(), _Handler()
+    t_a, t_b = Transport(id_a, net, h_a), Transport(id_b, net, h_b)
+    table = PeerTable(id_a.member, random.Random(3), timers=FAST, now=time.monotonic())
+    mgr = PeerManager(table, t_a, rng=random.Random(4))
+    h_a.manager = mgr
+    liar = member(35)
+    try:
+        await t_a.start("127.0.0.1", 0)
+        _, port_b = await t_b.start("127.0.0.1", 0)
+        mgr.start()
+        # A hostile announcement says b's address is `liar`'s. The handshake shows b's key
+        # there: the address moves to b (now linked) and `liar` keeps no address to dial.
+        mgr.found(Found(liar, "127.0.0.1", port_b))
+        assert await _wait_for(lambda: id_b.member in table.linked(), FIND_DEADLINE)
+        assert await _wait_for(lambda: table.addresses(liar) == {}, FIND_DEADLINE)
+        assert liar not in table.linked()
+        assert Address("127.0.0.1", port_b) in table.addresses(id_b.member)
+        # b did not hold the dial against us: no penalty for a completed handshake.
+        assert t_b.banned_for("127.0.0.1") == 0 and t_b.banned_for(id_a.member) == 0
+    finally:
+        await mgr.stop()
+        await t_a.stop()
+        await t_b.stop()

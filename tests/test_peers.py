@@ -514,3 +514,15 @@ def test_invariants_hold_for_any_input_sequence(ops: list[tuple[object, ...]], s
         for v in t.snapshot(now):
             assert v.state in {"alive", "suspect", "dead"}
             assert v.dial_in is None or v.dial_in >= 0
+
+
+def test_forget_address_keeps_member_and_live_link() -> None:
+    t = table()
+    a, b = Address("10.0.0.1", 1), Address("10.0.0.2", 2)
+    t.add_address(mid(1), a, Source.MDNS, 0.0)
+    t.add_address(mid(1), b, Source.MDNS, 0.0)
+    assert t.forget_address(mid(1), a)
+    assert not t.forget_address(mid(1), a)
+    assert t.addresses(mid(1)) == {b: Source.MDNS} and mid(1) in t
+    t.linked_up(mid(1), b, Source.MDNS, 1.0, dialed=DialTarget(b, mid(1), Source.MDNS))
+    assert not t.forget_address(mid(1), b)  # never the address of the open link
