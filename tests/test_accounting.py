@@ -4,9 +4,12 @@ end to end, and every kind of bad input refused with one sentence and no change.
 from __future__ import annotations
 
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from valuemesh.protocol.accounting import PLUGINS, try_policy
 from valuemesh.protocol.accounting.distribution import current_split, verify_recorded
 from valuemesh.protocol.accounting.inputs import current_policy, paid_debt_key
@@ -554,3 +557,88 @@ def test_plugins_pass_the_conformance_kit(index: int) -> None:
     check_plugin(
         PLUGINS[index], examples=examples[index], registry_factory=lambda: constellation().registry
     )
+
+
+def test_an_investor_return_on_all_sales_is_paid_until_its_cap() -> None:
+    tc = constellation()
+    terms = [{"kind": "investor_return", "to": key(tc, INV), "bps": 1000, "cap": "150.00"}]
+    a = ok(
+        tc,
+        INV,
+        "agreement",
+        {
+            "op": "propose",
+            "title": "Seed money",
+            "currency": "EUR",
+            "parties": [key(tc, INV), key(tc, F)],
+            "applies": "all",
+            "terms": terms,
+        },
+    )
+    ok(tc, F, "agreement", {"op": "sign", "agreement": a.id})
+    ok(tc, P, "contribution", {"op": "record", "action": "work", "quantity": "8", "unit": "hour"})
+    got = []
+    for amount in ("1000.00", "1000.00", "1000.00"):
+        rev = ok(
+            tc,
+            F,
+            "revenue",
+            {"op": "record", "amount": amount, "currency": "EUR", "customer": key(tc, C)},
+        )
+        d = current_split(tc.ledger.reader, rev.id)
+        got.append([(ln.kind, ln.amount) for ln in d.lines])
+        prop = propose_distribution(tc, F, rev.id)
+        ok(tc, C, "distribution", {"op": "ratify", "distribution": prop.id, "hash": d.hash})
+    assert got == [
+        [("investor_return", 10_000), ("pool", 90_000)],
+        [("investor_return", 5_000), ("pool", 95_000)],  # only 50.00 of the 150.00 cap was left
+        [("pool", 100_000)],
+    ]
+    # Revenue in another currency is not touched by a EUR agreement.
+    usd = ok(
+        tc,
+        F,
+        "revenue",
+        {"op": "record", "amount": "10", "currency": "USD", "customer": key(tc, C)},
+    )
+    assert [ln.kind for ln in current_split(tc.ledger.reader, usd.id).lines] == ["pool"]
+
+
+amount_texts = st.one_of(
+    st.from_regex(r"\A-?[0-9]{1,16}(\.[0-9]{0,5})?\Z"),
+    st.text(alphabet="0123456789.-e ", min_size=1, max_size=12),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=amount_texts, currency=st.sampled_from(["EUR", "JPY", "KWD"]))
+def test_any_amount_text_is_stored_exactly_or_refused_without_change(
+    text: str, currency: str
+) -> None:
+    tc = _SHARED
+    exp = {"EUR": 2, "JPY": 0, "KWD": 3}[currency]
+    try:
+        value = Decimal(text)
+        exact = (
+            re.fullmatch(r"(0|[1-9][0-9]*)(\.[0-9]+)?", text) is not None
+            and value > 0
+            and value <= 10**12
+            and -value.as_tuple().exponent <= exp  # type: ignore[operator]
+        )
+    except InvalidOperation:
+        exact = False
+    before = tc.state_hash()
+    rec = tc.sign(F, "revenue", {"op": "record", "amount": text, "currency": currency})
+    out = tc.apply(rec)
+    if exact:
+        assert out.applied, out.reason
+        stored = tc.ledger.reader.read("revenue", f"r/{rec.id.hex()}")
+        assert stored["amount"] == int(Decimal(text).scaleb(exp))
+    else:
+        assert out.status == "rejected" and tc.state_hash() == before
+        assert "\n" not in out.reason and out.reason.endswith(".")
+
+
+_SHARED = constellation()

@@ -92,7 +92,7 @@ def parse_decimal(text: str, what: str = "An amount") -> Fraction:
         raise ValidationError(
             f"{what} must be a decimal string of at most {MAX_AMOUNT_TEXT} characters."
         )
-    t = text.strip()
+    t = text
     if t.startswith("-"):
         raise ValidationError(f"{what} must not be negative ('{text}').")
     m = _DECIMAL_RE.match(t)
@@ -105,7 +105,7 @@ def parse_decimal(text: str, what: str = "An amount") -> Fraction:
 def parse_amount(text: str, code: str, exponent: int) -> int:
     """Minor units of a positive decimal amount; refuse more decimals than `code` has."""
     value = parse_decimal(text)
-    decimals = len(text.strip().partition(".")[2])
+    decimals = len(text.partition(".")[2])
     if decimals > exponent:
         allowed = "no decimals" if exponent == 0 else f"at most {exponent} decimals"
         raise ValidationError(
