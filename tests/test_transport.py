@@ -90,25 +90,28 @@ def test_handshake_agrees_and_frames_flow_both_ways() -> None:
         assert ch_i.open(ch_r.seal(wire.FRAME_DATA, b"r%d" % n)) == wire.Frame(0, b"r%d" % n)
 
 
-def test_frames_cannot_be_replayed_reflected_or_reordered() -> None:
-    ch_i, ch_r, _ = handshake(ident(), ident())
+def test_frames_cannot_be_replayed_reflected_reordered_or_moved_between_sessions() -> None:
+    a, b = ident(), ident()
+    ch_i, ch_r, _ = handshake(a, b)
     f0 = ch_i.seal(wire.FRAME_DATA, b"zero")
     f1 = ch_i.seal(wire.FRAME_DATA, b"one")
     with pytest.raises(wire.FrameError):
-        ch_r.open(f1)  # out of order
-    ch_i2, ch_r2, _ = handshake(ident(), ident())
-    g0 = ch_i2.seal(wire.FRAME_DATA, b"zero")
-    assert ch_r2.open(g0).body == b"zero"
+        ch_r.open(f1)  # reordered (and a failure is final for the link)
+    ch_i, ch_r, _ = handshake(a, b)
+    g0 = ch_i.seal(wire.FRAME_DATA, b"zero")
+    assert ch_r.open(g0).body == b"zero"
     with pytest.raises(wire.FrameError):
-        ch_r2.open(g0)  # replayed
-    # Reflection: a frame sent by the initiator is never valid for the initiator.
-    _, _, _ = handshake(ident(), ident())
-    ch_i3, ch_r3, _ = handshake(ident(), ident())
-    h0 = ch_i3.seal(wire.FRAME_DATA, b"me")
+        ch_r.open(g0)  # replayed
+    # Reflection: what the initiator sends never opens at the initiator.
+    ch_i, ch_r, _ = handshake(a, b)
+    h0 = ch_i.seal(wire.FRAME_DATA, b"me")
     with pytest.raises(wire.FrameError):
-        ch_i3.open(h0)
-    assert ch_r3.open(h0).body == b"me"
-    del f0
+        ch_i.open(h0)
+    assert ch_r.open(h0).body == b"me"
+    # Same two members, new session: frames from the old one are useless.
+    _, ch_r_new, _ = handshake(a, b)
+    with pytest.raises(wire.FrameError):
+        ch_r_new.open(f0)
 
 
 def test_wrong_network_is_told_at_hello() -> None:
