@@ -642,3 +642,80 @@ def test_any_amount_text_is_stored_exactly_or_refused_without_change(
 
 
 _SHARED = constellation()
+
+
+def test_every_plugin_example_fits_its_schema() -> None:
+    for plugin in PLUGINS:
+        for body in plugin.examples():
+            assert plugin.check_body(body) == body["op"]
+
+
+votes = st.lists(
+    st.tuples(
+        st.sampled_from([F, INV, P, C]),
+        st.sampled_from(["agree", "disagree", "abstain", "maybe"]),
+        st.integers(0, 4),
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    votes=votes,
+    quorum=st.sampled_from([0, 5000, 10_000]),
+    threshold=st.sampled_from([1, 5001, 10_000]),
+)
+def test_voting_follows_the_window_and_one_vote_each(
+    votes: list[tuple[int, str, int]], quorum: int, threshold: int
+) -> None:
+    tc = constellation()
+    opens, closes = tc.now + 3 * STEP_MS, tc.now + 12 * STEP_MS
+    prop = ok(
+        tc,
+        F,
+        "policy",
+        {
+            "op": "propose",
+            "title": "t",
+            "opens": opens,
+            "closes": closes,
+            "quorum_bps": quorum,
+            "threshold_bps": threshold,
+            "split": encode_split(parse_policy(SPLIT)),
+            "voters": ["producer", "investor"],
+        },
+    )
+    eligible = {F, INV, P}
+    tally: dict[str, int] = {}
+    voted: set[int] = set()
+    for who, option, wait in votes:
+        tc.now += wait * STEP_MS
+        before = tc.state_hash()
+        out = tc.post(who, "policy", {"op": "vote", "proposal": prop.id, "option": option})
+        vote_time = tc.now
+        valid = (
+            opens <= vote_time <= closes
+            and who in eligible
+            and who not in voted
+            and option in ("agree", "disagree", "abstain")
+        )
+        assert out.applied == valid, (who, option, vote_time, out.reason)
+        if valid:
+            voted.add(who)
+            tally[option] = tally.get(option, 0) + 1
+        else:
+            assert tc.state_hash() == before
+    tc.now = max(tc.now, closes)
+    ok(tc, C, "policy", {"op": "close", "proposal": prop.id})
+    outcome = tc.ledger.reader.read("policy", f"p/{prop.id.hex()}")["outcome"]
+    cast, agree, disagree = sum(tally.values()), tally.get("agree", 0), tally.get("disagree", 0)
+    if cast * 10_000 < quorum * 3:
+        expected = "no-quorum"
+    elif agree > 0 and agree * 10_000 >= threshold * (agree + disagree):
+        expected = "adopted"
+    else:
+        expected = "rejected"
+    assert outcome["result"] == expected and outcome["tally"] == dict(sorted(tally.items()))
+    adopted = current_policy(tc.ledger.reader)[1] == prop.id
+    assert adopted == (expected == "adopted")
