@@ -78,6 +78,7 @@ class Limits:
     flood_penalty: float = 25.0
     invalid_message_penalty: float = 20.0
     handshake_failure_penalty: float = 25.0
+    handshake_abandon_penalty: float = 5.0
     reputation: ReputationPolicy = field(default_factory=ReputationPolicy)
 
     def __post_init__(self) -> None:
@@ -696,7 +697,10 @@ class Transport:
         except (TimeoutError, RemoteError, ConnectionError, aiohttp.ClientError) as e:
             reason = "the handshake timed out" if isinstance(e, TimeoutError) else str(e)
             log.info("inbound handshake from %s failed: %s", ip, reason)
-            if not isinstance(e, (wire.PeerRefusedError, ConnectionError, aiohttp.ClientError)):
+            if isinstance(e, _HandshakeAbandoned):
+                # Still costs something: every HELLO makes us sign.
+                self.ip_reputation.penalize(ip, lim.handshake_abandon_penalty, self.clock())
+            elif not isinstance(e, (wire.PeerRefusedError, ConnectionError, aiohttp.ClientError)):
                 self.ip_reputation.penalize(ip, lim.handshake_failure_penalty, self.clock())
             await self._close_raw(ws, abort)
         finally:
@@ -884,7 +888,11 @@ async def _recv_handshake(ws: web.WebSocketResponse | aiohttp.ClientWebSocketRes
         raise wire.HandshakeError("The peer sent text where a handshake message was due.")
     if msg.type == WSMsgType.ERROR:
         raise wire.HandshakeError("The peer sent an invalid websocket message during the handshake.")
-    raise wire.HandshakeError("The peer closed the connection during the handshake.")
+    raise _HandshakeAbandoned("The peer closed the connection during the handshake.")
+
+
+class _HandshakeAbandoned(wire.HandshakeError):
+    """The peer hung up mid-handshake: often an honest dialler that declined us."""
 
 
 __all__ = [

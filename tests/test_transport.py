@@ -578,6 +578,15 @@ async def test_expected_key_mismatch_is_refused(cluster: Cluster) -> None:
         await a.transport.connect(*b.addr, expect=ident().member)
     assert not a.transport.links
 
+    def ip_score() -> float:
+        return b.transport.ip_reputation.score("127.0.0.1", b.transport.clock())
+
+    # b saw a dialler hang up, not an attack: a small charge, no back-off.
+    start = FAST.reputation.start
+    await until(lambda: ip_score() < start, "b noticed the abandoned handshake")
+    assert start - FAST.handshake_abandon_penalty <= ip_score() < start
+    assert not b.transport.links and b.handler.events == []
+
 
 async def test_connecting_to_itself_is_refused(cluster: Cluster) -> None:
     a = await cluster.node()
