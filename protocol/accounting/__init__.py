@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..plugins import Plugin, Registry
 from . import agreement, distribution, policy, revenue
+from .distribution import current_split, find_policy, ratifiers, verify_recorded
 from .inputs import (
     ContributionInput,
     RevenueInput,
@@ -46,6 +47,8 @@ __all__ = [
     "compute_split",
     "currency_exponent",
     "current_policy",
+    "current_split",
+    "find_policy",
     "format_minor",
     "gather_inputs",
     "inclusion_proof",
@@ -54,8 +57,10 @@ __all__ = [
     "parse_policy",
     "policy_hash",
     "pool_scores",
+    "ratifiers",
     "register",
     "try_policy",
     "verify",
     "verify_inclusion",
+    "verify_recorded",
 ]

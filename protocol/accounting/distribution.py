@@ -20,6 +20,7 @@ from .inputs import (
     DISTRIBUTION_NS,
     POLICY_NS,
     REVENUE_NS,
+    SplitInputs,
     current_policy,
     gather_inputs,
     inputs_from_leaves,
@@ -99,11 +100,15 @@ class DistributionPlugin(Plugin):
         "ratify": {"distribution": Field("hash"), "hash": Field("hash")},
     }
 
-    def _fresh(self, ctx: ApplyContext, revenue: bytes, claimed: dict[str, Any]) -> Distribution:
+    def _fresh(
+        self, ctx: ApplyContext, revenue: bytes, claimed: dict[str, Any]
+    ) -> tuple[Distribution, SplitInputs, SplitPolicy, bytes | None]:
         """Recompute the split and explain exactly why a claimed one differs."""
         if ctx.get(f"done/{revenue.hex()}") is not None:
             raise ValidationError("This revenue already has a final distribution.")
-        dist = current_split(ctx, revenue)
+        policy, proposal = current_policy(ctx)
+        inputs = gather_inputs(ctx, revenue)
+        dist = compute_split(policy, inputs)
         if claimed["policy"] != dist.policy_hash:
             raise ValidationError(
                 "The distribution was computed under another policy than the current one."
@@ -117,17 +122,13 @@ class DistributionPlugin(Plugin):
             raise ValidationError(
                 "The distribution does not match what every node computes for it."
             )
-        return dist
+        return dist, inputs, policy, proposal
 
     def validate(self, ctx: ApplyContext, record: Record) -> None:
         b = record.body
         if ctx.op == "propose":
-            dist = self._fresh(ctx, b["revenue"], dict(b))
-            policy, _ = current_policy(ctx)
-            if not ratifiers(ctx, policy, dist):
-                raise ValidationError(
-                    "No active member can ratify this distribution under the policy."
-                )
+            # The split is recomputed once, in apply, which refuses a mismatch just
+            # as validate would: a failing apply changes nothing.
             return
         d = ctx.get(f"d/{b['distribution'].hex()}")
         if not isinstance(d, dict):
@@ -154,8 +155,12 @@ class DistributionPlugin(Plugin):
     def apply(self, ctx: ApplyContext, record: Record) -> None:
         b = record.body
         if ctx.op == "propose":
-            dist = self._fresh(ctx, b["revenue"], dict(b))
-            policy, proposal = current_policy(ctx)
+            dist, inputs, policy, proposal = self._fresh(ctx, b["revenue"], dict(b))
+            required = ratifiers(ctx, policy, dist)
+            if not required:
+                raise ValidationError(
+                    "No active member can ratify this distribution under the policy."
+                )
             ctx.put(
                 f"d/{record.id.hex()}",
                 {
@@ -168,8 +173,8 @@ class DistributionPlugin(Plugin):
                     "distribution": dist.to_map(),
                     # The inputs travel with the distribution so it can be re-verified later,
                     # when repayments and new acknowledgements have moved the ledger on.
-                    "inputs": gather_inputs(ctx, b["revenue"]).leaves(),
-                    "required": ratifiers(ctx, policy, dist),
+                    "inputs": inputs.leaves(),
+                    "required": required,
                     "signed": [],
                     "status": "proposed",
                     "at": ctx.now,
