@@ -37,6 +37,7 @@ import enum
 import ipaddress
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -134,6 +135,8 @@ class Timers:
 # --- addresses --------------------------------------------------------------------------
 
 _HOST_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+# An IPv6 zone is an interface name (at most IFNAMSIZ-1 = 15 bytes) or index.
+_ZONE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 def is_hostname(text: str) -> bool:
@@ -175,6 +178,9 @@ class Address:
         if ip is not None:
             if ip.is_unspecified or ip.is_multicast:
                 raise ValidationError(f"'{self.host}' is not an address a peer can be dialed on.")
+            zone = getattr(ip, "scope_id", None)
+            if zone is not None and not _ZONE_RE.fullmatch(zone):
+                raise ValidationError(f"'{self.host[:80]}' has an invalid interface zone.")
             object.__setattr__(self, "host", ip.compressed)
         elif not is_hostname(self.host):
             raise ValidationError(f"'{self.host[:80]}' is neither an IP address nor a host name.")
@@ -360,6 +366,7 @@ class _Peer:
     suspect_deadline: float | None = None
     suspect_start: float | None = None
     confirmations: set[MemberId] = field(default_factory=set)
+    text: str = ""  # str(member), cached: base32 with a checksum is slow at 4096 peers
 
     @property
     def first_hand(self) -> bool:
@@ -788,7 +795,7 @@ class PeerTable:
                 )
             dial_in = None if p.link is not None or not p.addresses else max(0.0, p.next_dial - now)
             views.append(PeerView(
-                str(m), p.state.value, p.incarnation, max(0.0, now - p.state_since),
+                p.text, p.state.value, p.incarnation, max(0.0, now - p.state_since),
                 p.link is not None, via, addrs,
                 dial_in, p.dial_failures,
             ))
@@ -806,7 +813,7 @@ class PeerTable:
         if len(self._peers) >= self._max_peers:
             if not evict or not self._evict_one():
                 return None
-        p = _Peer(member, State.ALIVE, 0, now, next_dial=now)
+        p = _Peer(member, State.ALIVE, 0, now, next_dial=now, text=str(member))
         self._peers[member] = p
         return p
 

@@ -136,6 +136,7 @@ def test_txt_limits() -> None:
         ("Seed.Example.ORG.:1", ("seed.example.org", 1)),
         ("[2001:db8::1]:7000", ("2001:db8::1", 7000)),
         ("[::1]:65535", ("::1", 65535)),
+        ("[fe80::1%eth0]:7000", ("fe80::1%eth0", 7000)),
         ("localhost:80", ("localhost", 80)),
     ],
 )
@@ -149,7 +150,8 @@ def test_parse_hostport_good(text: str, expected: tuple[str, int]) -> None:
         "", "   ", "host", "host:", ":7000", "host:0", "host:65536", "host:-1", "host:+80",
         "host:8o", "host:७०००", "2001:db8::1:7000", "[2001:db8::1]", "[2001:db8::1]7000",
         "[10.0.0.1]:80", "[2001:db8::1:80", "bad_host:80", "-bad.example:80", "a..b:80",
-        "0.0.0.0:80", "224.0.0.251:5353", "1.2.3:80", "host:123456",
+        "0.0.0.0:80", "224.0.0.251:5353", "1.2.3:80", "host:123456", "[fe80::1%a b]:80",
+        "[fe80::1%]:80", "[fe80::1%" + "x" * 16 + "]:80",
     ],
 )
 def test_parse_hostport_bad(text: str) -> None:
