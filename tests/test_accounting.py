@@ -16,6 +16,7 @@ from valuemesh.protocol.accounting.inputs import current_policy, paid_debt_key
 from valuemesh.protocol.accounting.policy import decide, encode_split
 from valuemesh.protocol.accounting.split import COMMONS
 from valuemesh.protocol.accounting.splitpolicy import DEFAULT_POLICY, parse_policy
+from valuemesh.protocol.errors import ValidationError
 from valuemesh.protocol.ledger import Ledger
 from valuemesh.protocol.records import Record
 from valuemesh.protocol.testing import GENESIS_TIME, STEP_MS, TestConstellation, check_plugin
@@ -719,3 +720,47 @@ def test_voting_follows_the_window_and_one_vote_each(
     assert outcome["result"] == expected and outcome["tally"] == dict(sorted(tally.items()))
     adopted = current_policy(tc.ledger.reader)[1] == prop.id
     assert adopted == (expected == "adopted")
+
+
+def test_a_tampered_stored_distribution_no_longer_verifies() -> None:
+    from valuemesh.protocol import cbor
+
+    tc = constellation()
+    work_and_capital(tc)
+    rev = ok(
+        tc,
+        F,
+        "revenue",
+        {"op": "record", "amount": "700.00", "currency": "EUR", "customer": key(tc, C)},
+    )
+    prop = propose_distribution(tc, F, rev.id)
+    verify_recorded(tc.ledger.reader, prop.id)
+    slot = f"distribution/d/{prop.id.hex()}"
+    original = tc.ledger._data[slot]
+    stored = cbor.decode(original)
+    lines = stored["distribution"]["lines"]
+    for tamper, words in [
+        (
+            lambda d: d["distribution"]["lines"].__setitem__(
+                -1, {**lines[-1], "amount": lines[-1]["amount"] + 1}
+            ),
+            "do not add up",
+        ),
+        (lambda d: d["inputs"][-1].__setitem__("quantity", "300"), "Merkle root"),
+        (
+            lambda d: d["distribution"].__setitem__("policy", b"\x09" * 32),
+            "another policy|No policy",
+        ),
+    ]:
+        changed = cbor.decode(original)
+        tamper(changed)
+        tc.ledger._data[slot] = cbor.encode(changed)
+        with pytest.raises(ValidationError, match=words):
+            verify_recorded(tc.ledger.reader, prop.id)
+    tc.ledger._data[slot] = original
+    # Another constellation's ledger does not hold these inputs.
+    other = constellation()
+    other.ledger._data[slot] = original
+    other.ledger._data[f"revenue/r/{rev.id.hex()}"] = tc.ledger._data[f"revenue/r/{rev.id.hex()}"]
+    with pytest.raises(ValidationError, match="not in this ledger"):
+        verify_recorded(other.ledger.reader, prop.id)
