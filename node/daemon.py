@@ -248,12 +248,19 @@ class Node:
         except RemoteError as exc:
             log.info("bad data from %s: %s", link.remote.short, exc.message)
             link.penalize(PENALTY_INVALID, exc.message)
+        except ValuemeshError as exc:
+            log.warning("could not handle a message from %s: %s", link.remote.short, exc.message)
+        except Exception:
+            log.exception("internal error while handling a message from %s", link.remote.short)
 
     async def _send(self, link: PeerLink, msg: m.Message) -> None:
-        with contextlib.suppress(ValuemeshError, ConnectionError, asyncio.TimeoutError):
+        try:
             await link.send(m.encode_message(msg))
+        except (ValuemeshError, ConnectionError, TimeoutError) as exc:
+            log.debug("could not send %s to %s: %s", msg.t, link.remote.short, exc)
 
     async def _dispatch(self, link: PeerLink, msg: m.Message) -> None:
+        log.debug("got %s from %s", msg.t, link.remote.short)
         if isinstance(msg, m.Hello):
             self.peer_constellations[link.remote] = set(msg.constellations)
             host = link.addr[0]
@@ -267,7 +274,7 @@ class Node:
                     await self._send_heads(link, eng)
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)
-            await self._stream_gap(link, eng, msg.heads)
+            await self._stream_gap(link, eng, msg.as_dict())
         elif isinstance(msg, m.Blocks):
             eng = self._engine_for_peer(link, msg.c)
             await self._receive_blocks(link, eng, msg.blocks, msg.left)
@@ -326,7 +333,7 @@ class Node:
     async def _send_heads(self, link: PeerLink, eng: Engine) -> None:
         assert self.store is not None
         heads = await self.store.heads(eng.cid)
-        await self._send(link, m.Heads(eng.cid, {k.key: v for k, v in heads.items()}))
+        await self._send(link, m.Heads(eng.cid, sorted([k.key, v] for k, v in heads.items())))
 
     async def _stream_gap(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
         """Send every block the peer lacks, oldest rounds first, in batches."""
@@ -617,6 +624,7 @@ def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: li
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=os.environ.get("VALUEMESH_LOG", "INFO").upper(), handlers=[handler])
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     identity = home.load_identity()
     cfg = home.config()
     node = Node(home, identity, listen=listen or cfg.get("listen", "0.0.0.0:7470"),

@@ -43,17 +43,24 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Heads:
-    """Per author, the highest round I hold in a constellation (a sync request)."""
+    """Per author, the highest round I hold in a constellation (a sync request).
+
+    `heads` is a list of [author key, round] pairs (CBOR map keys are text or ints).
+    """
 
     t: ClassVar[str] = "heads"
     c: bytes
-    heads: dict[bytes, int]
+    heads: list[list[Any]]
 
     def valid(self) -> bool:
         return len(self.c) == 32 and len(self.heads) <= 4096 and all(
-            isinstance(k, bytes) and len(k) == 32 and isinstance(v, int) and v >= -1
-            for k, v in self.heads.items()
+            isinstance(h, list) and len(h) == 2 and isinstance(h[0], bytes) and len(h[0]) == 32
+            and isinstance(h[1], int) and not isinstance(h[1], bool) and h[1] >= 0
+            for h in self.heads
         )
+
+    def as_dict(self) -> dict[bytes, int]:
+        return {k: v for k, v in self.heads}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +171,7 @@ _TYPES: dict[str, type[Any]] = {
     for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, PeerExchange)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": dict,
+    "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,
     "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
     "genesis": bytes, "reason": str, "proof": bytes, "peers": list,
 }
