@@ -31,6 +31,8 @@ from valuemesh.node.peers import (
     Dial,
     DialTarget,
     Died,
+    ExchangeEntry,
+    MergeReport,
     PeerTable,
     Ping,
     Revived,
@@ -643,6 +645,26 @@ class PeerManager:
         added = add_bootstrap(self.table, texts, self._clock())
         self._wake.set()
         return added
+
+    def add_known(self, member: MemberId, address: Address, source: Source) -> bool:
+        """A first-hand address from elsewhere in the node (an invite token, the operator)."""
+        ok = self.table.add_address(member, address, source, self._clock())
+        self._wake.set()
+        return ok
+
+    def exchange_received(self, link: PeerLink, entries: Sequence[ExchangeEntry]) -> MergeReport:
+        """Merge a peer-exchange message from `link`; RemoteError (no change) if oversized."""
+        try:
+            sender: Address | None = Address(*link.addr)
+        except ValidationError:
+            sender = None
+        report = self.table.merge_exchange(link.remote, sender, entries, self._clock())
+        if report.accepted:
+            self._wake.set()
+        return report
+
+    def exchange_offer(self, to: MemberId) -> list[ExchangeEntry]:
+        return self.table.exchange_offer(to, self._clock())
 
     def link_up(self, link: PeerLink, *, listen_port: int | None = None) -> None:
         """A link opened (either way); `listen_port` is the port the peer said it serves on."""

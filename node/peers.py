@@ -299,6 +299,18 @@ class MergeReport:
     ignored: int
 
 
+@dataclass(frozen=True, slots=True)
+class SavedAddress:
+    """One address as the node persists it; `age` is seconds since last confirmed."""
+
+    member: MemberId
+    address: Address
+    source: Source
+    age: float
+    reached: bool
+    dial_failures: int
+
+
 # --- snapshot (output structs, stable for the API) -------------------------------------------
 
 SNAPSHOT_VERSION = 1
@@ -510,6 +522,46 @@ class PeerTable:
             return False
         self._anonymous[address] = _Anonymous(source, next_dial=now)
         return True
+
+    def restore(
+        self, member: MemberId, address: Address, source: Source, age: float, now: float, *,
+        reached: bool,
+    ) -> bool:
+        """Reload an address this node saved itself (from its store) before a restart.
+
+        Unlike `add_address` any source is allowed: the record is our own, not a peer's.
+        `age` is seconds since it was last confirmed; `reached` whether we ever linked over it.
+        """
+        if member == self.me or not math.isfinite(age):
+            return False
+        peer = self._peers.get(member) or self._admit(member, now, evict=True)
+        if peer is None:
+            return False
+        observed = now - max(0.0, age)
+        info = peer.addresses.get(address)
+        if info is None:
+            if not self._make_room(peer, first_hand=source is not Source.EXCHANGE,
+                                   observed=observed):
+                return False
+            info = peer.addresses[address] = _AddrInfo(source, observed)
+        info.observed = max(info.observed, observed)
+        if reached:
+            info.last_ok = observed if info.last_ok is None else max(info.last_ok, observed)
+        if _SOURCE_RANK[source] < _SOURCE_RANK[info.source]:
+            info.source = source
+        return True
+
+    def saved(self, now: float) -> list[SavedAddress]:
+        """Every address worth keeping across a restart, for the node to write to its store."""
+        out = []
+        for m in sorted(self._peers):
+            p = self._peers[m]
+            for a, i in sorted(p.addresses.items()):
+                out.append(SavedAddress(
+                    m, a, i.source, max(0.0, now - i.observed), i.last_ok is not None,
+                    p.dial_failures,
+                ))
+        return out
 
     def merge_exchange(
         self, sender: MemberId, sender_address: Address | None, entries: Sequence[ExchangeEntry],

@@ -498,3 +498,40 @@ async def test_peer_manager_moves_an_address_that_proves_to_be_another_key() -> 
         await mgr.stop()
         await t_a.stop()
         await t_b.stop()
+
+
+async def test_peer_exchange_leads_to_a_new_link() -> None:
+    net = os.urandom(8)
+    ids = [Identity(bytes([36 + i]) * 32) for i in range(3)]
+    handlers = [_Handler() for _ in ids]
+    transports = [Transport(i, net, h) for i, h in zip(ids, handlers, strict=True)]
+    managers = []
+    for i, (ident, h, t) in enumerate(zip(ids, handlers, transports, strict=True)):
+        table = PeerTable(ident.member, random.Random(i), timers=FAST, now=time.monotonic())
+        h.manager = PeerManager(table, t, rng=random.Random(10 + i))
+        managers.append(h.manager)
+    a, b, c = (i.member for i in ids)
+    try:
+        ports = [(await t.start("127.0.0.1", 0))[1] for t in transports]
+        for mgr in managers:
+            mgr.start()
+        # a knows b and c; b knows only a.
+        managers[0].add_bootstrap([f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}"])
+        assert await _wait_for(lambda: managers[0].table.linked() == sorted([b, c]),
+                               FIND_DEADLINE)
+        assert await _wait_for(lambda: a in managers[1].table.linked(), FIND_DEADLINE)
+        offer = managers[0].exchange_offer(b)
+        assert {e.member for e in offer} == {c}  # never b itself
+        link_b_to_a = transports[1].link(a)
+        assert link_b_to_a is not None
+        report = managers[1].exchange_received(link_b_to_a, offer)
+        assert report.accepted == 1
+        assert await _wait_for(lambda: c in managers[1].table.linked(), FIND_DEADLINE)
+        assert managers[1].table.addresses(c) == {Address("127.0.0.1", ports[2]): Source.EXCHANGE}
+        with pytest.raises(RemoteError):
+            managers[1].exchange_received(link_b_to_a, offer * 65)
+    finally:
+        for mgr in managers:
+            await mgr.stop()
+        for t in transports:
+            await t.stop()

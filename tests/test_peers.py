@@ -526,3 +526,26 @@ def test_forget_address_keeps_member_and_live_link() -> None:
     assert t.addresses(mid(1)) == {b: Source.MDNS} and mid(1) in t
     t.linked_up(mid(1), b, Source.MDNS, 1.0, dialed=DialTarget(b, mid(1), Source.MDNS))
     assert not t.forget_address(mid(1), b)  # never the address of the open link
+
+
+def test_saved_addresses_restore_after_restart() -> None:
+    t = table()
+    link(t, mid(1), now=10.0)
+    t.add_address(mid(2), Address("10.0.0.2", 2), Source.BOOTSTRAP, 5.0)
+    t.merge_exchange(mid(1), None, [ExchangeEntry(mid(3), Address("10.0.0.3", 3), 4.0)], 20.0)
+    saved = t.saved(30.0)
+    assert {(s.member, s.source, s.age, s.reached) for s in saved} == {
+        (mid(1), Source.MDNS, 20.0, True),
+        (mid(2), Source.BOOTSTRAP, 25.0, False),
+        (mid(3), Source.EXCHANGE, 14.0, False),
+    }
+    # A fresh table (a restarted node, a new monotonic clock) gets the same view back.
+    u = table()
+    for s in saved:
+        assert u.restore(s.member, s.address, s.source, s.age, 1000.0, reached=s.reached)
+    assert not u.restore(ME, Address("10.0.0.9", 9), Source.MDNS, 0.0, 1000.0, reached=True)
+    assert [(x.member, x.address, x.source, x.age, x.reached) for x in u.saved(1000.0)] == [
+        (x.member, x.address, x.source, x.age, x.reached) for x in saved]
+    # Restored members are dialed right away, most recently successful address first.
+    dials = {a.target.member for a in u.tick(1000.0) if isinstance(a, Dial)}
+    assert dials == {mid(1), mid(2), mid(3)}
