@@ -68,7 +68,7 @@ class Daemon:
                "--network", self.network]
         for b in self.bootstrap:
             cmd += ["--bootstrap", b]
-        log = open(self.home / "daemon.log", "ab")  # noqa: SIM115 - owned by the process lifetime
+        log = open(self.home / "daemon.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         log.close()
         assert self.proc.stdout is not None
