@@ -895,6 +895,48 @@ async def test_replayed_handshake_is_refused(cluster: Cluster, raw: list[RawPeer
     await exchange(server, honest, b"after replay")
 
 
+async def test_impersonation_with_a_wrong_signature_is_refused(
+    cluster: Cluster, raw: list[RawPeer]
+) -> None:
+    """A peer claims a member's key in AUTH but can only sign with its own."""
+    import hashlib
+
+    import nacl.bindings as na
+
+    server, honest = await honest_pair(cluster)
+    victim, mallory = ident(), ident()
+
+    def h(*p: bytes) -> bytes:
+        return hashlib.blake2b(b"".join(p), digest_size=32).digest()
+
+    def kdf(k: bytes, label: bytes, ctx: bytes) -> bytes:
+        return hashlib.blake2b(label + ctx, key=k, digest_size=32).digest()
+
+    bad = new_raw(raw, identity=mallory)
+    await bad.open(server.addr)
+    e_sec = os.urandom(32)
+    hello = b"vm\x01\x01" + wire.network_tag(NET) + na.crypto_scalarmult_base(e_sec)
+    await bad.send(hello)
+    resp = (await bad.receive()).data
+    h1 = h(h(b"valuemesh peer handshake v1", bytes((len(NET),)), NET), hello)
+    dh = na.crypto_scalarmult(e_sec, resp[4:36])
+    h2 = h(h1, resp)
+    sig = mallory.sign(b"vm1 initiator sig" + h2 + server.member.key + victim.member.key)
+    auth = b"vm\x01\x03" + na.crypto_aead_chacha20poly1305_ietf_encrypt(
+        victim.member.key + sig, h2, bytes(12), kdf(dh, b"vm1 initiator auth", h2)
+    )
+    await bad.send(auth)
+    assert await bad.closed_by_server()
+    assert server.transport.link(victim.member) is None
+    assert server.handler.count("connect", victim.member) == 0
+    # The forger's address pays; the impersonated member is not blamed.
+    assert server.transport.banned_for(victim.member) == 0
+    assert server.transport.ip_reputation.score(
+        "127.0.0.1", server.transport.clock()
+    ) < FAST.reputation.start
+    await exchange(server, honest, b"after impersonation")
+
+
 async def test_garbage_handshake_is_refused_and_counts_against_the_address(
     cluster: Cluster, raw: list[RawPeer]
 ) -> None:
