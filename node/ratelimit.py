@@ -121,7 +121,7 @@ class Reputation:
         if e.banned_until and now - e.banned_until > FORGET_AFTER:
             e.strikes = 0
         e.strikes += 1
-        length = min(p.backoff_max, p.backoff_base * 2 ** min(e.strikes - 1, 40))
+        length = float(min(p.backoff_max, p.backoff_base * 2.0 ** min(e.strikes - 1, 40)))
         e.banned_until = now + length
         # Coming back after a ban starts from a fresh score, not from deep debt.
         e.score = p.start
