@@ -500,13 +500,14 @@ class PeerTable:
             if not self._make_room(peer, first_hand=True):
                 return False
             peer.addresses[address] = _AddrInfo(source, now)
+            # A new address is a reason to try at once; a repeated sighting of a known one
+            # is not, or a re-announcing but unreachable node would defeat the back-off.
+            if peer.link is None and not peer.dialing:
+                peer.next_dial = min(peer.next_dial, now)
         else:
             info.observed = max(info.observed, now)
             if _SOURCE_RANK[source] < _SOURCE_RANK[info.source]:
                 info.source = source
-        # A fresh first-hand sighting is a reason to try again soon.
-        if peer.link is None and not peer.dialing:
-            peer.next_dial = min(peer.next_dial, now)
         return True
 
     def add_anonymous(self, address: Address, source: Source, now: float) -> bool:
@@ -620,24 +621,20 @@ class PeerTable:
     def exchange_offer(
         self, to: MemberId, now: float, limit: int = MAX_EXCHANGE_ENTRIES
     ) -> list[ExchangeEntry]:
-        """Addresses worth telling `to` about: alive members, addresses we or mDNS confirmed.
+        """Addresses worth telling `to` about: alive members, at addresses we linked over.
 
-        Second-hand addresses we never reached ourselves are not passed on, so a liar's
-        addresses cannot spread through us.
+        Only what our own handshakes proved is passed on (an mDNS claim or a second-hand
+        address is not), so neither a liar's addresses nor its key claims spread through us.
         """
         offer: list[ExchangeEntry] = []
         for m in sorted(self._peers):
             p = self._peers[m]
             if m == to or p.state is not State.ALIVE:
                 continue
-            for a, i in sorted(p.addresses.items(), key=lambda kv: -kv[1].observed):
-                if not a.is_ip or (i.source is Source.EXCHANGE and i.last_ok is None):
-                    continue
-                if i.source is Source.INBOUND and i.last_ok is None:
-                    continue  # an inbound source port is not a listening port
-                seen = i.last_ok if i.last_ok is not None else i.observed
-                offer.append(ExchangeEntry(m, a, max(0.0, now - seen)))
-        offer.sort(key=lambda e: e.age)
+            for a, i in p.addresses.items():
+                if i.last_ok is not None and a.is_ip:
+                    offer.append(ExchangeEntry(m, a, max(0.0, now - i.last_ok)))
+        offer.sort(key=lambda e: (e.age, e.member, e.address))
         return offer[: max(0, min(limit, MAX_EXCHANGE_ENTRIES))]
 
     # -- links and dialing -------------------------------------------------------------------

@@ -196,9 +196,13 @@ def test_exchange_offer_does_not_launder_unverified_addresses() -> None:
     link(t, mid(1))
     t.merge_exchange(mid(1), None, [ExchangeEntry(mid(2), Address("10.0.0.2", 2), 0.0)], 0.0)
     t.add_address(mid(3), Address("10.0.0.3", 3), Source.MDNS, 0.0)
-    offered = {e.member for e in t.exchange_offer(mid(9), 1.0)}
-    assert offered == {mid(1), mid(3)}
-    assert {e.member for e in t.exchange_offer(mid(1), 1.0)} == {mid(3)}
+    # Neither the second-hand address (mid 2) nor the unproven mDNS claim (mid 3) is passed on.
+    offered = t.exchange_offer(mid(9), 1.0)
+    assert [(e.member, e.age) for e in offered] == [(mid(1), 1.0)]
+    assert t.exchange_offer(mid(1), 1.0) == []  # never a peer's own address back to it
+    t.linked_up(mid(3), Address("10.0.0.3", 3), Source.MDNS, 2.0,
+                dialed=DialTarget(Address("10.0.0.3", 3), mid(3), Source.MDNS))
+    assert {e.member for e in t.exchange_offer(mid(1), 2.0)} == {mid(3)}
 
 
 # --- dialing ----------------------------------------------------------------------------------
