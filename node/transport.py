@@ -47,6 +47,7 @@ SERVER_SHUTDOWN_TIMEOUT = 2.0
 # Control frames (pong, close) may exceed the data queue's bound, but only by this much.
 MAX_CONTROL_BACKLOG = 16
 MAX_PING_BODY = 32
+MAX_HANDSHAKE_WS_PINGS = 4
 _WS_MESSAGE_TOO_BIG = 1009
 _WS_POLICY_VIOLATION = 1008
 
@@ -319,6 +320,13 @@ class PeerLink:
                     break
                 if msg.type == WSMsgType.BINARY:
                     await self._on_frame(msg.data)
+                elif msg.type == WSMsgType.PING:
+                    # Answered by hand so that WebSocket pings, too, pass the rate limiter.
+                    await self._throttle(len(msg.data))
+                    if not self.closed:
+                        await self._ws.pong(msg.data)
+                elif msg.type == WSMsgType.PONG:
+                    await self._throttle(len(msg.data))
                 elif msg.type == WSMsgType.TEXT:
                     self._violation("the peer sent a text message instead of an encrypted frame")
                 elif msg.type == WSMsgType.ERROR:
@@ -677,7 +685,7 @@ class Transport:
         ws = web.WebSocketResponse(
             max_msg_size=lim.max_frame,
             compress=False,
-            autoping=True,
+            autoping=False,
             heartbeat=None,
             timeout=lim.close_timeout,
         )
@@ -808,7 +816,7 @@ class Transport:
                 ws = await self._session.ws_connect(
                     url,
                     max_msg_size=lim.max_frame,
-                    autoping=True,
+                    autoping=False,
                     heartbeat=None,
                     compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=lim.close_timeout),
@@ -881,14 +889,20 @@ def _http_refusal(e: aiohttp.WSServerHandshakeError, where: str) -> ValuemeshErr
 
 
 async def _recv_handshake(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bytes:
-    msg = await ws.receive()
-    if msg.type == WSMsgType.BINARY:
-        return bytes(msg.data)
-    if msg.type == WSMsgType.TEXT:
-        raise wire.HandshakeError("The peer sent text where a handshake message was due.")
-    if msg.type == WSMsgType.ERROR:
-        raise wire.HandshakeError("The peer sent an invalid websocket message during the handshake.")
-    raise _HandshakeAbandoned("The peer closed the connection during the handshake.")
+    for _ in range(MAX_HANDSHAKE_WS_PINGS + 1):
+        msg = await ws.receive()
+        if msg.type == WSMsgType.BINARY:
+            return bytes(msg.data)
+        if msg.type in (WSMsgType.PING, WSMsgType.PONG):
+            continue  # meaningless here; a few are tolerated, none answered
+        if msg.type == WSMsgType.TEXT:
+            raise wire.HandshakeError("The peer sent text where a handshake message was due.")
+        if msg.type == WSMsgType.ERROR:
+            raise wire.HandshakeError(
+                "The peer sent an invalid websocket message during the handshake."
+            )
+        raise _HandshakeAbandoned("The peer closed the connection during the handshake.")
+    raise wire.HandshakeError("The peer sent websocket pings instead of a handshake message.")
 
 
 class _HandshakeAbandoned(wire.HandshakeError):

@@ -997,6 +997,28 @@ async def test_flood_is_throttled_then_cut_off(cluster: Cluster, raw: list[RawPe
     await exchange(server, honest, b"after flood")
 
 
+async def test_websocket_ping_flood_passes_the_rate_limiter_too(
+    cluster: Cluster, raw: list[RawPeer]
+) -> None:
+    limits = replace(
+        FAST, rate_messages=100.0, burst_messages=20.0, flood_grace=0.2, flood_penalty=40.0
+    )
+    server = await cluster.node(limits=limits)
+    honest = await cluster.node(limits=limits)
+    await honest.transport.connect(*server.addr)
+    bad = new_raw(raw)
+    await bad.handshake(server.addr)
+    assert bad.ws is not None
+    with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+        for _ in range(20_000):
+            await bad.ws.ping(b"x")
+            if bad.ws.closed or server.transport.link(bad.identity.member) is None:
+                break
+    await until(lambda: server.transport.link(bad.identity.member) is None, "pinger cut off")
+    assert server.transport.banned_for(bad.identity.member) > 0
+    await exchange(server, honest, b"after ping flood")
+
+
 async def test_bulk_transfer_over_the_byte_rate_is_slowed_not_punished(cluster: Cluster) -> None:
     limits = replace(
         FAST, rate_bytes=1024 * 1024, burst_bytes=64 * 1024, flood_grace=0.2, flood_penalty=60.0
