@@ -106,20 +106,27 @@ class _Decoder:
     verification throughput is bounded by this loop (see bench/protocol.py).
     """
 
-    __slots__ = ("data", "end", "items", "pos")
+    __slots__ = ("counting", "data", "end", "items", "pos")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.end = len(data)
         self.pos = 0
         self.items = 0
+        # Every item takes at least one byte, so shorter inputs cannot exceed
+        # the item limit and skip the count (all records do).
+        self.counting = self.end > MAX_ITEMS
+
+    def _count(self) -> None:
+        self.items += 1
+        if self.items > MAX_ITEMS:
+            raise DecodeError("The encoding holds too many items.")
 
     def value(self, depth: int) -> CborValue:
         if depth > MAX_DEPTH:
             raise DecodeError("The encoding is nested too deeply.")
-        self.items += 1
-        if self.items > MAX_ITEMS:
-            raise DecodeError("The encoding holds too many items.")
+        if self.counting:
+            self._count()
         data = self.data
         pos = self.pos
         end = self.end
@@ -226,7 +233,8 @@ class _Decoder:
                     key: Any = data[start + 1 : pos].decode("utf-8")
                 except UnicodeDecodeError:
                     raise DecodeError("A text string is not valid UTF-8.") from None
-                self.items += 1
+                if self.counting:
+                    self._count()
             else:
                 self.pos = pos
                 key = self.value(depth + 1)
@@ -242,7 +250,8 @@ class _Decoder:
             if ib < 0x18:
                 result[key] = ib
                 pos += 1
-                self.items += 1
+                if self.counting:
+                    self._count()
             elif 0x60 <= ib < 0x78:
                 stop = pos + 1 + ib - 0x60
                 if stop > end:
@@ -252,13 +261,12 @@ class _Decoder:
                 except UnicodeDecodeError:
                     raise DecodeError("A text string is not valid UTF-8.") from None
                 pos = stop
-                self.items += 1
+                if self.counting:
+                    self._count()
             else:
                 self.pos = pos
                 result[key] = self._scalar_or_value(depth + 1)
                 pos = self.pos
-            if self.items > MAX_ITEMS:
-                raise DecodeError("The encoding holds too many items.")
             if spans is not None:
                 spans.append((key, start, pos))
         self.pos = pos
@@ -297,9 +305,8 @@ class _Decoder:
             self.pos = stop
         else:
             return self.value(depth)
-        self.items += 1
-        if self.items > MAX_ITEMS:
-            raise DecodeError("The encoding holds too many items.")
+        if self.counting:
+            self._count()
         if ib >= 0x60:
             try:
                 return value.decode("utf-8")

@@ -230,29 +230,32 @@ def _uint_at(raw: bytes, p: int) -> tuple[int, int] | None:
 
 def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
     """Decode a record in its canonical frame; None if it is not in that frame."""
-    if not raw.startswith(_F_C):
+    if not raw.startswith(_F_C) or not raw.startswith(_F_V, 37) or len(raw) < 40:
         return None
-    p = 5
-    cid = raw[p : p + 32]
-    p += 32
-    if not raw.startswith(_F_V, p):
+    cid = raw[5:37]
+    ib = raw[39]
+    if ib < 0x18:
+        v, p = ib, 40
+    else:
+        got = _uint_at(raw, 39)
+        if got is None:
+            return None
+        v, p = got
+    if not raw.startswith(_F_SEQ, p) or p + 4 >= len(raw):
         return None
-    got = _uint_at(raw, p + 2)
-    if got is None:
-        return None
-    v, p = got
-    if not raw.startswith(_F_SEQ, p):
-        return None
-    got = _uint_at(raw, p + 4)
-    if got is None:
-        return None
-    seq, p = got
+    ib = raw[p + 4]
+    if ib < 0x18:
+        seq, p = ib, p + 5
+    else:
+        got = _uint_at(raw, p + 4)
+        if got is None:
+            return None
+        seq, p = got
     if not raw.startswith(_F_SIG, p):
         return None
     sig_start = p
-    p += 6
-    sig = raw[p : p + 64]
-    p += 64
+    sig = raw[p + 6 : p + 70]
+    p += 70
     sig_end = p
     if not raw.startswith(_F_BODY, p) or p + 5 >= len(raw) or raw[p + 5] >> 5 != 5:
         return None
@@ -269,20 +272,21 @@ def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
     p += 6 + tb - 0x60
     if not raw.startswith(_F_AUTHOR, p):
         return None
-    p += 9
-    akey = raw[p : p + 32]
-    p += 32
+    akey = raw[p + 9 : p + 41]
+    p += 41
     if not raw.startswith(_F_CREATED, p):
         return None
     got = _uint_at(raw, p + 8)
     if got is None or got[1] != len(raw) or len(akey) != 32:
         return None
     created = got[0]
-    _need(v <= MAX_VERSION, "A record version is out of range.")
-    _need(seq <= MAX_SEQ, "A record's seq is out of range.")
-    _need(created <= MAX_SEQ, "A record's created time is out of range.")
+    if v > MAX_VERSION or seq > MAX_SEQ or created > MAX_SEQ:
+        _need(v <= MAX_VERSION, "A record version is out of range.")
+        _need(seq <= MAX_SEQ, "A record's seq is out of range.")
+        raise DecodeError("A record's created time is out of range.")
     payload = b"\xa7" + raw[1:sig_start] + raw[sig_end:]
-    rec = Record(rtype, v, cid, MemberId(akey), seq, body, created, sig, blake2b256(payload), raw)
+    rec = Record(rtype, v, cid, MemberId(akey), seq, body, created, sig,
+                 hashlib.blake2b(payload, digest_size=HASH_LEN).digest(), raw)
     return rec, payload
 
 
