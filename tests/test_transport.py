@@ -568,8 +568,13 @@ async def test_unauthorised_keys_are_refused_both_ways(cluster: Cluster) -> None
     c = await cluster.node(allow=set())
     with pytest.raises(AuthorizationError):
         await c.transport.connect(*a.addr)
-    await until(lambda: True, "settle")
-    assert not c.transport.links and not a.transport.links
+    # a sees c hang up after RESPONSE: a small charge to the address, no link.
+    await until(
+        lambda: a.transport.ip_reputation.score("127.0.0.1", a.transport.clock())
+        < FAST.reputation.start,
+        "a noticed c hang up",
+    )
+    assert not c.transport.links and not a.transport.links and a.handler.events == []
 
 
 async def test_expected_key_mismatch_is_refused(cluster: Cluster) -> None:
@@ -598,6 +603,7 @@ async def test_connecting_to_itself_is_refused(cluster: Cluster) -> None:
 async def test_simultaneous_dials_leave_one_link_both_sides_agree_on(cluster: Cluster) -> None:
     a, b = await cluster.node(), await cluster.node()
     la, lb = await asyncio.gather(a.transport.connect(*b.addr), b.transport.connect(*a.addr))
+    assert la.remote == b.member and lb.remote == a.member
     await until(
         lambda: len(a.transport.links) == 1
         and len(b.transport.links) == 1
@@ -608,7 +614,6 @@ async def test_simultaneous_dials_leave_one_link_both_sides_agree_on(cluster: Cl
     kept = a.transport.links[b.member]
     assert (kept.remote if kept.inbound else a.member) == lower
     await exchange(a, b, b"after race")
-    del la, lb
 
 
 async def test_full_mesh_of_crossing_dials_settles_on_one_link_per_pair(cluster: Cluster) -> None:
