@@ -535,3 +535,62 @@ async def test_peer_exchange_leads_to_a_new_link() -> None:
             await mgr.stop()
         for t in transports:
             await t.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_three_daemons_in_namespaces_connect_by_mdns_alone(tmp_path: Path) -> None:
+    """The issue's LAN test: whole daemons, no bootstrap address, found by mDNS alone."""
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    exe = Path(sys.executable).parent / "valuemesh"
+    if not exe.exists():
+        pytest.skip("the valuemesh command is not installed in this environment")
+    network = "vmtest-" + os.urandom(6).hex()
+    homes = [tmp_path / f"n{i}" for i in range(3)]
+    lan = netns.NetnsLan(3)
+    try:
+        lan.create()
+        procs = [
+            lan.popen(h, [str(exe), "--home", str(home), "daemon", "--listen", f"{h.ip}:7470",
+                          "--api", "127.0.0.1:7471", "--mdns-interface", h.ip,
+                          "--network", network, "--init-if-missing"],
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            for h, home in zip(lan.hosts, homes, strict=True)
+        ]
+
+        def connected(i: int) -> dict[str, str]:
+            r = subprocess.run(
+                ["ip", "netns", "exec", lan.hosts[i].netns, str(exe), "--home", str(homes[i]),
+                 "--json", "peers"], capture_output=True, text=True, timeout=20,
+            )
+            if r.returncode != 0 or not r.stdout.strip():
+                return {}
+            return {p["member"]: p.get("via", "") for p in json.loads(r.stdout)["peers"]
+                    if p.get("state") == "connected"}
+
+        seen: list[dict[str, str]] = [{}, {}, {}]
+
+        def all_linked() -> bool:
+            for i in range(3):
+                if len(seen[i]) < 2:
+                    seen[i] = connected(i)
+            return all(len(s) == 2 for s in seen)
+
+        assert netns.wait_until(all_linked, 60.0, step=0.5), (
+            seen, [p.poll() for p in procs])
+        # Each daemon's first stdout line, once ready, names its own member id.
+        own = [json.loads(p.stdout.readline())["member"] for p in procs]  # type: ignore[union-attr]
+        members = [set(s) | {m} for s, m in zip(seen, own, strict=True)]
+        assert members[0] == members[1] == members[2] and len(members[0]) == 3
+        # No bootstrap was given: every link was dialed because of an mDNS announcement
+        # (and is "inbound" on the side that accepted it).
+        vias = {v for s in seen for v in s.values()}
+        assert "mdns" in vias and vias <= {"mdns", "inbound"}, seen
+        for p in procs:
+            assert lan.stop(p, grace=15.0) == 0
+    finally:
+        lan.destroy()
+    assert lan.existing() == []
+
