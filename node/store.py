@@ -406,6 +406,16 @@ def _check_limit(limit: int) -> None:
     _need(_is_uint(limit) and 0 < limit <= MAX_PAGE, f"A page holds 1 to {MAX_PAGE} rows.")
 
 
+def _check_ids(ids: Sequence[bytes]) -> list[bytes]:
+    # Lookups by id often come straight from a peer's request, so bound them here as well.
+    _need(len(ids) <= MAX_PAGE, f"At most {MAX_PAGE} ids can be looked up at once.")
+    return list(ids)
+
+
+def _check_position(*values: int | None) -> None:
+    _need(all(v is None or _is_uint(v) for v in values), "Rounds and indexes must be non-negative integers.")
+
+
 def _check_block(block: object) -> Block:
     _need(isinstance(block, Block), "Only decoded and verified Block objects can be stored.")
     assert isinstance(block, Block)
@@ -1101,7 +1111,7 @@ class Store:
     async def get_blocks(self, block_ids: Sequence[bytes]) -> dict[bytes, Block]:
         """Blocks by id; ids that are not stored are absent from the result."""
         out: dict[bytes, Block] = {}
-        for chunk in _chunks(list(block_ids), 500):
+        for chunk in _chunks(_check_ids(block_ids), 500):
             marks = ",".join("?" * len(chunk))
             for bid, raw in await self._rows(f"SELECT id, raw FROM blocks WHERE id IN ({marks})", chunk):
                 out[bytes(bid)] = _decode_stored_block(raw, bytes(bid))
@@ -1109,7 +1119,7 @@ class Store:
 
     async def has_blocks(self, block_ids: Sequence[bytes]) -> set[bytes]:
         out: set[bytes] = set()
-        for chunk in _chunks(list(block_ids), 500):
+        for chunk in _chunks(_check_ids(block_ids), 500):
             marks = ",".join("?" * len(chunk))
             out.update(bytes(r[0]) for r in await self._rows(f"SELECT id FROM blocks WHERE id IN ({marks})", chunk))
         return out
@@ -1125,6 +1135,7 @@ class Store:
     ) -> list[Block]:
         """Blocks with from_round <= round <= to_round, ordered by (round, author, id)."""
         _check_limit(limit)
+        _check_position(from_round, to_round)
         sql = "SELECT id, raw FROM blocks WHERE constellation = ? AND round >= ?"
         params: list[Any] = [constellation, from_round]
         if to_round is not None:
@@ -1140,6 +1151,7 @@ class Store:
     async def iter_blocks(self, constellation: bytes, *, from_round: int = 0, page: int = 500) -> AsyncIterator[Block]:
         """Every block from `from_round` on, in (round, author, id) order, read page by page."""
         _check_limit(page)
+        _check_position(from_round)
         key: tuple[int, bytes, bytes] = (from_round, b"", b"")
         while True:
             rows = await self._rows(
@@ -1179,7 +1191,7 @@ class Store:
 
     async def get_records(self, record_ids: Sequence[bytes]) -> dict[bytes, Record]:
         out: dict[bytes, Record] = {}
-        for chunk in _chunks(list(record_ids), 500):
+        for chunk in _chunks(_check_ids(record_ids), 500):
             marks = ",".join("?" * len(chunk))
             for rid, raw in await self._rows(f"SELECT id, raw FROM records WHERE id IN ({marks})", chunk):
                 out[bytes(rid)] = _decode_stored_record(raw, bytes(rid))
@@ -1221,6 +1233,7 @@ class Store:
     async def commits(self, constellation: bytes, *, start: int = 0, limit: int = MAX_PAGE) -> list[CommitEntry]:
         """The final order from index `start`, one page."""
         _check_limit(limit)
+        _check_position(start)
         rows = await self._rows(
             "SELECT idx, block_id, anchor_round FROM commits WHERE constellation = ? AND idx >= ? ORDER BY idx LIMIT ?",
             (constellation, start, limit),
@@ -1242,6 +1255,7 @@ class Store:
     async def final_records(self, constellation: bytes, *, start: int = 0, limit: int = MAX_PAGE) -> list[FinalRecord]:
         """Final records in ledger order from commit index `start`, each once (first commit wins)."""
         _check_limit(limit)
+        _check_position(start)
         rows = await self._rows(
             "SELECT f.commit_idx, f.pos, f.record_id, r.raw, c.block_id FROM final_records f "
             "JOIN commits c ON c.constellation = f.constellation AND c.idx = f.commit_idx "

@@ -390,6 +390,12 @@ async def test_bad_arguments_raise_before_anything_is_written(store: Store) -> N
             call()
     with pytest.raises(LocalError):
         await store.blocks(C, limit=store_mod.MAX_PAGE + 1)
+    with pytest.raises(LocalError):
+        await store.blocks(C, from_round=-1)
+    with pytest.raises(LocalError):
+        await store.final_records(C, start=-5)
+    with pytest.raises(LocalError):
+        await store.get_blocks([b"\x00" * 32] * (store_mod.MAX_PAGE + 1))
     with pytest.raises(StoreError, match="stored in this constellation"):
         async with store.batch() as tx2:
             tx2.add_pending(C, [b"\x01" * 32], 1)
@@ -637,6 +643,25 @@ async def test_derived_tables_rebuild_from_blocks_and_commits(store: Store) -> N
     await store.rebuild_derived()
     assert await store.final_records(C) == before
     assert [f.record.id for f in before] == [r1.id, r0.id]
+
+
+async def test_a_full_disk_fails_the_batch_and_the_store_recovers(store: Store) -> None:
+    small = blk(ALICE, 0, [rec(ALICE, 0)])
+    async with store.batch() as tx:
+        tx.put_block(small, 1)
+    pages = int((await store._writer.execute_fetchall("PRAGMA page_count"))[0][0])
+    # Cap the file a few pages above its size: the next big batch cannot fit.
+    await store._writer.execute(f"PRAGMA max_page_count = {pages + 8}")
+    big = [blk(BOB, r, [rec(BOB, r, {"pad": "x" * 3000})]) for r in range(40)]
+    with pytest.raises(StoreError, match="full"):
+        async with store.batch() as tx:
+            tx.put_blocks(big, 2)
+            tx.append_commits(C, [CommitEntry(0, small.id, 0)])
+    assert await store.block_count(C) == 1 and await store.commit_count(C) == 0
+    async with store.batch() as tx:
+        tx.append_commits(C, [CommitEntry(0, small.id, 0)])
+    assert await store.record_status(small.records[0].id) == "final"
+    assert await store.integrity_check() == []
 
 
 async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
