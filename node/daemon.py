@@ -54,9 +54,23 @@ MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
 
 
+DISABLE_PLUGINS_ENV = "VALUEMESH_DISABLE_PLUGINS"
+
+
+def disabled_plugins() -> frozenset[str]:
+    """Plugin names the operator switched off with VALUEMESH_DISABLE_PLUGINS=name1,name2."""
+    names = frozenset(n.strip() for n in os.environ.get(DISABLE_PLUGINS_ENV, "").split(",") if n.strip())
+    if "membership" in names:
+        # Without it no genesis applies, so every constellation would fail in a confusing way.
+        raise PluginError("The membership plugin cannot be disabled; every constellation needs it.")
+    return names
+
+
 def installed_registry() -> Registry:
-    """Every plugin installed in this Python environment (entry-point group)."""
-    return load_entry_points(entry_points(group=ENTRY_POINT_GROUP))
+    """Every plugin installed in this Python environment (entry-point group), minus
+    those switched off by the operator (a node without them refuses constellations that use them)."""
+    off = disabled_plugins()
+    return load_entry_points(ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in off)
 
 
 def now_ms() -> int:
