@@ -148,7 +148,7 @@ def encode_keyfile(
         salt = random_bytes(nacl.pwhash.argon2id.SALTBYTES)
         key = nacl.pwhash.argon2id.kdf(
             nacl.secret.SecretBox.KEY_SIZE,
-            passphrase.encode("utf-8"),
+            _passphrase_bytes(passphrase),
             salt,
             opslimit=opslimit,
             memlimit=memlimit,
@@ -165,6 +165,13 @@ def encode_keyfile(
             "box": bytes(box),
         }
     return cbor.encode(doc)
+
+
+def _passphrase_bytes(passphrase: str) -> bytes:
+    try:
+        return passphrase.encode("utf-8")
+    except (UnicodeEncodeError, AttributeError):
+        raise KeyFileError("The passphrase must be text (valid Unicode).") from None
 
 
 def keyfile_is_sealed(data: bytes) -> bool:
@@ -208,7 +215,7 @@ def decode_keyfile(data: bytes, passphrase: str | None) -> Identity:
         raise KeyFileError("The key file is damaged: its sealing parameters are invalid.")
     try:
         key = nacl.pwhash.argon2id.kdf(
-            nacl.secret.SecretBox.KEY_SIZE, passphrase.encode("utf-8"), salt, opslimit=ops, memlimit=mem
+            nacl.secret.SecretBox.KEY_SIZE, _passphrase_bytes(passphrase), salt, opslimit=ops, memlimit=mem
         )
         seed = nacl.secret.SecretBox(key).decrypt(box)
     except (nacl.exceptions.CryptoError, ValueError):

@@ -23,6 +23,9 @@ from .plugins import Plugin, Registry
 from .records import Record
 
 MAX_DEFERRED_PER_AUTHOR = 256
+# Across all authors: keys are free to make, so a per-author bound alone would
+# let records from endless fresh keys (seq > 0, never filled) grow memory.
+MAX_DEFERRED_TOTAL = 65_536
 STATE_HASH_DOMAIN = b"valuemesh/state/v1\x00"
 MEMBERSHIP = "membership"
 
@@ -137,6 +140,7 @@ class Ledger:
         self._next_seq: dict[bytes, int] = {}
         self._applied_ids: dict[tuple[bytes, int], bytes] = {}
         self._deferred: dict[bytes, dict[int, tuple[Record, int]]] = {}
+        self._deferred_total = 0
         self._hash: bytes | None = None
         self.applied_count = 0
         self.committee_version = 0
@@ -223,12 +227,18 @@ class Ledger:
                                 "" if same else "The record reuses a seq its author already used.")]
             if len(waiting) >= MAX_DEFERRED_PER_AUTHOR:
                 return [Outcome("rejected", record, "The author has too many records out of sequence.")]
+            if self._deferred_total >= MAX_DEFERRED_TOTAL:
+                if not waiting:
+                    del self._deferred[author]
+                return [Outcome("rejected", record, "The ledger holds too many records out of sequence.")]
             waiting[record.seq] = (record, now)
+            self._deferred_total += 1
             return [Outcome("deferred", record)]
         outcomes = [self._apply_in_sequence(record, now)]
         pending = self._deferred.get(author)
         while pending and self._next_seq.get(author, 0) in pending:
             rec, t = pending.pop(self._next_seq[author])
+            self._deferred_total -= 1
             outcomes.append(self._apply_in_sequence(rec, t))
         if pending is not None and not pending:
             del self._deferred[author]

@@ -167,9 +167,14 @@ def test_sealing_uses_fresh_salt_and_nonce() -> None:
     assert a != b
 
 
-def test_empty_passphrase_is_refused() -> None:
+def test_empty_or_invalid_passphrase_is_refused() -> None:
     with pytest.raises(KeyFileError, match="empty"):
         encode_keyfile(ALICE, "", det_random(b"k"))
+    with pytest.raises(KeyFileError, match="valid Unicode"):
+        encode_keyfile(ALICE, "\ud800", det_random(b"k"), opslimit=FAST_OPSLIMIT, memlimit=FAST_MEMLIMIT)
+    sealed = encode_keyfile(ALICE, "pw", det_random(b"k"), opslimit=FAST_OPSLIMIT, memlimit=FAST_MEMLIMIT)
+    with pytest.raises(KeyFileError, match="valid Unicode"):
+        decode_keyfile(sealed, "\ud800")
 
 
 @pytest.mark.parametrize(

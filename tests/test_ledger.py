@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from valuemesh.protocol import ledger as ledger_module
 from valuemesh.protocol.builtin import builtin_registry
 from valuemesh.protocol.builtin.membership import make_genesis
 from valuemesh.protocol.errors import AuthorizationError, SequenceError, ValidationError
@@ -143,6 +144,21 @@ def test_deferral_is_bounded_per_author() -> None:
     for seq in range(1, MAX_DEFERRED_PER_AUTHOR + 1):
         assert tc.apply(tc.sign(1, "contribution", WORK, seq=seq)).status == "deferred"
     refused(tc, tc.sign(1, "contribution", WORK, seq=MAX_DEFERRED_PER_AUTHOR + 1), "too many records")
+
+
+def test_deferral_is_bounded_across_authors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger_module, "MAX_DEFERRED_TOTAL", 3)
+    tc = TestConstellation(2)
+    for i in range(3):
+        assert tc.apply(tc.sign(20 + i, "contribution", WORK, seq=1)).status == "deferred"
+    refused(tc, tc.sign(30, "contribution", WORK, seq=1), "too many records out of sequence")
+    # Releasing one author's waiting records frees room for others.
+    r0 = tc.sign(1, "contribution", WORK, seq=0)
+    monkeypatch.setattr(ledger_module, "MAX_DEFERRED_TOTAL", 4)
+    assert tc.apply(tc.sign(1, "contribution", WORK, seq=1)).status == "deferred"
+    refused(tc, tc.sign(31, "contribution", WORK, seq=1), "too many records")
+    assert [o.status for o in tc.apply_all(r0)] == ["applied", "applied"]
+    assert tc.apply(tc.sign(31, "contribution", WORK, seq=2)).status == "deferred"
 
 
 def test_a_rejected_record_uses_up_its_seq_so_later_ones_still_apply() -> None:
