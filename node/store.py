@@ -934,22 +934,26 @@ class Store:
         return cls(p, writer, reader, mode, lock)
 
     async def close(self) -> None:
+        """Write the batches already waiting, then close; later batches raise StoreError."""
         if self._closed:
             return
-        self._closed = True
-        try:
-            async with self._write_lock:
+        async with self._write_lock:
+            # Waiting in line for the lock lets the batches queued before us commit first.
+            if self._closed:
+                return
+            self._closed = True
+            try:
                 # Keep the WAL short for the next start; PASSIVE never blocks a reader.
                 await self._writer.execute("PRAGMA optimize")
                 await self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error:
-            pass  # closing must still release both connections
-        finally:
-            try:
-                await self._reader.close()
-                await self._writer.close()
+            except sqlite3.Error:
+                pass  # closing must still release both connections
             finally:
-                self._lock.close()
+                try:
+                    await self._reader.close()
+                    await self._writer.close()
+                finally:
+                    self._lock.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -983,7 +987,10 @@ class Store:
             async with self._write_lock:
                 while not item.done.done():
                     group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-                    await self._commit_group(group)
+                    if self._closed:
+                        _fail_all(group, StoreError("The store was closed before the batch was written."))
+                    else:
+                        await self._commit_group(group)
         except asyncio.CancelledError:
             if item in self._queue:
                 self._queue.remove(item)  # never applied: cancelling leaves no trace
@@ -997,7 +1004,7 @@ class Store:
         try:
             await self._set_sync(any(q.durable for q in group))
             await db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
+        except Exception as e:
             _fail_all(group, e)
             return
         results: list[BatchResult | BaseException] = []

@@ -664,6 +664,30 @@ async def test_a_full_disk_fails_the_batch_and_the_store_recovers(store: Store) 
     assert await store.integrity_check() == []
 
 
+async def test_close_writes_queued_batches_and_refuses_later_ones(tmp_path: Path) -> None:
+    s = await Store.open(tmp_path / "q.sqlite")
+    async with s.batch() as tx:
+        tx.put_constellation(info())
+
+    async def write(r: int) -> None:
+        async with s.batch() as tx:
+            tx.put_block(blk(ALICE, r, []), 1)
+
+    async with s._write_lock:  # the writer is busy: batches queue up, then close is asked for
+        queued = [asyncio.create_task(write(r)) for r in range(3)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(s.close())
+        await asyncio.sleep(0)
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 30)
+    await asyncio.wait_for(closing, 30)
+    assert results == [None, None, None]
+    with pytest.raises(StoreError, match="closed"):
+        await write(9)
+    async with await Store.open(tmp_path / "q.sqlite") as again:
+        assert await again.block_count(C) == 3
+
+
 async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
     s = await Store.open(tmp_path / "x.sqlite")
     await s.close()
