@@ -76,6 +76,7 @@ MAX_TRACKED_SERVICES = 512
 MAX_PENDING_RESOLVES = 512
 MAX_CONCURRENT_RESOLVES = 8
 REJECTIONS_KEPT = 64
+MAX_REPORTED = 2048
 
 # Timers, in seconds.
 RESOLVE_TIMEOUT = 3.0
@@ -86,11 +87,13 @@ RESOLVE_RETRY_DELAY = 0.5
 REREPORT_INTERVAL = 30.0
 STOP_TIMEOUT = 5.0
 
-# Linux interface flags (include/uapi/linux/if.h), read from /sys/class/net/*/flags.
+# Linux interface flags (include/uapi/linux/if.h) as /sys/class/net/*/flags shows them.
+# That file holds the configured flags only; whether the link is running is `operstate`.
 _IFF_UP = 0x1
 _IFF_LOOPBACK = 0x8
-_IFF_RUNNING = 0x40
 _IFF_MULTICAST = 0x1000
+_SYSFS_NET = "/sys/class/net"
+_RUNNING_STATES = frozenset({"up", "unknown"})  # "unknown": drivers that do not report it
 
 
 # --- strict parsing of untrusted announcements ---------------------------------------------------
@@ -205,27 +208,37 @@ def parse_announcement(txt: bytes, srv_port: int | None) -> Announcement:
 # --- interfaces --------------------------------------------------------------------------------
 
 
-def _linux_flags(name: str) -> int | None:
+def _sysfs(sysfs: str, name: str, attr: str) -> str | None:
+    if "/" in name or name in ("", ".", ".."):
+        return None
     try:
-        with open(f"/sys/class/net/{name}/flags", encoding="ascii") as f:
-            return int(f.read().strip(), 16)
+        with open(f"{sysfs}/{name}/{attr}", encoding="ascii") as f:
+            return f.read().strip()
     except (OSError, ValueError):
         return None
 
 
-def default_interfaces(adapters: Sequence[ifaddr.Adapter] | None = None) -> list[str]:
+def default_interfaces(
+    adapters: Sequence[ifaddr.Adapter] | None = None, *, sysfs: str = _SYSFS_NET
+) -> list[str]:
     """Every non-loopback IPv4 address on an interface that is up, running and multicast.
 
     Link-local (169.254/16) addresses are left out: they mean no network was configured.
-    Where interface flags cannot be read (not Linux), every such address is taken.
+    Where interface state cannot be read (not Linux), every such address is taken.
     """
     found: list[str] = []
     for adapter in adapters if adapters is not None else ifaddr.get_adapters():
-        flags = _linux_flags(adapter.nice_name)
-        if flags is not None:
-            want = _IFF_UP | _IFF_RUNNING | _IFF_MULTICAST
-            if flags & want != want or flags & _IFF_LOOPBACK:
+        flags_text = _sysfs(sysfs, adapter.nice_name, "flags")
+        if flags_text is not None:
+            try:
+                flags = int(flags_text, 16)
+            except ValueError:
+                flags = 0
+            if not flags & _IFF_UP or not flags & _IFF_MULTICAST or flags & _IFF_LOOPBACK:
                 continue
+        oper = _sysfs(sysfs, adapter.nice_name, "operstate")
+        if oper is not None and oper not in _RUNNING_STATES:
+            continue
         for ip in adapter.ips:
             if not ip.is_IPv4 or not isinstance(ip.ip, str):
                 continue
@@ -371,7 +384,8 @@ class Discovery:
     ) -> None:
         if not isinstance(network_id, bytes) or not 1 <= len(network_id) <= MAX_NETWORK_ID:
             raise LocalError(f"A network id must be 1 to {MAX_NETWORK_ID} bytes.")
-        Address("127.0.0.1", port)  # validates the port with the usual message
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise LocalError(f"The port to announce must be 1-65535, not {port!r}.")
         if interfaces is None:
             chosen = default_interfaces()
             if not chosen:
@@ -400,7 +414,7 @@ class Discovery:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sem = asyncio.Semaphore(MAX_CONCURRENT_RESOLVES)
         self.ignored = 0  # announcements dropped as invalid, foreign or our own
-        # The latest (service name, reason) drops, for `valuemesh peers --why` and tests.
+        # The latest (service name, reason) drops, for diagnostics and tests.
         self.rejections: collections.deque[tuple[str, str]] = collections.deque(
             maxlen=REJECTIONS_KEPT
         )
@@ -559,9 +573,12 @@ class Discovery:
             last = self._reported.get(key)
             if last is not None and now - last < self._rereport:
                 continue
-            if len(self._reported) >= MAX_TRACKED_SERVICES * 4:
-                self._reported = {k: v for k, v in self._reported.items()
-                                  if now - v < self._rereport}
+            if len(self._reported) >= MAX_REPORTED:
+                fresh = sorted(self._reported.items(), key=lambda kv: kv[1])
+                fresh = [kv for kv in fresh if now - kv[1] < self._rereport]
+                # Still full of recent entries (a flood of changing announcements): keep the
+                # newest half, so memory stays bounded whatever the sender does.
+                self._reported = dict(fresh[-MAX_REPORTED // 2 :])
             self._reported[key] = now
             self._call(self._on_found, Found(ann.member, host, ann.port))
 

@@ -20,6 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from valuemesh.node.discovery import (
+    MAX_REPORTED,
+    MAX_TRACKED_SERVICES,
+    REREPORT_INTERVAL,
     SERVICE_TYPE,
     Discovery,
     Found,
@@ -182,19 +185,36 @@ def test_check_interfaces() -> None:
             check_interfaces(bad)  # type: ignore[arg-type]
 
 
-def test_default_interfaces_skip_loopback_link_local_and_down_links() -> None:
+def test_default_interfaces_skip_loopback_link_local_and_down_links(tmp_path: Path) -> None:
     def adapter(name: str, *ips: str) -> ifaddr.Adapter:
         return ifaddr.Adapter(name, name, [ifaddr.IP(ip, 24, name) for ip in ips])
 
-    # Names that do not exist in /sys: flags unknown, only the address rules apply.
-    fake = [
-        adapter("vmt-nosuch0", "192.0.2.10", "127.0.0.5", "169.254.1.1"),
-        adapter("vmt-nosuch1", "198.51.100.7"),
+    # A fake /sys/class/net: flags as the kernel shows them there (no IFF_RUNNING), and
+    # operstate for whether the link is really running.
+    links = {
+        "eth0": ("0x1003", "up"),  # up, broadcast, multicast: used
+        "wlan0": ("0x1003", "unknown"),  # a driver that does not report state: used
+        "eth1": ("0x1002", "down"),  # administratively down
+        "eth2": ("0x1003", "down"),  # up but no carrier
+        "tun0": ("0x91", "unknown"),  # point-to-point without multicast
+        "lo": ("0x9", "unknown"),  # loopback, whatever address it carries
+    }
+    for name, (flags, oper) in links.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "flags").write_text(flags + "\n")
+        (tmp_path / name / "operstate").write_text(oper + "\n")
+    adapters = [
+        adapter("eth0", "192.0.2.10", "127.0.0.5", "169.254.1.1"),
+        adapter("wlan0", "198.51.100.7"),
+        adapter("eth1", "203.0.113.1"),
+        adapter("eth2", "203.0.113.2"),
+        adapter("tun0", "203.0.113.3"),
+        adapter("lo", "203.0.113.4"),
+        adapter("nosuch0", "203.0.113.5"),  # state unreadable (not Linux): address rules only
+        adapter("../../etc", "203.0.113.6"),  # a name that is not a plain file name
     ]
-    assert default_interfaces(fake) == ["192.0.2.10", "198.51.100.7"]
-    if Path("/sys/class/net/lo/flags").exists():
-        # The real loopback link is excluded by its flags whatever address it carries.
-        assert default_interfaces([adapter("lo", "192.0.2.99")]) == []
+    assert default_interfaces(adapters, sysfs=str(tmp_path)) == [
+        "192.0.2.10", "198.51.100.7", "203.0.113.5", "203.0.113.6"]
     for ip in default_interfaces():
         assert not ip.startswith("127.") and not ip.startswith("169.254.")
 
@@ -205,8 +225,9 @@ def test_discovery_rejects_bad_configuration() -> None:
 
     with pytest.raises(LocalError):
         Discovery(member(1), b"", 7000, cb, interfaces=["127.0.0.1"])
-    with pytest.raises(ValuemeshError):
-        Discovery(member(1), NET, 0, cb, interfaces=["127.0.0.1"])
+    for port in (0, 65536, True):
+        with pytest.raises(LocalError):
+            Discovery(member(1), NET, port, cb, interfaces=["127.0.0.1"])
     with pytest.raises(LocalError):
         Discovery(member(1), NET, 7000, cb, interfaces=["198.51.100.200"])
 
@@ -594,3 +615,39 @@ def test_three_daemons_in_namespaces_connect_by_mdns_alone(tmp_path: Path) -> No
         lan.destroy()
     assert lan.existing() == []
 
+
+
+def test_accepted_announcements_filter_addresses_and_throttle_reports() -> None:
+    ifs = default_interfaces()
+    if not ifs:
+        pytest.skip("no non-loopback IPv4 interface to name (the object is never started)")
+    found: list[Found] = []
+    now = [0.0]
+    # Never started: no socket is opened, nothing is sent on that interface.
+    d = Discovery(member(1), NET, 7000, found.append, interfaces=[ifs[0]], clock=lambda: now[0])
+
+    def info(port: int, addrs: list[str], m: MemberId = member(2)) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
+            SERVICE_TYPE, f"x{port}.{SERVICE_TYPE}", port=port,
+            properties=announcement_txt(m, NET, port), server=f"x{port}.local.",
+            parsed_addresses=addrs,
+        )
+
+    i = info(7002, ["127.0.0.1", "10.1.2.3", "fe80::1", "2001:db8::5"])
+    d._accept(i.name, i)
+    # Loopback (we are not on loopback) and scope-less IPv6 link-local are dropped; IPv4 first.
+    assert found == [Found(member(2), "10.1.2.3", 7002), Found(member(2), "2001:db8::5", 7002)]
+    d._accept(i.name, i)
+    assert len(found) == 2  # the same news is not reported again at once
+    now[0] = REREPORT_INTERVAL + 1
+    d._accept(i.name, i)
+    assert len(found) == 4
+    only_loopback = info(7003, ["127.0.0.1"])
+    d._accept(only_loopback.name, only_loopback)
+    assert len(found) == 4 and d.rejections[-1][1] == "no usable address"
+    # A flood of ever-changing announcements keeps memory bounded.
+    for port in range(10_000, 10_000 + MAX_REPORTED * 2):
+        flood = info(port, ["10.9.9.9"], member(3))
+        d._accept(flood.name, flood)
+    assert len(d._reported) <= MAX_REPORTED
+    assert len(d._names) <= MAX_TRACKED_SERVICES
