@@ -350,8 +350,17 @@ def decode_prefix(data: bytes, pos: int, depth: int = 1) -> tuple[CborValue, int
     hand each variable part here; `depth` is the value's nesting level.
     """
     dec = _Decoder(data)
-    dec.pos = pos
+    dec.pos = pos + 1
     try:
+        # A short map (the usual record body) skips value()'s dispatch.
+        if pos < dec.end and 0xA0 <= data[pos] < 0xB8 and depth <= MAX_DEPTH:
+            n = data[pos] - 0xA0
+            if dec.counting:
+                dec._count()
+            if n > dec.end - dec.pos:
+                raise DecodeError("A map claims more entries than the encoding holds.")
+            return dec._map_body(n, depth), dec.pos
+        dec.pos = pos
         value = dec.value(depth)
     except RecursionError:
         raise DecodeError("The encoding is nested too deeply.") from None

@@ -179,8 +179,10 @@ class Record:
 
 def decode_record(data: bytes, *, verify: bool = True) -> Record:
     """Decode and (by default) verify a record; raise DecodeError/SignatureError."""
-    _need(isinstance(data, (bytes, bytearray, memoryview)), "A record must be given as bytes.")
-    _need(len(data) <= MAX_RECORD_SIZE, f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError("A record must be given as bytes.")
+    if len(data) > MAX_RECORD_SIZE:
+        raise DecodeError(f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
     raw = bytes(data)
     fast = _record_fast(raw)
     if fast is not None:
@@ -206,6 +208,12 @@ _F_BODY = b"\x64body"
 _F_TYPE = b"\x64type"
 _F_AUTHOR = b"\x66author\x58\x20"
 _F_CREATED = b"\x67created"
+
+
+# MemberIds of recent authors: a constellation has few, and building one per
+# record is a measurable part of decoding. Bounded; cleared when full.
+_MEMBERS: dict[bytes, MemberId] = {}
+_MEMBERS_CACHED = 4096
 
 
 def _uint_at(raw: bytes, p: int) -> tuple[int, int] | None:
@@ -285,7 +293,12 @@ def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
         _need(seq <= MAX_SEQ, "A record's seq is out of range.")
         raise DecodeError("A record's created time is out of range.")
     payload = b"\xa7" + raw[1:sig_start] + raw[sig_end:]
-    rec = Record(rtype, v, cid, MemberId(akey), seq, body, created, sig,
+    author = _MEMBERS.get(akey)
+    if author is None:
+        if len(_MEMBERS) >= _MEMBERS_CACHED:
+            _MEMBERS.clear()
+        author = _MEMBERS[akey] = MemberId(akey)
+    rec = Record(rtype, v, cid, author, seq, body, created, sig,
                  hashlib.blake2b(payload, digest_size=HASH_LEN).digest(), raw)
     return rec, payload
 
