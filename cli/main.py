@@ -364,6 +364,9 @@ def check_id(member: str) -> None:
     click.echo(str(MemberId.parse(member)))
 
 
+from valuemesh.cli.plugins import register as _register_plugins; _register_plugins(cli)  # noqa: E402, E702, I001
+
+
 def main() -> None:
     cli(prog_name="valuemesh")
 
