@@ -5,7 +5,10 @@ kind of broken plugin is caught with a clear message and never corrupts a ledger
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -244,3 +247,32 @@ def test_test_constellation_registry_replaces_a_same_named_plugin() -> None:
     tc = TestConstellation(1, plugins=[mine])
     assert tc.registry.get("contribution") is mine
     assert builtin_registry().get("contribution") is contribution.PLUGIN
+
+
+_SCRIPT = """
+from valuemesh.protocol.testing import TestConstellation
+tc = TestConstellation(4, roles={3: ["customer"]})
+work = {"op": "record", "action": "work", "quantity": "2", "unit": "hour"}
+rid = tc.post(1, "contribution", work).record.id
+out = [
+    tc.post(2, "contribution", {"op": "ack", "target": rid}),
+    tc.post(3, "contribution", {"op": "dispute", "target": rid, "reason": "no"}),
+    tc.post(2, "contribution", {**work, "zz": 1, "aa": 2, "mm": 3}),
+    tc.post(0, "membership", {"op": "roles", "member": tc.member(3).key, "roles": ["investor", "producer"]}),
+    tc.apply(tc.join(9, tc.invite(0, roles=("customer", "investor")))),
+]
+print(tc.state_hash().hex(), "|".join(o.status + ":" + o.reason for o in out))
+"""
+
+
+def test_same_results_under_different_hash_seeds() -> None:
+    """Hash randomisation (set and str-hash order) must not reach the state or the outcomes."""
+    results = set()
+    for seed in ("0", "1", "12345"):
+        proc = subprocess.run([sys.executable, "-c", _SCRIPT], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        results.add(proc.stdout.strip())
+    assert len(results) == 1
+    line = results.pop()
+    assert "unknown field 'aa'" in line and line.count("applied:") == 4
