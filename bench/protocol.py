@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import nacl
 import nacl.signing
+from valuemesh.protocol import cbor
 from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.records import RECORD_DOMAIN, Block, Record, decode_block, decode_record
 
@@ -147,8 +148,6 @@ def main() -> None:
 
 
 def _payload(r: Record) -> bytes:
-    from valuemesh.protocol import cbor
-
     return cbor.encode(r.payload_map())
 
 
