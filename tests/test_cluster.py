@@ -32,19 +32,38 @@ def test_four_daemons_agree_survive_a_kill_and_catch_up(tmp_path: Path) -> None:
         ids = [d.cli_json("contribute", cid, "--action", "work", "--quantity", str(i + 1), "--unit", "hour")["id"]
                for i, d in enumerate(c.daemons)]
         wait_until(lambda: _agreed(c, cid, 8), DEADLINE_S, "one contribution per member to be final")
+        # Everyone acknowledges the next member's contribution; one dispute.
+        for i, d in enumerate(c.daemons):
+            d.cli("ack", cid, ids[(i + 1) % 4])
+        c.daemons[1].cli("ack", cid, ids[0], "--dispute", "it was 2 hours")
+        wait_until(lambda: _agreed(c, cid, 13), DEADLINE_S, "acknowledgements to be final")
         final = c.daemons[0].cli_json("ledger", cid)["final"]
         assert {r["id"] for r in final} >= set(ids)
         assert [r["status"] for r in final] == ["applied"] * len(final)
+        assert [r["type"] for r in final].count("contribution") == 9
 
         victim = c.daemons[3]
         victim.kill()
         for d in c.daemons[:3]:
             d.cli("contribute", cid, "--action", "produce", "--quantity", "1", "--unit", "loaf")
-        wait_until(lambda: _agreed(c, cid, 11), DEADLINE_S, "the three survivors to keep finalising")
+        wait_until(lambda: _agreed(c, cid, 16), DEADLINE_S, "the three survivors to keep finalising")
         survivors_hash = c.daemons[0].cli_json("ledger", cid)["state_hash"]
 
         victim.start()
-        wait_until(lambda: _agreed(c, cid, 11), DEADLINE_S, "the restarted daemon to catch up")
+        wait_until(lambda: _agreed(c, cid, 16), DEADLINE_S, "the restarted daemon to catch up")
         assert victim.cli_json("ledger", cid)["state_hash"] == survivors_hash
         status = victim.cli_json("status")
         assert status["constellations"][0]["guarantee"] == "byzantine-tolerant(1)"
+
+        # Leaving and dissolving are records like any other: final everywhere.
+        victim.cli("constellation", "leave", cid)
+        wait_until(lambda: _agreed(c, cid, 17), DEADLINE_S, "the leave to be final")
+        shown = c.daemons[0].cli_json("constellation", "show", cid)
+        assert {m["member"]: m["status"] for m in shown["member_list"]}[victim.member] == "left"
+        c.daemons[0].cli("constellation", "dissolve", cid, "--reason", "done")
+        wait_until(lambda: _agreed(c, cid, 18), DEADLINE_S, "the dissolution to be final")
+        assert all(d.cli_json("constellation", "show", cid)["status"] == "dissolved" for d in c.daemons)
+        late = c.daemons[1].cli("contribute", cid, "--action", "work", "--quantity", "1", "--unit", "hour",
+                                check=False)
+        assert late.returncode == 1
+        assert "dissolved" in late.stderr
