@@ -850,6 +850,16 @@ class PeerTable:
             ))
         return views
 
+    def snapshot_json(self, now: float) -> dict[str, object]:
+        """The versioned JSON document the local API serves for the peer list."""
+        return {
+            "v": SNAPSHOT_VERSION,
+            "incarnation": self.incarnation,
+            "local_health": self.local_health,
+            "peers": [v.to_json() for v in self.snapshot(now)],
+            "bootstrap_pending": [str(a) for a in sorted(self._anonymous)],
+        }
+
     # -- internals -------------------------------------------------------------------------------
 
     def _backoff(self, failures: int, jitter: float) -> float:

@@ -553,3 +553,74 @@ def test_saved_addresses_restore_after_restart() -> None:
     # Restored members are dialed right away, most recently successful address first.
     dials = {a.target.member for a in u.tick(1000.0) if isinstance(a, Dial)}
     assert dials == {mid(1), mid(2), mid(3)}
+
+
+def test_snapshot_json_is_versioned() -> None:
+    t = table()
+    link(t, mid(1))
+    t.add_anonymous(Address("seed.example.org", 7000), Source.BOOTSTRAP, 0.0)
+    doc = t.snapshot_json(1.0)
+    assert doc["v"] == 1 and doc["local_health"] == 0 and doc["incarnation"] == 0
+    assert doc["bootstrap_pending"] == ["seed.example.org:7000"]
+    assert [p["member"] for p in doc["peers"]] == [str(mid(1))]  # type: ignore[attr-defined]
+
+
+# --- the liveness transition table, every (state, input) pair ------------------------------------
+
+def _in_state(state: State) -> PeerTable:
+    """A table where mid(1) is linked, at incarnation 3, in `state`."""
+    t = table()
+    link(t, mid(1))
+    t.rumour(mid(1), mid(1), State.ALIVE, 3, 0.0)
+    if state is not State.ALIVE:
+        t.rumour(mid(2), mid(1), State.SUSPECT, 3, 0.0)
+    if state is State.DEAD:
+        for _ in range(1000):
+            if t.state(mid(1)) is State.DEAD:
+                break
+            t.tick(t.next_deadline())
+    assert t.state(mid(1)) is state and t.incarnation_of(mid(1)) == 3
+    return t
+
+
+_INPUTS = {
+    "own word": lambda t: t.heard_from(mid(1), 0.5),
+    "own higher incarnation": lambda t: t.rumour(mid(1), mid(1), State.ALIVE, 9, 0.5),
+    "alive, same incarnation": lambda t: t.rumour(mid(2), mid(1), State.ALIVE, 3, 0.5),
+    "alive, higher incarnation": lambda t: t.rumour(mid(2), mid(1), State.ALIVE, 4, 0.5),
+    "suspect, lower incarnation": lambda t: t.rumour(mid(2), mid(1), State.SUSPECT, 2, 0.5),
+    "suspect, same incarnation": lambda t: t.rumour(mid(3), mid(1), State.SUSPECT, 3, 0.5),
+    "dead rumour": lambda t: t.rumour(mid(3), mid(1), State.DEAD, 3, 0.5),
+}
+
+# Expected next state for each (state, input): SWIM's precedence, with a third party's
+# word never killing anyone and a member's own word always reviving it.
+_EXPECTED = {
+    State.ALIVE: {
+        "own word": State.ALIVE, "own higher incarnation": State.ALIVE,
+        "alive, same incarnation": State.ALIVE, "alive, higher incarnation": State.ALIVE,
+        "suspect, lower incarnation": State.ALIVE, "suspect, same incarnation": State.SUSPECT,
+        "dead rumour": State.SUSPECT,
+    },
+    State.SUSPECT: {
+        "own word": State.ALIVE, "own higher incarnation": State.ALIVE,
+        "alive, same incarnation": State.SUSPECT, "alive, higher incarnation": State.ALIVE,
+        "suspect, lower incarnation": State.SUSPECT, "suspect, same incarnation": State.SUSPECT,
+        "dead rumour": State.SUSPECT,
+    },
+    State.DEAD: {
+        "own word": State.ALIVE, "own higher incarnation": State.ALIVE,
+        "alive, same incarnation": State.DEAD, "alive, higher incarnation": State.ALIVE,
+        "suspect, lower incarnation": State.DEAD, "suspect, same incarnation": State.DEAD,
+        "dead rumour": State.DEAD,
+    },
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("name", list(_INPUTS))
+def test_liveness_transition_table(state: State, name: str) -> None:
+    t = _in_state(state)
+    _INPUTS[name](t)
+    assert t.state(mid(1)) is _EXPECTED[state][name]
+    assert mid(1) in t  # no input ever removes a member
