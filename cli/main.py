@@ -259,8 +259,11 @@ def c_invite(c: Ctx, cid: str, roles: tuple[str, ...], tier: str, uses: int, ttl
 @pass_ctx
 def c_join(c: Ctx, token: str) -> None:
     """Join a constellation with an invite token."""
+    import time
+
     from valuemesh.protocol.invite import parse_token
-    parse_token(token)
+    if parse_token(token).expires < time.time() * 1000:
+        fail("The invite token has expired; ask for a new one.")
     doc = c.api.call("POST", "/v1/join", {"token": token})
     c.out(doc, f"joining {doc['name']} ({doc['id']}); the join is {doc['status']}")
 
@@ -365,6 +368,7 @@ def check_id(member: str) -> None:
 
 
 from valuemesh.cli.plugins import register as _register_plugins; _register_plugins(cli)  # noqa: E402, E702, I001
+from valuemesh.cli.accounting import register as _register_accounting; _register_accounting(cli)  # noqa: E402, E702, I001
 
 
 def main() -> None:

@@ -444,10 +444,10 @@ class Node:
 
     async def join(self, token: str) -> dict[str, Any]:
         inv = parse_token(token)
-        if inv.constellation in self.engines:
-            raise LocalError(f"This node already follows {constellation_text(inv.constellation)}.")
         if now_ms() > inv.expires:
             raise LocalError("The invite token has expired; ask for a new one.")
+        if inv.constellation in self.engines:
+            raise LocalError(f"This node already follows {constellation_text(inv.constellation)}.")
         assert self.store is not None
         seq = await self.store.reserve_seq(inv.constellation, self.identity.member)
         body: dict[str, Any] = {"op": "join", "token": inv.raw()}

@@ -1,0 +1,120 @@
+"""Every CLI error path gives one plain sentence on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from valuemesh.node.home import Home
+from valuemesh.node.testing import Daemon, free_port
+from valuemesh.protocol.invite import Invite
+
+
+def _one_sentence_error(res: object) -> str:
+    assert res.returncode == 1, res  # type: ignore[attr-defined]
+    err = res.stderr.strip()  # type: ignore[attr-defined]
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = Daemon("solo", tmp_path_factory.mktemp("solo") / "home", free_port(), "valuemesh-test")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_daemon_not_running_is_one_sentence(tmp_path: Path) -> None:
+    d = Daemon("off", tmp_path / "home", free_port(), "valuemesh-test")
+    d.cli("init")
+    for args in (["status"], ["constellation", "list"], ["peers"]):
+        err = _one_sentence_error(d.cli(*args, check=False))
+        assert "not running" in err
+
+
+def test_init_twice_and_id_offline(tmp_path: Path) -> None:
+    d = Daemon("off", tmp_path / "home", free_port(), "valuemesh-test")
+    created = d.cli_json("init", "--name", "ana")
+    assert created["member"].startswith("vm1")
+    assert (tmp_path / "home" / "identity.key").stat().st_mode & 0o777 == 0o600
+    assert "already holds an identity" in _one_sentence_error(d.cli("init", check=False))
+    offline = d.cli_json("id")
+    assert offline["member"] == created["member"] and offline["running"] is False
+    assert "membership" in offline["plugins"]
+
+
+def test_constellation_lifecycle_and_errors(node: Daemon) -> None:
+    made = node.cli_json("constellation", "create", "Repair café", "--purpose", "fix things")
+    cid = made["id"]
+    assert made["guarantee"] == "single-node"
+    assert "add a core member" in node.cli("constellation", "create", "Second").stdout
+    listed = node.cli_json("constellation", "list")["constellations"]
+    assert cid in {c["id"] for c in listed}
+
+    # Unknown or mistyped constellation ids.
+    other = "vc1" + "a" * 58
+    assert "constellation id" in _one_sentence_error(node.cli("ledger", other, check=False))
+    typo = cid[:-1] + ("a" if cid[-1] != "a" else "b")
+    assert "mistyped" in _one_sentence_error(node.cli("ledger", typo, check=False))
+    from valuemesh.protocol.records import constellation_text
+    unknown = constellation_text(secrets.token_bytes(32))
+    assert "does not follow" in _one_sentence_error(node.cli("ledger", unknown, check=False))
+
+    # Malformed quantities and actions never reach the ledger.
+    for q in ("abc", "-3", "0", "1e400", "1.1234567"):
+        res = node.cli("contribute", cid, "--action", "work", "--quantity", q, "--unit", "hour", check=False)
+        _one_sentence_error(res)
+    assert node.cli("contribute", cid, "--action", "dance", "--quantity", "1", "--unit", "h",
+                    check=False).returncode != 0
+    assert node.cli_json("ledger", cid)["pending"] == []
+
+    # A record that cannot apply is refused before it is signed.
+    res = node.cli("ack", cid, "00" * 32, check=False)
+    assert "no final contribution" in _one_sentence_error(res)
+    res = node.cli("ack", cid, "xyz", check=False)
+    assert "not a record id" in _one_sentence_error(res)
+
+    rec = node.cli_json("contribute", cid, "--action", "work", "--quantity", "2.5", "--unit", "hour")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.cli_json("ledger", cid)["pending"]:
+        time.sleep(0.2)
+    ledger = node.cli_json("ledger", cid)
+    assert [r["id"] for r in ledger["final"]][-1] == rec["id"]
+    assert ledger["final"][-1]["body"]["quantity"] == "2.5"
+    assert "cannot acknowledge or dispute their own" in _one_sentence_error(
+        node.cli("ack", cid, rec["id"], check=False))
+
+
+def test_bad_and_expired_tokens(node: Daemon) -> None:
+    cid = node.cli_json("constellation", "create", "Tokens")["id"]
+    assert "not a valuemesh invite token" in _one_sentence_error(
+        node.cli("constellation", "join", "hello", check=False))
+    good = node.cli("constellation", "invite", cid, "--ttl", "1h").stdout.strip()
+    tampered = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
+    assert "damaged or was altered" in _one_sentence_error(
+        node.cli("constellation", "join", tampered, check=False))
+    assert "not a duration" in _one_sentence_error(
+        node.cli("constellation", "invite", cid, "--ttl", "forever", check=False))
+    founder = Home(node.home).load_identity()
+    from valuemesh.protocol.records import parse_constellation
+    expired = Invite.create(founder, constellation=parse_constellation(cid), name="Tokens", tier="core",
+                            roles=(), uses=1, expires=int(time.time() * 1000) - 1000,
+                            addrs=(("127.0.0.1", node.port),), nonce=secrets.token_bytes(16))
+    assert "expired" in _one_sentence_error(node.cli("constellation", "join", expired.text(), check=False))
+    # Our own node already follows it: a clear sentence, not a hang.
+    assert "already follows" in _one_sentence_error(node.cli("constellation", "join", good, check=False))
+
+
+def test_mistyped_member_id(node: Daemon) -> None:
+    me = node.cli_json("id")["member"]
+    assert node.cli("check-id", me).stdout.strip() == me
+    typo = me[:10] + ("a" if me[10] != "a" else "b") + me[11:]
+    assert "mistyped" in _one_sentence_error(node.cli("check-id", typo, check=False))
+    assert "start with 'vm1'" in _one_sentence_error(node.cli("check-id", "alice", check=False))
