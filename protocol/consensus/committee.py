@@ -25,9 +25,10 @@ class Committee:
     epoch: int
     members: tuple[tuple[MemberId, int], ...]
     start_round: int = 0
-    _weights: dict[MemberId, int] = field(
-        default_factory=dict, init=False, compare=False, repr=False
-    )
+    # Derived once: the machine asks for weights and thresholds on every vote it counts.
+    _weights: dict[bytes, int] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _total: int = field(default=0, init=False, compare=False, repr=False)
+    _quorum: int = field(default=0, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.epoch < 0 or self.start_round < 0:
@@ -40,7 +41,10 @@ class Committee:
         for _, w in self.members:
             if isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_WEIGHT:
                 raise LocalError("Every committee member needs a positive integer weight.")
-        self._weights.update(self.members)
+        self._weights.update((m.key, w) for m, w in self.members)
+        total = sum(w for _, w in self.members)
+        object.__setattr__(self, "_total", total)
+        object.__setattr__(self, "_quorum", (total + (total - 1) // 3 + 2) // 2)
 
     @classmethod
     def of(
@@ -52,7 +56,7 @@ class Committee:
 
     @property
     def total(self) -> int:
-        return sum(w for _, w in self.members)
+        return self._total
 
     @property
     def f(self) -> int:
@@ -61,7 +65,7 @@ class Committee:
 
     @property
     def quorum(self) -> int:
-        return (self.total + self.f + 2) // 2
+        return self._quorum
 
     @property
     def validity(self) -> int:
@@ -79,10 +83,10 @@ class Committee:
         return f"crash-tolerant({crash})" if crash > 0 else "no-fault-tolerance"
 
     def weight(self, member: MemberId) -> int:
-        return self._weights.get(member, 0)
+        return self._weights.get(member.key, 0)
 
     def __contains__(self, member: object) -> bool:
-        return member in self._weights
+        return isinstance(member, MemberId) and member.key in self._weights
 
     def leader(self, round: int) -> MemberId:
         """The anchor-slot owner of `round`: plain rotation over all members by key order.

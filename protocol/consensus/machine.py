@@ -186,6 +186,7 @@ class Consensus:
         self._last_progress_ms = 0
         # The commit state: a pure function of the DAG, identical on every honest node.
         self._decided_upto = -1
+        self._dirty = False  # a block arrived that may change an undecided slot
         self._last_anchor_round = -1
         self._consumed: set[bytes] = set()
         self._slot_taken: dict[tuple[MemberId, int], bytes] = {}
@@ -485,6 +486,8 @@ class Consensus:
                 self._proved.add((block.author, block.round))
                 step.proofs.append(proof)
         variants.append(block)
+        if block.round > self._decided_upto + 1:
+            self._dirty = True
         if len(variants) == 1:
             w = self.committee_at(block.round).weight(block.author)
             total = self._round_weight.get(block.round, 0) + w
@@ -584,8 +587,9 @@ class Consensus:
 
     def _decide(self, step: _Step) -> None:
         top = self.top_round
-        if top - 2 <= self._decided_upto:
+        if not self._dirty or top - 2 <= self._decided_upto:
             return
+        self._dirty = False
         decisions: dict[int, _Decision] = {}
         for r in range(top - 2, self._decided_upto, -1):
             d = self._direct(r)

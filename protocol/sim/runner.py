@@ -43,6 +43,8 @@ class RunResult:
     latency_ms: tuple[int, int]
     injected: tuple[tuple[str, int], ...]
     violations: tuple[str, ...]
+    proofs: int
+    excluded: int
     virtual_ms: int
     events: int
 
@@ -63,7 +65,8 @@ class RunResult:
             f"seed={self.seed} n={self.nodes} commits={self.commits} records={self.records} "
             f"rounds={self.rounds_reached} finality_rounds(p50/p99)={self.latency_rounds[0]}/"
             f"{self.latency_rounds[1]} finality_ms(p50/p99)={self.latency_ms[0]}/"
-            f"{self.latency_ms[1]} faults[{inj}] violations={len(self.violations)}"
+            f"{self.latency_ms[1]} faults[{inj}] proofs={self.proofs} excluded={self.excluded} "
+            f"violations={len(self.violations)}"
         )
 
 
@@ -230,6 +233,8 @@ def run(
         latency_ms=(_pct(world.latency_ms, 0.5), _pct(world.latency_ms, 0.99)),
         injected=tuple(sorted(drv.injected.items())),
         violations=tuple(dict.fromkeys(violations)),
+        proofs=world.proofs,
+        excluded=len(longest.consensus.excluded),
         virtual_ms=world.now,
         events=drv.events,
     )

@@ -277,6 +277,9 @@ class World:
                 out.append(f"node {n.index} ordered a block twice")
             if len(set(n.log_records)) != len(n.log_records):
                 out.append(f"node {n.index} ordered a record twice")
+            slots = [(b.author, b.round) for b in (n.store.get(i) for i in n.log) if b is not None]
+            if len(set(slots)) != len(slots):
+                out.append(f"node {n.index} ordered two blocks of one author and round")
         for rid in longest.log_records:
             who = self.proposer.get(rid)
             if who is None:
