@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 PLUGIN_API_VERSION = 1
 ENTRY_POINT_GROUP = "valuemesh.plugins"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_DECIMAL_RE = re.compile(r"^(0|[1-9][0-9]{0,14})(\.[0-9]{1,6})?$")
+# Always used with fullmatch: `$` would also accept a trailing newline.
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,14})(\.[0-9]{1,6})?")
+_VERSION_RE = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})")
 _KINDS = frozenset({"text", "int", "bytes", "hash", "member", "bool", "decimal", "list", "map"})
 
 
@@ -81,7 +83,7 @@ class Field:
             if not isinstance(value, bool):
                 raise DecodeError(f"Field '{name}' must be true or false.")
         elif k == "decimal":
-            if not isinstance(value, str) or not _DECIMAL_RE.match(value):
+            if not isinstance(value, str) or not _DECIMAL_RE.fullmatch(value):
                 raise DecodeError(
                     f"Field '{name}' must be a non-negative decimal like '12.5' "
                     "(at most 15 digits before and 6 after the point)."
@@ -132,7 +134,7 @@ class Version:
 
     @classmethod
     def parse(cls, text: str) -> Version:
-        m = re.match(r"^(\d{1,4})\.(\d{1,4})$", text.strip()) if isinstance(text, str) else None
+        m = _VERSION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
         if not m:
             raise PluginError(f"'{text}' is not a plugin version like '1.0'.")
         return cls(int(m.group(1)), int(m.group(2)))
@@ -197,7 +199,7 @@ class Registry:
 
     def register(self, plugin: Plugin) -> None:
         name = getattr(plugin, "name", "")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise PluginError(f"Plugin name '{name}' must be lowercase letters, digits or _, up to 32.")
         if plugin.api_version != PLUGIN_API_VERSION:
             raise PluginError(

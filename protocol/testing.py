@@ -249,7 +249,8 @@ def _wrong_values(spec: Field, example: object) -> list[tuple[str, object]]:
         out += [("an integer instead of a boolean", 1), ("text instead of a boolean", "true")]
     elif k == "decimal":
         out += [("an integer instead of a decimal string", 1), ("a negative decimal", "-1"),
-                ("an exponent", "1e3"), ("a leading zero", "01"), ("too many decimals", "1.1234567")]
+                ("an exponent", "1e3"), ("a leading zero", "01"), ("too many decimals", "1.1234567"),
+                ("a trailing newline", "1\n")]
     elif k == "list":
         assert spec.item is not None
         out.append(("a map instead of a list", {}))

@@ -44,7 +44,7 @@ class Notes(Plugin):
         (Field("member"), [b"\x01" * 32], [b"", None]),
         (Field("bool"), [True, False], [0, 1, "true", None]),
         (Field("decimal"), ["0", "12.5", "999999999999999.123456", "1.0"],
-         ["", "-1", "1e3", "01", ".5", "1.", "1.1234567", "1" * 16, 1, "\u0661"]),
+         ["", "-1", "1e3", "01", ".5", "1.", "1.1234567", "1" * 16, 1, "\u0661", "1\n", "1.5\n"]),
         (Field("list", item=integer(0), max=2), [[], [1, 2]], [[1, 2, 3], [-1], (1,), {}]),
         (Field("list", item=text(1)), [["a"] * 64], [["a"] * 65]),
         (Field("map", fields={"a": integer(), "b": text(required=False)}), [{"a": 1}, {"a": 1, "b": ""}],
@@ -90,7 +90,7 @@ def test_versions() -> None:
     assert (v.major, v.minor, str(v)) == (1, 2, "1.2")
     assert v.satisfies(Version(1, 0)) and v.satisfies(Version(1, 2))
     assert not v.satisfies(Version(1, 3)) and not v.satisfies(Version(2, 0))
-    for bad in ["1", "1.2.3", "v1.0", "", "a.b", "12345.0"]:
+    for bad in ["1", "1.2.3", "v1.0", "", "a.b", "12345.0", "\u0661.0"]:
         with pytest.raises(PluginError, match="not a plugin version"):
             Version.parse(bad)
 
@@ -102,7 +102,7 @@ def test_registry_refuses_collisions_and_bad_plugins() -> None:
     reg.register(n)  # the same object twice is harmless
     with pytest.raises(PluginError, match=r"Two plugins are named 'notes' \(notes-dist 2.3 and other 2.3\)"):
         reg.register(type("Other", (Notes,), {"distribution": "other"})())
-    for name in ["", "Notes", "9lives", "a-b", "x" * 33]:
+    for name in ["", "Notes", "9lives", "a-b", "x" * 33, "notes\n"]:
         with pytest.raises(PluginError, match="lowercase"):
             reg.register(type("P", (Plugin,), {"name": name})())
     with pytest.raises(PluginError, match="plugin API 2"):
