@@ -60,7 +60,8 @@ class MemberId:
         """Parse a `vm1…` member id, rejecting typos with a clear message."""
         if not isinstance(text, str):
             raise MemberIdError("A member id must be text starting with 'vm1'.")
-        t = text.strip().lower()
+        # ASCII first: str.lower() maps some non-ASCII letters (the Kelvin sign) to 'k'.
+        t = text.strip().lower() if text.isascii() else ""
         if not t.startswith(ID_PREFIX):
             raise MemberIdError(f"'{text}' is not a member id: member ids start with 'vm1'.")
         body = t[len(ID_PREFIX) :]

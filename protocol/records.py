@@ -51,7 +51,8 @@ def constellation_text(cid: bytes) -> str:
 
 
 def parse_constellation(text: str) -> bytes:
-    t = text.strip().lower() if isinstance(text, str) else ""
+    # ASCII first: str.lower() maps some non-ASCII letters (the Kelvin sign) to 'k'.
+    t = text.strip().lower() if isinstance(text, str) and text.isascii() else ""
     body = t[len(CONSTELLATION_PREFIX) :]
     if not t.startswith(CONSTELLATION_PREFIX) or len(body) != 58:
         raise LocalError(f"'{text}' is not a constellation id: it should be 'vc1' and 58 letters and digits.")

@@ -89,6 +89,15 @@ def test_malformed_member_ids_say_what_is_wrong(text: str, fragment: str) -> Non
         MemberId.parse(text)
 
 
+def test_non_ascii_look_alikes_are_refused() -> None:
+    text = str(Identity(bytes(32)).member)
+    i = text.index("k", 3)
+    with pytest.raises(MemberIdError):
+        MemberId.parse(text[:i] + "\u212a" + text[i + 1 :])  # KELVIN SIGN lower-cases to 'k'
+    with pytest.raises(MemberIdError):
+        MemberId.parse("\uff56m1" + text[3:])  # fullwidth 'v'
+
+
 def test_member_id_parse_refuses_non_text() -> None:
     with pytest.raises(MemberIdError):
         MemberId.parse(b"vm1")  # type: ignore[arg-type]
