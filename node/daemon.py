@@ -137,6 +137,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
+        self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.started_at = time.time()
 
@@ -185,9 +186,9 @@ class Node:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._streams.values()]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._streams.values()]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.discovery is not None:
@@ -288,7 +289,7 @@ class Node:
                     await self._send_heads(link, eng)
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)
-            await self._stream_gap(link, eng, msg.as_dict())
+            self._start_stream(link, eng, msg.as_dict())
         elif isinstance(msg, m.Blocks):
             eng = self._engine_for_peer(link, msg.c)
             await self._receive_blocks(link, eng, msg.blocks, msg.left)
@@ -348,6 +349,17 @@ class Node:
         assert self.store is not None
         heads = await self.store.heads(eng.cid)
         await self._send(link, m.Heads(eng.cid, sorted([k.key, v] for k, v in heads.items())))
+
+    def _start_stream(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
+        """Stream a gap from its own task, so the link's reader keeps reading
+        (two peers catching each other up must never wait on each other)."""
+        key = (link.remote, eng.cid)
+        old = self._streams.get(key)
+        if old is not None and not old.done():
+            old.cancel()
+        task = asyncio.create_task(self._stream_gap(link, eng, their))
+        self._streams[key] = task
+        task.add_done_callback(lambda t: self._streams.pop(key, None) if self._streams.get(key) is t else None)
 
     async def _stream_gap(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
         """Send every block the peer lacks, oldest rounds first, in batches."""
