@@ -1,14 +1,17 @@
 """Subprocess for the store's crash test: writes batches forever and reports each commit.
 
 Run as `python store_writer.py DB SEED [--count N]`. After every transaction that extends the
-final order commits, it prints the committed indexes (one per line) and flushes, so whatever the
-parent read from stdout is a lower bound of what must survive a SIGKILL at any instant.
+final order commits, it prints `commit INDEX` lines and flushes, so whatever the parent read is a
+lower bound of what must survive a SIGKILL at any instant. It also signs one record of its own per
+loop with a reserved seq and prints `sent SEQ ID` *before* storing it, as if gossiped at once: the
+parent checks that no seq was ever signed twice with different content.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 
@@ -18,6 +21,7 @@ from valuemesh.protocol.records import Block, Record
 
 CONSTELLATION = bytes(range(32))
 AUTHORS = tuple(Identity(bytes([i + 1]) * 32) for i in range(4))
+LOCAL = Identity(bytes([9]) * 32)
 RECORDS_PER_BLOCK = 12
 # Seqs are spaced by block index so a block rewritten after a crash carries identical records.
 SEQ_STRIDE = 100
@@ -60,11 +64,24 @@ async def run(path: str, seed: int, count: int | None) -> None:
         written = 0
         while count is None or written < count:
             blocks = [block_for(index + k) for k in range(rng.randint(1, 3))]
-            # A locally proposed record goes pending first, as the node does, in its own commit.
+            # Our own record: reserve the seq durably, sign fresh content, "gossip", then store.
+            seq = await store.reserve_seq(CONSTELLATION, LOCAL.member)
+            own = Record.create(
+                LOCAL,
+                type="contribution",
+                v=1,
+                constellation=CONSTELLATION,
+                seq=seq,
+                body={"nonce": os.urandom(8)},
+                created=1_700_000_000_000 + index,
+            )
+            sys.stdout.write(f"sent {seq} {own.id.hex()}\n")
+            sys.stdout.flush()
+            # A proposed record goes pending first, as the node does, in its own commit.
             mine = blocks[0].records[0]
             async with store.batch() as tx:
-                tx.put_records([mine], received_at=index)
-                tx.add_pending(CONSTELLATION, [mine.id], added_at=index)
+                tx.put_records([mine, own], received_at=index)
+                tx.add_pending(CONSTELLATION, [mine.id, own.id], added_at=index)
             async with store.batch() as tx:
                 for b in blocks:
                     tx.put_block(b, received_at=index)
@@ -73,7 +90,7 @@ async def run(path: str, seed: int, count: int | None) -> None:
                     [CommitEntry(index + k, b.id, b.round) for k, b in enumerate(blocks)],
                 )
             for k in range(len(blocks)):
-                sys.stdout.write(f"{index + k}\n")
+                sys.stdout.write(f"commit {index + k}\n")
             sys.stdout.flush()
             index += len(blocks)
             written += len(blocks)

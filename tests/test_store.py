@@ -704,8 +704,23 @@ KILLS = 15
 START_DEADLINE_S = 20.0
 
 
-async def _run_and_kill(path: Path, seed: int, rng: random.Random, wait_first: bool) -> list[int]:
-    """Start the writer, SIGKILL it at a random instant, return the indexes it reported."""
+def _parse(out: bytes, commits: list[int], sent: dict[int, set[str]]) -> None:
+    # A line cut short by the kill was not fully reported, so it promises nothing.
+    for line in out.decode().split("\n")[:-1]:
+        kind, *rest = line.split()
+        if kind == "commit":
+            commits.append(int(rest[0]))
+        else:
+            sent.setdefault(int(rest[0]), set()).add(rest[1])
+
+
+async def _run_and_kill(path: Path, seed: int, rng: random.Random, mode: str) -> bytes:
+    """Start the writer, SIGKILL it at a random instant, return everything it printed.
+
+    mode "early": 0-600 ms after spawn (start-up, schema checks, first transactions);
+    "steady": 0-300 ms after its first line; "signed": 0-3 ms after it reports a record
+    it signed, aiming at the window between signing and storing.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(WRITER),
@@ -716,15 +731,18 @@ async def _run_and_kill(path: Path, seed: int, rng: random.Random, wait_first: b
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:
-        if wait_first:
-            first = await asyncio.wait_for(proc.stdout.readline(), START_DEADLINE_S)
-            assert first.endswith(b"\n"), (await proc.stderr.read()).decode()
-            head = first
-            await asyncio.sleep(rng.uniform(0.0, 0.3))
-        else:
-            # Early kills land during start-up, schema checks and the first transactions.
-            head = b""
+        head = b""
+        if mode == "early":
             await asyncio.sleep(rng.uniform(0.0, 0.6))
+        else:
+            skip = rng.randint(0, 20) if mode == "signed" else 0
+            for _ in range(skip + 1):
+                line = b""
+                while not line.startswith(b"sent"):
+                    line = await asyncio.wait_for(proc.stdout.readline(), START_DEADLINE_S)
+                    assert line.endswith(b"\n"), (await proc.stderr.read()).decode()
+                    head += line
+            await asyncio.sleep(rng.uniform(0.0, 0.3 if mode == "steady" else 0.003))
         assert proc.returncode is None, (await proc.stderr.read()).decode()
         proc.send_signal(signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), START_DEADLINE_S)
@@ -735,8 +753,7 @@ async def _run_and_kill(path: Path, seed: int, rng: random.Random, wait_first: b
             proc.kill()
             await proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    # A line cut short by the kill was not fully reported, so it promises nothing.
-    return [int(line) for line in out.split(b"\n")[:-1]]
+    return out
 
 
 @pytest.mark.slow
@@ -744,8 +761,10 @@ async def test_sigkill_at_random_instants_loses_nothing_committed(tmp_path: Path
     path = tmp_path / "crash.sqlite"
     rng = random.Random(20261123)
     reported: list[int] = []
+    sent: dict[int, set[str]] = {}
     for i in range(KILLS):
-        reported += await _run_and_kill(path, i, rng, wait_first=i % 3 != 0)
+        mode = ("early", "steady", "signed")[i % 3]
+        _parse(await _run_and_kill(path, i, rng, mode), reported, sent)
         # Checked before the next run can rewrite anything: the database is intact and holds
         # every index reported so far, with its block.
         with contextlib.closing(sqlite3.connect(path)) as db:
@@ -776,7 +795,10 @@ async def test_sigkill_at_random_instants_loses_nothing_committed(tmp_path: Path
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err.decode()
-    reported += [int(x) for x in out.split()]
+    _parse(out, reported, sent)
+    # Reserving a seq durably before signing means no seq was ever signed with two contents,
+    # however the kills fell between reserving, signing, sending and storing.
+    assert sent and all(len(ids) == 1 for ids in sent.values()), "a seq was signed twice"
 
     sys.path.insert(0, str(WRITER.parent))
     try:
@@ -803,8 +825,10 @@ async def test_sigkill_at_random_instants_loses_nothing_committed(tmp_path: Path
             if page[-1].commit_index == n - 1:
                 break
         assert finals == n * store_writer.RECORDS_PER_BLOCK
-        # Every record the writer proposed is final, so nothing committed is left pending.
-        assert await s.pending(store_writer.CONSTELLATION) == []
+        # Records carried by committed blocks left `pending`; only the writer's own remain.
+        pending = await s.pending(store_writer.CONSTELLATION)
+        assert pending and {r.author for r in pending} == {store_writer.LOCAL.member}
+        assert await s.equivocations(store_writer.CONSTELLATION) == []
 
 
 # --------------------------------------------------------------------------- model-based
