@@ -253,3 +253,103 @@ def test_a_changed_byte_is_rejected_or_is_the_canonical_form_of_another_value(
         return
     # Canonical encodings are unique, so the changed bytes mean a different value.
     assert cbor.encode(other) == bytes(enc)
+
+
+# -- differential test against a plain reference decoder ----------------------------
+
+
+def _reference_decode(data: bytes) -> object:
+    """A direct transcription of the strictness rules, kept simple rather than fast."""
+
+    def head(pos: int) -> tuple[int, int, int]:
+        ib = data[pos]
+        major, info = ib >> 5, ib & 31
+        if info < 24:
+            return major, info, pos + 1
+        if info > 27:
+            raise DecodeError("reserved")
+        width = 1 << (info - 24)
+        if pos + 1 + width > len(data):
+            raise DecodeError("truncated")
+        arg = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+        if arg < (24 if width == 1 else 1 << (4 * width)):
+            raise DecodeError("non-canonical")
+        return major, arg, pos + 1 + width
+
+    def item(pos: int, depth: int) -> tuple[object, int]:
+        if depth > cbor.MAX_DEPTH or pos >= len(data):
+            raise DecodeError("deep or truncated")
+        ib = data[pos]
+        if ib >> 5 == 7:
+            simple = {0xF4: False, 0xF5: True, 0xF6: None}
+            if ib not in simple:
+                raise DecodeError("simple")
+            return simple[ib], pos + 1
+        if ib >> 5 == 6:
+            raise DecodeError("tag")
+        major, arg, pos = head(pos)
+        if major == 0:
+            return arg, pos
+        if major == 1:
+            return -1 - arg, pos
+        if major in (2, 3):
+            if pos + arg > len(data):
+                raise DecodeError("truncated")
+            raw = data[pos : pos + arg]
+            try:
+                return (raw if major == 2 else raw.decode("utf-8")), pos + arg
+            except UnicodeDecodeError:
+                raise DecodeError("utf-8") from None
+        if major == 4:
+            out = []
+            for _ in range(arg):
+                v, pos = item(pos, depth + 1)
+                out.append(v)
+            return out, pos
+        result: dict[object, object] = {}
+        last = None
+        for _ in range(arg):
+            start = pos
+            k, pos = item(pos, depth + 1)
+            if type(k) not in (int, str) or (last is not None and data[start:pos] <= last):
+                raise DecodeError("key")
+            last = data[start:pos]
+            result[k], pos = item(pos, depth + 1)
+        return result, pos
+
+    if not data:
+        raise DecodeError("empty")
+    value, end = item(0, 0)
+    if end != len(data):
+        raise DecodeError("trailing")
+    return value
+
+
+def _outcome(fn, data: bytes):  # type: ignore[no-untyped-def]
+    try:
+        return ("ok", fn(data))
+    except DecodeError:
+        return ("error", None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values, st.data())
+def test_fast_decoder_agrees_with_the_reference_on_mutated_encodings(value: object, data: st.DataObject) -> None:
+    enc = bytearray(cbor.encode(value))
+    for _ in range(data.draw(st.integers(0, 3))):
+        pos = data.draw(st.integers(0, len(enc) - 1))
+        enc[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        enc = enc[: data.draw(st.integers(0, len(enc)))]
+    blob = bytes(enc)
+    got, want = _outcome(cbor.decode, blob), _outcome(_reference_decode, blob)
+    assert got == want
+    # The same bytes inside a larger buffer, as records decode their bodies.
+    if want[0] == "ok":
+        assert cbor.decode_prefix(b"\x00" + blob + b"\x00", 1, 0) == (want[1], len(blob) + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=48))
+def test_fast_decoder_agrees_with_the_reference_on_random_bytes(blob: bytes) -> None:
+    assert _outcome(cbor.decode, blob) == _outcome(_reference_decode, blob)
