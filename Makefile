@@ -15,11 +15,17 @@ $(STAMP): $(PY) pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The member's daemon, creating the identity on first run. Loopback and no
+# mDNS by default; for a LAN: make run RUN_ARGS="--listen 0.0.0.0:7470 --mdns"
+RUN_ARGS ?= --listen 127.0.0.1:7470 --no-mdns
 run: $(STAMP)
-	$(VENV)/bin/valuemesh daemon
+	$(VENV)/bin/valuemesh daemon --init-if-missing $(RUN_ARGS)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol node cli tests bench
+	$(VENV)/bin/ruff check protocol node cli tests bench scripts
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy protocol
