@@ -17,7 +17,7 @@ from typing import Any
 from . import cbor
 from .builtin import builtin_registry
 from .builtin.membership import make_genesis
-from .errors import DecodeError, ValidationError
+from .errors import DecodeError, LocalError, ValidationError
 from .identity import Identity, MemberId
 from .invite import ROLES, Invite
 from .ledger import ApplyContext, Ledger, Outcome
@@ -66,7 +66,7 @@ class TestConstellation:
         name: str = "test constellation",
     ) -> None:
         if not 1 <= n_members <= 64:
-            raise ValueError("A test constellation has 1 to 64 members.")
+            raise LocalError("A test constellation has 1 to 64 members.")
         self.seed = seed
         self.n_members = n_members
         self.registry = _registry_with(registry_factory, list(plugins))
@@ -291,7 +291,7 @@ def malformed_bodies(plugin: Plugin, body: Mapping[str, Any]) -> list[tuple[str,
     """Malformed variants of a valid `body`, derived from its op's declarative fields."""
     op = body.get("op")
     if not isinstance(op, str) or op not in plugin.ops:
-        raise ValueError("The body's op is not one of the plugin's ops.")
+        raise LocalError("The body's op is not one of the plugin's ops.")
     out = _variants(plugin.ops[op], {k: v for k, v in body.items() if k != "op"})
     out = [(why, {"op": op, **b}) for why, b in out]
     rest = {k: copy.deepcopy(v) for k, v in body.items() if k != "op"}
