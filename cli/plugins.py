@@ -100,15 +100,15 @@ class InstalledPlugin:
     views: list[str]
     has_cli: bool
     has_routes: bool
-    disabled: bool
     error: str | None
+    hook_errors: dict[str, str]
 
     def doc(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.distribution,
                 "distribution_version": self.distribution_version, "version": self.version,
                 "api_version": self.api_version, "description": self.description, "ops": self.ops,
                 "views": self.views, "cli": self.has_cli, "routes": self.has_routes,
-                "disabled": self.disabled, "error": self.error}
+                "error": self.error, "hook_errors": self.hook_errors}
 
 
 def _dist(ep: EntryPoint) -> tuple[str, str, str]:
@@ -135,30 +135,33 @@ def _describe_ops(plugin: Plugin) -> dict[str, dict[str, str]]:
             for op, fields in plugin.ops.items()}
 
 
-def inspect(ep: EntryPoint, disabled: frozenset[str]) -> InstalledPlugin:
-    """Load one entry point and describe it; a broken plugin is described, not raised."""
+def _hook(errors: dict[str, str], name: str, call: Any, default: Any) -> Any:
+    try:
+        return call()
+    except Exception as exc:  # any plugin bug is reported as data, never raised here
+        errors[name] = exc.message if isinstance(exc, ValuemeshError) else f"{type(exc).__name__}: {exc}"
+        return default
+
+
+def inspect(ep: EntryPoint) -> InstalledPlugin:
+    """Load one entry point and describe it; a broken plugin or hook is described, not raised."""
     dist, dist_version, summary = _dist(ep)
     try:
         plugin = _load_plugin(ep)
-        views = sorted(plugin.views())
-        has_cli = plugin.cli() is not None
-        has_routes = bool(plugin.api_routes())
-    except Exception as exc:  # any plugin bug is reported as data, never raised here
-        msg = exc.message if isinstance(exc, ValuemeshError) else f"{type(exc).__name__}: {exc}"
+    except PluginError as exc:
         return InstalledPlugin(ep.name, dist, dist_version, None, None, summary, {}, [], False, False,
-                               ep.name in disabled, msg)
+                               exc.message, {})
+    errors: dict[str, str] = {}
+    views = sorted(_hook(errors, "views()", plugin.views, {}))
+    has_cli = _hook(errors, "cli()", plugin.cli, None) is not None
+    has_routes = bool(_hook(errors, "api_routes()", plugin.api_routes, []))
     return InstalledPlugin(ep.name, dist, dist_version, str(plugin.version), plugin.api_version,
                            plugin.description or summary, _describe_ops(plugin), views, has_cli, has_routes,
-                           ep.name in disabled, None)
+                           None, errors)
 
 
 def _entry_points() -> list[EntryPoint]:
     return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
-
-
-def _disabled() -> frozenset[str]:
-    from valuemesh.node.daemon import disabled_plugins
-    return disabled_plugins()
 
 
 def _daemon_view() -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
@@ -191,8 +194,11 @@ def _full_doc(p: InstalledPlugin, daemon_plugins: dict[str, str] | None,
 def _state(doc: dict[str, Any]) -> str:
     if doc["error"]:
         return f"broken: {doc['error']}"
-    if doc["disabled"]:
-        return "disabled by VALUEMESH_DISABLE_PLUGINS"
+    if doc["constellations"] is not None and doc["daemon"] is None:
+        # The daemon's registry is what counts; the operator may have switched it off there.
+        return "installed, but the running daemon did not load it (VALUEMESH_DISABLE_PLUGINS?)"
+    if doc["hook_errors"]:
+        return "hooks failing: " + "; ".join(f"{k} {v}" for k, v in doc["hook_errors"].items())
     return "ok"
 
 
@@ -287,9 +293,8 @@ def plugin_group() -> None:
 @json_option
 def plugin_list() -> None:
     """Every installed plugin, its version and distribution, and where it is used."""
-    disabled = _disabled()
     daemon_plugins, cons = _daemon_view()
-    docs = [_full_doc(inspect(ep, disabled), daemon_plugins, cons) for ep in _entry_points()]
+    docs = [_full_doc(inspect(ep), daemon_plugins, cons) for ep in _entry_points()]
     lines = []
     for d in docs:
         version = d["version"] or "?"
@@ -309,7 +314,7 @@ def plugin_info(name: str) -> None:
     if not eps:
         fail(f"No plugin '{name}' is installed; 'valuemesh plugin list' shows what is.")
     daemon_plugins, cons = _daemon_view()
-    d = _full_doc(inspect(eps[0], _disabled()), daemon_plugins, cons)
+    d = _full_doc(inspect(eps[0]), daemon_plugins, cons)
     lines = [f"{d['name']} {d['version'] or '?'}  (plugin API {d['api_version'] or '?'})",
              f"distribution  {d['distribution']} {d['distribution_version']}",
              f"state         {_state(d)}",
