@@ -143,8 +143,22 @@ def make_app(node: Node, token: str) -> web.Application:
 
     @routes.get("/v1/openapi.json")
     async def openapi(request: web.Request) -> web.Response:
-        return ok(json.loads((Path(__file__).parent / "openapi.json").read_text()))
+        """The OpenAPI document: the core routes as written in openapi.json, plus
+        every other route served (plugins, accounting) described from its handler."""
+        doc = json.loads((Path(__file__).parent / "openapi.json").read_text())
+        for r in request.app.router.routes():
+            info = r.resource.get_info() if r.resource is not None else {}
+            path = info.get("path") or info.get("formatter")
+            method = r.method.lower()
+            if not path or method in ("head", "*") or method in doc["paths"].get(path, {}):
+                continue
+            summary = ((r.handler.__doc__ or "").strip().splitlines() or [f"{method.upper()} {path}"])[0]
+            doc["paths"].setdefault(path, {})[method] = {
+                "summary": summary, "responses": {"200": {"description": "OK"}, "400": {"description": "error"}}}
+        return ok(doc)
 
+    from valuemesh.node.accounting_api import add_accounting_routes
+    add_accounting_routes(routes, node)
     app.add_routes(routes)
     for name, plugin_routes in node.plugin_routes().items():
         sub = web.Application()
