@@ -2,6 +2,7 @@
 checkpoints and re-founding. Pure: blocks, records and time come in as arguments.
 """
 
+from .checkpoint import Checkpoint, CheckpointAggregator, CheckpointCertificate, Refounding
 from .committee import Committee
 from .machine import (
     EPOCH_DELAY_ROUNDS,
@@ -17,9 +18,13 @@ __all__ = [
     "EPOCH_DELAY_ROUNDS",
     "GC_DEPTH_ROUNDS",
     "ROUND_TIMEOUT_MS",
+    "Checkpoint",
+    "CheckpointAggregator",
+    "CheckpointCertificate",
     "Committed",
     "Committee",
     "Consensus",
     "Output",
     "Params",
+    "Refounding",
 ]

@@ -278,8 +278,12 @@ class Consensus:
 
     def propose(self, records: Sequence[Record], now_ms: int) -> Output:
         """Queue records for our next blocks and wake the constellation."""
-        if self._identity is None:
+        if self._identity is None or self._me is None:
             raise LocalError("An observer node cannot propose; hand records to a core node.")
+        if not any(self._me in c for c in self._committees if c.start_round >= self.round) and (
+            self._me not in self.committee_at(self.round)
+        ):
+            raise LocalError("This node is not in the core; hand records to a core node.")
         fresh: dict[bytes, Record] = {}
         for rec in records:
             if rec.constellation != self._cid:

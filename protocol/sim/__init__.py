@@ -3,10 +3,11 @@ seeded faults (crash, restart, partition, delay, drop, reorder, duplicate, equiv
 """
 
 from .runner import FAULT_KINDS, RunResult, run
-from .world import SIM_PARAMS, Envelope, SimNode, UnsignedIdentity, World
+from .world import SIM_CONSTELLATION, SIM_PARAMS, Envelope, SimNode, UnsignedIdentity, World
 
 __all__ = [
     "FAULT_KINDS",
+    "SIM_CONSTELLATION",
     "SIM_PARAMS",
     "Envelope",
     "RunResult",

@@ -8,10 +8,11 @@ The world never decides when a message arrives: a driver (the seeded event loop 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..consensus import Committee, Consensus, Output, Params
+from ..consensus import Committed, Committee, Consensus, Output, Params
 from ..errors import ValidationError
 from ..identity import Identity, MemberId
 from ..records import Block, Record, decode_block
@@ -23,6 +24,11 @@ SIM_CONSTELLATION = bytes(range(32))
 FETCH_FANOUT = 3
 # How many top rounds a node sends back to a sync request.
 SYNC_ROUNDS = 2
+# `settle` moves the clock by at least this much when nothing is in flight.
+SETTLE_STEP_MS = 10
+
+# Called for every committed block; a committee it returns is scheduled (epoch change).
+Reconfigure = Callable[["SimNode", Committed], Committee | None]
 
 
 class UnsignedIdentity(Identity):
@@ -61,6 +67,7 @@ class SimNode:
     proposed: dict[bytes, Record] = field(default_factory=dict)
     seq: int = 0
     twins: dict[bytes, Block] = field(default_factory=dict)
+    committees: list[Committee] = field(default_factory=list)
 
     @property
     def honest(self) -> bool:
@@ -79,8 +86,10 @@ class World:
         crypto: bool = True,
         params: Params = SIM_PARAMS,
         seed_bytes: bytes = b"",
+        reconfigure: Reconfigure | None = None,
     ) -> None:
         self.crypto = crypto
+        self.reconfigure = reconfigure
         self.params = params
         self.now = 0
         byz = set(byzantine)
@@ -183,6 +192,11 @@ class World:
                 self.send(node.index, p, "sync")
         for c in out.committed:
             node.log.append(c.block.id)
+            if self.reconfigure is not None:
+                nxt = self.reconfigure(node, c)
+                if nxt is not None:
+                    node.committees.append(nxt)
+                    self.handle(node, node.consensus.schedule_committee(nxt))
             for rec in c.records:
                 node.log_records.append(rec.id)
                 if rec.id in node.proposed and rec.id in self.proposed_at:
@@ -207,13 +221,15 @@ class World:
         for p in self.peers(node.index):
             self.send(node.index, p, "block", twin if p in split else b)
 
-    def propose(self, i: int, *, body: int = 0) -> Record | None:
+    def propose(
+        self, i: int, *, body: int = 0, type: str = "sim", data: Mapping[str, Any] | None = None
+    ) -> Record | None:
         node = self.nodes[i]
         if not node.alive or node.identity is None:
             return None
         rec = Record.create(
-            node.identity, type="sim", v=1, constellation=SIM_CONSTELLATION, seq=node.seq,
-            body={"n": body}, created=self.now,
+            node.identity, type=type, v=1, constellation=SIM_CONSTELLATION, seq=node.seq,
+            body=dict(data) if data is not None else {"n": body}, created=self.now,
         )
         node.seq += 1
         node.proposed[rec.id] = rec
@@ -238,7 +254,7 @@ class World:
         node.consensus = Consensus(SIM_CONSTELLATION, self.committee, node.identity, self.params)
         node.alive = True
         node.crashed_for_good = False
-        out = node.consensus.restore(node.store.values(), node.log)
+        out = node.consensus.restore(node.store.values(), node.log, node.committees)
         self.handle(node, out)
         waiting = [r for rid, r in node.proposed.items() if rid not in set(node.log_records)]
         if waiting:
@@ -259,6 +275,25 @@ class World:
                 for p in self.peers(n.index):
                     self.send(n.index, p, "sync")
                 self.tick_requests.append((self.now, n.index))
+
+    def settle(self, max_events: int = 20_000) -> bool:
+        """Deliver everything in order and run timers until nothing is left to do.
+
+        A fair, loss-free schedule for tests; returns False if `max_events` ran out first.
+        """
+        for _ in range(max_events):
+            if self.outbox:
+                self.deliver(self.outbox.pop(0))
+                continue
+            due = [(t, i) for t, i in self.tick_requests if self.nodes[i].alive]
+            self.tick_requests.clear()
+            if not due:
+                return True
+            t, _ = min(due)
+            self.now = max(self.now + SETTLE_STEP_MS, t) if t <= self.now else t
+            for i in sorted({i for _, i in due}):
+                self.tick(i)
+        return False
 
     # ------------------------------------------------------------------ checks
 

@@ -1,0 +1,390 @@
+"""Unit tests of the consensus machine: committee thresholds, structural validation
+without state change, small-group guarantees, equivocation, quiescence, restore, epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from valuemesh.protocol.consensus import (
+    EPOCH_DELAY_ROUNDS,
+    Checkpoint,
+    CheckpointAggregator,
+    Committee,
+    Consensus,
+    Params,
+    Refounding,
+)
+from valuemesh.protocol.errors import (
+    AuthorizationError,
+    LocalError,
+    SignatureError,
+    ValidationError,
+)
+from valuemesh.protocol.identity import Identity
+from valuemesh.protocol.records import Block, Record
+from valuemesh.protocol.sim import SIM_CONSTELLATION, World
+
+CID = SIM_CONSTELLATION
+
+
+def ids(n: int, tag: bytes = b"t") -> list[Identity]:
+    out = [Identity(hashlib.blake2b(tag + bytes([i]), digest_size=32).digest()) for i in range(n)]
+    return sorted(out, key=lambda i: i.member.key)
+
+
+def block(ident: Identity, rnd: int, parents: list[Block], *, epoch: int = 0,
+          prev: Block | None = None, created: int = 0, cid: bytes = CID,
+          records: tuple[Record, ...] = ()) -> Block:
+    return Block.create(ident, constellation=cid, epoch=epoch, round=rnd,
+                        prev=prev.id if prev else None, parents=[p.id for p in parents],
+                        records=records, created=created)
+
+
+def record(ident: Identity, seq: int = 0) -> Record:
+    return Record.create(ident, type="t", v=1, constellation=CID, seq=seq, body={"n": seq},
+                         created=0)
+
+
+def snapshot(c: Consensus) -> tuple[object, ...]:
+    return (c.round, c.top_round, c.missing(), c.decided_round, c.last_committed_round,
+            c.pending_count)
+
+
+# ---------------------------------------------------------------- committee
+
+@pytest.mark.parametrize(("n", "f", "q", "label"), [
+    (1, 0, 1, "single-node"),
+    (2, 0, 2, "no-fault-tolerance"),
+    (3, 0, 2, "crash-tolerant(1)"),
+    (4, 1, 3, "byzantine-tolerant(1)"),
+    (7, 2, 5, "byzantine-tolerant(2)"),
+    (10, 3, 7, "byzantine-tolerant(3)"),
+    (100, 33, 67, "byzantine-tolerant(33)"),
+])
+def test_committee_thresholds(n: int, f: int, q: int, label: str) -> None:
+    c = Committee.of([i.member for i in ids(n)])
+    assert (c.f, c.quorum, c.validity, c.guarantee) == (f, q, f + 1, label)
+    leaders = {c.leader(r) for r in range(n)}
+    assert leaders == {m for m, _ in c.members}
+
+
+def test_committee_counts_weight_not_heads() -> None:
+    a, b, c = ids(3)
+    com = Committee.of({a.member: 2, b.member: 1, c.member: 1})
+    assert (com.total, com.f, com.quorum) == (4, 1, 3)
+    assert com.weight(a.member) == 2 and a.member in com
+
+
+def test_committee_rejects_bad_members() -> None:
+    a, b = ids(2)
+    with pytest.raises(LocalError):
+        Committee(0, ((b.member, 1), (a.member, 1)))
+    with pytest.raises(LocalError):
+        Committee(0, ((a.member, 0),))
+    with pytest.raises(LocalError):
+        Committee(0, ())
+
+
+# ---------------------------------------------------------------- validation
+
+def four() -> tuple[list[Identity], Committee, Consensus, list[Block]]:
+    people = ids(4)
+    com = Committee.of([i.member for i in people])
+    node = Consensus(CID, com, None)
+    r0 = [block(p, 0, []) for p in people]
+    for b in r0:
+        node.add_block(b, 0)
+    return people, com, node, r0
+
+
+def test_invalid_blocks_are_refused_without_state_change() -> None:
+    people, _, node, r0 = four()
+    stranger = ids(1, b"x")[0]
+    before = snapshot(node)
+    bad = [
+        (ValidationError, block(people[0], 1, r0[:3], cid=bytes(32))),
+        (AuthorizationError, block(stranger, 1, r0[:3])),
+        (ValidationError, block(people[0], 0, r0[:1])),
+        (ValidationError, block(people[1], 1, r0[:2])),
+        (ValidationError, block(people[1], 1, [])),
+    ]
+    for err, b in bad:
+        with pytest.raises(err):
+            node.add_block(b, 5)
+        assert snapshot(node) == before
+        assert not node.has_block(b.id)
+
+
+def test_parents_from_wrong_round_or_twice_one_author_are_refused() -> None:
+    people, _, node, r0 = four()
+    r1 = [block(p, 1, r0[:3]) for p in people]
+    for b in r1:
+        node.add_block(b, 0)
+    before = snapshot(node)
+    wrong_round = block(people[0], 2, [r0[0], r1[1], r1[2]])
+    with pytest.raises(ValidationError):
+        node.add_block(wrong_round, 0)
+    twin = block(people[3], 1, r0[:3], created=9)
+    node.add_block(twin, 0)  # an equivocation is kept as evidence, not refused
+    both = block(people[0], 2, [r1[1], r1[3], twin, r1[2]])
+    with pytest.raises(ValidationError):
+        node.add_block(both, 0)
+    assert node.round == before[0] and not node.has_block(both.id)
+
+
+def test_epoch_must_match_committee_of_its_round() -> None:
+    people, com, node, r0 = four()
+    node.schedule_committee(Committee(1, com.members, 1))
+    stale = block(people[0], 1, r0[:3], epoch=0)
+    with pytest.raises(ValidationError):
+        node.add_block(stale, 0)
+    assert not node.has_block(stale.id)
+    node.add_block(block(people[0], 1, r0[:3], epoch=1), 0)
+    assert node.top_round == 1
+
+
+def test_unknown_parents_are_buffered_and_requested() -> None:
+    people, _, node, r0 = four()
+    r1 = [block(p, 1, r0[:3]) for p in people]
+    child = block(people[0], 2, r1[:3])
+    out = node.add_block(child, 0)
+    assert set(out.missing) == {b.id for b in r1[:3]}
+    assert not node.has_block(child.id)
+    for b in r1[:3]:
+        node.add_block(b, 0)
+    assert node.has_block(child.id) and node.missing() == ()
+
+
+def test_flood_of_unresolvable_blocks_is_bounded() -> None:
+    people = ids(4)
+    com = Committee.of([i.member for i in people])
+    node = Consensus(CID, com, None, Params(max_buffered_per_author=5))
+    fake_parents = [hashlib.blake2b(bytes([i]), digest_size=32).digest() for i in range(3)]
+    for r in range(1, 6):
+        node.add_block(Block.create(people[0], constellation=CID, epoch=0, round=r, prev=None,
+                                    parents=fake_parents, records=(), created=r), 0)
+    with pytest.raises(ValidationError):
+        node.add_block(Block.create(people[0], constellation=CID, epoch=0, round=9, prev=None,
+                                    parents=fake_parents, records=(), created=9), 0)
+    other = Block.create(people[1], constellation=CID, epoch=0, round=9, prev=None,
+                         parents=fake_parents, records=(), created=9)
+    node.add_block(other, 0)  # another author is not starved by the flooder
+
+
+def test_observer_cannot_propose() -> None:
+    _, _, node, _ = four()
+    with pytest.raises(LocalError):
+        node.propose([], 0)
+
+
+# ---------------------------------------------------------------- small groups
+
+def test_single_node_commits_alone_then_goes_quiet() -> None:
+    (me,) = ids(1)
+    node = Consensus(CID, Committee.of([me.member]), me)
+    rec = record(me)
+    out = node.propose([rec], 0)
+    assert [r.id for c in out.committed for r in c.records] == [rec.id]
+    assert out.blocks and all(b.author == me.member for b in out.blocks)
+    for t in range(1, 5):
+        assert node.tick(t * 10_000).blocks == ()
+    out = node.propose([record(me, 1)], 50_000)
+    assert out.blocks and out.committed
+
+
+def test_two_nodes_need_both() -> None:
+    w = World(2, crypto=False, observers=0)
+    w.crash(1)
+    w.propose(0)
+    w.settle()
+    assert w.nodes[0].log_records == []
+    w.restart(1)
+    assert w.settle()
+    assert len(w.nodes[0].log_records) == 1 and w.check_safety() == []
+
+
+def test_three_nodes_survive_one_crash() -> None:
+    w = World(3, crypto=False)
+    w.crash(2, for_good=True)
+    for i in (0, 1, 0, 1):
+        w.propose(i)
+    assert w.settle()
+    assert len(w.nodes[0].log_records) == 4
+    assert w.check_safety() == [] and w.check_liveness() == []
+
+
+def test_four_nodes_commit_everything_fault_free() -> None:
+    w = World(4, crypto=False)
+    for i in range(4):
+        w.propose(i)
+    assert w.settle()
+    logs = {tuple(n.log) for n in w.nodes}
+    assert len(logs) == 1 and len(w.nodes[0].log_records) == 4
+    assert w.nodes[0].consensus.guarantee == "byzantine-tolerant(1)"
+
+
+# ---------------------------------------------------------------- equivocation
+
+def test_equivocation_gives_a_proof_and_is_never_built_on_twice() -> None:
+    people = ids(4)
+    me = people[0]
+    com = Committee.of([i.member for i in people])
+    node = Consensus(CID, com, me, Params(round_timeout_ms=0))
+    r0 = [block(p, 0, []) for p in people[1:]]
+    twin = block(people[3], 0, [], created=7)
+    proofs = []
+    for b in [*r0, twin]:
+        proofs += node.add_block(b, 0).proofs
+    assert len(proofs) == 1 and proofs[0].verify() == people[3].member
+    out = node.propose([record(me)], 1)
+    mine = [b for b in out.blocks if b.round == 1]
+    assert mine, "the node should build round 1 on its quorum"
+    authors = [node.get_block(p).author for p in mine[0].parents]  # type: ignore[union-attr]
+    assert len(authors) == len(set(authors))
+
+
+def test_equivocator_is_excluded_identically_in_simulation() -> None:
+    w = World(4, byzantine=[1], crypto=False)
+    w.twin_split[1] = {0, 2}
+    for r in range(6):
+        for i in range(4):
+            w.propose(i, body=r)
+        assert w.settle()
+    assert w.check_safety() == [] and w.check_liveness() == []
+    excluded = {n.consensus.excluded for n in w.nodes if n.honest}
+    assert excluded == {frozenset({w.nodes[1].identity.member})}  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- restart, epochs
+
+def test_restore_never_resigns_a_round_and_replays_the_order() -> None:
+    w = World(4, crypto=False)
+    for i in range(4):
+        w.propose(i)
+    assert w.settle()
+    node = w.nodes[0]
+    last = node.consensus.last_own_round
+    w.crash(0)
+    w.restart(0)
+    assert node.consensus.last_own_round == last
+    w.propose(0)
+    assert w.settle()
+    assert w.check_safety() == [] and w.check_liveness() == []
+
+
+def test_restore_refuses_an_inconsistent_store() -> None:
+    w = World(4, crypto=False)
+    for i in range(4):
+        w.propose(i)
+    assert w.settle()
+    n = w.nodes[0]
+    fresh = Consensus(CID, w.committee, n.identity)
+    with pytest.raises(LocalError):
+        fresh.restore(n.store.values(), list(reversed(n.log)))
+
+
+def test_committee_change_takes_effect_at_the_same_round_everywhere() -> None:
+    starts: set[int] = set()
+
+    def reconf(node, c):  # type: ignore[no-untyped-def]
+        for rec in c.records:
+            if rec.type == "membership":
+                keys = [bytes.fromhex(k) for k in rec.body["core"]]
+                members = {m: 1 for m, _ in w.committee.members if m.key in keys}
+                start = c.anchor_round + EPOCH_DELAY_ROUNDS
+                nxt = Committee.of(members, epoch=1, start_round=start)
+                starts.add(nxt.start_round)
+                return nxt
+        return None
+
+    w = World(4, crypto=False, reconfigure=reconf)
+    keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
+    w.propose(0, type="membership", data={"core": keep})
+    assert w.settle()
+    assert len(starts) == 1
+    start = starts.pop()
+    for r in range(EPOCH_DELAY_ROUNDS + 4):
+        for i in range(3):
+            w.propose(i, body=r)
+        assert w.settle()
+    assert w.check_safety() == [] and w.check_liveness() == []
+    for n in w.nodes:
+        c = n.consensus
+        assert c.committee_at(start).epoch == 1 and c.committee_at(start - 1).epoch == 0
+    late = [w.nodes[0].store[b] for b in w.nodes[0].log]
+    assert any(b.epoch == 1 for b in late)
+    assert all(b.epoch == (1 if b.round >= start else 0) for b in late)
+    removed = w.nodes[3].identity.member  # type: ignore[union-attr]
+    assert not any(b.author == removed and b.round >= start for b in late)
+
+
+def test_schedule_committee_rejects_rounds_already_signed() -> None:
+    w = World(2, crypto=False, observers=0)
+    w.propose(0)
+    assert w.settle()
+    c = w.nodes[0].consensus
+    with pytest.raises(LocalError):
+        c.schedule_committee(Committee(1, w.committee.members, 1))
+    with pytest.raises(LocalError):
+        c.schedule_committee(Committee(3, w.committee.members, 1000))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_checkpoint_certificate_needs_a_quorum() -> None:
+    people = ids(4)
+    com = Committee.of([i.member for i in people])
+    agg = CheckpointAggregator(CID, com)
+    state = bytes(range(32))
+    cps = [Checkpoint.create(p, constellation=CID, epoch=0, round=40, state_hash=state)
+           for p in people]
+    assert agg.add(cps[0]) is None and agg.add(cps[1]) is None
+    cert = agg.add(cps[2])
+    assert cert is not None and len(cert.signatures) == 3
+    cert.verify(com)
+    assert Checkpoint.decode(cps[3].encode()) == cps[3]
+    with pytest.raises(SignatureError):
+        agg.add(Checkpoint(CID, 0, 40, bytes(32), people[3].member, cps[3].sig))
+    stranger = ids(1, b"s")[0]
+    with pytest.raises(AuthorizationError):
+        agg.add(Checkpoint.create(stranger, constellation=CID, epoch=0, round=40,
+                                  state_hash=state))
+
+
+def test_conflicting_checkpoint_signature_is_refused() -> None:
+    people = ids(4)
+    agg = CheckpointAggregator(CID, Committee.of([i.member for i in people]))
+    agg.add(Checkpoint.create(people[0], constellation=CID, epoch=0, round=8,
+                              state_hash=bytes(32)))
+    with pytest.raises(ValidationError):
+        agg.add(Checkpoint.create(people[0], constellation=CID, epoch=0, round=8,
+                                  state_hash=bytes([1]) * 32))
+
+
+def test_refounding_by_survivors() -> None:
+    people = ids(4)
+    com = Committee.of([i.member for i in people])
+    agg = CheckpointAggregator(CID, com)
+    cert = None
+    for p in people[:3]:
+        cert = agg.add(Checkpoint.create(p, constellation=CID, epoch=0, round=16,
+                                         state_hash=bytes(32)))
+    assert cert is not None
+    survivors = people[:2]
+    draft = Refounding(CID, cert, 20, bytes([2]) * 32,
+                       tuple(sorted(((p.member, 1) for p in survivors), key=lambda x: x[0].key)),
+                       created=123)
+    with pytest.raises(ValidationError):
+        draft.sign(survivors[0]).verify(com)
+    signed = draft.sign(survivors[0]).sign(survivors[1])
+    new = signed.verify(com)
+    assert new.quorum == 2 and signed.id != CID and signed.id == draft.id
+    assert signed.survivor_weight(com) == 2
+    forged = Refounding(signed.previous, signed.checkpoint, signed.final_round,
+                        signed.final_state_hash, signed.members, signed.created,
+                        ((signed.signatures[0][0], signed.signatures[1][1]), signed.signatures[1]))
+    with pytest.raises(SignatureError):
+        forged.verify(com)
