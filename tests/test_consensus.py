@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
 from valuemesh.protocol.consensus import (
     EPOCH_DELAY_ROUNDS,
     Checkpoint,
