@@ -59,6 +59,8 @@ JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 # Page cache per connection (SQLite's default is 2 MiB): holds the hot index pages of a busy node.
 CACHE_KIB: Final = 32 * 1024
 MAX_PAGE: Final = 10_000
+# Raw bytes one page of blocks may hold (iter_blocks), whatever the blocks' sizes.
+MAX_PAGE_BYTES: Final = 32 * 1024 * 1024
 MAX_BATCH_ITEMS: Final = 100_000
 # Batches one group commit may take: bounds the time one transaction holds the write lock.
 MAX_GROUP: Final = 64
@@ -1139,38 +1141,47 @@ class Store:
         to_round: int | None = None,
         author: MemberId | None = None,
         limit: int = MAX_PAGE,
+        max_bytes: int | None = None,
     ) -> list[Block]:
-        """Blocks with from_round <= round <= to_round, ordered by (round, author, id)."""
+        """Blocks with from_round <= round <= to_round, ordered by (round, author, id).
+
+        With `max_bytes`, the list also ends before the block that would take the total of raw
+        sizes past it (but always holds at least one block), bounding memory for large blocks.
+        """
         _check_limit(limit)
-        _check_position(from_round, to_round)
-        sql = "SELECT id, raw FROM blocks WHERE constellation = ? AND round >= ?"
+        _check_position(from_round, to_round, max_bytes)
+        where = "constellation = ? AND round >= ?"
         params: list[Any] = [constellation, from_round]
         if to_round is not None:
-            sql += " AND round <= ?"
+            where += " AND round <= ?"
             params.append(to_round)
         if author is not None:
-            sql += " AND author = ?"
+            where += " AND author = ?"
             params.append(author.key)
-        sql += " ORDER BY round, author, id LIMIT ?"
-        params.append(limit)
-        return [_decode_stored_block(raw, bytes(bid)) for bid, raw in await self._rows(sql, params)]
+        rows = _sorted_page(await self._rows(_budgeted(where), [*params, limit, max_bytes, max_bytes]))
+        return [_decode_stored_block(raw, bytes(bid)) for _, _, bid, raw in rows]
 
     async def iter_blocks(self, constellation: bytes, *, from_round: int = 0, page: int = 500) -> AsyncIterator[Block]:
-        """Every block from `from_round` on, in (round, author, id) order, read page by page."""
+        """Every block from `from_round` on, in (round, author, id) order, read page by page.
+
+        A page holds at most `page` blocks and `MAX_PAGE_BYTES` of raw bytes, so memory stays
+        bounded however large the blocks are.
+        """
         _check_limit(page)
         _check_position(from_round)
         key: tuple[int, bytes, bytes] = (from_round, b"", b"")
         while True:
-            rows = await self._rows(
-                "SELECT round, author, id, raw FROM blocks WHERE constellation = ? AND "
-                "(round, author, id) > (?, ?, ?) ORDER BY round, author, id LIMIT ?",
-                (constellation, *key, page),
+            rows = _sorted_page(
+                await self._rows(
+                    _budgeted("constellation = ? AND (round, author, id) > (?, ?, ?)"),
+                    (constellation, *key, page, MAX_PAGE_BYTES, MAX_PAGE_BYTES),
+                )
             )
+            if not rows:
+                return
             for rnd, author, bid, raw in rows:
                 yield _decode_stored_block(raw, bytes(bid))
                 key = (int(rnd), bytes(author), bytes(bid))
-            if len(rows) < page:
-                return
 
     async def heads(self, constellation: bytes) -> dict[MemberId, int]:
         """Each author's highest stored round: what a peer needs to say what we miss."""
@@ -1336,6 +1347,25 @@ class Store:
 
 
 _CONSTELLATION_SELECT: Final = "SELECT id, genesis, joined_at, status, my_tier, plugins, name FROM constellations"
+
+
+def _budgeted(where: str) -> str:
+    """A page of blocks matching `where`, cut by count, then by bytes (parameters: limit, budget, budget).
+
+    The inner query reads only each row's length (SQLite gets it from the record header, not
+    the blob), so rows past the byte budget are never loaded. A NULL budget means no byte cut.
+    """
+    return (
+        "SELECT b.round, b.author, b.id, b.raw FROM (SELECT id, "
+        "SUM(length(raw)) OVER (ORDER BY round, author, id ROWS UNBOUNDED PRECEDING) - length(raw) AS before "
+        f"FROM blocks WHERE {where} ORDER BY round, author, id LIMIT ?) p "
+        "JOIN blocks b ON b.id = p.id WHERE ? IS NULL OR p.before = 0 OR p.before < ?"
+    )
+
+
+def _sorted_page(rows: list[Any]) -> list[Any]:
+    # Sorting here, not in SQL, spares SQLite copying every raw blob through a sorter.
+    return sorted(rows, key=lambda r: (int(r[0]), bytes(r[1]), bytes(r[2])))
 
 
 def _constellation_row(row: Any) -> ConstellationInfo:

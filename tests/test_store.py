@@ -440,7 +440,7 @@ async def test_a_record_in_two_committed_blocks_is_final_once(store: Store) -> N
     ]
 
 
-async def test_block_queries_heads_and_paging(store: Store) -> None:
+async def test_block_queries_heads_and_paging(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     rounds: dict[int, list[Block]] = {}
     parents: list[bytes] = []
     for rnd in range(5):
@@ -458,6 +458,13 @@ async def test_block_queries_heads_and_paging(store: Store) -> None:
     assert await store.blocks(C, limit=3) == want[:3]
     assert [b async for b in store.iter_blocks(C, page=3)] == want
     assert [b async for b in store.iter_blocks(C, from_round=4, page=1)] == want[-2:]
+    # Byte budgets cut pages early but never lose or reorder a block.
+    assert await store.blocks(C, max_bytes=1) == want[:1]
+    two = len(want[0].raw) + len(want[1].raw)
+    assert await store.blocks(C, max_bytes=two) == want[:2]
+    assert await store.blocks(C, max_bytes=two + 1) == want[:3]
+    monkeypatch.setattr(store_mod, "MAX_PAGE_BYTES", 1)
+    assert [b async for b in store.iter_blocks(C, page=4)] == want
     assert await store.heads(C) == {ALICE.member: 4, BOB.member: 4}
     carol = Identity(bytes([3]) * 32)
     async with store.batch() as tx:
