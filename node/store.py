@@ -584,10 +584,13 @@ class Batch:
         self._queue("peer", peer)
 
     def peer_failed(self, member: MemberId, host: str, port: int) -> None:
-        self._queue("peer_failed", member.key, host, port)
+        """Count one more failed contact with a stored peer address."""
+        _need(isinstance(member, MemberId), "A peer must be named by its member id.")
+        self._queue("peer_failed", member.key, str(host), int(port))
 
     def forget_peer(self, member: MemberId, host: str, port: int) -> None:
-        self._queue("peer_forget", member.key, host, port)
+        _need(isinstance(member, MemberId), "A peer must be named by its member id.")
+        self._queue("peer_forget", member.key, str(host), int(port))
 
     def put_kv(self, key: str, value: bytes) -> None:
         _need(isinstance(key, str) and 0 < len(key) <= MAX_KV_KEY, "A setting name is empty or too long.")
@@ -595,6 +598,7 @@ class Batch:
         self._queue("kv", key, value)
 
     def delete_kv(self, key: str) -> None:
+        _need(isinstance(key, str) and 0 < len(key) <= MAX_KV_KEY, "A setting name is empty or too long.")
         self._queue("kv_delete", key)
 
 
