@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 from valuemesh.cli.client import ApiClient
@@ -23,6 +24,7 @@ from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Plugin
 BUILTIN_DISTRIBUTION = "valuemesh"
 # The shape of `plugin list --json` / `plugin info --json`; bumped when a field changes meaning.
 JSON_SHAPE_VERSION = 1
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["api", "emit", "fail", "json_option", "register", "submit"]
 
@@ -73,14 +75,14 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def json_option(f: Any) -> Any:
+def json_option(f: F) -> F:
     """A `--json` flag on a plugin's command, same as `valuemesh --json`."""
     def cb(ctx: click.Context, _p: Any, value: bool) -> None:
         obj = ctx.find_root().obj
         if value and obj is not None and hasattr(obj, "as_json"):
             obj.as_json = True
-    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
-                        help="Print machine-readable JSON.")(f)
+    return cast(F, click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
+                                help="Print machine-readable JSON.")(f))
 
 
 # -- inspecting installed plugins --------------------------------------------------------
