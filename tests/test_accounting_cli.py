@@ -1,0 +1,274 @@
+"""Value accounting through the CLI on four real daemons: work, capital, an agreement, a
+voted policy, revenue, a ratified distribution identical everywhere, export → import on a
+fresh home, and bad input refused with one sentence and exit status 1."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from valuemesh.node.accounting_api import read_archive, verify_archive
+from valuemesh.node.daemon import installed_registry
+from valuemesh.node.testing import Cluster, Daemon, free_port, wait_until
+from valuemesh.protocol.errors import ValuemeshError
+
+pytestmark = pytest.mark.slow
+DEADLINE_S = 45
+F, INV, P, C = 0, 1, 2, 3
+ROLES = {INV: "investor", P: "producer", C: "customer"}
+POLICY = {"levy_bps": 200, "weights": {"work:hour": "1"}, "acks": {"required": 1}}
+
+
+def together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent CLI calls at once (each is its own process); re-raise the first failure."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
+def ledger(d: Daemon, cid: str) -> dict[str, Any]:
+    doc: dict[str, Any] = d.api("GET", f"/v1/constellations/{cid}/ledger")
+    return doc
+
+
+def final(c: Cluster, cid: str, *ids: str) -> list[dict[str, Any]]:
+    """Wait until every daemon holds `ids` as final; return their entries as daemon 0 has them."""
+    def everywhere() -> bool:
+        for d in c.daemons:
+            have = {r["id"] for r in ledger(d, cid)["final"]}
+            if not set(ids) <= have:
+                return False
+        return True
+    wait_until(everywhere, DEADLINE_S, f"{len(ids)} record(s) to be final on every node")
+    by_id = {r["id"]: r for r in ledger(c.daemons[0], cid)["final"]}
+    return [by_id[i] for i in ids]
+
+
+def applied(c: Cluster, cid: str, *ids: str) -> None:
+    for r in final(c, cid, *ids):
+        assert r["status"] == "applied", r
+
+
+def refused(d: Daemon, args: list[str], words: str) -> str:
+    """Run a command that must fail: exit 1 and one sentence naming the problem."""
+    res = d.cli(*args, check=False)
+    assert res.returncode == 1, (args, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert err.endswith("."), err
+    assert re.search(words, err), err
+    return err
+
+
+def submit(d: Daemon, *args: str) -> str:
+    doc: dict[str, Any] = d.cli_json(*args)
+    assert doc["status"] == "pending"
+    return str(doc["id"])
+
+
+def found(c: Cluster) -> str:
+    """F founds; the investor, the producer and the customer join as core members."""
+    cid: str = c.daemons[F].cli_json("constellation", "create", "bakery")["id"]
+    for i, role in ROLES.items():
+        token = c.daemons[F].cli("constellation", "invite", cid, "--tier", "core", "--role", role).stdout.strip()
+        c.daemons[i].cli("constellation", "join", token)
+    wait_until(lambda: all(len(ledger(d, cid)["final"]) >= 4 and not ledger(d, cid)["pending"]
+                           for d in c.daemons), DEADLINE_S, "the three joins to be final everywhere")
+    return cid
+
+
+def test_four_members_split_revenue_through_the_cli_and_the_archive_reproduces_it(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, 4)
+    fresh = Daemon("fresh", tmp_path / "fresh", free_port(), c.network)
+    try:
+        together(*(d.start for d in c.daemons), lambda: fresh.cli("init", "--name", "auditor"))
+        _scenario(c, fresh, tmp_path)
+    finally:
+        fresh.stop()
+        c.stop()
+
+
+def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
+    cid = found(c)
+    ds = c.daemons
+    m = [d.member for d in ds]
+
+    # Work and capital: the investor lends 500 EUR, F works 10 h, P 30 h; each acknowledged.
+    loan, f_work, p_work = together(
+        lambda: submit(ds[INV], "contribute", cid, "--action", "transfer", "--quantity", "500", "--unit", "EUR",
+                       "--payback", "debt-like"),
+        lambda: submit(ds[F], "contribute", cid, "--action", "work", "--quantity", "10", "--unit", "hour"),
+        lambda: submit(ds[P], "contribute", cid, "--action", "work", "--quantity", "30", "--unit", "hour"))
+    applied(c, cid, loan, f_work, p_work)
+    acks = together(lambda: submit(ds[F], "ack", cid, loan), lambda: submit(ds[INV], "ack", cid, f_work),
+                    lambda: submit(ds[P], "ack", cid, f_work))
+    acks.append(submit(ds[INV], "ack", cid, p_work))
+
+    # An agreement between F and the customer: price, F's fee, the customer's rebate.
+    agr = submit(ds[F], "agreement", "propose", cid, "--title", "Bakery website", "--currency", "EUR",
+                 "--customer", m[C], "--price", "1200.00", "--fee", f"{m[F]}=500bps", "--rebate", f"{m[C]}=250bps")
+    applied(c, cid, agr, *acks)
+    together(lambda: refused(ds[INV], ["agreement", "sign", cid, agr], "is not a party to this agreement"),
+             lambda: refused(ds[C], ["agreement", "sign", cid, agr[:-1] + "x"], "not an agreement id"),
+             lambda: refused(ds[F], ["agreement", "propose", cid, "--title", "t", "--currency", "EUR",
+                                     "--fee", f"{m[P]}=nothing"], "plain decimal"))
+    applied(c, cid, submit(ds[C], "agreement", "sign", cid, agr))
+    assert ds[P].cli_json("agreement", "list", cid)["agreements"][0]["status"] == "final"
+
+    # Revenue: bad amounts are refused before anything is recorded; a good one links the agreement.
+    before = ledger(ds[C], cid)["state_hash"]
+    together(
+        lambda: refused(ds[C], ["revenue", cid, "--amount", "1200.005", "--currency", "EUR", "--agreement", agr],
+                        "3 decimals but EUR allows at most 2"),
+        lambda: refused(ds[C], ["revenue", cid, "--amount", "-5", "--currency", "EUR"], "must not be negative"),
+        lambda: refused(ds[C], ["revenue", cid, "--amount", "1e5", "--currency", "EUR"], "plain decimal"),
+        lambda: refused(ds[C], ["revenue", cid, "--amount", "5000000000000", "--currency", "EUR"],
+                        "plausible limit"))
+    rev = submit(ds[C], "revenue", cid, "--amount", "1200.00", "--currency", "EUR", "--agreement", agr)
+    applied(c, cid, rev)
+    finals = ledger(ds[C], cid)["final"]
+    assert finals[-1]["id"] == rev and before != ledger(ds[C], cid)["state_hash"]
+    assert not any(r["type"] == "revenue" and r["id"] != rev for r in finals)
+
+    # Try before voting: the proposed policy on the real ledger, adopting nothing.
+    policy_file, bad_policy = tmp / "policy.json", tmp / "bad-policy.json"
+    policy_file.write_text(json.dumps(POLICY))
+    bad_policy.write_text(json.dumps({"levy_bps": 0.5}))
+    tried, default, _ = together(
+        lambda: ds[P].cli_json("split", cid, "--policy", str(policy_file)),
+        lambda: ds[P].cli_json("split", cid),
+        lambda: refused(ds[P], ["split", cid, "--policy", str(bad_policy)], "levy_bps"))
+    assert tried["policy"]["adopted"] is False and default["policy"]["source"] == "default"
+    assert _amounts(tried) != _amounts(default)
+
+    # Vote: three agree, the customer disagrees; a poll that opens later refuses early votes.
+    prop, poll = together(
+        lambda: submit(ds[F], "policy", "propose", cid, "--title", "Hours count, 2% levy",
+                       "--split", str(policy_file), "--closes", "1d"),
+        lambda: submit(ds[P], "policy", "propose", cid, "--title", "Where to meet", "--option", "online",
+                       "--option", "berlin", "--opens", "1h", "--closes", "2h"))
+    applied(c, cid, prop, poll)
+    votes = together(*(lambda i=i, v=v: submit(ds[i], "policy", "vote", cid, prop, v)
+                       for i, v in ((F, "agree"), (INV, "agree"), (P, "agree"), (C, "disagree"))))
+    proposal_try = ds[C].cli_json("split", cid, "--proposal", prop)
+    assert _amounts(proposal_try) == _amounts(tried)
+    applied(c, cid, *votes)
+    together(lambda: refused(ds[F], ["policy", "vote", cid, prop, "agree"], "already voted"),
+             lambda: refused(ds[INV], ["policy", "vote", cid, poll, "online"], "opens at"),
+             lambda: refused(ds[P], ["policy", "vote", cid, prop, "maybe"], "must be one of"))
+    applied(c, cid, submit(ds[P], "policy", "close", cid, prop))
+    shown = ds[C].cli_json("policy", "show", cid, prop)
+    assert shown["proposals"][0]["outcome"]["result"] == "adopted"
+    assert shown["current"]["proposal"] == prop
+
+    # The adopted split, identical on every node and equal to what was tried.
+    splits = together(*(lambda d=d: d.cli_json("split", cid, "--explain") for d in ds))
+    assert len({json.dumps(s["distribution"], sort_keys=True) for s in splits}) == 1
+    got = _amounts(splits[0])
+    assert got == _amounts(tried)
+    assert got[:4] == [("debt", m[INV], "500.00"), ("fee", m[F], "60.00"), ("levy", "commons", "24.00"),
+                       ("rebate", m[C], "30.00")]
+    assert sorted(got[4:]) == sorted([("pool", m[F], "146.50"), ("pool", m[P], "439.50")])
+    assert {s["contribution"] for s in splits[0]["scores"]} == {f_work, p_work}
+    text = ds[F].cli("split", cid, "--explain").stdout
+    assert "debt-like contribution of 500 EUR" in text and "ratified by:" in text
+
+    # Distribution: proposed, refused from a non-ratifier, ratified by the customer, final everywhere.
+    proposed = ds[P].cli_json("distribution", "propose", cid)
+    did = proposed["id"]
+    assert [w["member"] for w in proposed["ratifiers"]] == [m[C]]
+    applied(c, cid, did)
+    together(lambda: refused(ds[INV], ["distribution", "ratify", cid, did], "is not asked to ratify"),
+             lambda: refused(ds[C], ["distribution", "ratify", cid, did, "--hash", "00" * 32],
+                             "not the one you reviewed"))
+    applied(c, cid, submit(ds[C], "distribution", "ratify", cid, did, "--hash", proposed["distribution"]["hash"]))
+    views = together(*(lambda d=d: d.cli_json("distribution", "list", cid)["distributions"] for d in ds))
+    assert len({json.dumps(v, sort_keys=True) for v in views}) == 1
+    assert views[0][0]["status"] == "final" and views[0][0]["hash"] == proposed["distribution"]["hash"]
+    assert [(ln["kind"], ln["member"], ln["amount"]) for ln in views[0][0]["distribution"]["lines"]] == got
+    checks = together(lambda: refused(ds[F], ["distribution", "propose", cid], "already has a final distribution"),
+                      *(lambda d=d: d.cli_json("distribution", "verify", cid) for d in ds))
+    assert all(v["ok"] is True and v["distributions"][0]["id"] == did for v in checks[1:])
+    hashes = {ledger(d, cid)["state_hash"] for d in ds}
+    assert len(hashes) == 1
+    # A split revenue shows what was ratified, not a recomputation that sees its own repayments.
+    assert _amounts(ds[INV].cli_json("split", cid, "--revenue", rev)) == got
+
+    # Export → import on a fresh home: every signature re-checked, the same state and distribution.
+    jsonl, csv_file, vf_file = tmp / "bakery.jsonl", tmp / "bakery.csv", tmp / "bakery-vf.json"
+    together(lambda: ds[INV].cli("export", cid, "--format", "jsonl", "--output", str(jsonl)),
+             lambda: ds[P].cli("export", cid, "--format", "csv", "--output", str(csv_file)),
+             lambda: ds[C].cli("export", cid, "--format", "valueflows", "--output", str(vf_file)))
+    vf = json.loads(vf_file.read_text())
+    claims = [n for n in vf["@graph"] if n["@type"] == "vf:Claim"]
+    assert sorted(n["vf:resourceQuantity"]["om2:hasNumericalValue"] for n in claims) == sorted(a for *_, a in got)
+    _tampering_is_refused(fresh, jsonl, tmp)
+    checked, *_ = together(
+        lambda: fresh.cli_json("import", "--check", str(csv_file)),
+        lambda: refused(fresh, ["import", str(tmp / "missing.jsonl")], "Cannot read"),
+        lambda: refused(fresh, ["import", str(vf_file)], "ValueFlows view"))
+    assert checked["state_hash"] in hashes and checked["loaded"] is False
+    loaded = fresh.cli_json("import", str(jsonl))
+    assert loaded["state_hash"] in hashes and loaded["distributions"]["ok"] is True
+    assert [x["id"] for x in loaded["distributions"]["distributions"]] == [did]
+    refused(fresh, ["import", str(jsonl)], "already follows")
+    fresh.start()
+    assert ledger(fresh, cid)["state_hash"] in hashes
+    assert [r["id"] for r in ledger(fresh, cid)["final"]] == [r["id"] for r in ledger(ds[F], cid)["final"]]
+    verified, listed, _ = together(
+        lambda: fresh.cli_json("distribution", "verify", cid, did),
+        lambda: fresh.cli_json("distribution", "list", cid),
+        lambda: refused(fresh, ["import", str(jsonl)], "daemon is running"))
+    assert verified["ok"] is True and listed["distributions"] == views[0]
+
+
+def _amounts(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(ln["kind"], ln["member"], ln["amount"]) for ln in doc["distribution"]["lines"]]
+
+
+def _tampering_is_refused(fresh: Daemon, jsonl: Path, tmp: Path) -> None:
+    """An altered amount, a reordered commit list, a forged status or state, a cut archive: refused."""
+    items = read_archive(jsonl)
+    registry = installed_registry()
+    assert verify_archive(items, registry).summary()["distributions"]["ok"] is True
+
+    def fails(changed: list[dict[str, Any]], words: str) -> None:
+        with pytest.raises(ValuemeshError) as info:
+            verify_archive(changed, registry)
+        assert re.search(words, info.value.message) and "\n" not in info.value.message, info.value.message
+
+    # The revenue's amount changed inside its signed block: the signature no longer holds.
+    altered = [dict(x) for x in items]
+    at = next(i for i, x in enumerate(altered) if x["kind"] == "block" and b"1200.00" in base64.b64decode(x["raw"]))
+    altered[at]["raw"] = base64.b64encode(base64.b64decode(altered[at]["raw"]).replace(b"1200.00", b"1900.00")).decode()
+    fails(altered, "signature")
+    path = tmp / "altered.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in altered))
+    refused(fresh, ["import", str(path)], "signature")
+
+    # Two committed blocks swapped: every signature holds but the DAG decides another order.
+    blocks = [i for i, x in enumerate(items) if x["kind"] == "block" and x["commit"] is not None]
+    for a, b in itertools.pairwise(blocks):
+        swapped = [dict(x) for x in items]
+        swapped[a], swapped[b] = ({**items[b], "commit": items[a]["commit"]},
+                                  {**items[a], "commit": items[b]["commit"]})
+        fails(swapped, "commit order|differs|lists")
+    # A block left out, a stated status, a closing state hash changed, or the end cut off.
+    fails([x for i, x in enumerate(items) if i != blocks[-1]], "commit sequence|commit order|lists")
+    forged = [dict(x) for x in items]
+    idx = next(i for i, x in enumerate(forged) if x["kind"] == "record" and x["type"] == "revenue")
+    forged[idx]["status"] = "rejected"
+    fails(forged, "differs from what its block says")
+    forged = [dict(x) for x in items]
+    forged[-1]["state_hash"] = "00" * 32
+    fails(forged, "state hash")
+    fails(items[:-1], "cut short")
+    fails([{**items[0], "constellation": "vc1" + "a" * 58}, *items[1:]], "constellation")
+    (tmp / "garbage.jsonl").write_text("{not json\n")
+    refused(fresh, ["import", str(tmp / "garbage.jsonl")], "neither valuemesh JSONL nor CSV")
