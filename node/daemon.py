@@ -47,6 +47,7 @@ from valuemesh.protocol.records import (
 
 log = logging.getLogger("valuemesh.daemon")
 TICK_S = 0.02
+RESUBMIT_S = 2.0
 DIAL_INTERVAL_S = 1.0
 JOIN_TIMEOUT_S = 15.0
 SYNC_BATCH = 128
@@ -205,12 +206,20 @@ class Node:
 
     # -- loops -----------------------------------------------------------------
     async def _tick_loop(self) -> None:
+        last_forward = 0.0
         while True:
             await asyncio.sleep(TICK_S)
             now = now_ms()
+            forward = time.monotonic() - last_forward >= RESUBMIT_S
+            if forward:
+                last_forward = time.monotonic()
             for eng in list(self.engines.values()):
                 try:
                     await self._effects(eng, await eng.tick(now))
+                    if forward and eng.pending and not eng.is_core():
+                        # Until our records are final, keep handing them to core
+                        # members: a link may have dropped, or a core node restarted.
+                        await self._forward(eng, list(eng.pending.values()))
                 except ValuemeshError as exc:
                     log.warning("tick failed for %s: %s", eng.text_id, exc.message)
 
@@ -362,30 +371,27 @@ class Node:
         task.add_done_callback(lambda t: self._streams.pop(key, None) if self._streams.get(key) is t else None)
 
     async def _stream_gap(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
-        """Send every block the peer lacks, oldest rounds first, in batches."""
+        """Send every block the peer lacks, oldest rounds first, in bounded batches."""
         assert self.store is not None
         mine = await self.store.heads(eng.cid)
         lag = [(mid, their.get(mid.key, -1)) for mid, r in mine.items() if r > their.get(mid.key, -1)]
         if not lag:
             return
-        start = min(r for _, r in lag) + 1
         total = sum(mine[mid] - r for mid, r in lag)
         sent = 0
-        frm = start
-        while True:
-            blocks = await self.store.blocks(eng.cid, from_round=frm, limit=SYNC_BATCH * 4)
-            if not blocks:
-                break
-            wanted = [b for b in blocks if b.round > their.get(b.author.key, -1)]
-            for i in range(0, len(wanted), SYNC_BATCH):
-                chunk = wanted[i:i + SYNC_BATCH]
+        chunk: list[bytes] = []
+        async for b in self.store.iter_blocks(eng.cid, from_round=min(r for _, r in lag) + 1, page=SYNC_BATCH):
+            if b.round <= their.get(b.author.key, -1):
+                continue
+            chunk.append(b.raw)
+            if len(chunk) == SYNC_BATCH:
                 sent += len(chunk)
-                await self._send(link, m.Blocks(eng.cid, [b.raw for b in chunk], max(0, total - sent)))
-            last_round = blocks[-1].round
-            if len(blocks) < SYNC_BATCH * 4:
-                break
-            # Blocks are ordered by round; continue after the last full round.
-            frm = last_round if blocks[0].round != last_round else last_round + 1
+                await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
+                chunk = []
+                if link.closed:
+                    return
+        if chunk:
+            await self._send(link, m.Blocks(eng.cid, chunk, 0))
 
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
         blocks = []
@@ -450,9 +456,7 @@ class Node:
         if eng.is_core():
             await self._effects(eng, await eng.submit([record], now_ms()))
         else:
-            core = [lk for k, lk in self.links.items() if k in eng.committee and k != link.remote]
-            for c in core:
-                await self._send(c, m.SubmitRecords(eng.cid, [record.raw]))
+            await self._forward(eng, [record])
 
     async def join(self, token: str) -> dict[str, Any]:
         inv = parse_token(token)
@@ -616,10 +620,17 @@ class Node:
         eff = await eng.submit([rec], now_ms())
         await self._effects(eng, eff)
         if not eng.is_core():
-            for key, link in list(self.links.items()):
-                if key in eng.committee:
-                    await self._send(link, m.SubmitRecords(eng.cid, [rec.raw]))
+            await self._forward(eng, [rec])
         return {"id": rec.id.hex(), "seq": rec.seq, "status": "pending"}
+
+    async def _forward(self, eng: Engine, records: list[Record]) -> None:
+        """Hand records to the core members we are connected to (we are not core now)."""
+        core = eng.current_committee()
+        for i in range(0, len(records), m.MAX_BATCH):
+            msg = m.SubmitRecords(eng.cid, [r.raw for r in records[i:i + m.MAX_BATCH]])
+            for key, link in list(self.links.items()):
+                if key in core:
+                    await self._send(link, msg)
 
     def plugin_routes(self) -> dict[str, list[Any]]:
         out = {}

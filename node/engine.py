@@ -107,10 +107,12 @@ class Engine:
         return str(m["tier"]) if m else "applicant"
 
     def is_core(self) -> bool:
-        return self.identity.member in self.consensus_committee()
+        """Whether this node takes part in agreement at the current round (a
+        newly admitted core member proposes only once its epoch starts)."""
+        return self.identity.member in self.current_committee()
 
-    def consensus_committee(self) -> Committee:
-        return self.committee
+    def current_committee(self) -> Committee:
+        return self.consensus.committee_at(max(self.consensus.round, 0))
 
     # -- loading -------------------------------------------------------------
     async def load(self) -> Effects:
@@ -183,8 +185,7 @@ class Engine:
 
     async def _persist_received(self, blocks: list[Block], now: int) -> None:
         async with self.store.batch(durable=False) as tx:
-            tx.put_blocks(blocks, now)
-            tx.put_records([r for b in blocks for r in b.records], now)
+            tx.put_blocks(blocks, now)  # stores each block's records too
         self.catchup["blocks_done"] += len(blocks)
 
     async def tick(self, now: int) -> Effects:
@@ -219,7 +220,6 @@ class Engine:
         async with self.store.batch() as tx:
             if out.blocks:
                 tx.put_blocks(list(out.blocks), now)
-                tx.put_records([r for b in out.blocks for r in b.records], now)
             if entries:
                 tx.append_commits(self.cid, entries)
             if finished:
