@@ -116,7 +116,7 @@ class InstalledPlugin:
 def _dist(ep: EntryPoint) -> tuple[str, str, str]:
     dist = ep.dist
     if dist is None:
-        return "(unknown)", "", ""
+        return "", "", ""
     return dist.name, dist.version, dist.metadata.get("Summary", "") or ""
 
 
@@ -239,10 +239,10 @@ class PluginCommands(click.Command):
         dist, dist_version, summary = _dist(ep)
         super().__init__(name=ep.name, add_help_option=False,
                          short_help=f"{summary or 'Commands of the ' + ep.name + ' plugin.'} "
-                                    f"[plugin, {dist} {dist_version}]",
+                                    f"[plugin, {f'{dist} {dist_version}'.strip() or 'unknown distribution'}]",
                          context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
         self.ep = ep
-        self.dist = f"{dist} {dist_version}".strip()
+        self.dist = f"{dist} {dist_version}".strip() or "unknown distribution"
 
     def load(self) -> click.Command:
         try:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -304,7 +305,6 @@ def _python_blocks(section: str) -> list[str]:
 
 
 def test_the_tutorial_plugin_passes_the_kit_and_its_own_tests(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
 
     from click.testing import CliRunner
 
@@ -325,3 +325,66 @@ def test_the_tutorial_plugin_passes_the_kit_and_its_own_tests(monkeypatch: pytes
     group = cls_ns["WithCli"]().cli()
     res = CliRunner().invoke(group, ["give", "--help"])
     assert res.exit_code == 0 and "Give kudos to MEMBER" in res.output
+
+
+# -- mounting plugin commands, in process --------------------------------------------------
+
+
+class _Loud(Plugin):
+    name = "loud"
+    ops = {"go": {"n": text(8)}}
+    loaded = 0
+
+    def cli(self) -> Any:
+        import click
+        type(self).loaded += 1
+
+        @click.group("loud")
+        def loud() -> None:
+            """Commands that go wrong."""
+
+        @loud.command()
+        def crash() -> None:
+            raise ZeroDivisionError("division by zero in a plugin")
+
+        return loud
+
+
+class _Silent(Plugin):
+    name = "silent"
+    ops = {"go": {"n": text(8)}}
+
+
+FAKE_PLUGINS = types.ModuleType("vm_fake_plugins")
+FAKE_PLUGINS.LOUD = _Loud()  # type: ignore[attr-defined]
+FAKE_PLUGINS.SILENT = _Silent()  # type: ignore[attr-defined]
+
+
+def _root_with(monkeypatch: pytest.MonkeyPatch, *names: str) -> Any:
+    from importlib.metadata import EntryPoint
+
+    from valuemesh.cli.main import Group
+    from valuemesh.cli.plugins import PluginCommands
+    monkeypatch.setitem(sys.modules, "vm_fake_plugins", FAKE_PLUGINS)
+    root = Group("valuemesh")
+    for n in names:
+        root.add_command(PluginCommands(EntryPoint(n, f"vm_fake_plugins:{n.upper()}", "valuemesh.plugins")))
+    return root
+
+
+def test_plugin_commands_load_only_when_invoked_and_their_crashes_are_one_sentence(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    root = _root_with(monkeypatch, "loud", "silent")
+    _Loud.loaded = 0
+    assert CliRunner().invoke(root, ["--help"]).exit_code == 0
+    assert _Loud.loaded == 0
+    res = CliRunner().invoke(root, ["loud", "crash"])
+    assert _Loud.loaded == 1
+    assert res.exit_code == 1
+    assert res.stderr.strip() == ("error: Plugin 'loud' failed in its command "
+                                  "(ZeroDivisionError: division by zero in a plugin).")
+    res = CliRunner().invoke(root, ["silent"])
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "error: The plugin 'silent' (unknown distribution) has no commands."
