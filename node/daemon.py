@@ -14,21 +14,24 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib.metadata import entry_points, version
 from typing import Any
 
 from aiohttp import web
 from valuemesh.node.api import NotFound, make_app
+from valuemesh.node.discovery import PeerManager
+from valuemesh.node.discovery import parse_hostport as parse_peer_address
 from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.home import Home
 from valuemesh.node.jsonbody import body_from_json
-from valuemesh.node.store import Store
+from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
+from valuemesh.node.store import PeerInfo, Store
 from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
@@ -90,16 +93,6 @@ def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     return host or default_host, int(port_s)
 
 
-@dataclass
-class KnownAddr:
-    member: MemberId | None
-    host: str
-    port: int
-    via: str
-    failures: int = 0
-    next_try: float = 0.0
-
-
 class Node:
     def __init__(
         self,
@@ -126,10 +119,11 @@ class Node:
         self.engines: dict[bytes, Engine] = {}
         self.links: dict[MemberId, PeerLink] = {}
         self.peer_constellations: dict[MemberId, set[bytes]] = {}
-        self.addrs: dict[tuple[str, int], KnownAddr] = {}
         for b in bootstrap:
-            h, p = parse_hostport(b)
-            self.addrs[(h, p)] = KnownAddr(None, h, p, "bootstrap")
+            parse_peer_address(b)  # a mistyped address is the operator's error, at once
+        self.bootstrap = list(bootstrap)
+        self.table = PeerTable(identity.member, random.Random(secrets.randbits(64)), now=time.monotonic())
+        self.peers: PeerManager | None = None
         self.mdns = mdns
         self.mdns_interfaces = list(mdns_interfaces)
         self.store: Store | None = None
@@ -154,10 +148,17 @@ class Node:
                 log.error("cannot follow constellation %s: %s", constellation_text(info.id), exc.message)
                 continue
             self.engines[eng.cid] = eng
+        now = time.monotonic()
+        wall = now_ms()
         for p in await self.store.peers():
-            self.addrs.setdefault((p.host, p.port), KnownAddr(p.member, p.host, p.port, p.source))
+            with contextlib.suppress(ValuemeshError, ValueError):
+                self.table.restore(p.member, Address(p.host, p.port), Source(p.source),
+                                   max(0.0, (wall - p.last_seen) / 1000), now, reached=p.failures == 0)
         self.transport = Transport(self.identity, self.network_id, self)
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
+        self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)))
+        self.peers.add_bootstrap(self.bootstrap)
+        self.peers.start()
         token = self.home.new_api_token()
         self._runner = web.AppRunner(make_app(self, token), access_log=None)
         await self._runner.setup()
@@ -169,7 +170,7 @@ class Node:
         self.home.write_api_address(self.api_host, self.api_port, os.getpid())
         if self.mdns:
             await self._start_mdns()
-        self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._dial_loop())]
+        self._tasks = [asyncio.create_task(self._tick_loop())]
         log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
                  self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))
 
@@ -182,8 +183,8 @@ class Node:
         await self.discovery.start()
 
     def _on_mdns_found(self, found: Any) -> None:
-        if found.member != self.identity.member:
-            self.addrs.setdefault((found.host, found.port), KnownAddr(found.member, found.host, found.port, "mdns"))
+        if self.peers is not None:
+            self.peers.found(found)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -195,8 +196,12 @@ class Node:
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
+        if self.peers is not None:
+            await self.peers.stop()
         if self.transport is not None:
             await self.transport.stop()
+        if self.store is not None:
+            await self._save_peers()
         if self._runner is not None:
             await self._runner.cleanup()
         self.home.clear_api_address()
@@ -223,28 +228,16 @@ class Node:
                 except ValuemeshError as exc:
                     log.warning("tick failed for %s: %s", eng.text_id, exc.message)
 
-    async def _dial_loop(self) -> None:
-        while True:
-            await asyncio.sleep(DIAL_INTERVAL_S if self.links or not self.addrs else 0.2)
-            now = time.monotonic()
-            for a in list(self.addrs.values())[:MAX_DIAL_ADDRS]:
-                if a.member is not None and (a.member in self.links or a.member == self.identity.member):
-                    continue
-                if a.next_try > now:
-                    continue
-                await self._dial(a)
-
-    async def _dial(self, a: KnownAddr) -> PeerLink | None:
-        assert self.transport is not None
-        try:
-            link = await self.transport.connect(a.host, a.port)
-        except (TimeoutError, ValuemeshError, OSError) as exc:
-            a.failures += 1
-            a.next_try = time.monotonic() + min(60.0, 0.5 * 2 ** min(a.failures, 7))
-            log.debug("dial %s:%d failed: %s", a.host, a.port, exc)
-            return None
-        a.failures, a.member = 0, link.remote
-        return link
+    async def _save_peers(self) -> None:
+        assert self.store is not None
+        now, wall = time.monotonic(), now_ms()
+        saved = self.table.saved(now)
+        if not saved:
+            return
+        async with self.store.batch() as tx:
+            for a in saved:
+                tx.put_peer(PeerInfo(a.member, a.address.host, a.address.port, str(a.source),
+                                     wall - int(a.age * 1000), 0 if a.reached else max(1, a.dial_failures)))
 
     # -- transport handler ---------------------------------------------------------
     def authorize(self, remote: MemberId, inbound: bool) -> bool:
@@ -255,17 +248,22 @@ class Node:
     async def on_connect(self, link: PeerLink) -> None:
         self.links[link.remote] = link
         await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
-        known = [[a.member.key, a.host, a.port] for a in self.addrs.values()
-                 if a.member is not None and a.member != link.remote and a.port > 0][: m.MAX_PEERS_PER_EXCHANGE]
-        if known:
-            await self._send(link, m.PeerExchange(known))
+        if self.peers is not None:
+            offer = self.peers.exchange_offer(link.remote)[: m.MAX_PEERS_PER_EXCHANGE]
+            if offer:
+                await self._send(link, m.PeerExchange(
+                    [[e.member.key, e.address.host, e.address.port, int(e.age)] for e in offer]))
 
     async def on_disconnect(self, link: PeerLink, reason: str) -> None:
         if self.links.get(link.remote) is link:
             del self.links[link.remote]
             self.peer_constellations.pop(link.remote, None)
+        if self.peers is not None:
+            self.peers.link_down(link)
 
     async def on_message(self, link: PeerLink, payload: bytes) -> None:
+        if self.peers is not None:
+            self.peers.heard_from(link.remote)
         try:
             msg = m.decode_message(payload)
             await self._dispatch(link, msg)
@@ -287,11 +285,8 @@ class Node:
         log.debug("got %s from %s", msg.t, link.remote.short)
         if isinstance(msg, m.Hello):
             self.peer_constellations[link.remote] = set(msg.constellations)
-            host = link.addr[0]
-            if msg.listen_port:
-                a = self.addrs.setdefault((host, msg.listen_port),
-                                          KnownAddr(link.remote, host, msg.listen_port, "inbound"))
-                a.member = link.remote
+            if self.peers is not None:
+                self.peers.link_up(link, listen_port=msg.listen_port or None)
             for cid in msg.constellations:
                 eng = self.engines.get(cid)
                 if eng is not None and eng.may_receive(link.remote):
@@ -343,10 +338,12 @@ class Node:
                 tx.put_equivocation(proof, now_ms())
             log.warning("equivocation by %s in %s", proof.author, eng.text_id)
         elif isinstance(msg, m.PeerExchange):
-            for key, host, port in msg.peers:
-                mid = MemberId(key)
-                if mid != self.identity.member and mid not in self.links and len(self.addrs) < 1024:
-                    self.addrs.setdefault((host, port), KnownAddr(mid, host, port, "exchange"))
+            if self.peers is not None:
+                try:
+                    entries = [ExchangeEntry(MemberId(k), Address(h, p), float(age)) for k, h, p, age in msg.peers]
+                except ValuemeshError as exc:
+                    raise RemoteError(f"A peer-exchange entry is invalid: {exc.message}") from None
+                self.peers.exchange_received(link, entries)
 
     def _engine_for_peer(self, link: PeerLink, cid: bytes) -> Engine:
         eng = self.engines.get(cid)
@@ -494,14 +491,18 @@ class Node:
     async def _contact_inviters(self, inv: Invite, record: Record, fut: asyncio.Future[Record]) -> Record:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         tried: list[str] = []
+        assert self.transport is not None
         for host, port in inv.addrs:
             link = self.links.get(inv.inviter)
             if link is None or link.closed:
-                a = self.addrs.setdefault((host, port), KnownAddr(None, host, port, "invite"))
-                link = await self._dial(a)
-            if link is None:
-                tried.append(f"{host}:{port}")
-                continue
+                try:
+                    link = await self.transport.connect(host, port)
+                except (ValuemeshError, OSError, TimeoutError):
+                    tried.append(f"{host}:{port}")
+                    continue
+                if self.peers is not None:
+                    with contextlib.suppress(ValuemeshError):
+                        self.peers.add_known(link.remote, Address(host, port), Source.INVITE)
             await self._send(link, m.JoinRequest(inv.raw(), record.raw))
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), max(0.1, deadline - time.monotonic()))
@@ -534,11 +535,19 @@ class Node:
                 "plugins": {n: str(p.version) for n, p in self.registry.plugins.items()}}
 
     def peer_list(self) -> list[dict[str, Any]]:
-        via = {a.member: a.via for a in self.addrs.values() if a.member is not None}
-        return [{"member": str(k), "address": f"{lk.addr[0]}:{lk.addr[1]}", "via": via.get(k, "inbound"),
-                 "state": "connected", "constellations": [constellation_text(c) for c in
-                                                         sorted(self.peer_constellations.get(k, ()))]}
-                for k, lk in sorted(self.links.items())]
+        """Every known peer: liveness state, how it is reached, shared constellations."""
+        out = []
+        for v in self.table.snapshot(time.monotonic()):
+            doc = v.to_json()
+            mid = MemberId.parse(v.member)
+            link = self.links.get(mid)
+            doc["address"] = f"{link.addr[0]}:{link.addr[1]}" if link else (
+                f"{v.addresses[0].host}:{v.addresses[0].port}" if v.addresses else "")
+            doc["via"] = v.via.source if v.via is not None else (v.addresses[0].source if v.addresses else "")
+            doc["connected"] = link is not None
+            doc["constellations"] = [constellation_text(c) for c in sorted(self.peer_constellations.get(mid, ()))]
+            out.append(doc)
+        return out
 
     def status(self) -> dict[str, Any]:
         cons = [e.summary() for e in self.engines.values()]
@@ -553,9 +562,9 @@ class Node:
                 for s in (e.summary() for e in self.engines.values())]
 
     async def add_peer(self, address: str) -> dict[str, Any]:
-        host, port = parse_hostport(address, "127.0.0.1")
-        a = self.addrs.setdefault((host, port), KnownAddr(None, host, port, "manual"))
-        a.next_try = 0.0
+        host, port = parse_peer_address(address)
+        if self.peers is not None:
+            self.peers.add_bootstrap([address])
         return {"address": f"{host}:{port}"}
 
     async def create_constellation(self, name: str, purpose: str) -> dict[str, Any]:
@@ -591,9 +600,9 @@ class Node:
 
     def _invite_addrs(self, eng: Engine) -> tuple[tuple[str, int], ...]:
         out = [parse_hostport(a) for a in self.addresses()]
-        for a in self.addrs.values():
-            if a.member is not None and a.member in self.links and eng.may_receive(a.member) and a.port > 0:
-                out.append((a.host, a.port))
+        for v in self.table.snapshot(time.monotonic()):
+            if v.linked and v.via is not None and eng.may_receive(MemberId.parse(v.member)):
+                out.extend((a.host, a.port) for a in v.addresses if a.ok_ago is not None)
         return tuple(dict.fromkeys(out))[:8]
 
     async def submit_json(self, cid: bytes, rtype: str, body: Any) -> dict[str, Any]:

@@ -152,15 +152,16 @@ class Proof:
 
 @dataclass(frozen=True, slots=True)
 class PeerExchange:
-    """Addresses of other peers I know: [member key, host, port]."""
+    """Addresses of other peers I know: [member key, host, port, age in seconds]."""
 
     t: ClassVar[str] = "pex"
     peers: list[list[Any]]
 
     def valid(self) -> bool:
         return len(self.peers) <= MAX_PEERS_PER_EXCHANGE and all(
-            isinstance(p, list) and len(p) == 3 and isinstance(p[0], bytes) and len(p[0]) == 32
+            isinstance(p, list) and len(p) == 4 and isinstance(p[0], bytes) and len(p[0]) == 32
             and isinstance(p[1], str) and 0 < len(p[1]) <= 255 and isinstance(p[2], int) and 0 < p[2] < 65536
+            and isinstance(p[3], int) and 0 <= p[3] <= 10 * 365 * 86400
             for p in self.peers
         )
 
