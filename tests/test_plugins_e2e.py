@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from valuemesh.node.home import Home
 from valuemesh.node.testing import Cluster, Daemon, wait_until
 from valuemesh.protocol.errors import LocalError
@@ -225,20 +226,72 @@ PLUGIN = Broken()
 '''
 
 
-def _install_broken(site: Path) -> None:
-    site.mkdir()
-    (site / "vm_broken_plugin.py").write_text(textwrap.dedent(BROKEN_MODULE))
-    info = site / "vm_broken-0.1.0.dist-info"
+def _install_dist(site: Path, dist: str, module: str, source: str, entry: str) -> None:
+    """A minimal installed distribution: a module and a dist-info naming its entry point."""
+    site.mkdir(parents=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vm-broken\nVersion: 0.1.0\n"
-                                   "Summary: A deliberately broken plugin.\n")
-    (info / "entry_points.txt").write_text("[valuemesh.plugins]\nbroken = vm_broken_plugin:PLUGIN\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n"
+                                   "Summary: A plugin installed for one test.\n")
+    (info / "entry_points.txt").write_text(f"[valuemesh.plugins]\n{entry} = {module}:PLUGIN\n")
+
+
+def _install_broken(site: Path) -> None:
+    _install_dist(site, "vm-broken", "vm_broken_plugin", BROKEN_MODULE, "broken")
+
+
+def _with_path(monkeypatch: pytest.MonkeyPatch, site: Path) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+TALLY_MODULE = '''
+from valuemesh.protocol.plugins import Plugin, Version, integer
+
+
+class Tally(Plugin):
+    name = "tally"
+    version = Version(1, MINOR)
+    distribution = "vm-tally"
+    ops = {"add": {"n": integer(0, 10)}}
+
+    def apply(self, ctx, record):
+        ctx.put("sum", (ctx.get("sum") or 0) + record.body["n"])
+
+
+PLUGIN = Tally()
+'''
+
+
+def test_a_node_with_an_older_minor_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = Cluster(tmp_path / "nodes", 2)
+    founder, old = c.daemons
+    try:
+        with monkeypatch.context() as m:
+            site = tmp_path / "new"
+            _install_dist(site, "vm-tally", "vm_tally", TALLY_MODULE.replace("MINOR", "2"), "tally")
+            _with_path(m, site)
+            founder.start()
+        with monkeypatch.context() as m:
+            site = tmp_path / "old"
+            _install_dist(site, "vm-tally", "vm_tally", TALLY_MODULE.replace("MINOR", "0"), "tally")
+            _with_path(m, site)
+            old.start()
+        cid = founder.cli_json("constellation", "create", "counting")["id"]
+        assert founder.cli_json("constellation", "show", cid)["plugins"]["tally"] == "1.2"
+        res = _join(founder, old, cid, tier="contributor")
+        assert res.returncode == 1
+        assert res.stderr.strip() == ("error: This constellation uses plugin 'tally' 1.2, but 1.0 is installed; "
+                                      "install 'tally' 1.x at least 1.2.")
+        assert old.cli_json("constellation", "list")["constellations"] == []
+    finally:
+        c.stop()
 
 
 def test_a_broken_plugin_cannot_crash_a_node_or_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
     _install_broken(site)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    _with_path(monkeypatch, site)
     c = Cluster(tmp_path / "nodes", 1)
     [d] = c.daemons
     try:
