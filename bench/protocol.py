@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import nacl
 import nacl.signing
+
 from valuemesh.protocol import cbor
 from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.records import RECORD_DOMAIN, Block, Record, decode_block, decode_record

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+
 from valuemesh.cli.client import ApiClient
 from valuemesh.node.home import Home, resolve_home
 from valuemesh.protocol.errors import ValuemeshError

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
 from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
 
 if TYPE_CHECKING:

@@ -24,6 +24,7 @@ from importlib.metadata import entry_points, version
 from typing import Any
 
 from aiohttp import web
+
 from valuemesh.node.api import NotFound, make_app
 from valuemesh.node.discovery import PeerManager
 from valuemesh.node.discovery import parse_hostport as parse_peer_address

@@ -25,6 +25,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ifaddr
+from zeroconf import (
+    BadTypeInNameException,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
 from valuemesh.node.peers import (
     Action,
     Address,
@@ -44,14 +53,6 @@ from valuemesh.node.peers import (
 from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol.errors import DecodeError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
-from zeroconf import (
-    BadTypeInNameException,
-    IPVersion,
-    NonUniqueNameException,
-    ServiceStateChange,
-    Zeroconf,
-)
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 log = logging.getLogger("valuemesh.discovery")
 _T = TypeVar("_T")

@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import IO, Any, Final
 
 import aiosqlite
+
 from valuemesh.protocol import cbor
 from valuemesh.protocol.errors import DecodeError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import MemberId

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from yarl import URL
+
 from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
 from valuemesh.protocol import wire
 from valuemesh.protocol.errors import (
@@ -29,7 +31,6 @@ from valuemesh.protocol.errors import (
     ValuemeshError,
 )
 from valuemesh.protocol.identity import Identity, MemberId
-from yarl import URL
 
 log = logging.getLogger("valuemesh.transport")
 

@@ -41,7 +41,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="valuemesh-demo-"))
     c = Cluster(root, 4)
     try:
-        say("starting four daemons on loopback (homes under %s)" % root)
+        say(f"starting four daemons on loopback (homes under {root})")
         c.start()
         for d in c.daemons:
             print(f"   {d.name}: {d.member}")

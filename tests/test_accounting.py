@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from valuemesh.protocol.accounting import PLUGINS, try_policy
 from valuemesh.protocol.accounting.distribution import current_split, verify_recorded
 from valuemesh.protocol.accounting.inputs import current_policy, paid_debt_key

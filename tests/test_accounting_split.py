@@ -9,6 +9,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from valuemesh.protocol.accounting.decay import decay
 from valuemesh.protocol.accounting.inputs import (
     ContributionInput,

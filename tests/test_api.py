@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from valuemesh.node.home import Home
 from valuemesh.node.testing import Daemon, free_port
 

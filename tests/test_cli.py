@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from valuemesh.node.home import Home
 from valuemesh.node.testing import Daemon, free_port
 from valuemesh.protocol.invite import Invite

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import pytest
+
 from valuemesh.protocol.builtin import builtin_registry, contribution, membership
 from valuemesh.protocol.errors import DecodeError
 from valuemesh.protocol.ledger import ApplyContext

@@ -19,6 +19,9 @@ import ifaddr
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
 from valuemesh.node.discovery import (
     MAX_REPORTED,
     MAX_TRACKED_SERVICES,
@@ -41,8 +44,6 @@ from valuemesh.node.peers import Address, Dial, Died, PeerTable, Revived, Source
 from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol.errors import DecodeError, LocalError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
-from zeroconf import IPVersion
-from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 sys.path.insert(0, str(Path(__file__).parent))
 import netns

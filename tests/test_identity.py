@@ -10,6 +10,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from valuemesh.protocol import cbor
 from valuemesh.protocol.errors import DecodeError, KeyFileError, MemberIdError, SignatureError
 from valuemesh.protocol.identity import (

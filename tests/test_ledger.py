@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from valuemesh.protocol import ledger as ledger_module
 from valuemesh.protocol.builtin import builtin_registry
 from valuemesh.protocol.builtin.membership import make_genesis

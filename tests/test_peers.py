@@ -11,6 +11,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from valuemesh.node.peers import (
     BACKOFF_CAP,
     MAX_ADDRESSES_PER_PEER,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
 from valuemesh.protocol.builtin import builtin_registry, contribution, membership
 from valuemesh.protocol.errors import DecodeError, PluginError, ValidationError
 from valuemesh.protocol.plugins import (

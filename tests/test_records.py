@@ -13,6 +13,7 @@ import hashlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from valuemesh.protocol import cbor
 from valuemesh.protocol.errors import DecodeError, LocalError, SignatureError, ValidationError
 from valuemesh.protocol.identity import Identity

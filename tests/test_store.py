@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from valuemesh.node import store as store_mod
 from valuemesh.node.store import (
     SCHEMA_VERSION,

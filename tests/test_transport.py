@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
 from valuemesh.node.transport import (
     PEER_PATH,

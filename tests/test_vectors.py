@@ -18,6 +18,7 @@ import nacl.pwhash
 import nacl.secret
 import nacl.signing
 import pytest
+
 from valuemesh.protocol import cbor
 from valuemesh.protocol.errors import DecodeError
 from valuemesh.protocol.identity import decode_keyfile
