@@ -15,6 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NoReturn, TypeVar, cast
 
 import click
+
 from valuemesh.cli.client import ApiClient
 from valuemesh.node.home import Home, resolve_home
 from valuemesh.protocol.errors import LocalError, PluginError, ValuemeshError
@@ -154,11 +155,12 @@ def inspect(ep: EntryPoint) -> InstalledPlugin:
         return InstalledPlugin(ep.name, dist, dist_version, None, None, summary, {}, [], False, False,
                                exc.message, {})
     errors: dict[str, str] = {}
+    ops = _hook(errors, "ops", lambda: _describe_ops(plugin), {})
     views = sorted(_hook(errors, "views()", plugin.views, {}))
     has_cli = _hook(errors, "cli()", plugin.cli, None) is not None
     has_routes = bool(_hook(errors, "api_routes()", plugin.api_routes, []))
     return InstalledPlugin(ep.name, dist, dist_version, str(plugin.version), plugin.api_version,
-                           plugin.description or summary, _describe_ops(plugin), views, has_cli, has_routes,
+                           plugin.description or summary, ops, views, has_cli, has_routes,
                            None, errors)
 
 
