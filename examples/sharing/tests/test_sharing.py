@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from valuemesh.protocol.testing import TestConstellation, check_plugin
+
 from valuemesh_sharing import PLUGIN
 from valuemesh_sharing.plugin import DAY_MS, loan_days
 

@@ -93,7 +93,10 @@ def match(cid: str, offer_id: str, need_id: str) -> None:
     """Match a need to an offer: by the lender this starts the loan, by anyone else it proposes it."""
     body = {"op": "match", "offer": _resolve(cid, offer_id, "offers"), "need": _resolve(cid, need_id, "needs")}
     doc = submit(cid, NAME, body)
-    emit(doc, f"match {doc['id']} ({doc['status']}); the loan starts once the lender has matched it")
+    offer_entry = next((o for o in _state(cid)["offers"] if o["id"] == body["offer"]), None)
+    lender = offer_entry is not None and offer_entry["lender"] == api().call("GET", "/v1/id")["member"]
+    then = "the loan starts when it is final" if lender else "the lender confirms it by matching the same pair"
+    emit(doc, f"match {doc['id']} ({doc['status']}); {then}")
 
 
 def _wait_final(cid: str, rid: str, wait: float) -> dict[str, Any] | None:
