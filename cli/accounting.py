@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import MemberId
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol.accounting import (
@@ -731,27 +732,33 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
 
     @routes.get(f"{base}/agreements")
     async def agreements(request: web.Request) -> web.Response:
+        """Agreements with their terms, parties and signatures."""
         return ok({"agreements": agreements_view(engine(request).ledger.reader)})
 
     @routes.get(f"{base}/revenues")
     async def revenues(request: web.Request) -> web.Response:
+        """Final revenue records and the distribution that split each."""
         return ok({"revenues": revenues_view(engine(request).ledger.reader)})
 
     @routes.get(f"{base}/policies")
     async def policies(request: web.Request) -> web.Response:
+        """The adopted split policy and every proposal with votes and outcome."""
         return ok(policies_view(engine(request).ledger.reader))
 
     @routes.post(f"{base}/split")
     async def split(request: web.Request) -> web.Response:
+        """Preview a revenue's split under the adopted, a proposed or a given policy (adopts nothing)."""
         doc = await body(request)
         return ok(split_view(engine(request).ledger.reader, doc))
 
     @routes.get(f"{base}/distributions")
     async def distributions(request: web.Request) -> web.Response:
+        """Proposed and final distributions with their lines and signatures."""
         return ok({"distributions": distributions_view(engine(request).ledger.reader)})
 
     @routes.post(f"{base}/distributions")
     async def propose(request: web.Request) -> web.Response:
+        """Propose the split every node computes now for a revenue."""
         doc = await body(request)
         eng = engine(request)
         state = eng.ledger.reader
@@ -767,6 +774,7 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
 
     @routes.post(f"{base}/distributions/{{did}}/ratify")
     async def ratify(request: web.Request) -> web.Response:
+        """Ratify a proposed distribution (optionally pinned to the hash reviewed)."""
         doc = await body(request)
         eng = engine(request)
         did = _hex32(request.match_info["did"], "A distribution id")
@@ -780,6 +788,7 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
 
     @routes.post(f"{base}/verify")
     async def verify(request: web.Request) -> web.Response:
+        """Re-verify distributions from the inputs and policy they carry."""
         doc = await body(request)
         state = engine(request).ledger.reader
         wanted = doc.get("distributions")
@@ -795,11 +804,13 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
 
     @routes.get("/v1/constellations/{cid}/export")
     async def export(request: web.Request) -> web.Response:
+        """The signed archive: every block and final record in consensus order."""
         eng = engine(request)
         assert node.store is not None
         return ok({"items": await build_archive(node.store, eng, node.registry)})
 
     @routes.get("/v1/constellations/{cid}/valueflows")
     async def valueflows(request: web.Request) -> web.Response:
+        """A ValueFlows JSON-LD view of the final ledger."""
         eng = engine(request)
         return ok(valueflows_view(eng.ledger.reader, eng.cid))

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from valuemesh.node.accounting_api import read_archive, verify_archive
 from valuemesh.node.daemon import installed_registry
 from valuemesh.node.testing import Cluster, Daemon, free_port, wait_until
 from valuemesh.protocol.errors import ValuemeshError
+from valuemesh.protocol.records import decode_block
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 45
@@ -28,7 +30,7 @@ POLICY = {"levy_bps": 200, "weights": {"work:hour": "1"}, "acks": {"required": 1
 
 def together(*calls: Callable[[], Any]) -> list[Any]:
     """Run independent CLI calls at once (each is its own process); re-raise the first failure."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         return [f.result() for f in [pool.submit(call) for call in calls]]
 
 
@@ -75,9 +77,10 @@ def submit(d: Daemon, *args: str) -> str:
 def found(c: Cluster) -> str:
     """F founds; the investor, the producer and the customer join as core members."""
     cid: str = c.daemons[F].cli_json("constellation", "create", "bakery")["id"]
-    for i, role in ROLES.items():
-        token = c.daemons[F].cli("constellation", "invite", cid, "--tier", "core", "--role", role).stdout.strip()
-        c.daemons[i].cli("constellation", "join", token)
+    tokens = together(*(lambda r=r: c.daemons[F].cli("constellation", "invite", cid, "--tier", "core",
+                                                     "--role", r).stdout.strip() for r in ROLES.values()))
+    together(*(lambda i=i, t=t: c.daemons[i].cli("constellation", "join", t)
+               for i, t in zip(ROLES, tokens, strict=True)))
     wait_until(lambda: all(len(ledger(d, cid)["final"]) >= 4 and not ledger(d, cid)["pending"]
                            for d in c.daemons), DEADLINE_S, "the three joins to be final everywhere")
     return cid
@@ -99,72 +102,70 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
     ds = c.daemons
     m = [d.member for d in ds]
 
-    # Work and capital: the investor lends 500 EUR, F works 10 h, P 30 h; each acknowledged.
-    loan, f_work, p_work = together(
+    policy_file, bad_policy = tmp / "policy.json", tmp / "bad-policy.json"
+    policy_file.write_text(json.dumps(POLICY))
+    bad_policy.write_text(json.dumps({"levy_bps": 0.5}))
+
+    # Work and capital (the investor lends 500 EUR, F works 10 h, P 30 h), an agreement between F
+    # and the customer (price, F's fee, the customer's rebate), a split policy and a poll proposed.
+    loan, f_work, p_work, agr, prop, poll = together(
         lambda: submit(ds[INV], "contribute", cid, "--action", "transfer", "--quantity", "500", "--unit", "EUR",
                        "--payback", "debt-like"),
         lambda: submit(ds[F], "contribute", cid, "--action", "work", "--quantity", "10", "--unit", "hour"),
-        lambda: submit(ds[P], "contribute", cid, "--action", "work", "--quantity", "30", "--unit", "hour"))
-    applied(c, cid, loan, f_work, p_work)
-    acks = together(lambda: submit(ds[F], "ack", cid, loan), lambda: submit(ds[INV], "ack", cid, f_work),
-                    lambda: submit(ds[P], "ack", cid, f_work))
-    acks.append(submit(ds[INV], "ack", cid, p_work))
+        lambda: submit(ds[P], "contribute", cid, "--action", "work", "--quantity", "30", "--unit", "hour"),
+        lambda: submit(ds[F], "agreement", "propose", cid, "--title", "Bakery website", "--currency", "EUR",
+                       "--customer", m[C], "--price", "1200.00", "--fee", f"{m[F]}=500bps",
+                       "--rebate", f"{m[C]}=250bps"),
+        lambda: submit(ds[F], "policy", "propose", cid, "--title", "Hours count, 2% levy",
+                       "--split", str(policy_file), "--closes", "1d"),
+        lambda: submit(ds[P], "policy", "propose", cid, "--title", "Where to meet", "--option", "online",
+                       "--option", "berlin", "--opens", "1h", "--closes", "2h"),
+        lambda: refused(ds[P], ["policy", "propose", cid, "--title", "t", "--split", str(bad_policy)], "levy_bps"))[:6]
+    applied(c, cid, loan, f_work, p_work, agr, prop, poll)
 
-    # An agreement between F and the customer: price, F's fee, the customer's rebate.
-    agr = submit(ds[F], "agreement", "propose", cid, "--title", "Bakery website", "--currency", "EUR",
-                 "--customer", m[C], "--price", "1200.00", "--fee", f"{m[F]}=500bps", "--rebate", f"{m[C]}=250bps")
-    applied(c, cid, agr, *acks)
+    # A non-party cannot sign; acknowledgements, the customer's signature and three votes.
     together(lambda: refused(ds[INV], ["agreement", "sign", cid, agr], "is not a party to this agreement"),
              lambda: refused(ds[C], ["agreement", "sign", cid, agr[:-1] + "x"], "not an agreement id"),
              lambda: refused(ds[F], ["agreement", "propose", cid, "--title", "t", "--currency", "EUR",
                                      "--fee", f"{m[P]}=nothing"], "plain decimal"))
-    applied(c, cid, submit(ds[C], "agreement", "sign", cid, agr))
+    *acks, sign = together(
+        lambda: submit(ds[F], "ack", cid, loan), lambda: submit(ds[INV], "ack", cid, f_work),
+        lambda: submit(ds[P], "ack", cid, f_work), lambda: submit(ds[INV], "ack", cid, p_work),
+        lambda: submit(ds[C], "agreement", "sign", cid, agr))
+    votes = together(*(lambda i=i: submit(ds[i], "policy", "vote", cid, prop, "agree") for i in (F, INV, P)))
+    applied(c, cid, *acks, sign, *votes)
     assert ds[P].cli_json("agreement", "list", cid)["agreements"][0]["status"] == "final"
 
     # Revenue: bad amounts are refused before anything is recorded; a good one links the agreement.
-    before = ledger(ds[C], cid)["state_hash"]
-    together(
+    # The customer disagrees; a second vote, a vote before the poll opens, an unknown option are refused.
+    rev, no = together(
+        lambda: submit(ds[C], "revenue", cid, "--amount", "1200.00", "--currency", "EUR", "--agreement", agr),
+        lambda: submit(ds[C], "policy", "vote", cid, prop, "disagree", "--reason", "fewer hours, less levy"),
         lambda: refused(ds[C], ["revenue", cid, "--amount", "1200.005", "--currency", "EUR", "--agreement", agr],
                         "3 decimals but EUR allows at most 2"),
         lambda: refused(ds[C], ["revenue", cid, "--amount", "-5", "--currency", "EUR"], "must not be negative"),
         lambda: refused(ds[C], ["revenue", cid, "--amount", "1e5", "--currency", "EUR"], "plain decimal"),
         lambda: refused(ds[C], ["revenue", cid, "--amount", "5000000000000", "--currency", "EUR"],
-                        "plausible limit"))
-    rev = submit(ds[C], "revenue", cid, "--amount", "1200.00", "--currency", "EUR", "--agreement", agr)
-    applied(c, cid, rev)
+                        "plausible limit"),
+        lambda: refused(ds[F], ["policy", "vote", cid, prop, "agree"], "already voted"),
+        lambda: refused(ds[INV], ["policy", "vote", cid, poll, "online"], "opens at"),
+        lambda: refused(ds[P], ["policy", "vote", cid, poll, "maybe"], "must be one of|opens at"))[:2]
+    applied(c, cid, rev, no)
     finals = ledger(ds[C], cid)["final"]
-    assert finals[-1]["id"] == rev and before != ledger(ds[C], cid)["state_hash"]
-    assert not any(r["type"] == "revenue" and r["id"] != rev for r in finals)
+    assert [r["id"] for r in finals if r["type"] == "revenue"] == [rev]
 
     # Try before voting: the proposed policy on the real ledger, adopting nothing.
-    policy_file, bad_policy = tmp / "policy.json", tmp / "bad-policy.json"
-    policy_file.write_text(json.dumps(POLICY))
-    bad_policy.write_text(json.dumps({"levy_bps": 0.5}))
-    tried, default, _ = together(
+    tried, by_proposal, default = together(
         lambda: ds[P].cli_json("split", cid, "--policy", str(policy_file)),
-        lambda: ds[P].cli_json("split", cid),
-        lambda: refused(ds[P], ["split", cid, "--policy", str(bad_policy)], "levy_bps"))
+        lambda: ds[C].cli_json("split", cid, "--proposal", prop),
+        lambda: ds[P].cli_json("split", cid))
     assert tried["policy"]["adopted"] is False and default["policy"]["source"] == "default"
-    assert _amounts(tried) != _amounts(default)
-
-    # Vote: three agree, the customer disagrees; a poll that opens later refuses early votes.
-    prop, poll = together(
-        lambda: submit(ds[F], "policy", "propose", cid, "--title", "Hours count, 2% levy",
-                       "--split", str(policy_file), "--closes", "1d"),
-        lambda: submit(ds[P], "policy", "propose", cid, "--title", "Where to meet", "--option", "online",
-                       "--option", "berlin", "--opens", "1h", "--closes", "2h"))
-    applied(c, cid, prop, poll)
-    votes = together(*(lambda i=i, v=v: submit(ds[i], "policy", "vote", cid, prop, v)
-                       for i, v in ((F, "agree"), (INV, "agree"), (P, "agree"), (C, "disagree"))))
-    proposal_try = ds[C].cli_json("split", cid, "--proposal", prop)
-    assert _amounts(proposal_try) == _amounts(tried)
-    applied(c, cid, *votes)
-    together(lambda: refused(ds[F], ["policy", "vote", cid, prop, "agree"], "already voted"),
-             lambda: refused(ds[INV], ["policy", "vote", cid, poll, "online"], "opens at"),
-             lambda: refused(ds[P], ["policy", "vote", cid, prop, "maybe"], "must be one of"))
+    assert _amounts(by_proposal) == _amounts(tried) != _amounts(default)
+    assert ledger(ds[P], cid)["state_hash"] == ledger(ds[C], cid)["state_hash"]
     applied(c, cid, submit(ds[P], "policy", "close", cid, prop))
     shown = ds[C].cli_json("policy", "show", cid, prop)
     assert shown["proposals"][0]["outcome"]["result"] == "adopted"
+    assert shown["proposals"][0]["outcome"]["tally"] == {"agree": 3, "disagree": 1}
     assert shown["current"]["proposal"] == prop
 
     # The adopted split, identical on every node and equal to what was tried.
@@ -208,11 +209,9 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
     vf = json.loads(vf_file.read_text())
     claims = [n for n in vf["@graph"] if n["@type"] == "vf:Claim"]
     assert sorted(n["vf:resourceQuantity"]["om2:hasNumericalValue"] for n in claims) == sorted(a for *_, a in got)
-    _tampering_is_refused(fresh, jsonl, tmp)
-    checked, *_ = together(
-        lambda: fresh.cli_json("import", "--check", str(csv_file)),
-        lambda: refused(fresh, ["import", str(tmp / "missing.jsonl")], "Cannot read"),
-        lambda: refused(fresh, ["import", str(vf_file)], "ValueFlows view"))
+    altered = _tampering_is_refused(jsonl, vf_file, tmp)
+    checked, _ = together(lambda: fresh.cli_json("import", "--check", str(csv_file)),
+                          lambda: refused(fresh, ["import", str(altered)], "signature"))
     assert checked["state_hash"] in hashes and checked["loaded"] is False
     loaded = fresh.cli_json("import", str(jsonl))
     assert loaded["state_hash"] in hashes and loaded["distributions"]["ok"] is True
@@ -232,8 +231,13 @@ def _amounts(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(ln["kind"], ln["member"], ln["amount"]) for ln in doc["distribution"]["lines"]]
 
 
-def _tampering_is_refused(fresh: Daemon, jsonl: Path, tmp: Path) -> None:
-    """An altered amount, a reordered commit list, a forged status or state, a cut archive: refused."""
+def _records_in(block_item: dict[str, Any]) -> int:
+    return len(decode_block(base64.b64decode(block_item["raw"])).records)
+
+
+def _tampering_is_refused(jsonl: Path, vf_file: Path, tmp: Path) -> Path:
+    """An altered amount, a reordered commit list, a forged status or state, a cut archive, other
+    files: all refused with one sentence. Returns the altered archive for the CLI to refuse too."""
     items = read_archive(jsonl)
     registry = installed_registry()
     assert verify_archive(items, registry).summary()["distributions"]["ok"] is True
@@ -248,13 +252,12 @@ def _tampering_is_refused(fresh: Daemon, jsonl: Path, tmp: Path) -> None:
     at = next(i for i, x in enumerate(altered) if x["kind"] == "block" and b"1200.00" in base64.b64decode(x["raw"]))
     altered[at]["raw"] = base64.b64encode(base64.b64decode(altered[at]["raw"]).replace(b"1200.00", b"1900.00")).decode()
     fails(altered, "signature")
-    path = tmp / "altered.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in altered))
-    refused(fresh, ["import", str(path)], "signature")
 
     # Two committed blocks swapped: every signature holds but the DAG decides another order.
     blocks = [i for i, x in enumerate(items) if x["kind"] == "block" and x["commit"] is not None]
-    for a, b in itertools.pairwise(blocks):
+    carrying = [(a, b) for a, b in itertools.pairwise(blocks) if _records_in(items[b])][:3]
+    assert carrying
+    for a, b in carrying:
         swapped = [dict(x) for x in items]
         swapped[a], swapped[b] = ({**items[b], "commit": items[a]["commit"]},
                                   {**items[a], "commit": items[b]["commit"]})
@@ -271,4 +274,11 @@ def _tampering_is_refused(fresh: Daemon, jsonl: Path, tmp: Path) -> None:
     fails(items[:-1], "cut short")
     fails([{**items[0], "constellation": "vc1" + "a" * 58}, *items[1:]], "constellation")
     (tmp / "garbage.jsonl").write_text("{not json\n")
-    refused(fresh, ["import", str(tmp / "garbage.jsonl")], "neither valuemesh JSONL nor CSV")
+    for path, words in ((tmp / "garbage.jsonl", "neither valuemesh JSONL nor CSV"), (vf_file, "ValueFlows view"),
+                        (tmp / "missing.jsonl", "Cannot read")):
+        with pytest.raises(ValuemeshError) as info:
+            read_archive(path)
+        assert re.search(words, info.value.message), info.value.message
+    path = tmp / "altered.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in altered))
+    return path
