@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/sharing/pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: run test lint typecheck pytest soak demo bench bench-full clean
 
@@ -10,8 +10,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml examples/sharing/pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e examples/sharing --no-deps
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -25,13 +26,13 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol node cli tests bench scripts
+	$(VENV)/bin/ruff check protocol node cli tests bench scripts examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy protocol
 
 pytest: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest tests examples/sharing/tests
 
 test: lint typecheck pytest
 

@@ -133,6 +133,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
+        self._join_links: dict[bytes, PeerLink] = {}
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.started_at = time.time()
@@ -325,6 +326,7 @@ class Node:
                 genesis = decode_record(msg.genesis)
                 if genesis.constellation != msg.c or genesis.seq != 0 or genesis.type != "membership":
                     raise RemoteError("The peer sent a genesis of another constellation.")
+                self._join_links[msg.c] = link
                 fut.set_result(genesis)
         elif isinstance(msg, m.Refuse):
             log.info("peer %s refused: %s", link.remote.short, msg.reason)
@@ -449,12 +451,11 @@ class Node:
         if reason is not None:
             await self._send(link, m.Refuse(reason))
             return
+        # Welcome first, take the join record only once the joiner sends it back:
+        # a joiner that cannot follow this constellation (a plugin it lacks)
+        # refuses before it ever becomes a member.
         eng.applicants.add(link.remote.key)
         await self._send(link, m.JoinReply(eng.cid, eng.genesis.raw))
-        if eng.is_core():
-            await self._effects(eng, await eng.submit([record], now_ms()))
-        else:
-            await self._forward(eng, [record])
 
     async def join(self, token: str) -> dict[str, Any]:
         inv = parse_token(token)
@@ -476,7 +477,11 @@ class Node:
             genesis = await self._contact_inviters(inv, record, fut)
         finally:
             self._join_waiters.pop(inv.constellation, None)
-        eng = Engine(self.store, self.registry, self.identity, genesis)
+        try:
+            eng = Engine(self.store, self.registry, self.identity, genesis)
+        except ValuemeshError:
+            self._join_links.pop(inv.constellation, None)
+            raise
         eng.pending[record.id] = record
         async with self.store.batch() as tx:
             tx.put_constellation(eng.info(inv.tier))
@@ -487,6 +492,10 @@ class Node:
             await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
             if eng.may_receive(key) or key == inv.inviter:
                 await self._send_heads(link, eng)
+        welcomer = self._join_links.pop(inv.constellation, None)
+        if welcomer is not None:
+            await self._send(welcomer, m.SubmitRecords(eng.cid, [record.raw]))
+        await self._forward(eng, [record])
         return {"id": eng.text_id, "name": eng.name, "record": record.id.hex(), "status": "pending"}
 
     async def _contact_inviters(self, inv: Invite, record: Record, fut: asyncio.Future[Record]) -> Record:

@@ -134,10 +134,6 @@ def test_three_daemons_finish_a_sharing_cycle_and_a_node_without_the_plugin_is_r
         c.stop()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="the inviter submits the join record before the joiner has seen the genesis, so a node that then "
-           "refuses still becomes a member (fix in node/daemon.py's join exchange; docs/plugins.md, 'Known limits')")
 def test_a_node_refused_for_a_missing_plugin_does_not_become_a_member(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = Cluster(tmp_path, 2)
