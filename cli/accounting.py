@@ -24,6 +24,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _BPS = re.compile(r"^(\d{1,5})bps$")
 TERM_KINDS = ("reimbursement", "fee", "investor_return", "rebate")
 MAX_POLICY_FILE = 64 * 1024
+# `--wait` polls the daemon this often, for at most this long.
+WAIT_POLL_S = 0.2
+WAIT_S = 60.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -70,8 +73,36 @@ def _acct(cid: str, rest: str) -> str:
 
 
 def _submit(cid: str, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Post a record; with the command's --wait flag, return only once it is final."""
     doc: dict[str, Any] = _call("POST", f"/v1/constellations/{_cid(cid)}/records", {"type": rtype, "body": body})
+    if click.get_current_context().params.get("wait"):
+        return _wait_final(cid, doc)
     return doc
+
+
+def _wait_final(cid: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Poll until the record is ordered; the ledger's own sentence if it was rejected then.
+
+    Submission checks a record against the final state only; the ledger decides for good
+    when the record is ordered, after records others sent meanwhile (a vote cast twice from
+    two devices, a distribution whose inputs moved on).
+    """
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        rec = _call("GET", f"/v1/constellations/{_cid(cid)}/records/{doc['id']}")
+        if rec.get("final"):
+            if rec["status"] != "applied":
+                raise LocalError(rec.get("reason") or f"The ledger {rec['status']} the record.")
+            return {**doc, "status": "final"}
+        if time.monotonic() >= deadline:
+            raise LocalError(f"The record {doc['id'][:16]}… is still pending after {WAIT_S:.0f} s; "
+                             "check later with 'valuemesh ledger'.")
+        time.sleep(WAIT_POLL_S)
+
+
+def wait_option(f: Any) -> Any:
+    return click.option("--wait", is_flag=True,
+                        help="Wait until the record is final; exit 1 with the ledger's reason if it is rejected.")(f)
 
 
 def _out(doc: Any, text: str) -> None:
@@ -165,11 +196,12 @@ def agreement() -> None:
 @click.option("--applies", type=click.Choice(["linked", "all"]), default=None,
               help="linked: revenue naming it (default); all: every later revenue in its currency.")
 @click.option("--note", default="", help="Anything else the parties agreed.")
+@wait_option
 @json_option
 def agreement_propose(cid: str, title: str, currency: str, exponent: int | None, parties: tuple[str, ...],
                       customer: str | None, price: str | None, fee: tuple[str, ...],
                       reimbursement: tuple[str, ...], investor_return: tuple[str, ...],
-                      rebate: tuple[str, ...], applies: str | None, note: str) -> None:
+                      rebate: tuple[str, ...], applies: str | None, note: str, wait: bool) -> None:
     """Propose an agreement; your proposal is your signature, the other parties sign after."""
     terms: list[dict[str, Any]] = []
     if price is not None:
@@ -204,8 +236,9 @@ def agreement_propose(cid: str, title: str, currency: str, exponent: int | None,
 @agreement.command("sign")
 @click.argument("cid")
 @click.argument("agreement_id")
+@wait_option
 @json_option
-def agreement_sign(cid: str, agreement_id: str) -> None:
+def agreement_sign(cid: str, agreement_id: str, wait: bool) -> None:
     """Sign an agreement you are a party to."""
     doc = _submit(cid, "agreement", {"op": "sign", "agreement": _hex_id(agreement_id, "an agreement id")})
     _out(doc, f"signature {doc['id']} ({doc['status']})")
@@ -231,9 +264,10 @@ def agreement_list(cid: str) -> None:
 @click.option("--customer", default=None, help="Who paid (vm1…); default: you.")
 @click.option("--agreement", "agreement_id", default=None, help="The final agreement this revenue realises.")
 @click.option("--note", default="", help="An invoice number, say.")
+@wait_option
 @json_option
 def revenue(cid: str, amount: str, currency: str, exponent: int | None, customer: str | None,
-            agreement_id: str | None, note: str) -> None:
+            agreement_id: str | None, note: str, wait: bool) -> None:
     """Record income from a customer (exact: more decimals than the currency has are refused)."""
     body: dict[str, Any] = {"op": "record", "amount": amount.strip(), "currency": currency.strip()}
     if exponent is not None:
@@ -270,10 +304,11 @@ def policy() -> None:
               help="Only members with these roles vote (default: every active member).")
 @click.option("--block", is_flag=True, help="Allow a blocking vote.")
 @click.option("--note", default="")
+@wait_option
 @json_option
 def policy_propose(cid: str, title: str, split_file: str | None, options: tuple[str, ...], closes: str,
                    opens: str | None, quorum_bps: int | None, threshold_bps: int | None,
-                   voters: tuple[str, ...], block: bool, note: str) -> None:
+                   voters: tuple[str, ...], block: bool, note: str, wait: bool) -> None:
     """Open a proposal for a vote."""
     now = int(time.time() * 1000)
     body: dict[str, Any] = {"op": "propose", "title": title, "closes": now + _duration_s(closes) * 1000}
@@ -305,8 +340,9 @@ def policy_propose(cid: str, title: str, split_file: str | None, options: tuple[
 @click.argument("proposal")
 @click.argument("option")
 @click.option("--reason", default="")
+@wait_option
 @json_option
-def policy_vote(cid: str, proposal: str, option: str, reason: str) -> None:
+def policy_vote(cid: str, proposal: str, option: str, reason: str, wait: bool) -> None:
     """Vote once on an open proposal (agree, abstain, disagree, block, or a poll option)."""
     body: dict[str, Any] = {"op": "vote", "proposal": _hex_id(proposal, "a proposal id"), "option": option}
     if reason:
@@ -318,8 +354,9 @@ def policy_vote(cid: str, proposal: str, option: str, reason: str) -> None:
 @policy.command("close")
 @click.argument("cid")
 @click.argument("proposal")
+@wait_option
 @json_option
-def policy_close(cid: str, proposal: str) -> None:
+def policy_close(cid: str, proposal: str, wait: bool) -> None:
     """Close a proposal at its closing time (or once all voted); an adopted split applies from then."""
     doc = _submit(cid, "policy", {"op": "close", "proposal": _hex_id(proposal, "a proposal id")})
     _out(doc, f"close {doc['id']} ({doc['status']})")
@@ -400,11 +437,14 @@ def distribution() -> None:
 @distribution.command("propose")
 @click.argument("cid")
 @click.option("--revenue", "revenue_id", default=None, help="Which revenue (default: the latest not yet split).")
+@wait_option
 @json_option
-def distribution_propose(cid: str, revenue_id: str | None) -> None:
+def distribution_propose(cid: str, revenue_id: str | None, wait: bool) -> None:
     """Propose the split every node computes under the adopted policy; it waits for ratification."""
     req = {"revenue": _hex_id(revenue_id, "a revenue id")} if revenue_id else {}
     doc = _call("POST", _acct(cid, "distributions"), req)
+    if wait:
+        doc = _wait_final(cid, doc)
     lines = [f"distribution {doc['id']} ({doc['status']})", *_dist_text(doc["distribution"], False),
              "to be ratified by: " + ", ".join(_name(w) for w in doc["ratifiers"])]
     _out(doc, "\n".join(lines))
@@ -414,12 +454,15 @@ def distribution_propose(cid: str, revenue_id: str | None) -> None:
 @click.argument("cid")
 @click.argument("distribution_id")
 @click.option("--hash", "expected", default=None, help="Refuse unless the distribution has this hash.")
+@wait_option
 @json_option
-def distribution_ratify(cid: str, distribution_id: str, expected: str | None) -> None:
+def distribution_ratify(cid: str, distribution_id: str, expected: str | None, wait: bool) -> None:
     """Sign a proposed distribution; the last required signature makes it final."""
     req = {"hash": _hex_id(expected, "a distribution hash")} if expected else {}
     did = _hex_id(distribution_id, "a distribution id")
     doc = _call("POST", _acct(cid, f"distributions/{did}/ratify"), req)
+    if wait:
+        doc = _wait_final(cid, doc)
     _out(doc, f"ratification {doc['id']} of {did[:16]}… hash {doc['hash'][:16]}… ({doc['status']})")
 
 
