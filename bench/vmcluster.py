@@ -13,6 +13,9 @@ late, never early.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
+import itertools
 import os
 import signal
 import time
@@ -25,6 +28,7 @@ from machine import median, pct
 
 from valuemesh.node.home import Home
 from valuemesh.node.testing import Cluster, Daemon, wait_until
+from valuemesh.protocol.errors import LocalError
 
 POLL_S = 0.02
 JOIN_TIMEOUT_S = 120.0
@@ -45,16 +49,24 @@ class Api:
 
     def refresh(self) -> None:
         home = Home(self.daemon.home)
-        host, port = home.api_address()
-        self.base = f"http://{host}:{port}"
-        self.headers = {"Authorization": f"Bearer {home.api_token()}"}
+        try:
+            host, port = home.api_address()
+            self.base = f"http://{host}:{port}"
+            self.headers = {"Authorization": f"Bearer {home.api_token()}"}
+        except LocalError:  # a stopped daemon: calls fail like a refused connection until refresh
+            self.base = ""
+            self.headers = {}
 
     async def get(self, path: str) -> Any:
+        if not self.base:
+            raise aiohttp.ClientConnectionError("daemon not running")
         async with self.session.get(self.base + path, headers=self.headers) as r:
             r.raise_for_status()
             return await r.json()
 
     async def post(self, path: str, body: dict[str, Any]) -> Any:
+        if not self.base:
+            raise aiohttp.ClientConnectionError("daemon not running")
         async with self.session.post(self.base + path, json=body, headers=self.headers) as r:
             if r.status >= 400:
                 raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message=await r.text())
@@ -91,12 +103,14 @@ class Series:
     """(monotonic time, final count) as one node answered it."""
 
     points: list[tuple[float, int]] = field(default_factory=list)
+    _counts: list[int] = field(default_factory=list)
 
     def final_at(self, index: int) -> float | None:
-        for t, n in self.points:
-            if n > index:
-                return t
-        return None
+        # A node's final count never decreases (a restart replays the order before it answers).
+        if len(self._counts) != len(self.points):
+            self._counts = list(itertools.accumulate((n for _, n in self.points), max))
+        k = bisect.bisect_right(self._counts, index)
+        return self.points[k][0] if k < len(self.points) else None
 
 
 @dataclass
@@ -110,22 +124,23 @@ class LoadResult:
     t_end_submit: float
     stopped: set[int]
 
-    def finality_ms(self) -> list[float]:
-        """Per record: submit to final on every live node (ms); records never final on all are left out."""
+    def finality_ms(self, first: bool = False) -> list[float]:
+        """Per record: submit to final on every live node (ms), or with `first` on the first
+        node that had it final; records never final on all live nodes are left out."""
         out = []
         for rid, t0 in self.submitted.items():
-            worst = 0.0
+            times = []
             for i, s in enumerate(self.series):
                 if i in self.stopped:
                     continue
                 idx = self.order[i].get(rid)
                 t = s.final_at(idx) if idx is not None else None
                 if t is None:
-                    worst = -1.0
                     break
-                worst = max(worst, t - t0)
-            if worst >= 0:
-                out.append(worst * 1000)
+                times.append(t - t0)
+            else:
+                if times:
+                    out.append((min(times) if first else max(times)) * 1000)
         return out
 
     def all_final_time(self) -> float | None:
@@ -170,9 +185,11 @@ async def _poll(api: Api, cid: str, series: Series, stop: asyncio.Event, interva
 
 
 async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: float = POLL_S,
-                   targets: list[int] | None = None, during: Any = None) -> LoadResult:
+                   targets: list[int] | None = None, during: Any = None, timing: bool = True) -> LoadResult:
     """Offer `count` records at `rate`/s (open loop, round-robin over live daemons),
-    then wait until every live daemon has all of them final (bounded)."""
+    then wait until every live daemon has all of them final (bounded). Without `timing`
+    nothing is polled during the load and completion is judged by final counts alone
+    (for long builds, whose ledgers are too large to fetch)."""
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
     conn = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT * 2)
     async with aiohttp.ClientSession(timeout=timeout, connector=conn) as session:
@@ -180,7 +197,12 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         series = [Series() for _ in apis]
         stop = asyncio.Event()
         interval = poll_s * max(1, len(apis) / 4)
-        pollers = [asyncio.create_task(_poll(a, cid, s, stop, interval)) for a, s in zip(apis, series, strict=True)]
+        base = 0
+        for i, a in enumerate(apis):
+            if c.daemons[i].alive:
+                base = max(base, int((await a.get(f"/v1/constellations/{cid}"))["final"]))
+        pollers = [asyncio.create_task(_poll(a, cid, s, stop, interval)) for a, s in zip(apis, series, strict=True)
+                   if timing]
         submitted: dict[str, float] = {}
         counters = {"failed": 0, "retried": 0}
         sem = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -217,9 +239,18 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         t_end_submit = time.monotonic()
         if side is not None:
             await side
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S + (0 if timing else count / 20)
         orders: list[dict[str, int]] = [{} for _ in apis]
-        while time.monotonic() < deadline:
+        while not timing and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            finals = []
+            for i, a in enumerate(apis):
+                if c.daemons[i].alive:
+                    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                        finals.append(int((await a.get(f"/v1/constellations/{cid}"))["final"]))
+            if finals and min(finals) >= base + len(submitted):
+                break
+        while timing and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             done = True
             for i, a in enumerate(apis):
@@ -246,7 +277,9 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
 
 def latency_summary(res: LoadResult) -> dict[str, Any]:
     lat = res.finality_ms()
+    first = res.finality_ms(first=True)
     return {"records": len(res.submitted), "final_on_all": len(lat),
+            "first_node_p50_ms": _r(median(first)), "first_node_p99_ms": _r(pct(first, 0.99)),
             "p50_ms": _r(median(lat)), "p99_ms": _r(pct(lat, 0.99)), "max_ms": _r(max(lat) if lat else None),
             "failed_writes": res.failed, "retried_writes": res.retried}
 
@@ -260,3 +293,115 @@ def kill9(d: Daemon) -> None:
     if d.proc is not None and d.proc.poll() is None:
         os.kill(d.proc.pid, signal.SIGKILL)
         d.proc.wait(10)
+
+
+# -- figure 4: availability ---------------------------------------------------------------
+
+def progress_gaps(res: LoadResult, windows: list[tuple[float, float]]) -> list[float]:
+    """Longest gap (ms) in cluster-wide commit progress (the highest final count any live node
+    reports) inside each window, counting only while submitted records were still outstanding."""
+    events: list[tuple[float, int]] = sorted(p for s in res.series for p in s.points)
+    best = 0
+    increases: list[float] = []
+    for t, n in events:
+        if n > best:
+            best = n
+            increases.append(t)
+    target_t = increases[-1] if increases else res.t_start
+    out = []
+    for lo, hi in windows:
+        hi = min(hi, target_t)
+        inside = [lo] + [t for t in increases if lo < t <= hi]
+        out.append(max((b - a for a, b in itertools.pairwise(inside)), default=0.0) * 1000)
+    return out
+
+
+async def kill_each_in_turn(c: Cluster, apis: list[Api], stopped: set[int], *, warmup_s: float, down_s: float,
+                            after_s: float, log: list[dict[str, float]]) -> None:
+    """kill -9 each daemon in turn, restart it after down_s, and let it catch up for after_s."""
+    await asyncio.sleep(warmup_s)
+    for i, d in enumerate(c.daemons):
+        t_kill = time.monotonic()
+        kill9(d)
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(d.start)
+        apis[i].refresh()
+        t_up = time.monotonic()
+        await asyncio.sleep(after_s)
+        log.append({"node": i, "t_kill": t_kill, "t_up": t_up, "t_next": time.monotonic()})
+
+
+def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str, Any]:
+    down_s, after_s, warmup_s = (2.0, 3.0, 2.0) if quick else (5.0, 10.0, 5.0)
+    per_node = down_s + after_s + 5.0  # restart takes a few seconds on a loaded 2-core host
+    count = int(rate * (warmup_s + per_node * len(c.daemons) + 2.0))
+    log: list[dict[str, float]] = []
+
+    async def during(cl: Cluster, apis: list[Api], stopped: set[int]) -> None:
+        await kill_each_in_turn(cl, apis, stopped, warmup_s=warmup_s, down_s=down_s, after_s=after_s, log=log)
+
+    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during))
+    gaps = progress_gaps(res, [(e["t_kill"], e["t_next"]) for e in log])
+    lat = res.finality_ms()
+    return {"records": len(res.submitted), "final_on_all": len(lat), "offered_per_s": rate,
+            "longest_gap_ms_per_kill": [round(g) for g in gaps], "longest_gap_ms": round(max(gaps, default=0)),
+            "failed_writes": res.failed + (len(res.submitted) - len(lat)), "retried_writes": res.retried,
+            "finality_p50_ms": _r(median(lat)), "finality_p99_ms": _r(pct(lat, 0.99)),
+            "down_s": down_s}
+
+
+# -- figure 5: catch-up ---------------------------------------------------------------------
+
+def catch_up(c: Cluster, cid: str, *, records: int, rate: float) -> dict[str, Any]:
+    """Stop the last daemon, finalise `records` more on the others, restart it and time how long
+    until it reports the same final count and state hash as the others."""
+    late = c.daemons[-1]
+    late.stop()
+    others = c.daemons[:-1]
+    t0 = time.monotonic()
+    res = asyncio.run(run_load(c, cid, rate=rate, count=records, targets=list(range(len(others))), timing=False))
+    build_s = time.monotonic() - t0
+    want = others[0].api("GET", f"/v1/constellations/{cid}")
+    t_start = time.monotonic()
+    late.start()
+    t_ready = time.monotonic()
+    deadline = t_ready + max(SETTLE_TIMEOUT_S, records / 50)
+    caught = None
+    while time.monotonic() < deadline:
+        s = late.api("GET", f"/v1/constellations/{cid}")
+        if s["final"] >= want["final"] and s["state_hash"] == want["state_hash"]:
+            caught = time.monotonic()
+            break
+        time.sleep(0.1)
+    out: dict[str, Any] = {"missed_records": len(res.submitted), "final_order_length": want["final"],
+                           "build_s": round(build_s, 1), "start_s": round(t_ready - t_start, 2)}
+    if caught is None:
+        out["caught_up"] = False
+        return out
+    out.update(caught_up=True, seconds=round(caught - t_start, 2), seconds_after_ready=round(caught - t_ready, 2),
+               records_per_s=round(len(res.submitted) / (caught - t_start)),
+               records_per_s_after_ready=round(len(res.submitted) / max(caught - t_ready, 1e-3)))
+    return out
+
+
+# -- figure 6: idle -------------------------------------------------------------------------
+
+def idle(root: Path, *, constellations: int, seconds: float) -> dict[str, Any]:
+    """One daemon in `constellations` constellations, quiescent: CPU % and RSS over `seconds`."""
+    from machine import proc_cpu_s, proc_rss_mb
+    c = Cluster(root, 1, network="valuemesh-bench-idle")
+    c.start()
+    try:
+        d = c.daemons[0]
+        for k in range(constellations):
+            d.cli_json("constellation", "create", f"idle-{k}")
+        time.sleep(2.0)  # let start-up and the founding writes settle
+        assert d.proc is not None
+        pid = d.proc.pid
+        cpu0, t0 = proc_cpu_s(pid), time.monotonic()
+        time.sleep(seconds)
+        cpu1, t1 = proc_cpu_s(pid), time.monotonic()
+        return {"constellations": constellations, "seconds": seconds,
+                "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 2), "rss_mb": round(proc_rss_mb(pid), 1)}
+    finally:
+        c.stop()
