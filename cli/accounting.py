@@ -419,7 +419,11 @@ def split(cid: str, revenue_id: str | None, policy_file: str | None, proposal: s
         req["proposal"] = _hex_id(proposal, "a proposal id")
     doc = _call("POST", _acct(cid, "split"), req)
     pol = doc["policy"]
-    lines = [f"policy {pol['hash'][:16]}… ({pol['source']}{'' if pol['adopted'] else ', NOT adopted'})"]
+    head = {"adopted": "under the adopted policy", "default": "under the default policy (none adopted yet)",
+            "given": "under the policy in the file",
+            "proposal": f"under the policy of proposal {str(pol['proposal'])[:16]}…",
+            "final": f"as ratified in distribution {str(pol['distribution'])[:16]}…"}[pol["source"]]
+    lines = [f"split {head}" + ("" if pol["adopted"] or pol["source"] == "final" else " (NOT adopted: a trial)")]
     lines += _dist_text(doc["distribution"], explain)
     lines.append("ratified by: " + ", ".join(_name(w) for w in doc["ratifiers"]))
     if explain:

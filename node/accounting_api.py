@@ -175,12 +175,14 @@ def split_view(state: StateReader, doc: Mapping[str, Any]) -> dict[str, Any]:
     if doc.get("policy") is not None and doc.get("proposal") is not None:
         raise LocalError("Give either a policy or a proposal to try, not both.")
     inputs = None
+    ref: dict[str, str | None] = {"proposal": None, "distribution": None}
     if doc.get("policy") is None and doc.get("proposal") is None and isinstance(done, bytes):
         # A split revenue shows what was ratified: recomputing now would see the debts
         # and capped terms this very distribution repaid.
         d = state.read(DISTRIBUTION_NS, f"d/{done.hex()}")
         dist = Distribution.from_map(d["distribution"])
-        policy, source = find_policy(state, dist.policy_hash), f"final distribution {done.hex()}"
+        policy, source = find_policy(state, dist.policy_hash), "final"
+        ref["distribution"] = done.hex()
         inputs = inputs_from_leaves(d["inputs"])
     elif doc.get("policy") is not None:
         policy, source = parse_policy(doc["policy"]), "given"
@@ -191,7 +193,8 @@ def split_view(state: StateReader, doc: Mapping[str, Any]) -> dict[str, Any]:
             raise LocalError("There is no final proposal with that id.")
         if p["split"] is None:
             raise LocalError("That proposal does not propose a split policy.")
-        policy, source = parse_policy(p["split"]), f"proposal {pid.hex()}"
+        policy, source = parse_policy(p["split"]), "proposal"
+        ref["proposal"] = pid.hex()
     else:
         policy = adopted
         source = "adopted" if adopted_by is not None else "default"
@@ -205,7 +208,7 @@ def split_view(state: StateReader, doc: Mapping[str, Any]) -> dict[str, Any]:
                     "currency": rev["currency"], **_who(state, rev["customer"]),
                     "agreement": rev["agreement"].hex() if rev["agreement"] else None},
         "policy": {"hash": policy.hash.hex(), "source": source, "adopted": policy.hash == adopted.hash,
-                   "map": policy.to_map()},
+                   **ref, "map": policy.to_map()},
         "distribution": distribution_json(state, dist),
         "ratifiers": [_who(state, k) for k in ratifiers(state, policy, dist)],
         "final": isinstance(done, bytes),
@@ -796,6 +799,9 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
             ids = [bytes.fromhex(k[2:]) for k, _ in state.scan(DISTRIBUTION_NS, "d/")]
         elif isinstance(wanted, list) and len(wanted) <= 1000:
             ids = [_hex32(x, "A distribution id") for x in wanted]
+            for did in ids:
+                if state.read(DISTRIBUTION_NS, f"d/{did.hex()}") is None:
+                    raise LocalError(f"There is no final distribution {did.hex()[:16]}… in this constellation.")
         else:
             raise LocalError("Give the distributions to verify as a list of ids.")
         if not ids:

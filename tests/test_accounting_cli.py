@@ -214,7 +214,9 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
     hashes = {ledger(d, cid)["state_hash"] for d in ds}
     assert len(hashes) == 1
     # A split revenue shows what was ratified, not a recomputation that sees its own repayments.
-    assert _amounts(ds[INV].cli_json("split", cid, "--revenue", rev)) == got
+    as_ratified = ds[INV].cli_json("split", cid, "--revenue", rev)
+    assert _amounts(as_ratified) == got
+    assert as_ratified["policy"]["source"] == "final" and as_ratified["policy"]["distribution"] == did
 
     # Export → import on a fresh home: every signature re-checked, the same state and distribution.
     jsonl, csv_file, vf_file = tmp / "bakery.jsonl", tmp / "bakery.csv", tmp / "bakery-vf.json"
