@@ -80,6 +80,7 @@ LOAD_CHUNK = 256
 CSV_COLUMNS = ("kind", "index", "id", "type", "op", "author", "seq", "round", "commit",
                "anchor_round", "created", "status", "reason", "raw", "data")
 _INT_FIELDS = frozenset({"index", "seq", "round", "commit", "anchor_round", "created"})
+_FORMULA_START = frozenset("=+-@\t\r'")
 VF_CONTEXT = {
     "vf": "https://w3id.org/valueflows/ont/vf#",
     "om2": "http://www.ontology-of-units-of-measure.org/resource/om-2/",
@@ -505,6 +506,16 @@ def archive_jsonl(items: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         yield json.dumps(it, sort_keys=True, separators=(",", ":")) + "\n"
 
 
+def _cell(v: str) -> str:
+    # Spreadsheets run a cell starting with = + - @ as a formula, and record types and reasons
+    # are text from other members; a leading quote defuses it and is removed again on import.
+    return "'" + v if v[:1] in _FORMULA_START else v
+
+
+def _uncell(v: str) -> str:
+    return v[1:] if v.startswith("'") else v
+
+
 def archive_csv(items: Iterable[Mapping[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -517,12 +528,14 @@ def archive_csv(items: Iterable[Mapping[str, Any]]) -> str:
                 row.append(json.dumps(rest, sort_keys=True, separators=(",", ":")) if rest else "")
             else:
                 v = it.get(col)
-                row.append("" if v is None else str(v))
+                row.append("" if v is None else _cell(str(v)))
         w.writerow(row)
     return buf.getvalue()
 
 
 def _items_from_csv(text: str) -> list[dict[str, Any]]:
+    # A block's base64 cell is far over csv's default field limit of 128 KiB.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ARCHIVE_LINE))
     rows = csv.reader(io.StringIO(text))
     header = next(rows, None)
     if header is None or tuple(header) != CSV_COLUMNS:
@@ -541,6 +554,8 @@ def _items_from_csv(text: str) -> list[dict[str, Any]]:
                     it.update(extra)
             elif v == "":
                 it[col] = "" if col == "reason" else None
+            elif (v := _uncell(v)) == "":
+                raise DecodeError(f"Line {n} of the CSV archive has a malformed {col}.")
             elif col in _INT_FIELDS:
                 if not v.isdigit() or len(v) > 20:
                     raise DecodeError(f"Line {n} of the CSV archive has a malformed {col}.")
@@ -688,8 +703,12 @@ async def load_archive(store: Store, archive: VerifiedArchive, identity: Identit
         raise LocalError(f"This node already follows {constellation_text(archive.cid)}; "
                          "import into a fresh home.")
     state = archive.replay.ledger.reader
-    me = state.member(identity.member.key)
-    tier = str(me["tier"]) if me and me.get("status") == "active" else "applicant"
+    if state.member(identity.member.key) is not None:
+        # A member's node restored from an archive older than its last block could sign a
+        # second block for a round it already signed: an equivocation. Members catch up from peers.
+        raise LocalError("This home's member belongs to that constellation; a member's node must catch up "
+                         "from its peers, not from an archive (import into a home of another identity).")
+    tier = "applicant"
     meta = state.read("membership", "meta")
     plugins = {k: Version.parse(v).major for k, v in meta["plugins"].items()}
     now = int(time.time() * 1000)

@@ -4,6 +4,7 @@ fresh home, and bad input refused with one sentence and exit status 1."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -15,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from valuemesh.node.accounting_api import read_archive, verify_archive
+from valuemesh.node.accounting_api import archive_csv, archive_jsonl, load_archive, read_archive, verify_archive
 from valuemesh.node.daemon import installed_registry
+from valuemesh.node.home import Home
+from valuemesh.node.store import Store
 from valuemesh.node.testing import Cluster, Daemon, free_port, wait_until
 from valuemesh.protocol.errors import ValuemeshError
 from valuemesh.protocol.records import decode_block
@@ -230,6 +233,7 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
     checked, _ = together(lambda: fresh.cli_json("import", "--check", str(csv_file)),
                           lambda: refused(fresh, ["import", str(altered)], "signature"))
     assert checked["state_hash"] in hashes and checked["loaded"] is False
+    _a_member_cannot_import(read_archive(jsonl), ds[C], tmp)
     loaded = fresh.cli_json("import", str(jsonl))
     assert loaded["state_hash"] in hashes and loaded["distributions"]["ok"] is True
     assert [x["id"] for x in loaded["distributions"]["distributions"]] == [did]
@@ -299,3 +303,42 @@ def _tampering_is_refused(jsonl: Path, vf_file: Path, tmp: Path) -> Path:
     path = tmp / "altered.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in altered))
     return path
+
+
+def _a_member_cannot_import(items: list[dict[str, Any]], member: Daemon, tmp: Path) -> None:
+    """A member's node restored from an archive could sign a round twice: refused, nothing written."""
+    archive = verify_archive(items, installed_registry())
+    identity = Home(member.home).load_identity()
+    (tmp / "member-copy").mkdir()
+
+    async def attempt() -> None:
+        store = await Store.open(tmp / "member-copy" / "node.db")
+        try:
+            with pytest.raises(ValuemeshError, match="belongs to that constellation"):
+                await load_archive(store, archive, identity)
+            assert await store.constellations() == []
+        finally:
+            await store.close()
+
+    asyncio.run(attempt())
+
+
+def test_csv_archives_round_trip_big_cells_and_defuse_formulas(tmp_path: Path) -> None:
+    items: list[dict[str, Any]] = [
+        {"kind": "archive", "format": "valuemesh-archive", "v": 1, "name": "=HYPERLINK(1)"},
+        {"kind": "record", "index": 3, "type": "=cmd|' /C calc'!A0", "op": "+1", "reason": "@x", "seq": 0,
+         "status": "rejected", "raw": "q" * 300_000, "body": {"note": "-2"}},
+        {"kind": "record", "index": 4, "type": "'quoted", "op": "", "reason": "", "seq": 7, "status": "applied",
+         "raw": "+AAAA", "block": None},
+        {"kind": "end", "state_hash": "00" * 32, "records": 2},
+    ]
+    text = archive_csv(items)
+    assert not any(cell.startswith(("=", "+", "@")) for line in text.splitlines() for cell in line.split(","))
+    (tmp_path / "a.csv").write_text(text)
+    back = read_archive(tmp_path / "a.csv")
+    assert back[1]["type"] == items[1]["type"] and back[1]["op"] == "+1" and back[1]["reason"] == "@x"
+    assert back[1]["raw"] == items[1]["raw"] and back[1]["body"] == {"note": "-2"} and back[1]["index"] == 3
+    assert back[2]["type"] == "'quoted" and back[2]["raw"] == "+AAAA" and back[2]["reason"] == ""
+    assert back[0]["name"] == "=HYPERLINK(1)" and back[3]["records"] == 2
+    (tmp_path / "a.jsonl").write_text("".join(archive_jsonl(items)))
+    assert read_archive(tmp_path / "a.jsonl") == items
