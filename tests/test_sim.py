@@ -5,12 +5,13 @@ n in {1, 2, 3, 4, 7, 10}: safety, exclusion and liveness checks on each run.
 from __future__ import annotations
 
 import pytest
+
 from valuemesh.protocol.sim import FAULT_KINDS, RunResult, run
 from valuemesh.protocol.sim.__main__ import main
 
 ALL = FAULT_KINDS
 NETWORK = ("delay", "drop", "reorder", "duplicate")
-# (nodes, faults, seeds, waves): 386 runs in all; sized to stay well under a minute.
+# (nodes, faults, seeds, waves): 376 runs in all; sized to stay well under a minute.
 PLAN = [
     *[(n, ALL, 30, 8) for n in (1, 2, 3, 4, 7)],
     (10, ALL, 20, 6),
