@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from valuemesh.node.api import NotFound
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol.accounting import (
@@ -134,7 +135,7 @@ def _revenue_arg(state: StateReader, value: object) -> bytes:
         return default_revenue(state)
     rid = _hex32(value, "A revenue id")
     if state.read(REVENUE_NS, f"r/{rid.hex()}") is None:
-        raise LocalError(f"There is no final revenue {rid.hex()[:16]}… in this constellation.")
+        raise NotFound(f"There is no final revenue {rid.hex()[:16]}… in this constellation.")
     return rid
 
 
@@ -191,7 +192,7 @@ def split_view(state: StateReader, doc: Mapping[str, Any]) -> dict[str, Any]:
         pid = _hex32(doc["proposal"], "A proposal id")
         p = state.read(POLICY_NS, f"p/{pid.hex()}")
         if not isinstance(p, dict):
-            raise LocalError("There is no final proposal with that id.")
+            raise NotFound("There is no final proposal with that id.")
         if p["split"] is None:
             raise LocalError("That proposal does not propose a split policy.")
         policy, source = parse_policy(p["split"]), "proposal"
@@ -802,7 +803,7 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
         did = _hex32(request.match_info["did"], "A distribution id")
         d = eng.ledger.reader.read(DISTRIBUTION_NS, f"d/{did.hex()}")
         if not isinstance(d, dict):
-            raise LocalError("There is no final distribution proposal with that id.")
+            raise NotFound("There is no final distribution proposal with that id.")
         if doc.get("hash") is not None and _hex32(doc["hash"], "The hash") != d["hash"]:
             raise LocalError("The distribution's hash is not the one you reviewed; look at it again.")
         res = await node.submit(eng, "distribution", {"op": "ratify", "distribution": did, "hash": d["hash"]})
@@ -820,7 +821,7 @@ def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
             ids = [_hex32(x, "A distribution id") for x in wanted]
             for did in ids:
                 if state.read(DISTRIBUTION_NS, f"d/{did.hex()}") is None:
-                    raise LocalError(f"There is no final distribution {did.hex()[:16]}… in this constellation.")
+                    raise NotFound(f"There is no final distribution {did.hex()[:16]}… in this constellation.")
         else:
             raise LocalError("Give the distributions to verify as a list of ids.")
         if not ids:
