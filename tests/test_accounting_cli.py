@@ -8,9 +8,12 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import re
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,21 @@ def together(*calls: Callable[[], Any]) -> list[Any]:
     """Run independent CLI calls at once (each is its own process); re-raise the first failure."""
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
+@contextmanager
+def paused(*daemons: Daemon) -> Iterator[None]:
+    """Freeze daemons by PID (SIGSTOP) and always thaw them (SIGCONT)."""
+    stopped = []
+    try:
+        for d in daemons:
+            assert d.proc is not None
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            stopped.append(d.proc.pid)
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
 
 
 def ledger(d: Daemon, cid: str) -> dict[str, Any]:
@@ -141,11 +159,13 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
 
     # Revenue: bad amounts are refused before anything is recorded; a good one links the agreement.
     # The customer disagrees; a second vote, a vote before the poll opens, an unknown option are refused.
-    # Two votes of one member sent at once both pass submission; the ledger rejects the second
-    # when it orders it, with its own sentence, in every node's final list.
-    no, twice = (ds[C].api("POST", f"/v1/constellations/{cid}/records",
-                           {"type": "policy", "body": {"op": "vote", "proposal": prop, "option": o}})["id"]
-                 for o in ("disagree", "agree"))
+    # Two votes of one member, both sent before either is final (two of four members are paused,
+    # so nothing can be), both pass submission; the ledger rejects the second when it orders it,
+    # with its own sentence, in every node's final list.
+    with paused(ds[INV], ds[P]):
+        no, twice = (ds[C].api("POST", f"/v1/constellations/{cid}/records",
+                               {"type": "policy", "body": {"op": "vote", "proposal": prop, "option": o}})["id"]
+                     for o in ("disagree", "agree"))
     (rev,) = together(
         lambda: submit(ds[C], "revenue", cid, "--amount", "1200.00", "--currency", "EUR", "--agreement", agr),
         lambda: refused(ds[C], ["revenue", cid, "--amount", "1200.005", "--currency", "EUR", "--agreement", agr],
@@ -158,6 +178,7 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
         lambda: refused(ds[INV], ["policy", "vote", cid, poll, "online"], "opens at"),
         lambda: refused(ds[P], ["policy", "vote", cid, poll, "maybe"], "must be one of|opens at"))[:1]
     applied(c, cid, rev, no)
+    final(c, cid, twice)
     rejected = [r for r in ds[INV].cli_json("ledger", cid)["final"] if r["id"] == twice]
     assert rejected[0]["status"] == "rejected" and "already voted" in rejected[0]["reason"], rejected
     finals = ledger(ds[C], cid)["final"]
