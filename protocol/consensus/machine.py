@@ -33,10 +33,16 @@ never be ordered is safe. Nodes stop making rounds when no record is queued and 
 near the commit frontier carries an unordered record (quiescence); `propose`, or a peer's
 block carrying unordered records, wakes them.
 
-Epochs: committee_at(r) is the last scheduled committee with start_round <= r. A node
-creates its round r block only after every slot <= r - EPOCH_DELAY_ROUNDS is decided and
-handed out in an earlier call, so a committee scheduled by a commit at anchor round a with
-start a + EPOCH_DELAY_ROUNDS is known to every honest node before it signs that round.
+Epochs: committee_at(r) is the last scheduled committee with start_round <= r. A record
+of a reconfiguring type committed by anchor a switches the committee at a +
+EPOCH_DELAY_ROUNDS. A node does not sign round r while its DAG holds an unordered block of
+round <= r - EPOCH_DELAY_ROUNDS carrying such a record, nor in the same call that handed
+out a commit of anchor a with r >= a + EPOCH_DELAY_ROUNDS: any block an anchor <= r -
+EPOCH_DELAY_ROUNDS can still order is in every honest DAG that reached round r-1 (quorum
+intersection through the anchor's votes), so every honest node knows the committee of r
+before it signs r. EPOCH_DELAY_ROUNDS > GC_DEPTH_ROUNDS, so a reconfiguring record in a
+block no anchor will ever order is dropped by the memory horizon before it could hold
+anyone back.
 """
 
 from __future__ import annotations
@@ -55,11 +61,14 @@ ROUND_TIMEOUT_MS = 1_000
 FETCH_RETRY_MS = 500
 # With work to do and no progress for this long, re-send our last block and ask for heads.
 STALL_MS = 1_500
-# A membership change committed at anchor round a takes effect at a + EPOCH_DELAY_ROUNDS.
-EPOCH_DELAY_ROUNDS = 16
 # Blocks this many rounds below the anchor being ordered are never ordered (deterministic),
 # and are dropped from memory (the node keeps them on disk).
-GC_DEPTH_ROUNDS = 48
+GC_DEPTH_ROUNDS = 24
+# A membership change committed at anchor round a takes effect at a + EPOCH_DELAY_ROUNDS;
+# it must exceed GC_DEPTH_ROUNDS + 3 (see the theory of operation).
+EPOCH_DELAY_ROUNDS = 32
+# Record types whose commit may change the committee (the built-in membership plugin).
+RECONFIGURING_TYPES = frozenset({"membership"})
 # Our own block still unordered this many rounds behind the commit frontier is given up on
 # and its records go back to the queue; also the reach of "pending work in the DAG".
 REPROPOSE_AFTER_ROUNDS = 4
@@ -82,6 +91,7 @@ class Params:
     max_records_per_block: int = MAX_RECORDS_PER_BLOCK
     max_buffered_blocks: int = MAX_BUFFERED_BLOCKS
     max_buffered_per_author: int = MAX_BUFFERED_PER_AUTHOR
+    reconfiguring_types: frozenset[str] = RECONFIGURING_TYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +203,7 @@ class Consensus:
         self._excluded: set[MemberId] = set()
         self._ordered_records: set[bytes] = set()
         self._unordered_work: dict[bytes, int] = {}  # block id -> round, blocks with records
+        self._unordered_reconf: dict[bytes, int] = {}  # same, with a reconfiguring record
         self._next_index = 0
 
     # ------------------------------------------------------------------ queries
@@ -502,6 +513,9 @@ class Consensus:
                 self._quorum_round = block.round
         if block.records and block.id not in self._consumed:
             self._unordered_work[block.id] = block.round
+            kinds = self._p.reconfiguring_types
+            if any(r.type in kinds for r in block.records):
+                self._unordered_reconf[block.id] = block.round
         if block.author == self._me and block.round > self._last_own_round:
             # Restored or echoed back after a restart: never sign this round again.
             self._last_own_round = block.round
@@ -519,6 +533,7 @@ class Consensus:
             if not variants:
                 del per[block.author]
         self._unordered_work.pop(block.id, None)
+        self._unordered_reconf.pop(block.id, None)
         self._inflight.pop(block.id, None)
 
     def _recount_quorum(self) -> None:
@@ -550,8 +565,8 @@ class Consensus:
         committee = self.committee_at(target)
         if self._me not in committee:
             return False
-        if self._decided_upto < target - EPOCH_DELAY_ROUNDS:
-            return False
+        if any(r <= target - EPOCH_DELAY_ROUNDS for r in self._unordered_reconf.values()):
+            return False  # a committee change may still be ordered before this round
         if step.first_anchor is not None and target >= step.first_anchor + EPOCH_DELAY_ROUNDS:
             return False  # the node must apply this call's commits (and epochs) first
         if target > 0 and not self._has_anchor(target - 1):
@@ -718,6 +733,7 @@ class Consensus:
         for b in history:
             self._consumed.add(b.id)
             self._unordered_work.pop(b.id, None)
+            self._unordered_reconf.pop(b.id, None)
             self._slot_taken[(b.author, b.round)] = b.id
             if b.author in self._excluded:
                 continue
@@ -749,12 +765,19 @@ class Consensus:
                     self._blocks.pop(b.id, None)
                     self._consumed.discard(b.id)
                     self._unordered_work.pop(b.id, None)
+                    self._unordered_reconf.pop(b.id, None)
             self._round_weight.pop(r, None)
             self._quorum_at_ms.pop(r, None)
         for key in [k for k in self._slot_taken if k[1] < horizon]:
             del self._slot_taken[key]
         for bid in [b for b, blk in self._buffer.items() if blk.round < horizon]:
             self._unbuffer(self._buffer[bid])
+        # A missing id nobody still waits for would be re-requested forever.
+        for mid in list(self._waiting_on):
+            if not any(c in self._buffer for c in self._waiting_on[mid]):
+                del self._waiting_on[mid]
+                self._missing.pop(mid, None)
+        self._proved = {k for k in self._proved if k[1] >= horizon}
         self._horizon = horizon
 
     # ------------------------------------------------------------------ output
