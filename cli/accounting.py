@@ -511,10 +511,15 @@ def distribution_verify(cid: str, distribution_ids: tuple[str, ...]) -> None:
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "valueflows"]), default="jsonl",
               show_default=True, help="jsonl/csv: the signed archive; valueflows: a JSON-LD view.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
+@json_option
 def export(cid: str, fmt: str, output: str | None) -> None:
-    """Export a constellation: every signed block and record in consensus order, re-verifiable."""
+    """Export a constellation: every signed block and record in consensus order, re-verifiable.
+
+    With --output and --json, prints what was written; the archive itself is the output otherwise.
+    """
     from valuemesh.node.accounting_api import archive_csv, archive_jsonl
 
+    items: list[dict[str, Any]] = []
     if fmt == "valueflows":
         text = json.dumps(_call("GET", f"/v1/constellations/{_cid(cid)}/valueflows"), indent=2, sort_keys=True) + "\n"
     else:
@@ -527,7 +532,9 @@ def export(cid: str, fmt: str, output: str | None) -> None:
         Path(output).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise LocalError(f"Cannot write {output}: {exc.strerror or exc}.") from None
-    click.echo(f"wrote {output}", err=True)
+    end = items[-1] if items else {}
+    _out({"file": output, "format": fmt, "bytes": len(text.encode()), "state_hash": end.get("state_hash"),
+          "records": end.get("records")}, f"wrote {output}")
 
 
 @click.command("import")

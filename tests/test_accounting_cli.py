@@ -244,9 +244,11 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
 
     # Export → import on a fresh home: every signature re-checked, the same state and distribution.
     jsonl, csv_file, vf_file = tmp / "bakery.jsonl", tmp / "bakery.csv", tmp / "bakery-vf.json"
-    together(lambda: ds[INV].cli("export", cid, "--format", "jsonl", "--output", str(jsonl)),
-             lambda: ds[P].cli("export", cid, "--format", "csv", "--output", str(csv_file)),
-             lambda: ds[C].cli("export", cid, "--format", "valueflows", "--output", str(vf_file)))
+    exported, *_ = together(
+        lambda: ds[INV].cli_json("export", cid, "--format", "jsonl", "--output", str(jsonl)),
+        lambda: ds[P].cli("export", cid, "--format", "csv", "--output", str(csv_file)),
+        lambda: ds[C].cli("export", cid, "--format", "valueflows", "--output", str(vf_file)))
+    assert exported["state_hash"] in hashes and exported["bytes"] == jsonl.stat().st_size
     vf = json.loads(vf_file.read_text())
     claims = [n for n in vf["@graph"] if n["@type"] == "vf:Claim"]
     assert sorted(n["vf:resourceQuantity"]["om2:hasNumericalValue"] for n in claims) == sorted(a for *_, a in got)
