@@ -36,6 +36,7 @@ from valuemesh.node.store import PeerInfo, Store
 from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
+from valuemesh.protocol.consensus import Checkpoint
 from valuemesh.protocol.errors import LocalError, PluginError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
@@ -340,6 +341,9 @@ class Node:
             async with self.store.batch() as tx:
                 tx.put_equivocation(proof, now_ms())
             log.warning("equivocation by %s in %s", proof.author, eng.text_id)
+        elif isinstance(msg, m.CheckpointSig):
+            eng = self._engine_for_peer(link, msg.c)
+            await eng.add_checkpoint(Checkpoint.decode(msg.cp))
         elif isinstance(msg, m.PeerExchange):
             if self.peers is not None:
                 try:
@@ -422,6 +426,8 @@ class Node:
                 await self._send(link, ask)
         for p in eff.proofs:
             await self._broadcast(eng, m.Proof(eng.cid, p.encode()))
+        while eng.checkpoints_out:
+            await self._broadcast(eng, m.CheckpointSig(eng.cid, eng.checkpoints_out.pop(0).encode()))
 
     async def _broadcast(self, eng: Engine, msg: m.Message) -> None:
         payload = m.encode_message(msg)

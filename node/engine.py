@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from valuemesh.node.jsonbody import body_to_json
+from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
-from valuemesh.protocol.consensus import Committee, Consensus, Output
+from valuemesh.protocol.consensus import Checkpoint, CheckpointAggregator, Committee, Consensus, Output
 from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome
@@ -27,6 +28,7 @@ from valuemesh.protocol.records import Block, EquivocationProof, Record, constel
 log = logging.getLogger("valuemesh.engine")
 EPOCH_DELAY_ROUNDS = 10
 MAX_PENDING = 10_000
+MAX_EARLY_CHECKPOINTS = 512
 FINAL_VIEW_LIMIT = 100_000
 
 GUARANTEE_TEXT = {
@@ -86,6 +88,12 @@ class Engine:
         self.catchup: dict[str, int] = {"blocks_done": 0, "blocks_left": 0}
         self._replaying: list[Committee] | None = None
         self._scheduled: list[Output] = []
+        self._committees: dict[int, Committee] = {0: self.committee}
+        self._aggregators: dict[int, CheckpointAggregator] = {}
+        self._early_checkpoints: dict[int, list[Checkpoint]] = {}
+        self._certs_to_store: list[StoredCheckpoint] = []
+        self.checkpoints_out: list[Checkpoint] = []
+        self.certified: dict[int, StoredCheckpoint] = {}
         self._note(first[0])
 
     @property
@@ -120,13 +128,17 @@ class Engine:
         blocks = {b.id: b async for b in self.store.iter_blocks(self.cid)}
         committed: list[bytes] = []
         self._replaying: list[Committee] = []
+        replay: list[tuple[Block, int]] = []
         async for entry in self.store.iter_commits(self.cid):
             block = blocks.get(entry.block_id)
             if block is None:
                 raise LocalError("The database lost a committed block; restore it from a backup or a peer.")
-            self._apply_block(block, entry.anchor_round)
+            replay.append((block, entry.anchor_round))
             committed.append(block.id)
+        self._apply_committed(replay)
         committees, self._replaying = self._replaying, []
+        for cert in await self.store.checkpoints(self.cid):
+            self.certified[cert.epoch] = cert
         now = self.clock
         out = self.consensus.restore(list(blocks.values()), committed, committees)
         for rec in await self.store.pending(self.cid):
@@ -207,9 +219,10 @@ class Engine:
             return eff
         entries: list[CommitEntry] = []
         finished: list[bytes] = []
-        for c in out.committed:
-            self._apply_block(c.block, c.anchor_round)
-            entries.append(CommitEntry(self.commit_index - 1, c.block.id, c.anchor_round))
+        first_index = self.commit_index
+        self._apply_committed([(c.block, c.anchor_round) for c in out.committed])
+        for i, c in enumerate(out.committed):
+            entries.append(CommitEntry(first_index + i, c.block.id, c.anchor_round))
             for r in c.block.records:
                 if r.id in self.pending:
                     del self.pending[r.id]
@@ -227,28 +240,82 @@ class Engine:
             for p in out.proofs:
                 tx.put_equivocation(p, now)
         eff.committed = len(entries)
+        await self.flush_checkpoints()
         while self._scheduled:
             self._merge(eff, await self._handle(self._scheduled.pop(0), now))
         return eff
 
-    def _apply_block(self, block: Block, anchor_round: int) -> None:
+    def _apply_committed(self, items: list[tuple[Block, int]]) -> None:
+        """Apply committed blocks in order; close an epoch after the last block of
+        the anchor that changed the committee (an anchor's history is ordered in
+        one step, so "after its last block" is the same point on every node)."""
+        for i, (block, anchor_round) in enumerate(items):
+            self._apply_block(block)
+            last_of_anchor = i + 1 == len(items) or items[i + 1][1] != anchor_round
+            if last_of_anchor and self.ledger.committee_version != self._committee_version:
+                self._committee_version = self.ledger.committee_version
+                self._close_epoch(anchor_round)
+
+    def _apply_block(self, block: Block) -> None:
         self.clock = max(self.clock, block.created)
         for rec in block.records:
             for o in self.ledger.apply(rec, self.clock):
                 self._note(o)
         self.commit_index += 1
-        if self.ledger.committee_version != self._committee_version:
-            self._committee_version = self.ledger.committee_version
-            members = self.ledger.committee()
-            if members and members != self.committee.members:
-                nxt = Committee(self.committee.epoch + 1, members, anchor_round + EPOCH_DELAY_ROUNDS)
-                if self._replaying is not None:
-                    self._replaying.append(nxt)
-                else:
-                    self._scheduled.append(self.consensus.schedule_committee(nxt))
-                self.committee = nxt
-                log.info("committee change scheduled", extra={"c": self.text_id, "epoch": nxt.epoch,
-                                                              "start_round": nxt.start_round})
+
+    def _close_epoch(self, anchor_round: int) -> None:
+        """Schedule the next committee and sign the checkpoint that closes this epoch."""
+        members = self.ledger.committee()
+        old = self.committee
+        if not members or members == old.members:
+            return
+        nxt = Committee(old.epoch + 1, members, anchor_round + EPOCH_DELAY_ROUNDS)
+        if self._replaying is not None:
+            self._replaying.append(nxt)
+        else:
+            self._scheduled.append(self.consensus.schedule_committee(nxt))
+        self.committee = nxt
+        self._committees[nxt.epoch] = nxt
+        log.info("committee change scheduled", extra={"c": self.text_id, "epoch": nxt.epoch,
+                                                      "start_round": nxt.start_round})
+        agg = self._aggregators.setdefault(old.epoch, CheckpointAggregator(self.cid, old))
+        if self.identity.member in old:
+            cp = Checkpoint.create(self.identity, constellation=self.cid, epoch=old.epoch, round=anchor_round,
+                                   state_hash=self.ledger.state_hash())
+            self.checkpoints_out.append(cp)
+            self._take_checkpoint(agg, cp)
+        for early in self._early_checkpoints.pop(old.epoch, []):
+            self._take_checkpoint(agg, early)
+
+    def _take_checkpoint(self, agg: CheckpointAggregator, cp: Checkpoint) -> None:
+        cert = agg.add(cp)
+        if cert is not None and cert.epoch not in self.certified:
+            self.certified[cert.epoch] = StoredCheckpoint(self.cid, cert.epoch, cert.round, cert.state_hash,
+                                                          {m.key: sig for m, sig in cert.signatures})
+            self._certs_to_store.append(self.certified[cert.epoch])
+            log.info("checkpoint certified", extra={"c": self.text_id, "epoch": cert.epoch})
+
+    async def add_checkpoint(self, cp: Checkpoint) -> None:
+        """A peer's checkpoint signature (decoded and verified by the caller)."""
+        if cp.constellation != self.cid:
+            raise ValidationError("The checkpoint is for another constellation.")
+        committee = self._committees.get(cp.epoch)
+        if committee is None or cp.epoch not in self._aggregators:
+            if cp.epoch > self.committee.epoch + 1 or cp.epoch in self.certified:
+                return  # far ahead of us (we will sync first) or already certified
+            waiting = self._early_checkpoints.setdefault(cp.epoch, [])
+            if len(waiting) < MAX_EARLY_CHECKPOINTS:
+                waiting.append(cp)
+            return
+        self._take_checkpoint(self._aggregators[cp.epoch], cp)
+        await self.flush_checkpoints()
+
+    async def flush_checkpoints(self) -> None:
+        if self._certs_to_store:
+            async with self.store.batch() as tx:
+                for c in self._certs_to_store:
+                    tx.put_checkpoint(c)
+            self._certs_to_store.clear()
 
     def _note(self, o: Outcome) -> None:
         if o.status in ("duplicate", "deferred"):
@@ -314,8 +381,16 @@ class Engine:
             "guarantee_text": guarantee_text(self.committee),
             "state_hash": self.ledger.state_hash().hex(),
             "catchup": dict(self.catchup),
+            "checkpoint": self._checkpoint_view(),
             "finality_ms_p50": lat[len(lat) // 2] if lat else None,
         }
+
+    def _checkpoint_view(self) -> dict[str, Any] | None:
+        if not self.certified:
+            return None
+        c = self.certified[max(self.certified)]
+        return {"epoch": c.epoch, "round": c.round, "state_hash": c.state_hash.hex(),
+                "signers": [str(MemberId(k)) for k in sorted(c.signatures)]}
 
     def record_view(self, rid: str) -> dict[str, Any]:
         for r in self.final:

@@ -151,6 +151,18 @@ class Proof:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointSig:
+    """One core member's signature over the ledger state closing an epoch."""
+
+    t: ClassVar[str] = "checkpoint"
+    c: bytes
+    cp: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and len(self.cp) <= 1024
+
+
+@dataclass(frozen=True, slots=True)
 class PeerExchange:
     """Addresses of other peers I know: [member key, host, port, age in seconds]."""
 
@@ -166,15 +178,19 @@ class PeerExchange:
         )
 
 
-Message = Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | PeerExchange
+Message = (
+    Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | CheckpointSig
+    | PeerExchange
+)
 _TYPES: dict[str, type[Any]] = {
     cls.t: cls
-    for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, PeerExchange)
+    for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, CheckpointSig,
+                PeerExchange)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,
     "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
-    "genesis": bytes, "reason": str, "proof": bytes, "peers": list,
+    "genesis": bytes, "reason": str, "proof": bytes, "peers": list, "cp": bytes,
 }
 
 

@@ -54,6 +54,10 @@ def test_four_daemons_agree_survive_a_kill_and_catch_up(tmp_path: Path) -> None:
         assert victim.cli_json("ledger", cid)["state_hash"] == survivors_hash
         status = victim.cli_json("status")
         assert status["constellations"][0]["guarantee"] == "byzantine-tolerant(1)"
+        # Each membership change closed an epoch with a checkpoint signed by a quorum.
+        cps = [d.cli_json("status")["constellations"][0]["checkpoint"] for d in c.daemons]
+        assert cps[0] is not None and cps[0]["epoch"] >= 1
+        assert len({(cp["epoch"], cp["state_hash"]) for cp in cps}) == 1
 
         # Leaving and dissolving are records like any other: final everywhere.
         victim.cli("constellation", "leave", cid)
