@@ -162,10 +162,17 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
     # Two votes of one member, both sent before either is final (two of four members are paused,
     # so nothing can be), both pass submission; the ledger rejects the second when it orders it,
     # with its own sentence, in every node's final list.
-    with paused(ds[INV], ds[P]):
-        no, twice = (ds[C].api("POST", f"/v1/constellations/{cid}/records",
-                               {"type": "policy", "body": {"op": "vote", "proposal": prop, "option": o}})["id"]
-                     for o in ("disagree", "agree"))
+    # `--wait` then exits 1 with that sentence.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with paused(ds[INV], ds[P]):
+            no = ds[C].api("POST", f"/v1/constellations/{cid}/records",
+                           {"type": "policy", "body": {"op": "vote", "proposal": prop, "option": "disagree"}})["id"]
+            again = pool.submit(refused, ds[C], ["policy", "vote", cid, prop, "agree", "--wait"], "already voted")
+            wait_until(lambda: sum(r["type"] == "policy" for r in ledger(ds[C], cid)["pending"]) == 2,
+                       DEADLINE_S, "both votes to be pending")
+        again.result()
+    twice = next(r["id"] for r in ledger(ds[C], cid)["pending"] + ledger(ds[C], cid)["final"]
+                 if r["type"] == "policy" and r["body"].get("option") == "agree" and r["author"] == m[C])
     (rev,) = together(
         lambda: submit(ds[C], "revenue", cid, "--amount", "1200.00", "--currency", "EUR", "--agreement", agr),
         lambda: refused(ds[C], ["revenue", cid, "--amount", "1200.005", "--currency", "EUR", "--agreement", agr],
