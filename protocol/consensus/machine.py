@@ -30,8 +30,9 @@ consumed without being ordered, by every node alike, since the history is a func
 
 Records are deduplicated by id at ordering, so re-proposing a record whose block may
 never be ordered is safe. Nodes stop making rounds when no record is queued and no block
-near the commit frontier carries an unordered record (quiescence); `propose`, or a peer's
-block carrying unordered records, wakes them.
+near the commit frontier carries an unordered record (quiescence); `propose`, a peer's
+block carrying unordered records, or a peer's block of the round we would sign next (we
+join that round) wakes them.
 
 Epochs: committee_at(r) is the last scheduled committee with start_round <= r. A record
 of a reconfiguring type committed by anchor a switches the committee at a +
@@ -560,7 +561,7 @@ class Consensus:
         if self._identity is None or self._me is None:
             return False
         target = self._quorum_round + 1
-        if target <= self._last_own_round or not self.has_work():
+        if target <= self._last_own_round or not self._wants_round(target):
             return False
         committee = self.committee_at(target)
         if self._me not in committee:
@@ -587,6 +588,11 @@ class Consensus:
         step.blocks.append(block)
         self._release_children(block.id, step)
         return True
+
+    def _wants_round(self, target: int) -> bool:
+        # A peer already signed `target`: join it even with nothing of our own to do, or a
+        # node whose records wait for this round's quorum would wait for ever.
+        return self.has_work() or any(a != self._me for a in self._rounds.get(target, {}))
 
     def _has_anchor(self, round: int) -> bool:
         leader = self.committee_at(round).leader(round)
@@ -801,9 +807,10 @@ class Consensus:
         times: list[int] = []
         if self._missing:
             times.append(min(self._missing.values()) + self._p.fetch_retry_ms)
+        target = self._quorum_round + 1
         if self.has_work():
             times.append(self._last_progress_ms + self._p.stall_ms)
-            target = self._quorum_round + 1
+        if self._wants_round(target):
             if self._identity is not None and target > self._last_own_round:
                 if step.first_anchor is not None:
                     times.append(step.now)
