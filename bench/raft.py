@@ -230,6 +230,48 @@ class RaftCluster:
             r.stop()
 
 
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return round(v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))], 1)
+
+
+def measure(mode: str, *, replicas: int, light_writes: int, writes: int, window: int, avail_rate: float,
+            avail_s: float, kill_after_s: float) -> dict[str, Any]:
+    """One pysyncobj cluster in `mode`: light-load commit latency (blocking writes one at a
+    time), throughput of `writes` callback writes with `window` in flight, then a steady load
+    during which the leader is killed with -9. Writes come from a follower."""
+    c = RaftCluster(replicas, mode)
+    c.start()
+    try:
+        w = c.follower()
+        light = w.ask(f"load {light_writes} 20 1 1")
+        thr = w.ask(f"load {writes} 1000000 {window} 0")
+        span = (thr["t_last_commit"] or thr["t_first_submit"]) - thr["t_first_submit"]
+        lead, w = c.leader(), c.follower()
+        timer = threading.Timer(kill_after_s, lead.kill9)
+        timer.start()
+        try:
+            av = w.ask(f"load {int(avail_rate * avail_s)} {avail_rate} {window} 0")
+        finally:
+            timer.cancel()
+        lat = thr["latencies_ms"]
+        return {
+            "mode": mode, "replicas": replicas, "write_bytes": WRITE_BYTES,
+            "light": {"writes": light_writes, "p50_ms": _pct(light["latencies_ms"], 0.5),
+                      "p99_ms": _pct(light["latencies_ms"], 0.99)},
+            "throughput": {"writes": writes, "window": window, "committed": thr["committed"],
+                           "per_s": round(thr["committed"] / span) if span > 0 else None,
+                           "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99)},
+            "leader_kill": {"offered_per_s": avail_rate, "writes": av["count"], "committed": av["committed"],
+                            "longest_gap_ms": round(av["longest_gap_ms"] or 0), "failed_writes": av["failed"],
+                            "retried_writes": av["retried"], "given_up": av["given_up"]},
+        }
+    finally:
+        c.stop()
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "replica":
         replica_main(sys.argv[2:])

@@ -116,6 +116,7 @@ class Series:
 @dataclass
 class LoadResult:
     submitted: dict[str, float]  # record id -> monotonic submit time
+    accepted_by: dict[str, tuple[int, float]]  # record id -> (daemon index, monotonic time of the 202)
     series: list[Series]
     order: list[dict[str, int]]  # per node: record id -> index in its final order
     failed: int
@@ -204,6 +205,7 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         pollers = [asyncio.create_task(_poll(a, cid, s, stop, interval)) for a, s in zip(apis, series, strict=True)
                    if timing]
         submitted: dict[str, float] = {}
+        accepted_by: dict[str, tuple[int, float]] = {}
         counters = {"failed": 0, "retried": 0}
         sem = asyncio.Semaphore(MAX_IN_FLIGHT)
         order_targets = targets if targets is not None else list(range(len(apis)))
@@ -224,6 +226,7 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
                         await asyncio.sleep(RETRY_PAUSE_S)
                         continue
                     submitted[doc["id"]] = t0
+                    accepted_by[doc["id"]] = (k, time.monotonic())
                     return
                 counters["failed"] += 1
 
@@ -271,7 +274,7 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         await asyncio.sleep(interval * 2)
         stop.set()
         await asyncio.gather(*pollers)
-        return LoadResult(submitted, series, orders, counters["failed"], counters["retried"], t_start,
+        return LoadResult(submitted, accepted_by, series, orders, counters["failed"], counters["retried"], t_start,
                           t_end_submit, stopped | {i for i, d in enumerate(c.daemons) if not d.alive})
 
 
