@@ -11,7 +11,7 @@ from valuemesh.protocol.sim.__main__ import main
 
 ALL = FAULT_KINDS
 NETWORK = ("delay", "drop", "reorder", "duplicate")
-# (nodes, faults, seeds, waves): 376 runs in all; sized to stay well under a minute.
+# (nodes, faults, seeds, waves): 385 runs in all; sized to stay well under a minute.
 PLAN = [
     *[(n, ALL, 30, 8) for n in (1, 2, 3, 4, 7)],
     (10, ALL, 20, 6),
@@ -20,6 +20,7 @@ PLAN = [
     *[(n, NETWORK, 10, 8) for n in (1, 2, 3, 4, 7, 10)],
     *[(n, ("equivocate", "reorder"), 10, 8) for n in (4, 7, 10)],
     (3, ("crash",), 10, 8),
+    *[(n, ("reconfigure", "drop", "crash", "restart", "equivocate"), 3, 45) for n in (2, 4, 7)],
 ]
 
 
@@ -43,6 +44,12 @@ def test_plan_covers_the_required_matrix() -> None:
     assert sum(p[2] for p in PLAN) >= 300
     assert {p[0] for p in PLAN} == {1, 2, 3, 4, 7, 10}
     assert set().union(*(p[1] for p in PLAN)) == set(FAULT_KINDS)
+
+
+def test_committee_switches_mid_run_under_faults() -> None:
+    r = run(4, 3, ("reconfigure", "drop", "reorder"), 45)
+    assert r.ok, r.violations
+    assert ("reconfigure", 1) in r.injected and r.epoch == 1
 
 
 def test_a_run_is_a_pure_function_of_its_seed() -> None:

@@ -9,9 +9,13 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .world import SIM_PARAMS, Envelope, World
+from ..consensus import EPOCH_DELAY_ROUNDS, Committed, Committee
+from .world import SIM_PARAMS, Envelope, SimNode, World
 
-FAULT_KINDS = ("crash", "restart", "partition", "delay", "drop", "reorder", "duplicate", "equivocate")
+FAULT_KINDS = (
+    "crash", "restart", "partition", "delay", "drop", "reorder", "duplicate", "equivocate",
+    "reconfigure",
+)
 # Records are proposed in waves this far apart (virtual ms); `rounds` is the wave count.
 WAVE_MS = 100
 # After the last fault heals, every honest record must be final within this (virtual ms).
@@ -45,6 +49,7 @@ class RunResult:
     violations: tuple[str, ...]
     proofs: int
     excluded: int
+    epoch: int
     virtual_ms: int
     events: int
 
@@ -66,6 +71,7 @@ class RunResult:
             f"rounds={self.rounds_reached} finality_rounds(p50/p99)={self.latency_rounds[0]}/"
             f"{self.latency_rounds[1]} finality_ms(p50/p99)={self.latency_ms[0]}/"
             f"{self.latency_ms[1]} faults[{inj}] proofs={self.proofs} excluded={self.excluded} "
+            f"epoch={self.epoch} "
             f"violations={len(self.violations)}"
         )
 
@@ -156,7 +162,25 @@ class _Driver:
                 w.partition = arg
             elif kind == "heal":
                 w.heal()
+            elif kind == "reconfigure":
+                assert isinstance(arg, int)
+                w.propose(arg, type="membership", data={"scale": 2})
             self.flush()
+
+
+def _reconfigure(node: SimNode, c: Committed) -> Committee | None:
+    """The node layer's reaction to a committed membership record: the next epoch starts
+    EPOCH_DELAY_ROUNDS after its anchor, with every weight scaled (quorums stay the same
+    in heads, so the fault budget of the run still holds)."""
+    for rec in c.records:
+        if rec.type == "membership":
+            cur = node.consensus.committee_at(1 << 60)
+            scale = int(rec.body.get("scale", 1))
+            return Committee(
+                cur.epoch + 1, tuple((m, w * scale) for m, w in cur.members),
+                c.anchor_round + EPOCH_DELAY_ROUNDS,
+            )
+    return None
 
 
 def run(
@@ -186,6 +210,7 @@ def run(
     world = World(
         nodes, byzantine=byz, observers=observers, crypto=crypto, params=SIM_PARAMS,
         seed_bytes=rng.randbytes(16),
+        reconfigure=_reconfigure if "reconfigure" in fault_set else None,
     )
     drv = _Driver(world, rng, fault_set)
     drv.lossy_until = load_end
@@ -209,6 +234,9 @@ def run(
             if restart:
                 drv.at(rng.randint(t + 50, load_end), "restart", i)
                 drv.count("restart")
+    if "reconfigure" in fault_set:
+        drv.at(rng.randint(0, load_end // 2), "reconfigure", rng.choice(honest))
+        drv.count("reconfigure")
     if "partition" in fault_set and nodes >= 2:
         everyone = list(range(nodes + observers))
         rng.shuffle(everyone)
@@ -235,6 +263,7 @@ def run(
         violations=tuple(dict.fromkeys(violations)),
         proofs=world.proofs,
         excluded=len(longest.consensus.excluded),
+        epoch=max((longest.store[i].epoch for i in longest.log if i in longest.store), default=0),
         virtual_ms=world.now,
         events=drv.events,
     )

@@ -328,6 +328,14 @@ class World:
                         if ident is not None and ident.member != rec.author:
                             out.append("a committed record's author is not its proposer")
         members = {n.identity.member for n in honest if n.identity is not None}
+        schedules = {tuple(n.committees) for n in honest if n.committees}
+        if len(schedules) > 1:
+            out.append("honest nodes scheduled different committees")
+        for n in honest:
+            for ob in (n.store.get(i) for i in n.log):
+                if ob is not None and ob.epoch != n.consensus.committee_at(ob.round).epoch:
+                    out.append(f"node {n.index} ordered a block of the wrong epoch")
+                    break
         by_decided: dict[int, frozenset[MemberId]] = {}
         for n in sorted(honest, key=lambda n: n.consensus.decided_round):
             if not n.alive:
