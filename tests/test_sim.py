@@ -20,7 +20,7 @@ PLAN = [
     *[(n, NETWORK, 10, 8) for n in (1, 2, 3, 4, 7, 10)],
     *[(n, ("equivocate", "reorder"), 10, 8) for n in (4, 7, 10)],
     (3, ("crash",), 10, 8),
-    *[(n, ("reconfigure", "drop", "crash", "restart", "equivocate"), 3, 45) for n in (2, 4, 7)],
+    *[(n, ("reconfigure", "drop", "crash", "restart", "equivocate"), 3, 60) for n in (2, 4, 7)],
 ]
 
 
@@ -47,7 +47,7 @@ def test_plan_covers_the_required_matrix() -> None:
 
 
 def test_committee_switches_mid_run_under_faults() -> None:
-    r = run(4, 3, ("reconfigure", "drop", "reorder"), 45)
+    r = run(4, 3, ("reconfigure", "drop", "duplicate", "crash", "restart"), 60)
     assert r.ok, r.violations
     assert ("reconfigure", 1) in r.injected and r.epoch == 1
 
