@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import itertools
 import os
 import signal
@@ -37,6 +36,8 @@ HTTP_TIMEOUT_S = 10.0
 MAX_IN_FLIGHT = 64
 RETRY_PAUSE_S = 0.05
 MAX_RETRIES = 40
+SAMPLE = 20
+AVAILABILITY_SETTLE_S = 30.0
 
 
 class Api:
@@ -186,7 +187,8 @@ async def _poll(api: Api, cid: str, series: Series, stop: asyncio.Event, interva
 
 
 async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: float = POLL_S,
-                   targets: list[int] | None = None, during: Any = None, timing: bool = True) -> LoadResult:
+                   targets: list[int] | None = None, during: Any = None, timing: bool = True,
+                   settle_s: float = SETTLE_TIMEOUT_S) -> LoadResult:
     """Offer `count` records at `rate`/s (open loop, round-robin over live daemons),
     then wait until every live daemon has all of them final (bounded). Without `timing`
     nothing is polled during the load and completion is judged by final counts alone
@@ -198,10 +200,6 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         series = [Series() for _ in apis]
         stop = asyncio.Event()
         interval = poll_s * max(1, len(apis) / 4)
-        base = 0
-        for i, a in enumerate(apis):
-            if c.daemons[i].alive:
-                base = max(base, int((await a.get(f"/v1/constellations/{cid}"))["final"]))
         pollers = [asyncio.create_task(_poll(a, cid, s, stop, interval)) for a, s in zip(apis, series, strict=True)
                    if timing]
         submitted: dict[str, float] = {}
@@ -242,17 +240,23 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         t_end_submit = time.monotonic()
         if side is not None:
             await side
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S + (0 if timing else count / 20)
+        deadline = time.monotonic() + settle_s + (0 if timing else count / 20)
         orders: list[dict[str, int]] = [{} for _ in apis]
+        # Without timing: done when every live node holds the last SAMPLE accepted records as
+        # final and all report one final count (a count target would wait forever on a lost record).
+        sample = sorted(accepted_by, key=lambda rid: accepted_by[rid][1])[-SAMPLE:]
         while not timing and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            finals = []
-            for i, a in enumerate(apis):
-                if c.daemons[i].alive:
-                    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                        finals.append(int((await a.get(f"/v1/constellations/{cid}"))["final"]))
-            if finals and min(finals) >= base + len(submitted):
-                break
+            try:
+                live = [a for i, a in enumerate(apis) if c.daemons[i].alive]
+                finals = {int((await a.get(f"/v1/constellations/{cid}"))["final"]) for a in live}
+                if len(finals) != 1:
+                    continue
+                views = [await a.get(f"/v1/constellations/{cid}/records/{rid}") for a in live for rid in sample]
+                if all(v.get("final") for v in views):
+                    break
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                continue
         while timing and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             done = True
@@ -343,12 +347,14 @@ def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str,
     async def during(cl: Cluster, apis: list[Api], stopped: set[int]) -> None:
         await kill_each_in_turn(cl, apis, stopped, warmup_s=warmup_s, down_s=down_s, after_s=after_s, log=log)
 
-    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during))
+    # A record acknowledged by a daemon that then lost it never becomes final: do not wait long for it.
+    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during, settle_s=AVAILABILITY_SETTLE_S))
     gaps = progress_gaps(res, [(e["t_kill"], e["t_next"]) for e in log])
     lat = res.finality_ms()
     return {"records": len(res.submitted), "final_on_all": len(lat), "offered_per_s": rate,
             "longest_gap_ms_per_kill": [round(g) for g in gaps], "longest_gap_ms": round(max(gaps, default=0)),
             "failed_writes": res.failed + (len(res.submitted) - len(lat)), "retried_writes": res.retried,
+            "acknowledged_never_final": len(res.submitted) - len(lat),
             "finality_p50_ms": _r(median(lat)), "finality_p99_ms": _r(pct(lat, 0.99)),
             "down_s": down_s}
 
