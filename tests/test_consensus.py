@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from valuemesh.protocol.consensus import (
     EPOCH_DELAY_ROUNDS,
     Checkpoint,
@@ -387,3 +388,31 @@ def test_refounding_by_survivors() -> None:
                         ((signed.signatures[0][0], signed.signatures[1][1]), signed.signatures[1]))
     with pytest.raises(SignatureError):
         forged.verify(com)
+
+
+# ---------------------------------------------------------------- quiescence
+
+def test_idle_constellation_makes_no_blocks_and_asks_for_no_ticks() -> None:
+    w = World(4, crypto=False)
+    for i in range(4):
+        w.propose(i)
+    assert w.settle()
+    rounds = [n.consensus.last_own_round for n in w.nodes]
+    for n in w.nodes:
+        assert not n.consensus.has_work()
+        out = n.consensus.tick(w.now + 60_000)
+        assert out.blocks == () and out.next_tick_ms is None
+    assert [n.consensus.last_own_round for n in w.nodes] == rounds
+    w.propose(2)
+    assert w.settle()
+    assert all(n.consensus.last_own_round > r for n, r in zip(w.nodes[:4], rounds[:4], strict=True))
+    assert w.check_liveness() == []
+
+
+def test_a_record_in_a_peer_block_wakes_the_followers() -> None:
+    w = World(4, crypto=False)
+    w.propose(0)
+    first = list(w.outbox)
+    assert first and all(e.block is not None and e.block.records for e in first)
+    assert w.settle()
+    assert all(len(n.log_records) == 1 for n in w.nodes)
