@@ -14,6 +14,7 @@ import binascii
 import csv
 import io
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -432,42 +433,33 @@ def _note(o: Outcome, registry: Registry, block: bytes | None, position: int) ->
 
 
 def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, int]]) -> Replay:
-    """Apply the genesis and committed blocks in order, as a node's engine does on restart.
+    """Apply the genesis and committed blocks in order, exactly as a node's engine does on restart.
 
-    The clock is the latest block time so far and a membership change schedules the next
-    committee EPOCH_DELAY_ROUNDS after its anchor round — the engine's own rules.
+    The replay runs the engine's own code (its clock rule, and when a membership change closes
+    an epoch), so an archive is judged by the rules the node itself follows. The engine gets a
+    fresh identity that is no member, so it signs nothing, and it never touches a store here.
     """
-    from valuemesh.node.engine import EPOCH_DELAY_ROUNDS
+    from valuemesh.node.engine import Engine
 
-    ledger = Ledger(registry, genesis.constellation)
-    first = ledger.apply(genesis, genesis.created)
-    if not first[0].applied:
-        raise ValidationError(f"The archive's genesis is invalid: {first[0].reason}")
-    meta = ledger.reader.read("membership", "meta")
-    registry.require({n: Version.parse(v) for n, v in meta["plugins"].items()})
-    committee = Committee(0, ledger.committee(), 0)
-    start = committee
-    committees: list[Committee] = []
-    version = ledger.committee_version
-    clock = genesis.created
+    items = list(commits)
+    carried: dict[bytes, bytes] = {}
+    for b, _ in items:
+        for r in b.records:
+            carried.setdefault(r.id, b.id)
+    eng = Engine(None, registry, Identity.generate(os.urandom), genesis)  # type: ignore[arg-type]
+    first = eng.committee
+    outcomes: list[Outcome] = [Outcome("applied", genesis)]
+    # Every outcome, not the engine's bounded final view: an archive lists all of them.
+    eng._note = outcomes.append  # type: ignore[method-assign]
+    eng._replaying = []
+    eng._apply_committed(items)
+    committees = list(eng._replaying)
     records: list[dict[str, Any]] = []
-    g = _note(first[0], registry, None, 0)
-    assert g is not None
-    records.append(g)
-    for block, anchor_round in commits:
-        clock = max(clock, block.created)
-        for rec in block.records:
-            for o in ledger.apply(rec, clock):
-                item = _note(o, registry, block.id, len(records))
-                if item is not None:
-                    records.append(item)
-        if ledger.committee_version != version:
-            version = ledger.committee_version
-            members = ledger.committee()
-            if members and members != committee.members:
-                committee = Committee(committee.epoch + 1, members, anchor_round + EPOCH_DELAY_ROUNDS)
-                committees.append(committee)
-    return Replay(ledger, records, committees, start)
+    for o in outcomes:
+        item = _note(o, registry, carried.get(o.record.id), len(records))
+        if item is not None:
+            records.append(item)
+    return Replay(eng.ledger, records, committees, first)
 
 
 async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[dict[str, Any]]:
