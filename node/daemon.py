@@ -53,6 +53,7 @@ from valuemesh.protocol.records import (
 log = logging.getLogger("valuemesh.daemon")
 TICK_S = 0.02
 RESUBMIT_S = 2.0
+PROGRESS_LOG_S = 2.0
 DIAL_INTERVAL_S = 1.0
 JOIN_TIMEOUT_S = 15.0
 SYNC_BATCH = 128
@@ -135,6 +136,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
         self._join_links: dict[bytes, PeerLink] = {}
+        self._last_progress_log = 0.0
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.started_at = time.time()
@@ -406,6 +408,10 @@ class Node:
             blocks.append(b)
         eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
+        if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:
+            self._last_progress_log = time.monotonic()
+            log.info("catching up %s from %s: %d blocks done, %d left, %d records final", eng.text_id,
+                     link.remote.short, eng.catchup["blocks_done"], left, len(eng.final))
         for e in errors[:3]:
             log.info("rejected block from %s: %s", link.remote.short, e)
         if errors:
