@@ -52,7 +52,7 @@ from valuemesh.protocol.accounting.inputs import (
 )
 from valuemesh.protocol.accounting.money import format_fraction
 from valuemesh.protocol.accounting.policy import decide
-from valuemesh.protocol.consensus import Committee, Consensus
+from valuemesh.protocol.consensus import CheckpointCertificate, Committee, Consensus
 from valuemesh.protocol.errors import DecodeError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome, StateReader
@@ -416,6 +416,10 @@ class Replay:
     records: list[dict[str, Any]]
     committees: list[Committee]
     first: Committee
+    closes: dict[int, tuple[int, bytes]]  # epoch -> (anchor round, state hash) when it closed
+
+    def committee_of(self, epoch: int) -> Committee | None:
+        return next((c for c in [self.first, *self.committees] if c.epoch == epoch), None)
 
 
 def _note(o: Outcome, registry: Registry, block: bytes | None, position: int) -> dict[str, Any] | None:
@@ -451,6 +455,17 @@ def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, i
     outcomes: list[Outcome] = [Outcome("applied", genesis)]
     # Every outcome, not the engine's bounded final view: an archive lists all of them.
     eng._note = outcomes.append  # type: ignore[method-assign]
+    closes: dict[int, tuple[int, bytes]] = {}
+    close_epoch = eng._close_epoch
+
+    def closing(anchor_round: int) -> None:
+        # The state an epoch closes with is what its committee signs as a checkpoint.
+        epoch = eng.committee.epoch
+        close_epoch(anchor_round)
+        if eng.committee.epoch != epoch:
+            closes[epoch] = (anchor_round, eng.ledger.state_hash())
+
+    eng._close_epoch = closing  # type: ignore[method-assign]
     eng._replaying = []
     eng._apply_committed(items)
     committees = list(eng._replaying)
@@ -459,7 +474,7 @@ def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, i
         item = _note(o, registry, carried.get(o.record.id), len(records))
         if item is not None:
             records.append(item)
-    return Replay(eng.ledger, records, committees, first)
+    return Replay(eng.ledger, records, committees, first, closes)
 
 
 async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[dict[str, Any]]:
@@ -468,6 +483,8 @@ async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[d
     Commits are read before blocks: a commit is stored only after the blocks that decide it,
     so the blocks read afterwards always reproduce every commit in the archive.
     """
+    # Checkpoints first: one is stored only after the commit that closed its epoch.
+    stored_checkpoints = await store.checkpoints(eng.cid)
     entries = [e async for e in store.iter_commits(eng.cid)]
     blocks = {b.id: b async for b in store.iter_blocks(eng.cid)}
     missing = [e.block_id for e in entries if e.block_id not in blocks]
@@ -489,9 +506,45 @@ async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[d
         items.append({"kind": "block", "commit": None, "anchor_round": None, "id": b.id.hex(),
                       "round": b.round, "author": str(b.author), "created": b.created, "raw": _b64(b.raw)})
     items.extend(rep.records)
+    for cp in stored_checkpoints:
+        cert = _certificate(eng.cid, cp.epoch, cp.round, cp.state_hash, list(cp.signatures.items()))
+        committee = rep.committee_of(cp.epoch)
+        try:
+            if committee is None:
+                continue
+            cert.verify(committee)
+        except ValuemeshError:
+            continue  # signatures still being gathered: not yet a certificate
+        items.append({"kind": "checkpoint", "epoch": cp.epoch, "round": cp.round,
+                      "state_hash": cp.state_hash.hex(),
+                      "sigs": [[str(MemberId(k)), _b64(v)] for k, v in sorted(cp.signatures.items())]})
     items.append({"kind": "end", "state_hash": rep.ledger.state_hash().hex(), "records": len(rep.records),
                   "commits": len(committed), "blocks": len(blocks)})
     return items
+
+
+def _certificate(cid: bytes, epoch: int, rnd: int, state: bytes,
+                 sigs: list[tuple[bytes, bytes]]) -> CheckpointCertificate:
+    return CheckpointCertificate(cid, epoch, rnd, state, tuple((MemberId(k), v) for k, v in sigs))
+
+
+def _checkpoint_item(cid: bytes, it: Mapping[str, Any], n: int) -> CheckpointCertificate:
+    epoch, rnd, sigs = it.get("epoch"), it.get("round"), it.get("sigs")
+    if not (isinstance(epoch, int) and isinstance(rnd, int) and isinstance(sigs, list) and len(sigs) <= 512):
+        raise DecodeError(f"The checkpoint on line {n} is malformed.")
+    pairs = []
+    for pair in sigs:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise DecodeError(f"The checkpoint on line {n} is malformed.")
+        pairs.append((MemberId.parse(pair[0]).key, _unb64(pair[1], f"checkpoint signature on line {n}")))
+    state = it.get("state_hash")
+    if not isinstance(state, str) or len(state) != 64:
+        raise DecodeError(f"The checkpoint on line {n} is malformed.")
+    try:
+        state_hash = bytes.fromhex(state)
+    except ValueError:
+        raise DecodeError(f"The checkpoint on line {n} is malformed.") from None
+    return _certificate(cid, epoch, rnd, state_hash, pairs)
 
 
 def archive_jsonl(items: Iterable[Mapping[str, Any]]) -> Iterator[str]:
@@ -611,6 +664,7 @@ class VerifiedArchive:
     commits: list[CommitEntry]
     replay: Replay
     name: str
+    checkpoints: list[int]  # epochs whose quorum-signed checkpoint the archive carried and matched
 
     @property
     def cid(self) -> bytes:
@@ -621,7 +675,7 @@ class VerifiedArchive:
         dists = [bytes.fromhex(k[2:]) for k, _ in state.scan(DISTRIBUTION_NS, "d/")]
         return {"constellation": constellation_text(self.cid), "name": self.name,
                 "state_hash": self.replay.ledger.state_hash().hex(), "records": len(self.replay.records),
-                "blocks": len(self.blocks), "commits": len(self.commits),
+                "blocks": len(self.blocks), "commits": len(self.commits), "checkpoints": self.checkpoints,
                 "distributions": verify_view(state, dists)}
 
 
@@ -650,6 +704,7 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
     blocks: dict[bytes, Block] = {}
     commits: list[CommitEntry] = []
     stated: list[dict[str, Any]] = []
+    certs: list[CheckpointCertificate] = []
     for n, it in enumerate(items[1:-1], start=2):
         kind = it.get("kind")
         if kind == "block":
@@ -668,6 +723,8 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
                 commits.append(CommitEntry(c, b.id, ar))
         elif kind == "record":
             stated.append(it)
+        elif kind == "checkpoint":
+            certs.append(_checkpoint_item(cid, it, n))
         else:
             raise DecodeError(f"Line {n} of the archive is of an unknown kind.")
     rep = replay(registry, genesis, [(blocks[e.block_id], e.anchor_round) for e in commits])
@@ -687,7 +744,18 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
                                       f"its block says (field '{k}').")
     if end.get("state_hash") != rep.ledger.state_hash().hex():
         raise ValidationError("The archive's state hash is not the one its records produce.")
-    return VerifiedArchive(genesis, list(blocks.values()), commits, rep, str(head.get("name", ""))[:200])
+    for cert in certs:
+        # A quorum of the epoch's own committee signed the state its blocks close the epoch with.
+        committee = rep.committee_of(cert.epoch)
+        if committee is None or cert.epoch not in rep.closes:
+            raise ValidationError(f"The archive's checkpoint of epoch {cert.epoch} is of an epoch its blocks "
+                                  "never close.")
+        cert.verify(committee)
+        if rep.closes[cert.epoch] != (cert.round, cert.state_hash):
+            raise ValidationError(f"The archive's checkpoint of epoch {cert.epoch} is not the state its blocks "
+                                  "close that epoch with.")
+    return VerifiedArchive(genesis, list(blocks.values()), commits, rep, str(head.get("name", ""))[:200],
+                           sorted(c.epoch for c in certs))
 
 
 async def load_archive(store: Store, archive: VerifiedArchive, identity: Identity) -> None:

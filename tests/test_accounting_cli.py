@@ -323,6 +323,16 @@ def _tampering_is_refused(jsonl: Path, vf_file: Path, tmp: Path) -> Path:
     forged[-1]["state_hash"] = "00" * 32
     fails(forged, "state hash")
     fails(items[:-1], "cut short")
+    # The membership changes closed epochs whose quorum-signed checkpoints the archive carries.
+    cps = [i for i, x in enumerate(items) if x["kind"] == "checkpoint"]
+    assert cps and verify_archive(items, registry).checkpoints == sorted(items[i]["epoch"] for i in cps)
+    forged = [dict(x) for x in items]
+    forged[cps[0]]["state_hash"] = "11" * 32
+    fails(forged, "signature")
+    forged[cps[0]] = {**items[cps[0]], "sigs": []}
+    fails(forged, "lacks a quorum")
+    forged[cps[0]] = {**items[cps[0]], "epoch": items[cps[0]]["epoch"] + 50}
+    fails(forged, "never close")
     fails([{**items[0], "constellation": "vc1" + "a" * 58}, *items[1:]], "constellation")
     (tmp / "garbage.jsonl").write_text("{not json\n")
     for path, words in ((tmp / "garbage.jsonl", "neither valuemesh JSONL nor CSV"), (vf_file, "ValueFlows view"),
