@@ -565,6 +565,7 @@ def import_(file: str, check: bool) -> None:
             f"  {summary['records']} final records in {summary['commits']} committed blocks "
             f"({summary['blocks']} blocks), every signature checked\n"
             f"  state hash {summary['state_hash']}\n"
+            f"  quorum-signed epoch checkpoints matched: {len(summary['checkpoints'])}\n"
             f"  distributions re-verified: {sum(1 for d in ds if d['ok'])} of {len(ds)}\n"
             + ("  loaded: start the daemon to read it" if not check else "  (check only: nothing loaded)"))
     _out(summary, text)
