@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest
 import raft
 import vmcluster as vc
-from machine import machine_info, raw_verify_rate
+from machine import machine_info, proc_cpu_s, raw_verify_rate
 
 from valuemesh.node.engine import FINAL_VIEW_LIMIT
 from valuemesh.protocol.identity import Identity
@@ -65,7 +65,13 @@ def valuemesh_cluster(root: Path, n: int, cfg: dict[str, Any]) -> dict[str, Any]
     try:
         count, rate = cfg["light"]
         say(f"valuemesh n={n}: light load, {count} records at {rate}/s")
+        r0 = c.daemons[0].api("GET", f"/v1/constellations/{cid}")["round"]
         out["light"] = vc.latency_summary(asyncio.run(vc.run_load(c, cid, rate=rate, count=count)))
+        # Rounds are event-driven (no fixed period), so ms per round under light load tells
+        # how long one DAG hop (sign, fsync, send, decode, verify, store) takes here.
+        rounds = c.daemons[0].api("GET", f"/v1/constellations/{cid}")["round"] - r0
+        out["light"]["rounds"] = rounds
+        out["light"]["rounds_per_record"] = round(rounds / count, 1)
         rate = cfg["steady_rate"][n]
         count = int(rate * cfg["steady_s"])
         say(f"valuemesh n={n}: steady load, {count} records at {rate}/s")
@@ -75,12 +81,21 @@ def valuemesh_cluster(root: Path, n: int, cfg: dict[str, Any]) -> dict[str, Any]
             return out
         count = cfg["sustained"]
         say(f"valuemesh n=4: sustained, {count} records offered as fast as the API takes them")
+        pids = [d.proc.pid for d in c.daemons if d.proc is not None]
+        cpu0, me0 = [proc_cpu_s(p) for p in pids], os.times()
         res = asyncio.run(vc.run_load(c, cid, rate=10_000.0, count=count))
+        cpu1, me1 = [proc_cpu_s(p) for p in pids], os.times()
         end = res.all_final_time()
+        daemon_cpu = sum(cpu1) - sum(cpu0)
+        client_cpu = (me1.user + me1.system) - (me0.user + me0.system)
         out["sustained"] = {
             "records": len(res.submitted),
             "per_s": round(len(res.submitted) / (end - res.t_start)) if end else None,
             "api_accept_per_s": round(len(res.submitted) / (res.t_end_submit - res.t_start)),
+            # Where the cores went: CPU of the 4 daemons and of the load client per final record.
+            "daemon_cpu_ms_per_record": round(1000 * daemon_cpu / max(1, len(res.submitted)), 2),
+            "client_cpu_ms_per_record": round(1000 * client_cpu / max(1, len(res.submitted)), 2),
+            "daemon_cpu_percent": round(100 * daemon_cpu / (time.monotonic() - res.t_start), 1),
             **{k: v for k, v in vc.latency_summary(res).items() if k in ("p50_ms", "p99_ms", "failed_writes")},
         }
         say("valuemesh n=4: availability, kill -9 each daemon in turn under load")

@@ -351,7 +351,14 @@ def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str,
     res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during, settle_s=AVAILABILITY_SETTLE_S))
     gaps = progress_gaps(res, [(e["t_kill"], e["t_next"]) for e in log])
     lat = res.finality_ms()
+    final_all = {rid for rid in res.submitted if all(rid in o for i, o in enumerate(res.order) if i not in res.stopped)}
+    lost_by: dict[str, int] = {}
+    for rid in res.submitted:
+        if rid not in final_all:
+            k = f"node{res.accepted_by[rid][0]}"
+            lost_by[k] = lost_by.get(k, 0) + 1
     return {"records": len(res.submitted), "final_on_all": len(lat), "offered_per_s": rate,
+            "never_final_by_accepting_node": lost_by,
             "longest_gap_ms_per_kill": [round(g) for g in gaps], "longest_gap_ms": round(max(gaps, default=0)),
             "failed_writes": res.failed + (len(res.submitted) - len(lat)), "retried_writes": res.retried,
             "acknowledged_never_final": len(res.submitted) - len(lat),
