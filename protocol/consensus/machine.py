@@ -36,14 +36,14 @@ join that round) wakes them.
 
 Epochs: committee_at(r) is the last scheduled committee with start_round <= r. A record
 of a reconfiguring type committed by anchor a switches the committee at a +
-EPOCH_DELAY_ROUNDS. A node does not sign round r while its DAG holds an unordered block of
-round <= r - EPOCH_DELAY_ROUNDS carrying such a record, nor in the same call that handed
-out a commit of anchor a with r >= a + EPOCH_DELAY_ROUNDS: any block an anchor <= r -
-EPOCH_DELAY_ROUNDS can still order is in every honest DAG that reached round r-1 (quorum
-intersection through the anchor's votes), so every honest node knows the committee of r
-before it signs r. EPOCH_DELAY_ROUNDS > GC_DEPTH_ROUNDS, so a reconfiguring record in a
-block no anchor will ever order is dropped by the memory horizon before it could hold
-anyone back.
+EPOCH_DELAY_ROUNDS. A node does not sign round r while its DAG holds an unordered block B
+of round x <= r - EPOCH_DELAY_ROUNDS carrying such a record and some slot that could still
+order B is undecided (slots <= r - EPOCH_DELAY_ROUNDS and < x + GC_DEPTH_ROUNDS), nor in
+the same call that handed out a commit of anchor a with r >= a + EPOCH_DELAY_ROUNDS. Any
+block an anchor can still order is in every honest DAG that reached the anchor's round + 3
+(quorum intersection through the anchor's votes), so every honest node knows the committee
+of r before it signs r; and since EPOCH_DELAY_ROUNDS > GC_DEPTH_ROUNDS + 2, a record in a
+block no anchor will ever order is released once the slots below its GC reach decide.
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ FETCH_RETRY_MS = 500
 # With work to do and no progress for this long, re-send our last block and ask for heads.
 STALL_MS = 1_500
 # Blocks this many rounds below the anchor being ordered are never ordered (deterministic),
-# and are dropped from memory (the node keeps them on disk).
-GC_DEPTH_ROUNDS = 24
-# A membership change committed at anchor round a takes effect at a + EPOCH_DELAY_ROUNDS;
-# it must exceed GC_DEPTH_ROUNDS + 3 (see the theory of operation).
-EPOCH_DELAY_ROUNDS = 32
+# and are dropped from memory (the node keeps them on disk). Small on purpose: it must stay
+# below EPOCH_DELAY_ROUNDS - 3, and a late block's records are re-proposed anyway.
+GC_DEPTH_ROUNDS = 6
+# A membership change committed at anchor round a takes effect at a + EPOCH_DELAY_ROUNDS.
+# The signing gate assumes no smaller delay; a larger one is safe too.
+EPOCH_DELAY_ROUNDS = 10
 # Record types whose commit may change the committee (the built-in membership plugin).
 RECONFIGURING_TYPES = frozenset({"membership"})
 # Our own block still unordered this many rounds behind the commit frontier is given up on
@@ -404,6 +405,14 @@ class Consensus:
             if len(self._future) >= self._p.max_buffered_blocks:
                 raise ValidationError("Too many blocks of a future epoch are waiting.")
             self._future[block.id] = block
+            self._missing.pop(block.id, None)
+            # Catching up across an epoch boundary: the way back to the block that will
+            # schedule this epoch runs through these parents, so ask for them now.
+            for pid in block.parents:
+                known = pid in self._blocks or pid in self._buffer or pid in self._future
+                if not known and pid not in self._missing:
+                    self._missing[pid] = step.now
+                    step.missing.append(pid)
             return False
         if block.epoch != committee.epoch:
             raise ValidationError(f"The block's epoch {block.epoch} is wrong for its round.")
@@ -566,8 +575,8 @@ class Consensus:
         committee = self.committee_at(target)
         if self._me not in committee:
             return False
-        if any(r <= target - EPOCH_DELAY_ROUNDS for r in self._unordered_reconf.values()):
-            return False  # a committee change may still be ordered before this round
+        if self._epoch_gate(target):
+            return False  # a committee change may still be ordered that starts by `target`
         if step.first_anchor is not None and target >= step.first_anchor + EPOCH_DELAY_ROUNDS:
             return False  # the node must apply this call's commits (and epochs) first
         if target > 0 and not self._has_anchor(target - 1):
@@ -588,6 +597,16 @@ class Consensus:
         step.blocks.append(block)
         self._release_children(block.id, step)
         return True
+
+    def _epoch_gate(self, target: int) -> bool:
+        """True while an anchor <= target - EPOCH_DELAY_ROUNDS may still order a block with a
+        reconfiguring record: only undecided slots can, and only those below the block's
+        round + GC_DEPTH_ROUNDS (older anchors never order it)."""
+        last = target - EPOCH_DELAY_ROUNDS
+        return any(
+            x <= last and self._decided_upto < min(last, x + GC_DEPTH_ROUNDS - 1)
+            for x in self._unordered_reconf.values()
+        )
 
     def _wants_round(self, target: int) -> bool:
         # A peer already signed `target`: join it even with nothing of our own to do, or a
