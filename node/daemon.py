@@ -137,6 +137,7 @@ class Node:
         self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
         self._join_links: dict[bytes, PeerLink] = {}
         self._last_progress_log = 0.0
+        self._sign_lock = asyncio.Lock()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.started_at = time.time()
@@ -476,7 +477,7 @@ class Node:
         if inv.constellation in self.engines:
             raise LocalError(f"This node already follows {constellation_text(inv.constellation)}.")
         assert self.store is not None
-        seq = await self.store.reserve_seq(inv.constellation, self.identity.member)
+        seq = await self.store.next_seq(inv.constellation, self.identity.member)
         body: dict[str, Any] = {"op": "join", "token": inv.raw()}
         name = str(self.home.config().get("name", ""))
         if name:
@@ -644,12 +645,17 @@ class Node:
             eng.precheck(probe)
         except ValuemeshError as exc:
             raise LocalError(exc.message) from None
-        seq = await self.store.reserve_seq(eng.cid, self.identity.member)
-        seq = max(seq, eng.ledger.next_seq(self.identity.member))
-        rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
-                            seq=seq, body=body, created=now_ms())
-        eff = await eng.submit([rec], now_ms())
-        await self._effects(eng, eff)
+        # The seq is taken and the signed record stored in one transaction, under
+        # one lock: a signed record never leaves this process before it is durable,
+        # so a crash can neither reuse a seq that escaped nor leave a gap that
+        # would hold back every later record of ours.
+        async with self._sign_lock:
+            seq = max(await self.store.next_seq(eng.cid, self.identity.member),
+                      eng.ledger.next_seq(self.identity.member))
+            rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                                seq=seq, body=body, created=now_ms())
+            fresh = await eng.store_pending([rec], now_ms())
+        await self._effects(eng, await eng.propose(fresh, now_ms()))
         if not eng.is_core():
             await self._forward(eng, [rec])
         return {"id": rec.id.hex(), "seq": rec.seq, "status": "pending"}

@@ -164,6 +164,10 @@ class Engine:
 
     async def submit(self, records: Sequence[Record], now: int) -> Effects:
         """Store records durably as pending, then propose them if we are core."""
+        return await self.propose(await self.store_pending(records, now), now)
+
+    async def store_pending(self, records: Sequence[Record], now: int) -> list[Record]:
+        """Store records durably as pending (one transaction); return the new ones."""
         fresh = [r for r in records if r.id not in self.pending]
         if fresh:
             async with self.store.batch() as tx:
@@ -171,9 +175,12 @@ class Engine:
                 tx.add_pending(self.cid, [r.id for r in fresh], now)
             for r in fresh:
                 self.pending[r.id] = r
-        if not self.is_core() or not fresh:
+        return fresh
+
+    async def propose(self, records: Sequence[Record], now: int) -> Effects:
+        if not self.is_core() or not records:
             return Effects()
-        return await self._handle(self.consensus.propose(fresh, now), now)
+        return await self._handle(self.consensus.propose(records, now), now)
 
     async def add_blocks(self, blocks: Sequence[Block], now: int) -> tuple[Effects, list[str]]:
         """Feed verified blocks; return effects and the reasons of rejected ones."""
