@@ -51,9 +51,10 @@ from valuemesh.protocol.records import (
 )
 
 log = logging.getLogger("valuemesh.daemon")
-TICK_S = 0.02
+TICK_S = 0.005  # the shortest sleep of the tick loop
 RESUBMIT_S = 2.0
 PROGRESS_LOG_S = 2.0
+IDLE_WAKE_S = 1.0
 DIAL_INTERVAL_S = 1.0
 JOIN_TIMEOUT_S = 15.0
 SYNC_BATCH = 128
@@ -138,6 +139,7 @@ class Node:
         self._join_links: dict[bytes, PeerLink] = {}
         self._last_progress_log = 0.0
         self._sign_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.started_at = time.time()
@@ -217,16 +219,24 @@ class Node:
 
     # -- loops -----------------------------------------------------------------
     async def _tick_loop(self) -> None:
+        """Tick each engine when its consensus asked to be ticked, and sleep otherwise:
+        an idle node wakes once a second at most (to re-hand pending records)."""
         last_forward = 0.0
         while True:
-            await asyncio.sleep(TICK_S)
+            due = [e.next_tick for e in self.engines.values() if e.next_tick is not None]
+            wait = IDLE_WAKE_S if not due else (min(due) - now_ms()) / 1000
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(max(wait, TICK_S), IDLE_WAKE_S))
+            self._wake.clear()
             now = now_ms()
             forward = time.monotonic() - last_forward >= RESUBMIT_S
             if forward:
                 last_forward = time.monotonic()
             for eng in list(self.engines.values()):
                 try:
-                    await self._effects(eng, await eng.tick(now))
+                    if eng.next_tick is not None and eng.next_tick <= now:
+                        await self._effects(eng, await eng.tick(now))
                     if forward and eng.pending and not eng.is_core():
                         # Until our records are final, keep handing them to core
                         # members: a link may have dropped, or a core node restarted.
@@ -420,6 +430,8 @@ class Node:
         await self._effects(eng, eff, source=link)
 
     async def _effects(self, eng: Engine, eff: Effects, source: PeerLink | None = None) -> None:
+        if eng.next_tick is not None:
+            self._wake.set()  # the tick loop recomputes how long it may sleep
         for b in [*eff.blocks, *eff.rebroadcast]:
             await self._broadcast(eng, m.Blocks(eng.cid, [b.raw], 0))
         if eff.request_sync:

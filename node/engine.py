@@ -94,6 +94,7 @@ class Engine:
         self._certs_to_store: list[StoredCheckpoint] = []
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
+        self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
         self._note(first[0])
 
     @property
@@ -222,6 +223,7 @@ class Engine:
     async def _handle(self, out: Output, now: int) -> Effects:
         eff = Effects(list(out.blocks), list(out.missing), list(out.proofs), list(out.rebroadcast),
                       out.request_sync)
+        self.next_tick = out.next_tick_ms
         if not (out.blocks or out.committed or out.proofs):
             return eff
         entries: list[CommitEntry] = []
