@@ -305,7 +305,8 @@ class Node:
                 self.peers.link_up(link, listen_port=msg.listen_port or None)
             for cid in msg.constellations:
                 eng = self.engines.get(cid)
-                if eng is not None and eng.may_receive(link.remote):
+                # Only a member asks to sync (a read-only imported copy would be refused).
+                if eng is not None and eng.may_receive(link.remote) and eng.may_receive(self.identity.member):
                     await self._send_heads(link, eng)
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)
