@@ -306,7 +306,7 @@ class Node:
             for cid in msg.constellations:
                 eng = self.engines.get(cid)
                 # Only a member asks to sync (a read-only imported copy would be refused).
-                if eng is not None and eng.may_receive(link.remote) and eng.may_receive(self.identity.member):
+                if eng is not None and eng.may_receive(link.remote) and eng.taking_part():
                     await self._send_heads(link, eng)
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)

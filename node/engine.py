@@ -111,6 +111,11 @@ class Engine:
         m = self.ledger.reader.member(member.key)
         return (m is not None and m.get("status") in ("active", "applicant")) or member.key in self.applicants
 
+    def taking_part(self) -> bool:
+        """Whether we are a member (or our join is pending), so peers will sync with us."""
+        return self.may_receive(self.identity.member) or any(
+            r.type == "membership" and r.body.get("op") == "join" for r in self.pending.values())
+
     def my_tier(self) -> str:
         m = self.ledger.reader.member(self.identity.member.key)
         return str(m["tier"]) if m else "applicant"
