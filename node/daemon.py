@@ -322,8 +322,16 @@ class Node:
             for i in range(0, len(raws), SYNC_BATCH):
                 await self._send(link, m.Blocks(eng.cid, raws[i:i + SYNC_BATCH], 0))
         elif isinstance(msg, m.SubmitRecords):
-            eng = self._engine_for_peer(link, msg.c)
             recs = [decode_record(r) for r in msg.records]
+            eng = self.engines.get(msg.c)
+            known = eng is not None and eng.may_receive(link.remote)
+            if eng is not None and not known and recs and all(
+                    r.author == link.remote and r.type == "membership" and r.body.get("op") == "join"
+                    for r in recs):
+                # An invitee re-sending its join (e.g. after we restarted): the
+                # precheck below decides whether its invite is valid.
+                eng.applicants.add(link.remote.key)
+            eng = self._engine_for_peer(link, msg.c)
             good = []
             for r in recs:
                 try:
@@ -331,6 +339,8 @@ class Node:
                     good.append(r)
                 except ValuemeshError as exc:
                     await self._send(link, m.Refuse(exc.message[:500]))
+            if not good and not known:
+                eng.applicants.discard(link.remote.key)
             if good:
                 await self._effects(eng, await eng.submit(good, now_ms()))
         elif isinstance(msg, m.JoinRequest):
