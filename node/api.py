@@ -18,7 +18,8 @@ from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
 if TYPE_CHECKING:
     from valuemesh.node.daemon import Node
 
-MAX_REQUEST_BYTES = 256 * 1024
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_BATCH_RECORDS = 256
 API_VERSION = "1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -132,7 +133,18 @@ def make_app(node: Node, token: str) -> web.Application:
 
     @routes.post("/v1/constellations/{cid}/records")
     async def submit(request: web.Request) -> web.Response:
+        """Sign and submit one record ({type, body}) or many ({records: [{type, body}, …]})."""
         doc = await body(request)
+        if "records" in doc:
+            items = doc["records"]
+            if not isinstance(items, list) or not 0 < len(items) <= MAX_BATCH_RECORDS:
+                raise LocalError(f"'records' must be a list of 1 to {MAX_BATCH_RECORDS} records.")
+            pairs = []
+            for item in items:
+                if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                    raise LocalError("Each record needs a type (the plugin name) and a body.")
+                pairs.append((item["type"], item.get("body")))
+            return ok({"records": await node.submit_json_many(cid_of(request), pairs)}, 202)
         rtype, rbody = doc.get("type"), doc.get("body")
         if not isinstance(rtype, str):
             raise LocalError("A record needs a type (the plugin name).")

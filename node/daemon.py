@@ -652,36 +652,50 @@ class Node:
         return tuple(dict.fromkeys(out))[:8]
 
     async def submit_json(self, cid: bytes, rtype: str, body: Any) -> dict[str, Any]:
+        return (await self.submit_json_many(cid, [(rtype, body)]))[0]
+
+    async def submit_json_many(self, cid: bytes, items: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """Check every record first (all or nothing), then sign and store them at once."""
         eng = self.engines[cid]
-        plugin = self.registry.plugins.get(rtype)
-        if plugin is None or rtype not in eng.ledger.reader.read("membership", "meta")["plugins"]:
-            raise LocalError(f"This constellation does not use record type '{rtype}'.")
-        cbody = body_from_json(plugin, body)
-        return await self.submit(eng, rtype, cbody)
+        used = eng.ledger.reader.read("membership", "meta")["plugins"]
+        bodies = []
+        for rtype, body in items:
+            plugin = self.registry.plugins.get(rtype)
+            if plugin is None or rtype not in used:
+                raise LocalError(f"This constellation does not use record type '{rtype}'.")
+            bodies.append((rtype, body_from_json(plugin, body)))
+        return await self.submit_many(eng, bodies)
 
     async def submit(self, eng: Engine, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+        return (await self.submit_many(eng, [(rtype, body)]))[0]
+
+    async def submit_many(self, eng: Engine, items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         assert self.store is not None
-        plugin = self.registry.get(rtype)
-        probe = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
-                              seq=0, body=body, created=now_ms())
-        try:
-            eng.precheck(probe)
-        except ValuemeshError as exc:
-            raise LocalError(exc.message) from None
-        # The seq is taken and the signed record stored in one transaction, under
+        for rtype, body in items:
+            plugin = self.registry.get(rtype)
+            probe = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                                  seq=0, body=body, created=now_ms())
+            try:
+                eng.precheck(probe)
+            except ValuemeshError as exc:
+                raise LocalError(exc.message) from None
+        # The seqs are taken and the signed records stored in one transaction, under
         # one lock: a signed record never leaves this process before it is durable,
         # so a crash can neither reuse a seq that escaped nor leave a gap that
         # would hold back every later record of ours.
         async with self._sign_lock:
             seq = max(await self.store.next_seq(eng.cid, self.identity.member),
                       eng.ledger.next_seq(self.identity.member))
-            rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
-                                seq=seq, body=body, created=now_ms())
-            fresh = await eng.store_pending([rec], now_ms())
+            recs = []
+            for i, (rtype, body) in enumerate(items):
+                plugin = self.registry.get(rtype)
+                recs.append(Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                                          seq=seq + i, body=body, created=now_ms()))
+            fresh = await eng.store_pending(recs, now_ms())
         await self._effects(eng, await eng.propose(fresh, now_ms()))
         if not eng.is_core():
-            await self._forward(eng, [rec])
-        return {"id": rec.id.hex(), "seq": rec.seq, "status": "pending"}
+            await self._forward(eng, recs)
+        return [{"id": r.id.hex(), "seq": r.seq, "status": "pending"} for r in recs]
 
     async def _forward(self, eng: Engine, records: list[Record]) -> None:
         """Hand records to the core members we are connected to (we are not core now)."""

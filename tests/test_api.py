@@ -51,7 +51,7 @@ def test_bad_requests_change_nothing(node: Daemon) -> None:
     before = _call(node, "GET", "/v1/constellations")[1]
     cases = [
         (b"{not json", 400), (b"[1,2]", 400), (b'{"name": 5}', 400), (b'{"name": "  "}', 400),
-        (b'{"name": "' + b"x" * 300_000 + b'"}', 413),
+        (b'{"name": "' + b"x" * 1_200_000 + b'"}', 413),
     ]
     for body, want in cases:
         status, doc = _call(node, "POST", "/v1/constellations", body)
@@ -99,3 +99,22 @@ def test_api_binds_loopback_only(tmp_path: Path) -> None:
     d.cli("init")
     res = d.cli("daemon", "--api", "0.0.0.0:0", "--no-mdns", check=False, timeout=30)
     assert res.returncode == 1 and "loopback" in res.stderr
+
+
+def test_batch_submit_is_all_or_nothing(node: Daemon) -> None:
+    cid = _call(node, "POST", "/v1/constellations", b'{"name": "batch"}')[1]["id"]
+    rec = {"type": "contribution", "body": {"op": "record", "action": "work", "quantity": "1", "unit": "h"}}
+    bad = {"type": "contribution", "body": {"op": "record", "action": "work", "quantity": "-1", "unit": "h"}}
+    status, doc = _call(node, "POST", f"/v1/constellations/{cid}/records",
+                        json.dumps({"records": [rec, bad, rec]}).encode())
+    assert status == 400, doc
+    assert _call(node, "GET", f"/v1/constellations/{cid}/ledger")[1]["pending"] == []
+    status, doc = _call(node, "POST", f"/v1/constellations/{cid}/records",
+                        json.dumps({"records": [rec, rec, rec]}).encode())
+    assert status == 202
+    seqs = [r["seq"] for r in doc["records"]]
+    assert seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2]
+    for too_many in ([], [rec] * 257):
+        status, _ = _call(node, "POST", f"/v1/constellations/{cid}/records",
+                          json.dumps({"records": too_many}).encode())
+        assert status == 400
