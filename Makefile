@@ -37,7 +37,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 soak: $(STAMP)
-	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate
+	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate,reconfigure
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

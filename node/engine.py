@@ -18,7 +18,15 @@ from typing import Any
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
-from valuemesh.protocol.consensus import Checkpoint, CheckpointAggregator, Committee, Consensus, Output
+from valuemesh.protocol.consensus import (
+    EPOCH_DELAY_ROUNDS,
+    Checkpoint,
+    CheckpointAggregator,
+    Committee,
+    Consensus,
+    Output,
+    Params,
+)
 from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome
@@ -26,7 +34,9 @@ from valuemesh.protocol.plugins import Registry, Version
 from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
 
 log = logging.getLogger("valuemesh.engine")
-EPOCH_DELAY_ROUNDS = 10
+# The anchor wait adapts to observed round times but never drops below this:
+# on a LAN or loopback a dead member costs ~this per round it would anchor.
+MIN_ANCHOR_WAIT_MS = 50
 MAX_PENDING = 10_000
 MAX_EARLY_CHECKPOINTS = 512
 FINAL_VIEW_LIMIT = 100_000
@@ -78,7 +88,7 @@ class Engine:
         self.registry.require({name: Version.parse(v) for name, v in plugins.items()})
         self.committee = Committee(0, self.ledger.committee(), 0)
         self._committee_version = self.ledger.committee_version
-        self.consensus = Consensus(self.cid, self.committee, identity)
+        self.consensus = Consensus(self.cid, self.committee, identity, Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS))
         self.final: list[dict[str, Any]] = []
         self.commit_index = 0
         self.clock = genesis.created

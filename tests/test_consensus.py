@@ -416,3 +416,28 @@ def test_a_record_in_a_peer_block_wakes_the_followers() -> None:
     assert first and all(e.block is not None and e.block.records for e in first)
     assert w.settle()
     assert all(len(n.log_records) == 1 for n in w.nodes)
+
+
+def test_anchor_wait_adapts_to_round_times_within_its_bounds() -> None:
+    people = ids(4, b"adaptive")
+    com = Committee.of([i.member for i in people])
+    fixed = Consensus(CID, com, None)
+    adaptive = Consensus(CID, com, None, Params(min_round_timeout_ms=50))
+    assert adaptive.anchor_wait_ms == fixed.anchor_wait_ms == Params().round_timeout_ms
+    prev = [block(p, 0, []) for p in people]
+    for node in (fixed, adaptive):
+        for b in prev:
+            node.add_block(b, 0)
+    for rnd in range(1, 12):  # rounds 40 ms apart
+        cur = [block(p, rnd, prev, created=rnd * 40) for p in people]
+        for node in (fixed, adaptive):
+            for b in cur:
+                node.add_block(b, rnd * 40)
+        prev = cur
+    assert fixed.anchor_wait_ms == Params().round_timeout_ms
+    assert adaptive.anchor_wait_ms == 3 * 40
+    # A long pause (an idle constellation) does not count as a round time.
+    late = [block(p, 12, prev, created=60_000) for p in people]
+    for b in late:
+        adaptive.add_block(b, 60_000)
+    assert adaptive.anchor_wait_ms == 3 * 40

@@ -80,6 +80,9 @@ MAX_BUFFERED_BLOCKS = 4_096
 MAX_BUFFERED_PER_AUTHOR = 1_024
 MAX_BLOCKS_PER_CALL = 16
 MAX_MISSING_PER_OUTPUT = 512
+# The adaptive anchor wait is this many times the median of the last ROUND_SAMPLES rounds.
+ADAPTIVE_FACTOR = 3
+ROUND_SAMPLES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,10 @@ class Params:
     """Tunable limits and timers; tests and the simulator may shorten them."""
 
     round_timeout_ms: int = ROUND_TIMEOUT_MS
+    # When set, the anchor wait adapts: ADAPTIVE_FACTOR x the median of recent round
+    # durations, never below this floor nor above round_timeout_ms. It changes when a
+    # node moves on (liveness), never what is ordered (safety).
+    min_round_timeout_ms: int | None = None
     fetch_retry_ms: int = FETCH_RETRY_MS
     stall_ms: int = STALL_MS
     max_pending_records: int = MAX_PENDING_RECORDS
@@ -181,6 +188,7 @@ class Consensus:
         self._round_weight: dict[int, int] = {}
         self._quorum_round = -1
         self._quorum_at_ms: dict[int, int] = {}
+        self._round_ms: list[int] = []  # recent round durations, for the adaptive anchor wait
         self._horizon = 0  # blocks below this round are gone from memory
         # Blocks waiting for parents, and blocks of an epoch not yet scheduled.
         self._buffer: dict[bytes, Block] = {}
@@ -268,6 +276,15 @@ class Consensus:
     @property
     def top_round(self) -> int:
         return max(self._rounds, default=-1)
+
+    @property
+    def anchor_wait_ms(self) -> int:
+        """How long a node with a quorum waits for the round's anchor block."""
+        floor = self._p.min_round_timeout_ms
+        if floor is None or not self._round_ms:
+            return self._p.round_timeout_ms
+        median = sorted(self._round_ms)[len(self._round_ms) // 2]
+        return max(floor, min(self._p.round_timeout_ms, ADAPTIVE_FACTOR * median))
 
     def has_work(self) -> bool:
         """True while this node should keep making rounds (the opposite of quiescent)."""
@@ -520,6 +537,11 @@ class Consensus:
             if total >= self.committee_at(block.round).quorum and block.round > self._quorum_round:
                 for r in range(self._quorum_round + 1, block.round + 1):
                     self._quorum_at_ms.setdefault(r, step.now)
+                    prev = self._quorum_at_ms.get(r - 1)
+                    if prev is not None and 0 <= step.now - prev < self._p.round_timeout_ms:
+                        self._round_ms.append(step.now - prev)
+                        if len(self._round_ms) > ROUND_SAMPLES:
+                            del self._round_ms[0]
                 self._quorum_round = block.round
         if block.records and block.id not in self._consumed:
             self._unordered_work[block.id] = block.round
@@ -581,7 +603,7 @@ class Consensus:
             return False  # the node must apply this call's commits (and epochs) first
         if target > 0 and not self._has_anchor(target - 1):
             since = self._quorum_at_ms.get(target - 1, step.now)
-            if step.now - since < self._p.round_timeout_ms:
+            if step.now - since < self.anchor_wait_ms:
                 return False
         parents: list[bytes] = []
         if target > 0:
@@ -835,7 +857,7 @@ class Consensus:
                     times.append(step.now)
                 elif target > 0 and not self._has_anchor(target - 1):
                     since = self._quorum_at_ms.get(target - 1, step.now)
-                    times.append(since + self._p.round_timeout_ms)
+                    times.append(since + self.anchor_wait_ms)
         return max(min(times), step.now) if times else None
 
 
