@@ -99,7 +99,7 @@ def valuemesh_cluster(root: Path, n: int, cfg: dict[str, Any]) -> dict[str, Any]
             **{k: v for k, v in vc.latency_summary(res).items() if k in ("p50_ms", "p99_ms", "failed_writes")},
         }
         say("valuemesh n=4: availability, kill -9 each daemon in turn under load")
-        out["availability"] = vc.availability(c, cid, rate=cfg["avail_rate"], quick=cfg is QUICK)
+        out["availability"] = vc.availability(c, cid, rate=cfg["avail_rate"], quick=not args_full(cfg))
         sustained = out["sustained"]["per_s"] or 50
         missed = min(cfg["catchup"], FINAL_VIEW_LIMIT - 10_000)
         build_rate = max(10.0, 0.7 * sustained)
@@ -109,6 +109,10 @@ def valuemesh_cluster(root: Path, n: int, cfg: dict[str, Any]) -> dict[str, Any]
     finally:
         c.stop()
         say(f"valuemesh: stopped {n} daemons")
+
+
+def args_full(cfg: dict[str, Any]) -> bool:
+    return bool(cfg["sizes"] == FULL["sizes"])
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -180,18 +184,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--full", action="store_true", help="the issue's sizes (16 daemons, 100 000 records, 60 s idle)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--catchup", type=int, metavar="N", help="records the late node misses (overrides the mode)")
     ap.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = ap.parse_args()
     if args.table:
         earlier = json.loads(Path(args.table).read_text())
         print_table(verdicts(earlier))
         return 0
-    cfg = FULL if args.full else QUICK
+    cfg = dict(FULL if args.full else QUICK)
+    if args.catchup:
+        cfg["catchup"] = args.catchup
     started = time.monotonic()
     info = machine_info()
     cores = int(info["usable_cores"] or 1)  # type: ignore[call-overload]
     result: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                              "mode": "full" if args.full else "quick", "machine": info, "figures": {}}
+                              "mode": "full" if args.full else "quick", "machine": info,
+                              "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                              "figures": {}}
     fig = result["figures"]
     root = Path(tempfile.mkdtemp(prefix="valuemesh-bench-"))
     try:

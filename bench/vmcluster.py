@@ -37,6 +37,9 @@ MAX_IN_FLIGHT = 64
 RETRY_PAUSE_S = 0.05
 MAX_RETRIES = 40
 SAMPLE = 20
+MAX_FAILED = 200
+# No record became final anywhere for this long while some were outstanding: agreement has stalled.
+STALL_S = 30.0
 SETTLE_POLL_S = 0.2
 AVAILABILITY_SETTLE_S = 30.0
 
@@ -126,6 +129,7 @@ class LoadResult:
     t_start: float
     t_end_submit: float
     stopped: set[int]
+    stalled: bool = False
 
     def finality_ms(self, first: bool = False) -> list[float]:
         """Per record: submit to final on every live node (ms), or with `first` on the first
@@ -176,6 +180,22 @@ class LoadResult:
         return gap * 1000
 
 
+class Progress:
+    """Whether the cluster's final count stopped rising for STALL_S while we wait on it."""
+
+    def __init__(self) -> None:
+        self.best = -1
+        self.since = time.monotonic()
+
+    def saw(self, final: int) -> None:
+        if final > self.best:
+            self.best, self.since = final, time.monotonic()
+
+    @property
+    def stalled(self) -> bool:
+        return time.monotonic() - self.since > STALL_S
+
+
 async def _poll(api: Api, cid: str, series: Series, stop: asyncio.Event, interval: float) -> None:
     while not stop.is_set():
         try:
@@ -212,6 +232,9 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
 
         async def submit(i: int) -> None:
             async with sem:
+                if counters["failed"] >= MAX_FAILED:  # the cluster refuses everything: stop offering
+                    counters["failed"] += 1
+                    return
                 body = contribution(i)
                 for attempt in range(MAX_RETRIES):
                     k = order_targets[(i + attempt) % len(order_targets)]
@@ -250,11 +273,13 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         # Without timing: done when every live node holds the last SAMPLE accepted records as
         # final and all report one final count (a count target would wait forever on a lost record).
         sample = sorted(accepted_by, key=lambda rid: accepted_by[rid][1])[-SAMPLE:]
-        while not timing and time.monotonic() < deadline:
+        progress = Progress()
+        while not timing and time.monotonic() < deadline and not progress.stalled:
             await asyncio.sleep(0.5)
             try:
                 live = [a for i, a in enumerate(apis) if c.daemons[i].alive]
                 finals = {int((await a.get(f"/v1/constellations/{cid}"))["final"]) for a in live}
+                progress.saw(max(finals, default=0))
                 if len(finals) != 1:
                     continue
                 views = [await a.get(f"/v1/constellations/{cid}/records/{rid}") for a in live for rid in sample]
@@ -264,10 +289,11 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
                 continue
         # Fetching whole ledgers costs the daemons CPU, so first wait (bounded) until the polled
         # final counts show every record final; a record that never becomes final ends this at the deadline.
-        while timing and time.monotonic() < deadline:
+        while timing and time.monotonic() < deadline and not progress.stalled:
             live = [i for i in range(len(apis)) if i not in stopped and c.daemons[i].alive]
             if all(series[i].points and series[i].points[-1][1] >= base[i] + len(submitted) for i in live):
                 break
+            progress.saw(max((series[i].points[-1][1] for i in live if series[i].points), default=0))
             await asyncio.sleep(0.2)
         while timing and time.monotonic() < deadline + 5 * SETTLE_POLL_S:
             await asyncio.sleep(SETTLE_POLL_S)
@@ -291,7 +317,8 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         stop.set()
         await asyncio.gather(*pollers)
         return LoadResult(submitted, accepted_by, series, orders, counters["failed"], counters["retried"], t_start,
-                          t_end_submit, stopped | {i for i, d in enumerate(c.daemons) if not d.alive})
+                          t_end_submit, stopped | {i for i, d in enumerate(c.daemons) if not d.alive},
+                          progress.stalled)
 
 
 def latency_summary(res: LoadResult) -> dict[str, Any]:
@@ -373,7 +400,7 @@ def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str,
             "never_final_by_accepting_node": lost_by,
             "longest_gap_ms_per_kill": [round(g) for g in gaps], "longest_gap_ms": round(max(gaps, default=0)),
             "failed_writes": res.failed + (len(res.submitted) - len(lat)), "retried_writes": res.retried,
-            "acknowledged_never_final": len(res.submitted) - len(lat),
+            "acknowledged_never_final": len(res.submitted) - len(lat), "stalled": res.stalled,
             "finality_p50_ms": _r(median(lat)), "finality_p99_ms": _r(pct(lat, 0.99)),
             "down_s": down_s}
 
@@ -395,14 +422,17 @@ def catch_up(c: Cluster, cid: str, *, records: int, rate: float) -> dict[str, An
     t_ready = time.monotonic()
     deadline = t_ready + max(SETTLE_TIMEOUT_S, records / 50)
     caught = None
-    while time.monotonic() < deadline:
+    progress = Progress()
+    while time.monotonic() < deadline and not progress.stalled:
         s = late.api("GET", f"/v1/constellations/{cid}")
+        progress.saw(int(s["final"]))
         if s["final"] >= want["final"] and s["state_hash"] == want["state_hash"]:
             caught = time.monotonic()
             break
         time.sleep(0.1)
     out: dict[str, Any] = {"missed_records": len(res.submitted), "final_order_length": want["final"],
-                           "build_s": round(build_s, 1), "start_s": round(t_ready - t_start, 2)}
+                           "build_s": round(build_s, 1), "start_s": round(t_ready - t_start, 2),
+                           "build_stalled": res.stalled, "failed_writes": res.failed}
     if caught is None:
         out["caught_up"] = False
         return out
