@@ -39,5 +39,14 @@ test: lint typecheck pytest
 soak: $(STAMP)
 	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate,reconfigure
 
+# Benchmarks (pysyncobj is a bench-only extra): quick < 5 min, full as the issue sizes them.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/run.py
+
+bench-full: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/run.py --full
+
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
