@@ -49,6 +49,7 @@ def machine_info() -> dict[str, object]:
     except (ImportError, AttributeError):
         pass
     return {
+        "commit": git_commit(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -57,6 +58,20 @@ def machine_info() -> dict[str, object]:
         "libraries": libs,
         "load_average_at_start": load_average(),
     }
+
+
+def git_commit() -> str:
+    """HEAD of the working tree the run used, with "+dirty" if tracked files differ from it."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "") if head else "unknown"
 
 
 def pct(values: list[float], q: float) -> float | None:
