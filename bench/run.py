@@ -30,6 +30,8 @@ from valuemesh.node.engine import FINAL_VIEW_LIMIT
 from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.records import Record
 
+BATCH = 64  # records per request for the batch-submit throughput figure
+
 # Quick mode keeps the whole run well under 5 minutes on 2 cores; full mode is the issue's figures.
 QUICK = {
     "sizes": (4, 7), "light": (12, 2.0), "steady_rate": {4: 40.0, 7: 20.0, 16: 8.0}, "steady_s": 6.0,
@@ -80,35 +82,42 @@ def valuemesh_cluster(root: Path, n: int, cfg: dict[str, Any]) -> dict[str, Any]
         if n != 4:
             return out
         count = cfg["sustained"]
-        say(f"valuemesh n=4: sustained, {count} records offered as fast as the API takes them")
-        pids = [d.proc.pid for d in c.daemons if d.proc is not None]
-        cpu0, me0 = [proc_cpu_s(p) for p in pids], os.times()
-        res = asyncio.run(vc.run_load(c, cid, rate=10_000.0, count=count))
-        cpu1, me1 = [proc_cpu_s(p) for p in pids], os.times()
-        end = res.all_final_time()
-        daemon_cpu = sum(cpu1) - sum(cpu0)
-        client_cpu = (me1.user + me1.system) - (me0.user + me0.system)
-        out["sustained"] = {
-            "records": len(res.submitted),
-            "per_s": round(len(res.submitted) / (end - res.t_start)) if end else None,
-            "api_accept_per_s": round(len(res.submitted) / (res.t_end_submit - res.t_start)),
-            # Where the cores went: CPU of the 4 daemons and of the load client per final record.
-            "daemon_cpu_ms_per_record": round(1000 * daemon_cpu / max(1, len(res.submitted)), 2),
-            "client_cpu_ms_per_record": round(1000 * client_cpu / max(1, len(res.submitted)), 2),
-            "daemon_cpu_percent": round(100 * daemon_cpu / (time.monotonic() - res.t_start), 1),
-            **{k: v for k, v in vc.latency_summary(res).items() if k in ("p50_ms", "p99_ms", "failed_writes")},
-        }
+        say(f"valuemesh n=4: sustained, {count} records offered as fast as the API takes them, one per request")
+        out["sustained"] = sustained(c, cid, count, 1)
+        say(f"valuemesh n=4: sustained, {count} records in requests of {BATCH} (the API's batch form)")
+        out["sustained_batch"] = sustained(c, cid, count, BATCH)
         say("valuemesh n=4: availability, kill -9 each daemon in turn under load")
         out["availability"] = vc.availability(c, cid, rate=cfg["avail_rate"], quick=not args_full(cfg))
-        sustained = out["sustained"]["per_s"] or 50
+        one_by_one = out["sustained"]["per_s"] or 50
         missed = min(cfg["catchup"], FINAL_VIEW_LIMIT - 10_000)
-        build_rate = max(10.0, 0.7 * sustained)
+        build_rate = max(10.0, 0.7 * one_by_one)
         say(f"valuemesh n=4: catch-up, node3 misses {missed} records (built at {build_rate:.0f}/s)")
         out["catchup"] = vc.catch_up(c, cid, records=missed, rate=build_rate)
         return out
     finally:
         c.stop()
         say(f"valuemesh: stopped {n} daemons")
+
+
+def sustained(c: Any, cid: str, count: int, batch: int) -> dict[str, Any]:
+    """`count` records offered at once; final records/s on all 4 daemons and the CPU it took."""
+    pids = [d.proc.pid for d in c.daemons if d.proc is not None]
+    cpu0, me0 = [proc_cpu_s(p) for p in pids], os.times()
+    res = asyncio.run(vc.run_load(c, cid, rate=10_000.0, count=count, batch=batch))
+    cpu1, me1 = [proc_cpu_s(p) for p in pids], os.times()
+    end = res.all_final_time()
+    daemon_cpu = sum(cpu1) - sum(cpu0)
+    client_cpu = (me1.user + me1.system) - (me0.user + me0.system)
+    return {
+        "records": len(res.submitted), "records_per_request": batch,
+        "per_s": round(len(res.submitted) / (end - res.t_start)) if end else None,
+        "api_accept_per_s": round(len(res.submitted) / (res.t_end_submit - res.t_start)),
+        # Where the cores went: CPU of the 4 daemons and of the load client per final record.
+        "daemon_cpu_ms_per_record": round(1000 * daemon_cpu / max(1, len(res.submitted)), 2),
+        "client_cpu_ms_per_record": round(1000 * client_cpu / max(1, len(res.submitted)), 2),
+        "daemon_cpu_percent": round(100 * daemon_cpu / (time.monotonic() - res.t_start), 1),
+        **{k: v for k, v in vc.latency_summary(res).items() if k in ("p50_ms", "p99_ms", "failed_writes")},
+    }
 
 
 def args_full(cfg: dict[str, Any]) -> bool:
@@ -148,12 +157,20 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     c4 = f["valuemesh"]["4"]
     sus = c4["sustained"]["per_s"]
     limit = f["verify_limit_4_nodes_per_s"]
-    row("3 sustained final /s, 4 daemons", sus,
+    row("3 sustained final /s, 4 daemons, 1 per request", sus,
         f"verify limit {limit}/s; pysyncobj pipelined {pipe['throughput']['per_s']}/s, "
         f"batched {bat['throughput']['per_s']}/s",
         ">= 0.6 x limit, >= 2 x pipelined",
         sus is not None and sus >= 0.6 * limit and sus >= 2 * (pipe["throughput"]["per_s"] or 0),
         f"{ratio(sus, limit)} x limit, {ratio(sus, pipe['throughput']['per_s'])} x pipelined")
+    sb = c4.get("sustained_batch")
+    if sb:
+        row(f"3 sustained final /s, 4 daemons, {sb['records_per_request']} per request", sb["per_s"],
+            f"verify limit {limit}/s; pysyncobj pipelined {pipe['throughput']['per_s']}/s",
+            ">= 0.6 x limit, >= 2 x pipelined",
+            sb["per_s"] is not None and sb["per_s"] >= 0.6 * limit
+            and sb["per_s"] >= 2 * (pipe["throughput"]["per_s"] or 0),
+            f"{ratio(sb['per_s'], limit)} x limit, {ratio(sb['per_s'], pipe['throughput']['per_s'])} x pipelined")
     av = c4["availability"]
     lp, lb = pipe["leader_kill"], bat["leader_kill"]
     row("4 longest commit gap ms / failed writes", f"{av['longest_gap_ms']} / {av['failed_writes']}",

@@ -209,7 +209,7 @@ async def _poll(api: Api, cid: str, series: Series, stop: asyncio.Event, interva
 
 async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: float = POLL_S,
                    targets: list[int] | None = None, during: Any = None, timing: bool = True,
-                   settle_s: float = SETTLE_TIMEOUT_S) -> LoadResult:
+                   settle_s: float = SETTLE_TIMEOUT_S, batch: int = 1) -> LoadResult:
     """Offer `count` records at `rate`/s (open loop, round-robin over live daemons),
     then wait until every live daemon has all of them final (bounded). Without `timing`
     nothing is polled during the load and completion is judged by a sample of the last
@@ -235,7 +235,10 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
                 if counters["failed"] >= MAX_FAILED:  # the cluster refuses everything: stop offering
                     counters["failed"] += 1
                     return
-                body = contribution(i)
+                if batch == 1:
+                    body = contribution(i)
+                else:
+                    body = {"records": [contribution(j) for j in range(i * batch, min(count, (i + 1) * batch))]}
                 for attempt in range(MAX_RETRIES):
                     k = order_targets[(i + attempt) % len(order_targets)]
                     if not c.daemons[k].alive:
@@ -247,8 +250,10 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
                         counters["retried"] += 1
                         await asyncio.sleep(RETRY_PAUSE_S)
                         continue
-                    submitted[doc["id"]] = t0
-                    accepted_by[doc["id"]] = (k, time.monotonic())
+                    t1 = time.monotonic()
+                    for rid in ([doc["id"]] if batch == 1 else [r["id"] for r in doc["records"]]):
+                        submitted[rid] = t0
+                        accepted_by[rid] = (k, t1)
                     return
                 counters["failed"] += 1
 
@@ -259,8 +264,8 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         t_start = time.monotonic()
         tasks = []
         side = asyncio.create_task(during(c, apis, stopped)) if during is not None else None
-        for i in range(count):
-            delay = t_start + i / rate - time.monotonic()
+        for i in range(-(-count // batch)):
+            delay = t_start + i * batch / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(submit(i)))
