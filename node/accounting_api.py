@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from valuemesh.node.api import NotFound
+from valuemesh.node.api import NotFound, json_ok, read_json_object
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol.accounting import (
@@ -794,19 +794,7 @@ async def load_archive(store: Store, archive: VerifiedArchive, identity: Identit
 def add_accounting_routes(routes: web.RouteTableDef, node: Node) -> None:
     """Add the accounting and archive routes to the daemon's API (called by make_app)."""
 
-    def ok(doc: Any, status: int = 200) -> web.Response:
-        return web.json_response(doc, status=status, dumps=lambda d: json.dumps(d, sort_keys=True))
-
-    async def body(request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        try:
-            doc = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise LocalError("The request body is not valid JSON.") from None
-        if not isinstance(doc, dict):
-            raise LocalError("The request body must be a JSON object.")
-        return doc
+    ok, body = json_ok, read_json_object
 
     def engine(request: web.Request) -> Engine:
         return node.engine_for(request.match_info["cid"])

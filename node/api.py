@@ -32,6 +32,24 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON body, which must be an object (empty body: {})."""
+    if not request.can_read_body:
+        return {}
+    try:
+        doc = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise LocalError("The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise LocalError("The request body must be a JSON object.")
+    return doc
+
+
+def json_ok(doc: Any, status: int = 200) -> web.Response:
+    """A JSON response with sorted keys, so equal documents are equal bytes."""
+    return web.json_response(doc, status=status, dumps=lambda d: json.dumps(d, sort_keys=True))
+
+
 def make_app(node: Node, token: str) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -57,19 +75,7 @@ def make_app(node: Node, token: str) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_REQUEST_BYTES)
     routes = web.RouteTableDef()
 
-    async def body(request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        try:
-            doc = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise LocalError("The request body is not valid JSON.") from None
-        if not isinstance(doc, dict):
-            raise LocalError("The request body must be a JSON object.")
-        return doc
-
-    def ok(doc: Any, status: int = 200) -> web.Response:
-        return web.json_response(doc, status=status, dumps=lambda d: json.dumps(d, sort_keys=True))
+    body, ok = read_json_object, json_ok
 
     @routes.get("/v1/health")
     async def health(request: web.Request) -> web.Response:
