@@ -158,7 +158,7 @@ def make_app(node: Node, token: str) -> web.Application:
 
     @routes.get("/v1/constellations/{cid}/records/{rid}")
     async def get_record(request: web.Request) -> web.Response:
-        return ok(node.engine_for(request.match_info["cid"]).record_view(request.match_info["rid"]))
+        return ok(await node.engine_for(request.match_info["cid"]).record_view(request.match_info["rid"]))
 
     @routes.get("/v1/openapi.json")
     async def openapi(request: web.Request) -> web.Response:

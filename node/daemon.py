@@ -433,7 +433,7 @@ class Node:
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:
             self._last_progress_log = time.monotonic()
             log.info("catching up %s from %s: %d blocks done, %d left, %d records final", eng.text_id,
-                     link.remote.short, eng.catchup["blocks_done"], left, len(eng.final))
+                     link.remote.short, eng.catchup["blocks_done"], left, eng.final_count)
         for e in errors[:3]:
             log.info("rejected block from %s: %s", link.remote.short, e)
         if errors:

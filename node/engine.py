@@ -89,7 +89,9 @@ class Engine:
         self.committee = Committee(0, self.ledger.committee(), 0)
         self._committee_version = self.ledger.committee_version
         self.consensus = Consensus(self.cid, self.committee, identity, Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS))
-        self.final: list[dict[str, Any]] = []
+        self.final: list[dict[str, Any]] = []  # the first FINAL_VIEW_LIMIT final records, as JSON
+        self._final_pos: dict[str, int] = {}
+        self.final_count = 0
         self.commit_index = 0
         self.clock = genesis.created
         self.pending: dict[bytes, Record] = {}
@@ -158,16 +160,12 @@ class Engine:
         now = self.clock
         out = self.consensus.restore(list(blocks.values()), committed, committees)
         for rec in await self.store.pending(self.cid):
-            if rec.id not in self._final_ids:
+            if rec.seq >= self.ledger.next_seq(rec.author):  # its slot is not used by a final record yet
                 self.pending[rec.id] = rec
         eff = await self._handle(out, now)
         if self.pending and self.is_core():
             self._merge(eff, await self._handle(self.consensus.propose(list(self.pending.values()), now), now))
         return eff
-
-    @property
-    def _final_ids(self) -> set[bytes]:
-        return {bytes.fromhex(r["id"]) for r in self.final}
 
     # -- steps ---------------------------------------------------------------
     def precheck(self, record: Record) -> None:
@@ -359,7 +357,7 @@ class Engine:
             return
         r = o.record
         entry = {
-            "index": len(self.final),
+            "index": self.final_count,
             "id": r.id.hex(),
             "type": r.type,
             "author": str(r.author),
@@ -370,7 +368,9 @@ class Engine:
         }
         if o.reason:
             entry["reason"] = o.reason
+        self.final_count += 1
         if len(self.final) < FINAL_VIEW_LIMIT:
+            self._final_pos[entry["id"]] = len(self.final)
             self.final.append(entry)
 
     # -- views ---------------------------------------------------------------
@@ -385,6 +385,7 @@ class Engine:
                 for r in sorted(self.pending.values(), key=lambda r: (r.author.key, r.seq))
             ],
             "state_hash": self.ledger.state_hash().hex(),
+            "final_count": self.final_count,
         }
 
     def members(self) -> list[dict[str, Any]]:
@@ -410,7 +411,7 @@ class Engine:
             "members": len(active),
             "core": sum(1 for m in active if m["tier"] == "core"),
             "my_tier": self.my_tier(),
-            "final": len(self.final),
+            "final": self.final_count,
             "pending": len(self.pending),
             "round": self.consensus.round,
             "epoch": self.committee.epoch,
@@ -429,17 +430,21 @@ class Engine:
         return {"epoch": c.epoch, "round": c.round, "state_hash": c.state_hash.hex(),
                 "signers": [str(MemberId(k)) for k in sorted(c.signatures)]}
 
-    def record_view(self, rid: str) -> dict[str, Any]:
-        for r in self.final:
-            if r["id"] == rid:
-                return {**r, "final": True}
+    async def record_view(self, rid: str) -> dict[str, Any]:
         try:
             key = bytes.fromhex(rid)
         except ValueError:
             raise LocalError(f"'{rid}' is not a record id (64 hex characters).") from None
-        if key in self.pending:
-            r = self.pending[key]
-            return {"id": rid, "type": r.type, "author": str(r.author), "seq": r.seq, "final": False,
+        pos = self._final_pos.get(key.hex())
+        if pos is not None:
+            return {**self.final[pos], "final": True}
+        r = self.pending.get(key)
+        final = False
+        if r is None and await self.store.record_status(key) == "final":
+            # Beyond the in-memory view (FINAL_VIEW_LIMIT): the store still knows it.
+            r, final = await self.store.get_record(key), True
+        if r is not None and r.constellation == self.cid:
+            return {"id": rid, "type": r.type, "author": str(r.author), "seq": r.seq, "final": final,
                     "body": body_to_json(self.registry.plugins.get(r.type), r.body)}
         from valuemesh.node.api import NotFound
         raise NotFound(f"No record {rid[:16]}… in this constellation.")
