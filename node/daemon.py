@@ -560,10 +560,7 @@ class Node:
 
     # -- API services --------------------------------------------------------------
     def engine_for(self, text: str) -> Engine:
-        try:
-            cid = parse_constellation(text)
-        except LocalError:
-            raise
+        cid = parse_constellation(text)
         eng = self.engines.get(cid)
         if eng is None:
             raise NotFound(f"This node does not follow constellation {text}.")
@@ -634,7 +631,9 @@ class Node:
         uses, ttl = doc.get("uses", 1), doc.get("ttl_s", 7 * 86400)
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise LocalError("Roles must be a list of role names.")
-        if not isinstance(uses, int) or not isinstance(ttl, int) or not 60 <= ttl <= 365 * 86400:
+        if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= 10_000:
+            raise LocalError("The use limit must be a whole number from 1 to 10000.")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 60 <= ttl <= 365 * 86400:
             raise LocalError("The time to live must be between 1 minute and 1 year.")
         if eng.my_tier() != "core":
             raise LocalError("Only core members can invite.")
