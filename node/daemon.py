@@ -670,26 +670,24 @@ class Node:
 
     async def submit_many(self, eng: Engine, items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         assert self.store is not None
-        for rtype, body in items:
-            plugin = self.registry.get(rtype)
-            probe = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
-                                  seq=0, body=body, created=now_ms())
-            try:
-                eng.precheck(probe)
-            except ValuemeshError as exc:
-                raise LocalError(exc.message) from None
         # The seqs are taken and the signed records stored in one transaction, under
         # one lock: a signed record never leaves this process before it is durable,
         # so a crash can neither reuse a seq that escaped nor leave a gap that
-        # would hold back every later record of ours.
+        # would hold back every later record of ours. Every record is checked before
+        # any is stored (all or nothing); a refused one was never seen outside.
         async with self._sign_lock:
             seq = max(await self.store.next_seq(eng.cid, self.identity.member),
                       eng.ledger.next_seq(self.identity.member))
             recs = []
             for i, (rtype, body) in enumerate(items):
                 plugin = self.registry.get(rtype)
-                recs.append(Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
-                                          seq=seq + i, body=body, created=now_ms()))
+                rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                                    seq=seq + i, body=body, created=now_ms())
+                try:
+                    eng.precheck(rec)
+                except ValuemeshError as exc:
+                    raise LocalError(exc.message) from None
+                recs.append(rec)
             fresh = await eng.store_pending(recs, now_ms())
         await self._effects(eng, await eng.propose(fresh, now_ms()))
         if not eng.is_core():
