@@ -137,6 +137,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
         self._join_links: dict[bytes, PeerLink] = {}
+        self._join_asked: dict[bytes, PeerLink] = {}  # the member each pending join was sent to
         self._last_progress_log = 0.0
         self._sign_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -347,7 +348,7 @@ class Node:
             await self._on_join_request(link, msg)
         elif isinstance(msg, m.JoinReply):
             fut = self._join_waiters.get(msg.c)
-            if fut is not None and not fut.done():
+            if fut is not None and not fut.done() and self._join_asked.get(msg.c) is link:
                 genesis = decode_record(msg.genesis)
                 if genesis.constellation != msg.c or genesis.seq != 0 or genesis.type != "membership":
                     raise RemoteError("The peer sent a genesis of another constellation.")
@@ -355,8 +356,9 @@ class Node:
                 fut.set_result(genesis)
         elif isinstance(msg, m.Refuse):
             log.info("peer %s refused: %s", link.remote.short, msg.reason)
-            for fut in self._join_waiters.values():
-                if not fut.done():
+            for cid, fut in self._join_waiters.items():
+                # Only the member we asked can refuse our join.
+                if not fut.done() and self._join_asked.get(cid) is link:
                     fut.set_exception(LocalError(f"The member refused the join: {msg.reason}"))
         elif isinstance(msg, m.Proof):
             eng = self._engine_for_peer(link, msg.c)
@@ -513,6 +515,7 @@ class Node:
             genesis = await self._contact_inviters(inv, record, fut)
         finally:
             self._join_waiters.pop(inv.constellation, None)
+            self._join_asked.pop(inv.constellation, None)
         try:
             eng = Engine(self.store, self.registry, self.identity, genesis)
         except ValuemeshError:
@@ -549,6 +552,7 @@ class Node:
                 if self.peers is not None:
                     with contextlib.suppress(ValuemeshError):
                         self.peers.add_known(link.remote, Address(host, port), Source.INVITE)
+            self._join_asked[inv.constellation] = link
             await self._send(link, m.JoinRequest(inv.raw(), record.raw))
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), max(0.1, deadline - time.monotonic()))

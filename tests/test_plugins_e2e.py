@@ -200,14 +200,18 @@ class Broken(Plugin):
     name = "broken"
     version = Version(1, 0)
     distribution = "vm-broken"
-    ops = {"boom": {"n": text(8)}, "tripwire": {"n": text(8)}}
+    ops = {"boom": {"n": text(8)}, "arm": {"n": text(8)}, "tripwire": {"n": text(8)}}
 
     def apply(self, ctx, record):
         if ctx.op == "boom":
             raise RuntimeError("boom in apply")
-        # The daemon checks a submission on a probe with seq 0; the real record
-        # has a later seq, so this passes that check and raises once final.
-        if record.seq > 0:
+        if ctx.op == "arm":
+            ctx.put("armed", True)
+            return
+        # The daemon checks a submission against the final state; submitted in one
+        # batch with an "arm" that is not final yet, this passes that check and
+        # raises once it is ordered after the arm.
+        if ctx.get("armed"):
             raise KeyError("tripwire")
         ctx.put("t", record.seq)
 
@@ -300,7 +304,8 @@ def test_a_broken_plugin_cannot_crash_a_node_or_the_cli(tmp_path: Path, monkeypa
         assert exc.value.message == "Plugin 'broken' failed on this record (RuntimeError: boom in apply)."
 
         trip = d.api("POST", f"/v1/constellations/{cid}/records",
-                     {"type": "broken", "body": {"op": "tripwire", "n": "1"}})
+                     {"records": [{"type": "broken", "body": {"op": "arm", "n": "1"}},
+                                  {"type": "broken", "body": {"op": "tripwire", "n": "1"}}]})["records"][1]
         good = d.cli_json("contribute", cid, "--action", "work", "--quantity", "2", "--unit", "hour")["id"]
         wait_until(lambda: _final_on([d], cid, trip["id"]) and _final_on([d], cid, good), DEADLINE_S,
                    "the tripwire record and a contribution to be final")
