@@ -292,9 +292,8 @@ class _Phase(enum.Enum):
     FAILED = "failed"
 
 
-class Initiator:
-    """The client side: start() → HELLO; read_response(RESPONSE) → the responder's key;
-    auth() → AUTH; read_verdict(VERDICT) → SecureChannel. Any error is final."""
+class _Side:
+    """State both ends of a handshake keep: keys, the transcript hash, the phase."""
 
     def __init__(self, identity: Identity, network_id: bytes, ephemeral_secret: bytes) -> None:
         _check_network_id(network_id)
@@ -311,6 +310,11 @@ class Initiator:
         if self._phase is not expected:
             raise LocalError(f"Handshake step out of order (state {self._phase.value}).")
         self._phase = nxt
+
+
+class Initiator(_Side):
+    """The client side: start() → HELLO; read_response(RESPONSE) → the responder's key;
+    auth() → AUTH; read_verdict(VERDICT) → SecureChannel. Any error is final."""
 
     def start(self) -> bytes:
         self._step(_Phase.START, _Phase.SENT_HELLO)
@@ -367,25 +371,9 @@ class Initiator:
         )
 
 
-class Responder:
+class Responder(_Side):
     """The server side: read_hello(HELLO) → RESPONSE; read_auth(AUTH) → the initiator's
     key; verdict(code) → (VERDICT, SecureChannel or None). Any error is final."""
-
-    def __init__(self, identity: Identity, network_id: bytes, ephemeral_secret: bytes) -> None:
-        _check_network_id(network_id)
-        self._id = identity
-        self._net = network_id
-        self._e_sec = ephemeral_secret
-        self._e_pub = _check_secret(ephemeral_secret)
-        self._phase = _Phase.START
-        self._h = _h0(network_id)
-        self._dh = b""
-        self._remote: MemberId | None = None
-
-    def _step(self, expected: _Phase, nxt: _Phase) -> None:
-        if self._phase is not expected:
-            raise LocalError(f"Handshake step out of order (state {self._phase.value}).")
-        self._phase = nxt
 
     def read_hello(self, data: bytes) -> bytes:
         """Check HELLO and return RESPONSE; NetworkMismatchError means: send a REJECT."""
