@@ -159,9 +159,11 @@ def status(c: Ctx) -> None:
     """Health, peers and each constellation's finality and catch-up."""
     doc = c.api.call("GET", "/v1/status")
     lines = [f"health   {doc['health']}", f"member   {doc['member']}",
-             f"listen   {doc['listen']}", f"peers    {len(doc['peers'])} connected"]
+             f"listen   {doc['listen']}",
+             f"peers    {sum(1 for p in doc['peers'] if p.get('connected'))} connected, {len(doc['peers'])} known"]
     for p in doc["peers"]:
-        lines.append(f"  {p['member'][:16]}…  {p['address']}  via {p['via']}  {p['state']}")
+        linked = "connected" if p.get("connected") else "not connected"
+        lines.append(f"  {p['member'][:16]}…  {p['address']}  via {p['via']}  {p['state']}, {linked}")
     for k in doc["constellations"]:
         lines.append(f"{k['name']}  {k['id']}")
         lines.append(f"  members {k['members']} (core {k['core']}), final {k['final']}, pending {k['pending']}, "
@@ -174,12 +176,13 @@ def status(c: Ctx) -> None:
 @json_option
 @click.pass_context
 def peers(ctx: click.Context) -> None:
-    """List connected peers, or add one."""
+    """List known peers (liveness, how reached, connected or not), or add one."""
     if ctx.invoked_subcommand is None:
         c: Ctx = ctx.obj
         doc = c.api.call("GET", "/v1/peers")
-        c.out(doc, "\n".join(f"{p['member']}  {p['address']}  via {p['via']}  {p['state']}" for p in doc["peers"])
-              or "no peers")
+        c.out(doc, "\n".join(
+            f"{p['member']}  {p['address']}  via {p['via']}  {p['state']}"
+            f"{', connected' if p.get('connected') else ''}" for p in doc["peers"]) or "no peers")
 
 
 @peers.command("add")
