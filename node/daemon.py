@@ -311,7 +311,7 @@ class Node:
                     await self._send_heads(link, eng)
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)
-            self._start_stream(link, eng, msg.as_dict())
+            self._start_stream(link, eng, msg.epoch, msg.as_dict())
         elif isinstance(msg, m.Blocks):
             eng = self._engine_for_peer(link, msg.c)
             await self._receive_blocks(link, eng, msg.blocks, msg.left)
@@ -386,40 +386,47 @@ class Node:
 
     async def _send_heads(self, link: PeerLink, eng: Engine) -> None:
         assert self.store is not None
-        heads = await self.store.heads(eng.cid)
-        await self._send(link, m.Heads(eng.cid, sorted([k.key, v] for k, v in heads.items())))
+        floor = eng.consensus.epoch  # closed epochs are of no use to us any more
+        heads = await self.store.heads(eng.cid, floor)
+        entries = sorted([k.key, e, r] for (k, e), r in heads.items())
+        entries.sort(key=lambda h: h[1])  # if ever too many, the oldest epochs matter most
+        await self._send(link, m.Heads(eng.cid, floor, entries[: m.MAX_HEADS]))
 
-    def _start_stream(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
+    def _start_stream(self, link: PeerLink, eng: Engine, floor: int, their: dict[tuple[bytes, int], int]) -> None:
         """Stream a gap from its own task, so the link's reader keeps reading
         (two peers catching each other up must never wait on each other)."""
         key = (link.remote, eng.cid)
         old = self._streams.get(key)
         if old is not None and not old.done():
             old.cancel()
-        task = asyncio.create_task(self._stream_gap(link, eng, their))
+        task = asyncio.create_task(self._stream_gap(link, eng, floor, their))
         self._streams[key] = task
         task.add_done_callback(lambda t: self._streams.pop(key, None) if self._streams.get(key) is t else None)
 
-    async def _stream_gap(self, link: PeerLink, eng: Engine, their: dict[bytes, int]) -> None:
-        """Send every block the peer lacks, oldest rounds first, in bounded batches."""
+    async def _stream_gap(self, link: PeerLink, eng: Engine, floor: int, their: dict[tuple[bytes, int], int]) -> None:
+        """Send every block the peer lacks from its epoch on, epoch by epoch and oldest rounds
+        first, in bounded batches (so it can close each epoch before the next one arrives)."""
         assert self.store is not None
-        mine = await self.store.heads(eng.cid)
-        lag = [(mid, their.get(mid.key, -1)) for mid, r in mine.items() if r > their.get(mid.key, -1)]
+        mine = await self.store.heads(eng.cid, floor)
+        lag = {(mid.key, e): their.get((mid.key, e), -1) for (mid, e), r in mine.items()
+               if r > their.get((mid.key, e), -1)}
         if not lag:
             return
-        total = sum(mine[mid] - r for mid, r in lag)
+        total = sum(mine[(MemberId(k), e)] - r for (k, e), r in lag.items())
         sent = 0
         chunk: list[bytes] = []
-        async for b in self.store.iter_blocks(eng.cid, from_round=min(r for _, r in lag) + 1, page=SYNC_BATCH):
-            if b.round <= their.get(b.author.key, -1):
-                continue
-            chunk.append(b.raw)
-            if len(chunk) == SYNC_BATCH:
-                sent += len(chunk)
-                await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
-                chunk = []
-                if link.closed:
-                    return
+        for epoch in sorted({e for _, e in lag}):
+            start = min(r for (_, e), r in lag.items() if e == epoch) + 1
+            async for b in self.store.iter_blocks(eng.cid, from_round=start, epoch=epoch, page=SYNC_BATCH):
+                if b.round <= their.get((b.author.key, epoch), -1):
+                    continue
+                chunk.append(b.raw)
+                if len(chunk) == SYNC_BATCH:
+                    sent += len(chunk)
+                    await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
+                    chunk = []
+                    if link.closed:
+                        return
         if chunk:
             await self._send(link, m.Blocks(eng.cid, chunk, 0))
 
@@ -727,6 +734,8 @@ class _JsonFormatter(logging.Formatter):
         for k in ("c", "epoch", "start_round"):
             if hasattr(record, k):
                 doc[k] = getattr(record, k)
+        if record.exc_info:  # an internal error is useless to an operator without its traceback
+            doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 

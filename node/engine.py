@@ -9,6 +9,7 @@ blocks, in commit order, so a restart replays exactly the same ledger.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -19,7 +20,6 @@ from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol.consensus import (
-    EPOCH_DELAY_ROUNDS,
     Checkpoint,
     CheckpointAggregator,
     Committee,
@@ -107,6 +107,7 @@ class Engine:
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
         self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
+        self._step = asyncio.Lock()
         self._note(first[0])
 
     @property
@@ -119,9 +120,11 @@ class Engine:
         return str(meta["name"]) if meta else ""
 
     def may_receive(self, member: MemberId) -> bool:
-        """Whether a peer may receive this constellation's data."""
+        """Whether a peer may receive this constellation's data: members, applicants, and
+        members who left (the book stays open to them: their contributions are in it, and
+        their node must still see its own leave become final); not removed ones."""
         m = self.ledger.reader.member(member.key)
-        return (m is not None and m.get("status") in ("active", "applicant")) or member.key in self.applicants
+        return (m is not None and m.get("status") in ("active", "applicant", "left")) or member.key in self.applicants
 
     def taking_part(self) -> bool:
         """Whether we are a member (or our join is pending), so peers will sync with us."""
@@ -143,9 +146,13 @@ class Engine:
     # -- loading -------------------------------------------------------------
     async def load(self) -> Effects:
         """Rebuild ledger and consensus from the store after a (re)start."""
+        async with self._step:
+            return await self._load()
+
+    async def _load(self) -> Effects:
         blocks = {b.id: b async for b in self.store.iter_blocks(self.cid)}
         committed: list[bytes] = []
-        self._replaying: list[Committee] = []
+        self._replaying = []
         replay: list[tuple[Block, int]] = []
         async for entry in self.store.iter_commits(self.cid):
             block = blocks.get(entry.block_id)
@@ -154,7 +161,8 @@ class Engine:
             replay.append((block, entry.anchor_round))
             committed.append(block.id)
         self._apply_committed(replay)
-        committees, self._replaying = self._replaying, []
+        # Back to live: from now on an epoch end schedules its committee on the machine.
+        committees, self._replaying = self._replaying, None
         for cert in await self.store.checkpoints(self.cid):
             self.certified[cert.epoch] = cert
         now = self.clock
@@ -191,12 +199,25 @@ class Engine:
                 self.pending[r.id] = r
         return fresh
 
+    # Every step that feeds consensus holds the step lock until its output is handled: the
+    # machine's outputs must be applied in the order it made them (commit order, and an
+    # epoch end answered before anything else reaches the machine), and handling awaits
+    # the store, where another task could otherwise step in.
     async def propose(self, records: Sequence[Record], now: int) -> Effects:
-        if not self.is_core() or not records:
-            return Effects()
-        return await self._handle(self.consensus.propose(records, now), now)
+        async with self._step:
+            if not self.is_core() or not records:
+                return Effects()
+            return await self._handle(self.consensus.propose(records, now), now)
 
     async def add_blocks(self, blocks: Sequence[Block], now: int) -> tuple[Effects, list[str]]:
+        async with self._step:
+            return await self._add_blocks(blocks, now)
+
+    async def tick(self, now: int) -> Effects:
+        async with self._step:
+            return await self._handle(self.consensus.tick(now), now)
+
+    async def _add_blocks(self, blocks: Sequence[Block], now: int) -> tuple[Effects, list[str]]:
         """Feed verified blocks; return effects and the reasons of rejected ones.
 
         A whole batch is stored in one transaction and its consensus outputs are
@@ -226,6 +247,7 @@ class Engine:
             rebroadcast=tuple(b for o in outs for b in o.rebroadcast),
             request_sync=any(o.request_sync for o in outs),
             next_tick_ms=outs[-1].next_tick_ms,
+            epoch_end=next((o.epoch_end for o in outs if o.epoch_end is not None), None),
         )
         return await self._handle(merged, now), errors
 
@@ -233,9 +255,6 @@ class Engine:
         async with self.store.batch(durable=False) as tx:
             tx.put_blocks(blocks, now)  # stores each block's records too
         self.catchup["blocks_done"] += len(blocks)
-
-    async def tick(self, now: int) -> Effects:
-        return await self._handle(self.consensus.tick(now), now)
 
     @staticmethod
     def _merge(into: Effects, more: Effects) -> None:
@@ -250,12 +269,16 @@ class Engine:
         eff = Effects(list(out.blocks), list(out.missing), list(out.proofs), list(out.rebroadcast),
                       out.request_sync)
         self.next_tick = out.next_tick_ms
-        if not (out.blocks or out.committed or out.proofs):
+        if not (out.blocks or out.committed or out.proofs or out.epoch_end is not None):
             return eff
         entries: list[CommitEntry] = []
         finished: list[bytes] = []
         first_index = self.commit_index
-        self._apply_committed([(c.block, c.anchor_round) for c in out.committed])
+        closed = self._apply_committed([(c.block, c.anchor_round) for c in out.committed])
+        if out.epoch_end is not None and out.epoch_end not in closed and \
+                self.consensus.epoch_ending == out.epoch_end:
+            # The epoch-ending anchor's records left the committee as it was.
+            self._scheduled.append(self.consensus.keep_committee())
         for i, c in enumerate(out.committed):
             entries.append(CommitEntry(first_index + i, c.block.id, c.anchor_round))
             for r in c.block.records:
@@ -280,16 +303,20 @@ class Engine:
             self._merge(eff, await self._handle(self._scheduled.pop(0), now))
         return eff
 
-    def _apply_committed(self, items: list[tuple[Block, int]]) -> None:
+    def _apply_committed(self, items: list[tuple[Block, int]]) -> set[int]:
         """Apply committed blocks in order; close an epoch after the last block of
         the anchor that changed the committee (an anchor's history is ordered in
-        one step, so "after its last block" is the same point on every node)."""
+        one step, so "after its last block" is the same point on every node).
+        Return the anchor rounds at which an epoch was closed."""
+        closed: set[int] = set()
         for i, (block, anchor_round) in enumerate(items):
             self._apply_block(block)
             last_of_anchor = i + 1 == len(items) or items[i + 1][1] != anchor_round
             if last_of_anchor and self.ledger.committee_version != self._committee_version:
                 self._committee_version = self.ledger.committee_version
-                self._close_epoch(anchor_round)
+                if self._close_epoch(anchor_round):
+                    closed.add(anchor_round)
+        return closed
 
     def _apply_block(self, block: Block) -> None:
         self.clock = max(self.clock, block.created)
@@ -298,13 +325,14 @@ class Engine:
                 self._note(o)
         self.commit_index += 1
 
-    def _close_epoch(self, anchor_round: int) -> None:
-        """Schedule the next committee and sign the checkpoint that closes this epoch."""
+    def _close_epoch(self, anchor_round: int) -> bool:
+        """Start the next committee right after the anchor that ended the epoch, and sign
+        the checkpoint that closes this epoch. False if the committee did not change."""
         members = self.ledger.committee()
         old = self.committee
         if not members or members == old.members:
-            return
-        nxt = Committee(old.epoch + 1, members, anchor_round + EPOCH_DELAY_ROUNDS)
+            return False
+        nxt = Committee(old.epoch + 1, members, anchor_round + 1)
         if self._replaying is not None:
             self._replaying.append(nxt)
         else:
@@ -321,6 +349,7 @@ class Engine:
             self._take_checkpoint(agg, cp)
         for early in self._early_checkpoints.pop(old.epoch, []):
             self._take_checkpoint(agg, early)
+        return True
 
     def _take_checkpoint(self, agg: CheckpointAggregator, cp: Checkpoint) -> None:
         cert = agg.add(cp)

@@ -53,7 +53,7 @@ from valuemesh.protocol.records import (
 
 # "vmsh": marks the file as a valuemesh database so we never migrate someone else's SQLite file.
 APPLICATION_ID: Final = 0x766D7368
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 5_000
 # Bounds the WAL file after a checkpoint; SQLite truncates it back to this size.
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
@@ -308,6 +308,12 @@ BEGIN
 END;
 """
 
+# Rounds restart at each epoch's first round, so sync compares what two nodes hold per
+# (author, epoch); this index makes that a loose scan.
+_SCHEMA_V3: Final = """
+CREATE INDEX blocks_by_epoch ON blocks(constellation, epoch, author, round);
+"""
+
 Db = aiosqlite.Connection
 
 
@@ -330,6 +336,10 @@ async def _migrate_1(db: Db) -> None:
 async def _migrate_2(db: Db) -> None:
     await _run_script(db, _SCHEMA_V2)
     await _derive(db)
+
+
+async def _migrate_3(db: Db) -> None:
+    await _run_script(db, _SCHEMA_V3)
 
 
 async def _derive(db: Db) -> None:
@@ -358,6 +368,7 @@ Migration = Callable[[Db], Awaitable[None]]
 MIGRATIONS: Final[tuple[tuple[int, str, Migration], ...]] = (
     (1, "blocks, records, final order, peers, checkpoints, node state", _migrate_1),
     (2, "index records by block and by finality", _migrate_2),
+    (3, "index blocks by epoch, for per-epoch sync heads", _migrate_3),
 )
 
 
@@ -1166,20 +1177,29 @@ class Store:
         rows = _sorted_page(await self._rows(_budgeted(where), [*params, limit, max_bytes, max_bytes]))
         return [_decode_stored_block(raw, bytes(bid)) for _, _, bid, raw in rows]
 
-    async def iter_blocks(self, constellation: bytes, *, from_round: int = 0, page: int = 500) -> AsyncIterator[Block]:
-        """Every block from `from_round` on, in (round, author, id) order, read page by page.
+    async def iter_blocks(
+        self, constellation: bytes, *, from_round: int = 0, epoch: int | None = None, page: int = 500
+    ) -> AsyncIterator[Block]:
+        """Every block from `from_round` on (of `epoch` only, if given), in (round, author, id)
+        order, read page by page.
 
         A page holds at most `page` blocks and `MAX_PAGE_BYTES` of raw bytes, so memory stays
         bounded however large the blocks are.
         """
         _check_limit(page)
         _check_position(from_round)
+        where = "constellation = ? AND (round, author, id) > (?, ?, ?)"
+        scope: tuple[Any, ...] = (constellation,)
+        if epoch is not None:
+            _check_position(epoch)
+            where = "constellation = ? AND epoch = ? AND (round, author, id) > (?, ?, ?)"
+            scope = (constellation, epoch)
         key: tuple[int, bytes, bytes] = (from_round, b"", b"")
         while True:
             rows = _sorted_page(
                 await self._rows(
-                    _budgeted("constellation = ? AND (round, author, id) > (?, ?, ?)"),
-                    (constellation, *key, page, MAX_PAGE_BYTES, MAX_PAGE_BYTES),
+                    _budgeted(where),
+                    (*scope, *key, page, MAX_PAGE_BYTES, MAX_PAGE_BYTES),
                 )
             )
             if not rows:
@@ -1188,21 +1208,36 @@ class Store:
                 yield _decode_stored_block(raw, bytes(bid))
                 key = (int(rnd), bytes(author), bytes(bid))
 
-    async def heads(self, constellation: bytes) -> dict[MemberId, int]:
-        """Each author's highest stored round: what a peer needs to say what we miss."""
-        # A loose index scan: hop from author to author on blocks_by_author and read each one's
-        # maximum, so the cost grows with the number of authors, not of blocks.
-        rows = await self._rows(
-            "WITH RECURSIVE a(author) AS ("
-            " SELECT MIN(author) FROM blocks WHERE constellation = ?1"
+    async def heads(self, constellation: bytes, from_epoch: int = 0) -> dict[tuple[MemberId, int], int]:
+        """Per author and epoch (from `from_epoch` on), the highest stored round: what a peer
+        needs to say what we miss. Rounds restart at each epoch's first round."""
+        _check_position(from_epoch)
+        # Loose index scans on blocks_by_epoch: hop from epoch to epoch, then from author to
+        # author, and read each one's maximum, so the cost grows with epochs x authors, not
+        # with blocks.
+        epochs = await self._rows(
+            "WITH RECURSIVE e(epoch) AS ("
+            " SELECT MIN(epoch) FROM blocks WHERE constellation = ?1 AND epoch >= ?2"
             " UNION ALL"
-            " SELECT (SELECT MIN(author) FROM blocks WHERE constellation = ?1 AND author > a.author)"
-            " FROM a WHERE a.author IS NOT NULL)"
-            " SELECT author, (SELECT MAX(round) FROM blocks WHERE constellation = ?1 AND author = a.author)"
-            " FROM a WHERE author IS NOT NULL",
-            (constellation,),
+            " SELECT (SELECT MIN(epoch) FROM blocks WHERE constellation = ?1 AND epoch > e.epoch)"
+            " FROM e WHERE e.epoch IS NOT NULL)"
+            " SELECT epoch FROM e WHERE epoch IS NOT NULL",
+            (constellation, from_epoch),
         )
-        return {MemberId(bytes(a)): int(r) for a, r in rows}
+        out: dict[tuple[MemberId, int], int] = {}
+        for (epoch,) in epochs:
+            rows = await self._rows(
+                "WITH RECURSIVE a(author) AS ("
+                " SELECT MIN(author) FROM blocks WHERE constellation = ?1 AND epoch = ?2"
+                " UNION ALL"
+                " SELECT (SELECT MIN(author) FROM blocks WHERE constellation = ?1 AND epoch = ?2"
+                " AND author > a.author) FROM a WHERE a.author IS NOT NULL)"
+                " SELECT author, (SELECT MAX(round) FROM blocks WHERE constellation = ?1 AND epoch = ?2"
+                " AND author = a.author) FROM a WHERE author IS NOT NULL",
+                (constellation, int(epoch)),
+            )
+            out.update({(MemberId(bytes(a)), int(epoch)): int(r) for a, r in rows})
+        return out
 
     async def block_count(self, constellation: bytes) -> int:
         rows = await self._rows("SELECT COUNT(*) FROM blocks WHERE constellation = ?", (constellation,))

@@ -19,6 +19,8 @@ MAX_BATCH = 256
 MAX_IDS = 1024
 MAX_CONSTELLATIONS = 256
 MAX_PEERS_PER_EXCHANGE = 32
+# One entry per (author, epoch) from the asker's epoch on: ample for any core size.
+MAX_HEADS = 4096
 
 
 def _bytes_list(v: object, limit: int, size: int | None = None) -> bool:
@@ -43,24 +45,31 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Heads:
-    """Per author, the highest round I hold in a constellation (a sync request).
+    """What I hold of a constellation, as a sync request: per author and epoch, my highest
+    round, for every epoch from `epoch` (mine now; I need nothing of closed ones) on.
 
-    `heads` is a list of [author key, round] pairs (CBOR map keys are text or ints).
+    `heads` is a list of [author key, epoch, round] triples. Rounds restart at each epoch's
+    first round, so the same author can hold blocks of one round in two epochs.
     """
 
     t: ClassVar[str] = "heads"
     c: bytes
+    epoch: int
     heads: list[list[Any]]
 
     def valid(self) -> bool:
-        return len(self.c) == 32 and len(self.heads) <= 4096 and all(
-            isinstance(h, list) and len(h) == 2 and isinstance(h[0], bytes) and len(h[0]) == 32
-            and isinstance(h[1], int) and not isinstance(h[1], bool) and h[1] >= 0
+        return len(self.c) == 32 and _uint(self.epoch) and len(self.heads) <= MAX_HEADS and all(
+            isinstance(h, list) and len(h) == 3 and isinstance(h[0], bytes) and len(h[0]) == 32
+            and _uint(h[1]) and h[1] >= self.epoch and _uint(h[2])
             for h in self.heads
         )
 
-    def as_dict(self) -> dict[bytes, int]:
-        return {k: v for k, v in self.heads}
+    def as_dict(self) -> dict[tuple[bytes, int], int]:
+        return {(k, e): r for k, e, r in self.heads}
+
+
+def _uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +199,7 @@ _TYPES: dict[str, type[Any]] = {
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,
     "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
-    "genesis": bytes, "reason": str, "proof": bytes, "peers": list, "cp": bytes,
+    "genesis": bytes, "reason": str, "proof": bytes, "peers": list, "cp": bytes, "epoch": int,
 }
 
 

@@ -9,7 +9,6 @@ import hashlib
 import pytest
 
 from valuemesh.protocol.consensus import (
-    EPOCH_DELAY_ROUNDS,
     Checkpoint,
     CheckpointAggregator,
     Committee,
@@ -135,15 +134,14 @@ def test_parents_from_wrong_round_or_twice_one_author_are_refused() -> None:
     assert node.round == before[0] and not node.has_block(both.id)
 
 
-def test_epoch_must_match_committee_of_its_round() -> None:
-    people, com, node, r0 = four()
-    node.schedule_committee(Committee(1, com.members, 1))
-    stale = block(people[0], 1, r0[:3], epoch=0)
-    with pytest.raises(ValidationError):
-        node.add_block(stale, 0)
-    assert not node.has_block(stale.id)
-    node.add_block(block(people[0], 1, r0[:3], epoch=1), 0)
-    assert node.top_round == 1
+def test_committee_changes_only_at_an_epoch_end() -> None:
+    _, com, node, _ = four()
+    before = snapshot(node)
+    with pytest.raises(LocalError):
+        node.schedule_committee(Committee(1, com.members, 1))
+    with pytest.raises(LocalError):
+        node.keep_committee()
+    assert snapshot(node) == before and node.epoch == 0
 
 
 def test_unknown_parents_are_buffered_and_requested() -> None:
@@ -286,50 +284,127 @@ def test_restore_refuses_an_inconsistent_store() -> None:
         fresh.restore(n.store.values(), list(reversed(n.log)))
 
 
-def test_committee_change_takes_effect_at_the_same_round_everywhere() -> None:
-    starts: set[int] = set()
-
+def _drop_last_member(w: World, starts: set[int]):  # type: ignore[no-untyped-def]
     def reconf(node, c):  # type: ignore[no-untyped-def]
         for rec in c.records:
             if rec.type == "membership":
                 keys = [bytes.fromhex(k) for k in rec.body["core"]]
                 members = {m: 1 for m, _ in w.committee.members if m.key in keys}
-                start = c.anchor_round + EPOCH_DELAY_ROUNDS
-                nxt = Committee.of(members, epoch=1, start_round=start)
+                nxt = Committee.of(members, epoch=1, start_round=c.anchor_round + 1)
                 starts.add(nxt.start_round)
                 return nxt
         return None
+    return reconf
 
-    w = World(4, crypto=False, reconfigure=reconf)
+
+def test_epoch_ends_at_the_anchor_that_orders_a_membership_record() -> None:
+    starts: set[int] = set()
+    w = World(4, crypto=False)
+    w.reconfigure = _drop_last_member(w, starts)
     keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
     w.propose(0, type="membership", data={"core": keep})
     assert w.settle()
     assert len(starts) == 1
     start = starts.pop()
-    for r in range(EPOCH_DELAY_ROUNDS + 4):
+    for r in range(12):
         for i in range(3):
             w.propose(i, body=r)
         assert w.settle()
     assert w.check_safety() == [] and w.check_liveness() == []
     for n in w.nodes:
         c = n.consensus
+        assert c.epoch == 1 and c.epoch_ending is None
         assert c.committee_at(start).epoch == 1 and c.committee_at(start - 1).epoch == 0
-    late = [w.nodes[0].store[b] for b in w.nodes[0].log]
-    assert any(b.epoch == 1 for b in late)
-    assert all(b.epoch == (1 if b.round >= start else 0) for b in late)
+    order = [w.nodes[0].store[b] for b in w.nodes[0].log]
+    assert order[-1].epoch == 1
+    # The old epoch ends with the anchor that ordered the record; the new one starts after it.
+    assert all(b.epoch == (1 if b.round >= start else 0) for b in order)
+    first = [b for b in order if b.epoch == 1 and b.round == start]
+    assert first and all(not b.parents for b in first)
     removed = w.nodes[3].identity.member  # type: ignore[union-attr]
-    assert not any(b.author == removed and b.round >= start for b in late)
+    assert not any(b.author == removed and b.epoch == 1 for b in order)
 
 
-def test_schedule_committee_rejects_rounds_already_signed() -> None:
-    w = World(2, crypto=False, observers=0)
-    w.propose(0)
+def test_after_an_epoch_end_old_blocks_are_ignored_and_new_ones_checked() -> None:
+    starts: set[int] = set()
+    w = World(4, crypto=False)
+    w.reconfigure = _drop_last_member(w, starts)
+    keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
+    w.propose(0, type="membership", data={"core": keep})
     assert w.settle()
+    start = starts.pop()
+    node = w.nodes[0].consensus
+    people = [n.identity for n in w.nodes[:4]]
+    late_old = Block.create(people[3], constellation=CID, epoch=0, round=start + 1,  # type: ignore[arg-type]
+                            prev=None, parents=[], records=(), created=5)
+    before = snapshot(node)
+    assert node.add_block(late_old, w.now).blocks == ()
+    assert not node.has_block(late_old.id) and snapshot(node) == before
+    with pytest.raises(ValidationError):  # the first round of an epoch names no parents
+        node.add_block(Block.create(people[1], constellation=CID, epoch=1, round=start,  # type: ignore[arg-type]
+                                    prev=None, parents=[late_old.id], records=(), created=7), w.now)
+    with pytest.raises(ValidationError):  # no epoch-1 block before its start
+        node.add_block(Block.create(people[1], constellation=CID, epoch=1, round=start - 1,  # type: ignore[arg-type]
+                                    prev=None, parents=[], records=(), created=7), w.now)
+    with pytest.raises(AuthorizationError):  # the removed member is no longer core
+        node.add_block(Block.create(people[3], constellation=CID, epoch=1, round=start,  # type: ignore[arg-type]
+                                    prev=None, parents=[], records=(), created=7), w.now)
+    assert snapshot(node) == before
+
+
+def test_a_membership_record_that_changes_nothing_keeps_the_epoch() -> None:
+    w = World(4, crypto=False)
+    w.propose(0, type="membership", data={"core": []})  # no reconfigure hook: nothing changes
+    assert w.settle()
+    for r in range(4):
+        w.propose(r % 4, body=r)
+        assert w.settle()
+    assert w.check_safety() == [] and w.check_liveness() == []
+    assert all(n.consensus.epoch == 0 and n.consensus.epoch_ending is None for n in w.nodes)
+
+
+def test_restart_across_an_epoch_end_never_signs_twice() -> None:
+    starts: set[int] = set()
+    w = World(4, crypto=False)
+    w.reconfigure = _drop_last_member(w, starts)
+    keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
+    w.propose(1, type="membership", data={"core": keep})
+    assert w.settle()
+    for r in range(3):
+        w.propose(r % 3, body=r)
+        assert w.settle()
+    node = w.nodes[0]
+    last = node.consensus.last_own_round
+    w.crash(0)
+    w.restart(0)
+    assert node.consensus.epoch == 1 and node.consensus.last_own_round == last
+    for r in range(3):
+        w.propose(r % 3, body=10 + r)
+        assert w.settle()
+    assert w.check_safety() == [] and w.check_liveness() == []
+    assert node.committees and node.committees[0].start_round == starts.pop()
+
+
+def test_schedule_committee_checks_epoch_and_start() -> None:
+    w = World(2, crypto=False, observers=0)
+    seen: list[tuple[int, int]] = []
+    w.reconfigure = lambda node, c: None  # type: ignore[assignment,return-value]
     c = w.nodes[0].consensus
-    with pytest.raises(LocalError):
-        c.schedule_committee(Committee(1, w.committee.members, 1))
-    with pytest.raises(LocalError):
-        c.schedule_committee(Committee(3, w.committee.members, 1000))
+    real_handle = w.handle
+
+    def handle(node, out):  # type: ignore[no-untyped-def]
+        if node.index == 0 and out.epoch_end is not None and c.epoch_ending is not None:
+            with pytest.raises(LocalError):
+                c.schedule_committee(Committee(2, w.committee.members, out.epoch_end + 1))
+            with pytest.raises(LocalError):
+                c.schedule_committee(Committee(1, w.committee.members, out.epoch_end + 5))
+            seen.append((out.epoch_end, c.epoch))
+        real_handle(node, out)
+
+    w.handle = handle  # type: ignore[method-assign]
+    w.propose(0, type="membership", data={"core": []})
+    assert w.settle()
+    assert seen and all(e == 0 for _, e in seen) and c.epoch == 0
 
 
 # ---------------------------------------------------------------- checkpoints

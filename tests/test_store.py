@@ -154,7 +154,8 @@ async def test_old_version_database_is_migrated_and_backfilled(tmp_path: Path) -
     b2 = blk(ALICE, 2, [rec(ALICE, 2)])  # stored, not committed
     insert_v1_rows(path, [b0, b1, b2], [b0, b1])
     async with await Store.open(path, now_ms=77) as s:
-        assert await s.schema_version() == 2
+        assert await s.schema_version() == SCHEMA_VERSION
+        assert await s.heads(C) == {(ALICE.member, 0): 2, (BOB.member, 0): 1}
         finals = await s.final_records(C)
         assert [(f.commit_index, f.position, f.record.id) for f in finals] == [
             (0, 0, b0.records[0].id),
@@ -168,6 +169,7 @@ async def test_old_version_database_is_migrated_and_backfilled(tmp_path: Path) -
             tx.append_commits(C, [CommitEntry(2, b2.id, 2)])
         assert await s.record_status(b2.records[0].id) == "final"
     assert count(path, "SELECT applied_at FROM schema_version WHERE version = 2") == 77
+    assert count(path, "SELECT applied_at FROM schema_version WHERE version = 3") == 77
 
 
 async def test_failed_migration_leaves_the_old_version_intact(tmp_path: Path) -> None:
@@ -466,12 +468,21 @@ async def test_block_queries_heads_and_paging(store: Store, monkeypatch: pytest.
     assert await store.blocks(C, max_bytes=two + 1) == want[:3]
     monkeypatch.setattr(store_mod, "MAX_PAGE_BYTES", 1)
     assert [b async for b in store.iter_blocks(C, page=4)] == want
-    assert await store.heads(C) == {ALICE.member: 4, BOB.member: 4}
+    assert await store.heads(C) == {(ALICE.member, 0): 4, (BOB.member, 0): 4}
     carol = Identity(bytes([3]) * 32)
     async with store.batch() as tx:
         tx.put_blocks([blk(carol, 1, []), blk(carol, 7, [])], 1)
-    assert await store.heads(C) == {ALICE.member: 4, BOB.member: 4, carol.member: 7}
+    assert await store.heads(C) == {(ALICE.member, 0): 4, (BOB.member, 0): 4, (carol.member, 0): 7}
     assert await store.heads(OTHER_C) == {}
+    # Rounds restart with each epoch: heads are per (author, epoch), and a floor skips closed epochs.
+    async with store.batch() as tx:
+        tx.put_blocks([blk(carol, 3, [], epoch=1), blk(ALICE, 2, [], epoch=2)], 1)
+    assert await store.heads(C) == {(ALICE.member, 0): 4, (BOB.member, 0): 4, (carol.member, 0): 7,
+                                    (carol.member, 1): 3, (ALICE.member, 2): 2}
+    assert await store.heads(C, 1) == {(carol.member, 1): 3, (ALICE.member, 2): 2}
+    assert await store.heads(C, 3) == {}
+    assert [b.round async for b in store.iter_blocks(C, from_round=2, epoch=1)] == [3]
+    assert [(b.epoch, b.round) async for b in store.iter_blocks(C, from_round=4, epoch=0)] == [(0, 4), (0, 4), (0, 7)]
     assert await store.get_block(want[3].id) == want[3]
     assert await store.get_block(b"\x00" * 32) is None
     got = await store.get_blocks([want[0].id, b"\x00" * 32])

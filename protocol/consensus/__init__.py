@@ -5,7 +5,6 @@ checkpoints and re-founding. Pure: blocks, records and time come in as arguments
 from .checkpoint import Checkpoint, CheckpointAggregator, CheckpointCertificate, Refounding
 from .committee import Committee
 from .machine import (
-    EPOCH_DELAY_ROUNDS,
     GC_DEPTH_ROUNDS,
     ROUND_TIMEOUT_MS,
     Committed,
@@ -15,7 +14,6 @@ from .machine import (
 )
 
 __all__ = [
-    "EPOCH_DELAY_ROUNDS",
     "GC_DEPTH_ROUNDS",
     "ROUND_TIMEOUT_MS",
     "Checkpoint",

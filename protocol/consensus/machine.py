@@ -34,16 +34,17 @@ near the commit frontier carries an unordered record (quiescence); `propose`, a 
 block carrying unordered records, or a peer's block of the round we would sign next (we
 join that round) wakes them.
 
-Epochs: committee_at(r) is the last scheduled committee with start_round <= r. A record
-of a reconfiguring type committed by anchor a switches the committee at a +
-EPOCH_DELAY_ROUNDS. A node does not sign round r while its DAG holds an unordered block B
-of round x <= r - EPOCH_DELAY_ROUNDS carrying such a record and some slot that could still
-order B is undecided (slots <= r - EPOCH_DELAY_ROUNDS and < x + GC_DEPTH_ROUNDS), nor in
-the same call that handed out a commit of anchor a with r >= a + EPOCH_DELAY_ROUNDS. Any
-block an anchor can still order is in every honest DAG that reached the anchor's round + 3
-(quorum intersection through the anchor's votes), so every honest node knows the committee
-of r before it signs r; and since EPOCH_DELAY_ROUNDS > GC_DEPTH_ROUNDS + 2, a record in a
-block no anchor will ever order is released once the slots below its GC reach decide.
+Epochs end at a committed anchor. The first committed anchor A whose ordered history
+holds a record of a reconfiguring type ends the epoch: the machine hands out A's history
+with `epoch_end = A.round` and then orders nothing more and signs nothing until the node,
+having applied those records, calls `schedule_committee` (the next epoch, starting at
+A.round + 1) or `keep_committee` (the records changed nothing). The old epoch's blocks
+above A are never ordered (their records are re-proposed); the new epoch's first round has
+no parents, like round 0, so its DAG never reaches back into the old one. Since A is the
+same anchor in every honest node's order, every honest node switches at the same point,
+and since the old epoch runs on untouched until A commits, the switch waits for nothing
+but an ordinary commit: no undecided slot can hold the clock. Blocks carry their epoch, so
+an old-epoch and a new-epoch block of one author and round are not an equivocation.
 """
 
 from __future__ import annotations
@@ -63,13 +64,11 @@ FETCH_RETRY_MS = 500
 # With work to do and no progress for this long, re-send our last block and ask for heads.
 STALL_MS = 1_500
 # Blocks this many rounds below the anchor being ordered are never ordered (deterministic),
-# and are dropped from memory (the node keeps them on disk). Small on purpose: it must stay
-# below EPOCH_DELAY_ROUNDS - 3, and a late block's records are re-proposed anyway.
+# and are dropped from memory (the node keeps them on disk). Small on purpose: a late
+# block's records are re-proposed anyway.
 GC_DEPTH_ROUNDS = 6
-# A membership change committed at anchor round a takes effect at a + EPOCH_DELAY_ROUNDS.
-# The signing gate assumes no smaller delay; a larger one is safe too.
-EPOCH_DELAY_ROUNDS = 10
-# Record types whose commit may change the committee (the built-in membership plugin).
+# Record types whose commit may change the committee (the built-in membership plugin): an
+# anchor ordering one ends the epoch.
 RECONFIGURING_TYPES = frozenset({"membership"})
 # Our own block still unordered this many rounds behind the commit frontier is given up on
 # and its records go back to the queue; also the reach of "pending work in the DAG".
@@ -124,6 +123,8 @@ class Output:
     Persist `blocks` (ours, new) before broadcasting them; fetch `missing` from peers;
     apply `committed` in order; gossip `proofs`; re-send `rebroadcast` and, if
     `request_sync`, ask peers for their latest blocks; call `tick` at `next_tick_ms`.
+    If `epoch_end` is set, the last anchor of `committed` (of that round) ended the epoch:
+    apply its records, then call `schedule_committee` or `keep_committee`.
     """
 
     blocks: tuple[Block, ...] = ()
@@ -133,6 +134,7 @@ class Output:
     rebroadcast: tuple[Block, ...] = ()
     request_sync: bool = False
     next_tick_ms: int | None = None
+    epoch_end: int | None = None
 
 
 _EMPTY = Output()
@@ -149,7 +151,6 @@ class _Step:
     proofs: list[EquivocationProof] = field(default_factory=list)
     rebroadcast: list[Block] = field(default_factory=list)
     request_sync: bool = False
-    first_anchor: int | None = None
 
 
 class _Decision:
@@ -213,8 +214,10 @@ class Consensus:
         self._excluded: set[MemberId] = set()
         self._ordered_records: set[bytes] = set()
         self._unordered_work: dict[bytes, int] = {}  # block id -> round, blocks with records
-        self._unordered_reconf: dict[bytes, int] = {}  # same, with a reconfiguring record
         self._next_index = 0
+        # Set from the commit of an epoch-ending anchor until the node says what comes next.
+        self._closing: Block | None = None
+        self._epoch_start = committee.start_round
 
     # ------------------------------------------------------------------ queries
 
@@ -344,34 +347,88 @@ class Consensus:
             step.request_sync = True
         return self._finish(step)
 
-    def schedule_committee(self, committee: Committee) -> Output:
-        """Switch to `committee` from its start_round on (call it right after the commit).
+    @property
+    def epoch(self) -> int:
+        """The epoch this node signs and orders in now."""
+        return self._committees[-1].epoch
 
-        Blocks already held for rounds >= start_round under the old epoch are dropped (an
-        honest node cannot have made them); blocks that waited for this epoch are admitted.
+    @property
+    def epoch_ending(self) -> int | None:
+        """Round of the anchor that ended the epoch, while the node has not yet said what
+        comes next (`schedule_committee` or `keep_committee`)."""
+        return self._closing.round if self._closing is not None else None
+
+    def schedule_committee(self, committee: Committee) -> Output:
+        """Start the next epoch with `committee` right after the epoch-ending anchor.
+
+        Only valid while an epoch end is pending (`Output.epoch_end`); the committee must be
+        the next epoch and start at that anchor's round + 1.
         """
-        last = self._committees[-1]
-        if committee.epoch != last.epoch + 1 or committee.start_round <= last.start_round:
-            raise LocalError("A new committee must be the next epoch and start after the last.")
-        if committee.start_round <= self._last_own_round:
-            raise LocalError("A new committee cannot start at a round this node already signed.")
-        self._committees.append(committee)
-        stale = [
-            b for r, per in self._rounds.items() if r >= committee.start_round
-            for bs in per.values() for b in bs if b.epoch != committee.epoch
-        ]
-        for b in stale:
-            self._remove(b)
-        self._recount_quorum()
-        waiting = list(self._future.values())
-        self._future.clear()
+        anchor = self._closing
+        if anchor is None:
+            raise LocalError("A committee can change only at the anchor that ends an epoch.")
+        if committee.epoch != self.epoch + 1 or committee.start_round != anchor.round + 1:
+            raise LocalError("The new committee must be the next epoch, starting right after its anchor.")
         step = _Step(self._last_progress_ms)
+        self._switch(committee, step)
+        self._advance(step)
+        return self._finish(step)
+
+    def keep_committee(self) -> Output:
+        """The epoch-ending anchor's records changed nothing: go on in the same epoch."""
+        if self._closing is None:
+            raise LocalError("No epoch end is waiting for a decision.")
+        self._closing = None
+        self._dirty = True
+        step = _Step(self._last_progress_ms)
+        self._advance(step)
+        return self._finish(step)
+
+    def _switch(self, committee: Committee, step: _Step) -> None:
+        """Close the old epoch at its ending anchor and open `committee`'s first round.
+
+        Nothing of the old epoch is ordered after the anchor, and the new epoch's first
+        round has no parents, so the old DAG is dropped from memory (the node keeps it on
+        disk for peers that still need it to reach the anchor). Our records in old blocks
+        that were not ordered go back to the queue.
+        """
+        self._closing = None
+        self._committees.append(committee)
+        start = committee.start_round
+        self._epoch_start = start
+        for block in self._inflight.values():
+            for rec in block.records:
+                if rec.id not in self._ordered_records:
+                    self._pending.setdefault(rec.id, rec)
+        if self._me not in committee:
+            self._pending.clear()  # a former core member hands its records to the core instead
+        self._inflight.clear()
+        self._blocks.clear()
+        self._rounds.clear()
+        self._round_weight.clear()
+        self._quorum_at_ms = {start - 1: step.now}
+        self._buffer.clear()
+        self._buffer_per_author.clear()
+        self._waiting_on.clear()
+        self._missing.clear()
+        self._proved.clear()
+        self._consumed.clear()
+        self._slot_taken.clear()
+        self._unordered_work.clear()
+        self._quorum_round = start - 1
+        self._horizon = start
+        self._decided_upto = start - 1
+        self._dirty = False
+        self._last_own_round = start - 1
+        self._last_own = None
+        self._last_progress_ms = step.now
+        waiting = sorted(self._future.values(), key=lambda b: (b.epoch, b.round, b.id))
+        self._future.clear()
         for b in waiting:
             try:
                 self._admit(b, step)
             except ValidationError:
                 continue
-        return self._finish(step)
 
     def restore(
         self,
@@ -381,30 +438,51 @@ class Consensus:
     ) -> Output:
         """Rebuild after a restart from stored blocks and the block ids already handed out.
 
-        `committees` are the later epochs the ledger had scheduled. The commit sequence is
-        re-derived from the DAG and must start with `committed` (else LocalError: the store
-        is inconsistent); only commits beyond it are returned. Our own stored blocks are
-        re-added, so this node never signs a round twice.
+        `committees` are the later epochs the node had started. Blocks are replayed epoch by
+        epoch; an epoch end inside `committed` switches to the listed committee starting
+        right after its anchor, or keeps the committee if none is listed. The commit
+        sequence is re-derived from the DAG and must start with `committed` (else
+        LocalError: the store is inconsistent); only commits beyond it are returned, with
+        `epoch_end` if they end an epoch. Our own stored blocks are re-added, so this node
+        never signs a round twice.
         """
         if self._blocks or self._buffer or self._next_index:
             raise LocalError("Restore works only on a fresh consensus machine.")
-        for c in committees:
-            self.schedule_committee(c)
+        starts = {c.start_round: c for c in committees}
+        done = list(committed)
+        queue = sorted(blocks, key=lambda b: (b.epoch, b.round, b.id))
         step = _Step(0)
-        for b in sorted(blocks, key=lambda b: (b.round, b.id)):
+        i = 0
+        while True:
+            while i < len(queue) and queue[i].epoch <= self.epoch:
+                try:
+                    self._admit(queue[i], step)
+                except ValidationError:
+                    pass
+                i += 1
+            self._decide(step)
+            anchor = self._closing
+            if anchor is None or len(step.committed) > len(done):
+                break
+            nxt = starts.get(anchor.round + 1)
+            if nxt is not None and nxt.epoch == self.epoch + 1:
+                self._switch(nxt, step)
+            else:
+                self._closing = None
+                self._dirty = True
+        for b in queue[i:]:  # a later epoch the node has yet to decide on: wait as future
             try:
                 self._admit(b, step)
             except ValidationError:
                 continue
-        self._decide(step)
-        done = list(committed)
         got = [c.block.id for c in step.committed[: len(done)]]
         if got != done:
             raise LocalError("The stored blocks do not reproduce the stored commit order.")
         for rid in [rid for rid in self._pending if rid in self._ordered_records]:
             del self._pending[rid]
         return Output(
-            committed=tuple(step.committed[len(done):]), missing=tuple(sorted(self._missing))
+            committed=tuple(step.committed[len(done):]), missing=tuple(sorted(self._missing)),
+            epoch_end=self.epoch_ending if len(step.committed) > len(done) else None,
         )
 
     # ------------------------------------------------------------------ admission
@@ -415,9 +493,13 @@ class Consensus:
             raise ValidationError("The block belongs to another constellation.")
         if block.id in self._blocks or block.id in self._buffer or block.id in self._future:
             return False
+        committee = self._committees[-1]
+        if block.epoch < committee.epoch:
+            return False  # an epoch that is closed here: nothing of it is ordered any more
+        if block.epoch == committee.epoch and block.round < committee.start_round:
+            raise ValidationError(f"The block's round is before the start of its epoch {block.epoch}.")
         if block.round < self._horizon:
             return False  # older than anything we can still order: harmless, ignored
-        committee = self.committee_at(block.round)
         if block.epoch > committee.epoch:
             if len(self._future) >= self._p.max_buffered_blocks:
                 raise ValidationError("Too many blocks of a future epoch are waiting.")
@@ -431,14 +513,14 @@ class Consensus:
                     self._missing[pid] = step.now
                     step.missing.append(pid)
             return False
-        if block.epoch != committee.epoch:
-            raise ValidationError(f"The block's epoch {block.epoch} is wrong for its round.")
         if block.author not in committee:
             raise AuthorizationError("The block's author is not a core member in its epoch.")
-        if block.round == 0 and (block.parents or block.prev is not None):
-            raise ValidationError("A round-0 block must have no parents and no prev.")
-        if block.round > 0 and block.round > self._horizon and not block.parents:
-            raise ValidationError("A block after round 0 must name parents.")
+        if block.round == 0 and block.prev is not None:
+            raise ValidationError("A round-0 block must have no prev.")
+        if block.round == committee.start_round and block.parents:
+            raise ValidationError("The first block of an epoch must have no parents.")
+        if block.round > committee.start_round and block.round > self._horizon and not block.parents:
+            raise ValidationError("A block after the first round of its epoch must name parents.")
         if block.prev is not None and block.prev == block.id:
             raise ValidationError("A block cannot be its own prev.")
         if len(self._rounds.get(block.round, {}).get(block.author, ())) >= len(committee.members):
@@ -545,9 +627,6 @@ class Consensus:
                 self._quorum_round = block.round
         if block.records and block.id not in self._consumed:
             self._unordered_work[block.id] = block.round
-            kinds = self._p.reconfiguring_types
-            if any(r.type in kinds for r in block.records):
-                self._unordered_reconf[block.id] = block.round
         if block.author == self._me and block.round > self._last_own_round:
             # Restored or echoed back after a restart: never sign this round again.
             self._last_own_round = block.round
@@ -565,7 +644,6 @@ class Consensus:
             if not variants:
                 del per[block.author]
         self._unordered_work.pop(block.id, None)
-        self._unordered_reconf.pop(block.id, None)
         self._inflight.pop(block.id, None)
 
     def _recount_quorum(self) -> None:
@@ -595,18 +673,14 @@ class Consensus:
         if target <= self._last_own_round or not self._wants_round(target):
             return False
         committee = self.committee_at(target)
-        if self._me not in committee:
-            return False
-        if self._epoch_gate(target):
-            return False  # a committee change may still be ordered that starts by `target`
-        if step.first_anchor is not None and target >= step.first_anchor + EPOCH_DELAY_ROUNDS:
-            return False  # the node must apply this call's commits (and epochs) first
-        if target > 0 and not self._has_anchor(target - 1):
+        if self._me not in committee or self._closing is not None:
+            return False  # not core, or the node must first apply the epoch-ending commit
+        if target > self._epoch_start and not self._has_anchor(target - 1):
             since = self._quorum_at_ms.get(target - 1, step.now)
             if step.now - since < self.anchor_wait_ms:
                 return False
         parents: list[bytes] = []
-        if target > 0:
+        if target > self._epoch_start:
             for variants in self._rounds.get(target - 1, {}).values():
                 parents.append(variants[0].id)
         records = self._take_records()
@@ -619,16 +693,6 @@ class Consensus:
         step.blocks.append(block)
         self._release_children(block.id, step)
         return True
-
-    def _epoch_gate(self, target: int) -> bool:
-        """True while an anchor <= target - EPOCH_DELAY_ROUNDS may still order a block with a
-        reconfiguring record: only undecided slots can, and only those below the block's
-        round + GC_DEPTH_ROUNDS (older anchors never order it)."""
-        last = target - EPOCH_DELAY_ROUNDS
-        return any(
-            x <= last and self._decided_upto < min(last, x + GC_DEPTH_ROUNDS - 1)
-            for x in self._unordered_reconf.values()
-        )
 
     def _wants_round(self, target: int) -> bool:
         # A peer already signed `target`: join it even with nothing of our own to do, or a
@@ -653,7 +717,7 @@ class Consensus:
 
     def _decide(self, step: _Step) -> None:
         top = self.top_round
-        if not self._dirty or top - 2 <= self._decided_upto:
+        if not self._dirty or top - 2 <= self._decided_upto or self._closing is not None:
             return
         self._dirty = False
         decisions: dict[int, _Decision] = {}
@@ -667,6 +731,8 @@ class Consensus:
             if d.block is not None:
                 self._commit(d.block, step)
             self._decided_upto = r
+            if self._closing is not None:
+                break  # the node applies this anchor's records and says what comes next
         self._after_commits(step)
 
     def _slot(self, round: int) -> list[Block]:
@@ -775,12 +841,10 @@ class Consensus:
             if key in slots or self._slot_taken.get(key, b.id) != b.id:
                 self._excluded.add(b.author)
             slots[key] = b.id
-        if step.first_anchor is None:
-            step.first_anchor = anchor.round
+        kinds = self._p.reconfiguring_types
         for b in history:
             self._consumed.add(b.id)
             self._unordered_work.pop(b.id, None)
-            self._unordered_reconf.pop(b.id, None)
             self._slot_taken[(b.author, b.round)] = b.id
             if b.author in self._excluded:
                 continue
@@ -788,6 +852,8 @@ class Consensus:
             for rec in fresh:
                 self._ordered_records.add(rec.id)
                 self._pending.pop(rec.id, None)
+                if rec.type in kinds:
+                    self._closing = anchor
             step.committed.append(Committed(b, anchor.round, self._next_index, fresh))
             self._next_index += 1
         self._last_anchor_round = anchor.round
@@ -812,7 +878,6 @@ class Consensus:
                     self._blocks.pop(b.id, None)
                     self._consumed.discard(b.id)
                     self._unordered_work.pop(b.id, None)
-                    self._unordered_reconf.pop(b.id, None)
             self._round_weight.pop(r, None)
             self._quorum_at_ms.pop(r, None)
         for key in [k for k in self._slot_taken if k[1] < horizon]:
@@ -831,7 +896,7 @@ class Consensus:
 
     def _finish(self, step: _Step) -> Output:
         if not (step.blocks or step.missing or step.committed or step.proofs
-                or step.rebroadcast or step.request_sync):
+                or step.rebroadcast or step.request_sync or self._closing is not None):
             nt = self._next_tick(step)
             return _EMPTY if nt is None else Output(next_tick_ms=nt)
         return Output(
@@ -842,6 +907,7 @@ class Consensus:
             rebroadcast=tuple(step.rebroadcast),
             request_sync=step.request_sync,
             next_tick_ms=self._next_tick(step),
+            epoch_end=self.epoch_ending,
         )
 
     def _next_tick(self, step: _Step) -> int | None:
@@ -853,9 +919,7 @@ class Consensus:
             times.append(self._last_progress_ms + self._p.stall_ms)
         if self._wants_round(target):
             if self._identity is not None and target > self._last_own_round:
-                if step.first_anchor is not None:
-                    times.append(step.now)
-                elif target > 0 and not self._has_anchor(target - 1):
+                if target > self._epoch_start and not self._has_anchor(target - 1):
                     since = self._quorum_at_ms.get(target - 1, step.now)
                     times.append(since + self.anchor_wait_ms)
         return max(min(times), step.now) if times else None

@@ -9,7 +9,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..consensus import EPOCH_DELAY_ROUNDS, Committed, Committee
+from ..consensus import Committed, Committee
 from .world import SIM_PARAMS, Envelope, SimNode, World
 
 FAULT_KINDS = (
@@ -170,15 +170,15 @@ class _Driver:
 
 def _reconfigure(node: SimNode, c: Committed) -> Committee | None:
     """The node layer's reaction to a committed membership record: the next epoch starts
-    EPOCH_DELAY_ROUNDS after its anchor, with every weight scaled (quorums stay the same
-    in heads, so the fault budget of the run still holds)."""
+    right after its anchor, with every weight scaled (quorums stay the same in heads, so
+    the fault budget of the run still holds)."""
     for rec in c.records:
         if rec.type == "membership":
             cur = node.consensus.committee_at(1 << 60)
             scale = int(rec.body.get("scale", 1))
             return Committee(
                 cur.epoch + 1, tuple((m, w * scale) for m, w in cur.members),
-                c.anchor_round + EPOCH_DELAY_ROUNDS,
+                c.anchor_round + 1,
             )
     return None
 

@@ -27,7 +27,8 @@ SYNC_ROUNDS = 2
 # `settle` moves the clock by at least this much when nothing is in flight.
 SETTLE_STEP_MS = 10
 
-# Called for every committed block; a committee it returns is scheduled (epoch change).
+# Called for every committed block; when the machine reports an epoch end, a committee
+# returned for a block of that output is scheduled, else the committee is kept.
 Reconfigure = Callable[["SimNode", Committed], Committee | None]
 
 
@@ -42,13 +43,15 @@ class UnsignedIdentity(Identity):
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """One message in flight: a block, a fetch request (ids) or a sync request."""
+    """One message in flight: a block, a fetch request (ids) or a sync request (with the
+    asker's epoch, as a real node's heads tell how far behind it is)."""
 
     src: int
     dst: int
     kind: str  # "block", "fetch" or "sync"
     block: Block | None = None
     ids: tuple[bytes, ...] = ()
+    epoch: int = 0
 
 
 @dataclass(slots=True)
@@ -107,7 +110,7 @@ class World:
         self.outbox: list[Envelope] = []
         self.partition: list[set[int]] | None = None
         self.verified: set[bytes] = set()
-        self.signed: dict[tuple[MemberId, int], bytes] = {}
+        self.signed: dict[tuple[MemberId, int, int], bytes] = {}
         self.proposer: dict[bytes, int] = {}
         self.proposed_at: dict[bytes, tuple[int, int]] = {}  # record id -> (ms, round)
         self.latency_ms: list[int] = []
@@ -128,7 +131,8 @@ class World:
     def send(self, src: int, dst: int, kind: str, block: Block | None = None,
              ids: tuple[bytes, ...] = ()) -> None:
         if src != dst:
-            self.outbox.append(Envelope(src, dst, kind, block, ids))
+            epoch = self.nodes[src].consensus.epoch if kind == "sync" else 0
+            self.outbox.append(Envelope(src, dst, kind, block, ids, epoch))
 
     def peers(self, i: int) -> list[int]:
         return [n.index for n in self.nodes if n.index != i]
@@ -147,10 +151,26 @@ class World:
                     self.send(node.index, env.src, "block", b)
         elif env.kind == "sync":
             c = node.consensus
+            if env.epoch < c.epoch:
+                # The asker still needs the end of an epoch we closed: our stored tail of it.
+                for b in self._epoch_tails(node, env.epoch, c.epoch):
+                    self.send(node.index, env.src, "block", b)
             top = c.top_round
             for r in range(max(top - SYNC_ROUNDS + 1, 0), top + 1):
                 for b in c.blocks_at(r):
                     self.send(node.index, env.src, "block", b)
+
+    @staticmethod
+    def _epoch_tails(node: SimNode, first: int, last: int) -> list[Block]:
+        by_epoch: dict[int, list[Block]] = {}
+        for b in node.store.values():
+            if first <= b.epoch < last:
+                by_epoch.setdefault(b.epoch, []).append(b)
+        out: list[Block] = []
+        for blocks in by_epoch.values():
+            top = max(b.round for b in blocks)
+            out += sorted((b for b in blocks if b.round > top - SYNC_ROUNDS), key=lambda b: (b.round, b.id))
+        return out
 
     def _receive_block(self, node: SimNode, block: Block) -> None:
         if self.crypto and block.id not in self.verified:
@@ -173,7 +193,7 @@ class World:
     def handle(self, node: SimNode, out: Output) -> None:
         """Carry out one Output the way the real node does."""
         for b in out.blocks:
-            key = (b.author, b.round)
+            key = (b.author, b.epoch, b.round)
             if node.honest and self.signed.get(key, b.id) != b.id:
                 self.violations.append(f"honest node {node.index} signed round {b.round} twice")
             self.signed[key] = b.id
@@ -190,13 +210,11 @@ class World:
         if out.request_sync:
             for p in self.peers(node.index):
                 self.send(node.index, p, "sync")
+        nxt: Committee | None = None
         for c in out.committed:
             node.log.append(c.block.id)
-            if self.reconfigure is not None:
-                nxt = self.reconfigure(node, c)
-                if nxt is not None:
-                    node.committees.append(nxt)
-                    self.handle(node, node.consensus.schedule_committee(nxt))
+            if self.reconfigure is not None and c.anchor_round == out.epoch_end:
+                nxt = self.reconfigure(node, c) or nxt
             for rec in c.records:
                 node.log_records.append(rec.id)
                 if rec.id in node.proposed and rec.id in self.proposed_at:
@@ -206,6 +224,12 @@ class World:
         self.proofs += len(out.proofs)
         if out.next_tick_ms is not None:
             self.tick_requests.append((out.next_tick_ms, node.index))
+        if out.epoch_end is not None and node.consensus.epoch_ending == out.epoch_end:
+            if nxt is not None:
+                node.committees.append(nxt)
+                self.handle(node, node.consensus.schedule_committee(nxt))
+            else:
+                self.handle(node, node.consensus.keep_committee())
 
     def _broadcast(self, node: SimNode, b: Block) -> None:
         split = self.twin_split.get(node.index)
