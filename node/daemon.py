@@ -42,6 +42,7 @@ from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
 from valuemesh.protocol.records import (
+    Block,
     EquivocationProof,
     Record,
     constellation_text,
@@ -311,7 +312,7 @@ class Node:
                     await self._send_heads(link, eng)
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)
-            self._start_stream(link, eng, msg.epoch, msg.as_dict())
+            self._start_stream(link, eng, msg.epoch, msg.since, msg.as_dict())
         elif isinstance(msg, m.Blocks):
             eng = self._engine_for_peer(link, msg.c)
             await self._receive_blocks(link, eng, msg.blocks, msg.left)
@@ -390,35 +391,49 @@ class Node:
         heads = await self.store.heads(eng.cid, floor)
         entries = sorted([k.key, e, r] for (k, e), r in heads.items())
         entries.sort(key=lambda h: h[1])  # if ever too many, the oldest epochs matter most
-        await self._send(link, m.Heads(eng.cid, floor, entries[: m.MAX_HEADS]))
+        since = max(eng.consensus.decided_round + 1, 0)
+        await self._send(link, m.Heads(eng.cid, floor, since, entries[: m.MAX_HEADS]))
 
-    def _start_stream(self, link: PeerLink, eng: Engine, floor: int, their: dict[tuple[bytes, int], int]) -> None:
+    def _start_stream(self, link: PeerLink, eng: Engine, floor: int, since: int,
+                      their: dict[tuple[bytes, int], int]) -> None:
         """Stream a gap from its own task, so the link's reader keeps reading
         (two peers catching each other up must never wait on each other)."""
         key = (link.remote, eng.cid)
         old = self._streams.get(key)
         if old is not None and not old.done():
             old.cancel()
-        task = asyncio.create_task(self._stream_gap(link, eng, floor, their))
+        task = asyncio.create_task(self._stream_gap(link, eng, floor, since, their))
         self._streams[key] = task
         task.add_done_callback(lambda t: self._streams.pop(key, None) if self._streams.get(key) is t else None)
 
-    async def _stream_gap(self, link: PeerLink, eng: Engine, floor: int, their: dict[tuple[bytes, int], int]) -> None:
+    async def _stream_gap(self, link: PeerLink, eng: Engine, floor: int, since: int,
+                          their: dict[tuple[bytes, int], int]) -> None:
         """Send every block the peer lacks from its epoch on, epoch by epoch and oldest rounds
-        first, in bounded batches (so it can close each epoch before the next one arrives)."""
+        first, in bounded batches (so it can close each epoch before the next one arrives);
+        the window of its epoch from its first undecided round on goes whole."""
         assert self.store is not None
         mine = await self.store.heads(eng.cid, floor)
         lag = {(mid.key, e): their.get((mid.key, e), -1) for (mid, e), r in mine.items()
                if r > their.get((mid.key, e), -1)}
-        if not lag:
-            return
+        window_end = since + m.SYNC_WINDOW_ROUNDS
+
+        def wanted(b: Block) -> bool:  # b is of an epoch >= floor
+            return (b.epoch == floor and since <= b.round < window_end) or \
+                b.round > their.get((b.author.key, b.epoch), -1)
+
+        epochs = sorted({e for _, e in lag} | {floor})
         total = sum(mine[(MemberId(k), e)] - r for (k, e), r in lag.items())
         sent = 0
         chunk: list[bytes] = []
-        for epoch in sorted({e for _, e in lag}):
-            start = min(r for (_, e), r in lag.items() if e == epoch) + 1
-            async for b in self.store.iter_blocks(eng.cid, from_round=start, epoch=epoch, page=SYNC_BATCH):
-                if b.round <= their.get((b.author.key, epoch), -1):
+        for epoch in epochs:
+            starts = [r + 1 for (_, e), r in lag.items() if e == epoch]
+            window_only = not starts  # nothing past its heads here: just the window
+            if epoch == floor:
+                starts.append(since)
+            async for b in self.store.iter_blocks(eng.cid, from_round=min(starts), epoch=epoch, page=SYNC_BATCH):
+                if window_only and b.round >= window_end:
+                    break
+                if not wanted(b):
                     continue
                 chunk.append(b.raw)
                 if len(chunk) == SYNC_BATCH:

@@ -21,6 +21,10 @@ MAX_CONSTELLATIONS = 256
 MAX_PEERS_PER_EXCHANGE = 32
 # One entry per (author, epoch) from the asker's epoch on: ample for any core size.
 MAX_HEADS = 4096
+# From the asker's first undecided round (`Heads.since`) on, this many rounds of its epoch
+# are sent whole, whatever its heads say: once an epoch is closed nobody builds on it, so a
+# block that no later block names (a vote, a certificate) reaches a lagging node only so.
+SYNC_WINDOW_ROUNDS = 8
 
 
 def _bytes_list(v: object, limit: int, size: int | None = None) -> bool:
@@ -46,7 +50,8 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class Heads:
     """What I hold of a constellation, as a sync request: per author and epoch, my highest
-    round, for every epoch from `epoch` (mine now; I need nothing of closed ones) on.
+    round, for every epoch from `epoch` (mine now; I need nothing of closed ones) on, and
+    `since`, my first undecided round in `epoch` (see SYNC_WINDOW_ROUNDS).
 
     `heads` is a list of [author key, epoch, round] triples. Rounds restart at each epoch's
     first round, so the same author can hold blocks of one round in two epochs.
@@ -55,10 +60,11 @@ class Heads:
     t: ClassVar[str] = "heads"
     c: bytes
     epoch: int
+    since: int
     heads: list[list[Any]]
 
     def valid(self) -> bool:
-        return len(self.c) == 32 and _uint(self.epoch) and len(self.heads) <= MAX_HEADS and all(
+        return len(self.c) == 32 and _uint(self.epoch) and _uint(self.since) and len(self.heads) <= MAX_HEADS and all(
             isinstance(h, list) and len(h) == 3 and isinstance(h[0], bytes) and len(h[0]) == 32
             and _uint(h[1]) and h[1] >= self.epoch and _uint(h[2])
             for h in self.heads
@@ -200,6 +206,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,
     "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
     "genesis": bytes, "reason": str, "proof": bytes, "peers": list, "cp": bytes, "epoch": int,
+    "since": int,
 }
 
 

@@ -75,7 +75,7 @@ async def test_hostile_peer_is_refused_and_cut_off(tmp_path: Path) -> None:
                 m.encode_message(m.Blocks(raw_cid, [bytes(bad_sig)], 0)),
                 m.encode_message(m.Blocks(secrets.token_bytes(32), [forged.raw], 0)),
                 m.encode_message(m.SubmitRecords(raw_cid, [rec.raw])),
-                m.encode_message(m.Heads(raw_cid, 0, [])),
+                m.encode_message(m.Heads(raw_cid, 0, 0, [])),
                 m.encode_message(m.GetBlocks(raw_cid, [secrets.token_bytes(32)])),
             ]
             for payload in attacks:

@@ -15,6 +15,7 @@ from typing import Any
 from ..consensus import Committed, Committee, Consensus, Output, Params
 from ..errors import ValidationError
 from ..identity import Identity, MemberId
+from ..messages import SYNC_WINDOW_ROUNDS
 from ..records import Block, Record, decode_block
 
 # Timers shortened for the simulator's virtual clock (the production defaults are longer).
@@ -22,7 +23,8 @@ SIM_PARAMS = Params(round_timeout_ms=250, fetch_retry_ms=200, stall_ms=400)
 SIM_CONSTELLATION = bytes(range(32))
 # How many peers a node asks for a missing block at a time.
 FETCH_FANOUT = 3
-# How many top rounds a node sends back to a sync request.
+# How many top rounds a node sends back to a sync request (besides the window of
+# messages.SYNC_WINDOW_ROUNDS from the asker's first undecided round, as the node does).
 SYNC_ROUNDS = 2
 # `settle` moves the clock by at least this much when nothing is in flight.
 SETTLE_STEP_MS = 10
@@ -44,7 +46,7 @@ class UnsignedIdentity(Identity):
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One message in flight: a block, a fetch request (ids) or a sync request (with the
-    asker's epoch, as a real node's heads tell how far behind it is)."""
+    asker's epoch and first undecided round, as a real node's Heads carry them)."""
 
     src: int
     dst: int
@@ -52,6 +54,7 @@ class Envelope:
     block: Block | None = None
     ids: tuple[bytes, ...] = ()
     epoch: int = 0
+    since: int = 0
 
 
 @dataclass(slots=True)
@@ -131,8 +134,11 @@ class World:
     def send(self, src: int, dst: int, kind: str, block: Block | None = None,
              ids: tuple[bytes, ...] = ()) -> None:
         if src != dst:
-            epoch = self.nodes[src].consensus.epoch if kind == "sync" else 0
-            self.outbox.append(Envelope(src, dst, kind, block, ids, epoch))
+            if kind == "sync":
+                c = self.nodes[src].consensus
+                self.outbox.append(Envelope(src, dst, kind, block, ids, c.epoch, c.decided_round + 1))
+            else:
+                self.outbox.append(Envelope(src, dst, kind, block, ids))
 
     def peers(self, i: int) -> list[int]:
         return [n.index for n in self.nodes if n.index != i]
@@ -151,6 +157,8 @@ class World:
                     self.send(node.index, env.src, "block", b)
         elif env.kind == "sync":
             c = node.consensus
+            for b in self._sync_window(node, env.epoch, env.since):
+                self.send(node.index, env.src, "block", b)
             if env.epoch < c.epoch:
                 # The asker still needs the end of an epoch we closed: our stored tail of it.
                 for b in self._epoch_tails(node, env.epoch, c.epoch):
@@ -159,6 +167,14 @@ class World:
             for r in range(max(top - SYNC_ROUNDS + 1, 0), top + 1):
                 for b in c.blocks_at(r):
                     self.send(node.index, env.src, "block", b)
+
+    @staticmethod
+    def _sync_window(node: SimNode, epoch: int, since: int) -> list[Block]:
+        end = since + SYNC_WINDOW_ROUNDS
+        return sorted(
+            (b for b in node.store.values() if b.epoch == epoch and since <= b.round < end),
+            key=lambda b: (b.round, b.id),
+        )
 
     @staticmethod
     def _epoch_tails(node: SimNode, first: int, last: int) -> list[Block]:
