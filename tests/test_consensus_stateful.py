@@ -1,5 +1,6 @@
 """Hypothesis stateful test: generated schedules of delivery, loss, duplication, timers,
-proposals, crash/restart and one equivocator; safety after every step, liveness at the end.
+proposals, crash/restart, membership changes (epoch ends) and one equivocator; safety after
+every step, liveness at the end.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from valuemesh.protocol.sim import World
+from valuemesh.protocol.sim.runner import scale_weights
 
 NODES = 4
 BYZANTINE = 3
@@ -20,7 +22,7 @@ class ConsensusSchedules(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.world = World(NODES, byzantine=[BYZANTINE], crypto=False)
+        self.world = World(NODES, byzantine=[BYZANTINE], crypto=False, reconfigure=scale_weights)
         self.world.twin_split[BYZANTINE] = {0, 1}
         self.down: set[int] = set()
 
@@ -45,6 +47,10 @@ class ConsensusSchedules(RuleBasedStateMachine):
     def duplicate(self, k: int) -> None:
         box = self.world.outbox
         self.world.deliver(box[k % len(box)])
+
+    @rule(i=HONEST)
+    def change_membership(self, i: int) -> None:
+        self.world.propose(i, type="membership", data={"scale": 2})
 
     @rule(i=st.integers(0, NODES), dt=st.integers(0, 600))
     def tick(self, i: int, dt: int) -> None:

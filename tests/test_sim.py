@@ -52,6 +52,15 @@ def test_committee_switches_mid_run_under_faults() -> None:
     assert ("reconfigure", 1) in r.injected and r.epoch == 1
 
 
+# Schedules that stalled for good under the old epoch gate (the first four) or left a node
+# behind a closed epoch before sync sent a window of it whole (the last): docs/consensus.md §10.
+@pytest.mark.parametrize(("nodes", "seed"), [(7, 30059), (7, 30022), (7, 30036), (10, 30027), (10, 30052)])
+def test_epoch_end_regressions(nodes: int, seed: int) -> None:
+    r = run(nodes, seed, ALL, 40)
+    assert r.ok, f"{r.violations}\n  replay: {r.replay()}"
+    assert r.epoch == 1
+
+
 def test_a_run_is_a_pure_function_of_its_seed() -> None:
     a = run(4, 99, ALL, 6)
     b = run(4, 99, ALL, 6)

@@ -168,7 +168,7 @@ class _Driver:
             self.flush()
 
 
-def _reconfigure(node: SimNode, c: Committed) -> Committee | None:
+def scale_weights(node: SimNode, c: Committed) -> Committee | None:
     """The node layer's reaction to a committed membership record: the next epoch starts
     right after its anchor, with every weight scaled (quorums stay the same in heads, so
     the fault budget of the run still holds)."""
@@ -210,7 +210,7 @@ def run(
     world = World(
         nodes, byzantine=byz, observers=observers, crypto=crypto, params=SIM_PARAMS,
         seed_bytes=rng.randbytes(16),
-        reconfigure=_reconfigure if "reconfigure" in fault_set else None,
+        reconfigure=scale_weights if "reconfigure" in fault_set else None,
     )
     drv = _Driver(world, rng, fault_set)
     drv.lossy_until = load_end
