@@ -266,6 +266,7 @@ class Node:
     async def on_connect(self, link: PeerLink) -> None:
         self.links[link.remote] = link
         await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
+        await self._links_changed()
         if self.peers is not None:
             offer = self.peers.exchange_offer(link.remote)[: m.MAX_PEERS_PER_EXCHANGE]
             if offer:
@@ -278,6 +279,17 @@ class Node:
             self.peer_constellations.pop(link.remote, None)
         if self.peers is not None:
             self.peers.link_down(link)
+        await self._links_changed()
+
+    async def _links_changed(self) -> None:
+        """Tell each constellation's consensus which core members we cannot reach, so it does
+        not wait for their anchor blocks (a killed member costs no anchor wait)."""
+        for eng in list(self.engines.values()):
+            down = {mid for mid, _ in eng.current_committee().members
+                    if mid != self.identity.member and mid not in self.links}
+            if down != eng.unreachable:
+                with contextlib.suppress(ValuemeshError):
+                    await self._effects(eng, await eng.set_unreachable(down, now_ms()))
 
     async def on_message(self, link: PeerLink, payload: bytes) -> None:
         if self.peers is not None:

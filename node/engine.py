@@ -108,6 +108,7 @@ class Engine:
         self.certified: dict[int, StoredCheckpoint] = {}
         self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
         self._step = asyncio.Lock()
+        self.unreachable: set[MemberId] = set()  # core members we have no link to
         self._note(first[0])
 
     @property
@@ -216,6 +217,12 @@ class Engine:
     async def tick(self, now: int) -> Effects:
         async with self._step:
             return await self._handle(self.consensus.tick(now), now)
+
+    async def set_unreachable(self, members: set[MemberId], now: int) -> Effects:
+        """The members this node has no link to (their anchors are not waited for)."""
+        async with self._step:
+            self.unreachable = set(members)
+            return await self._handle(self.consensus.set_unreachable(members, now), now)
 
     async def _add_blocks(self, blocks: Sequence[Block], now: int) -> tuple[Effects, list[str]]:
         """Feed verified blocks; return effects and the reasons of rejected ones.

@@ -516,3 +516,21 @@ def test_anchor_wait_adapts_to_round_times_within_its_bounds() -> None:
     for b in late:
         adaptive.add_block(b, 60_000)
     assert adaptive.anchor_wait_ms == 3 * 40
+
+
+def test_an_unreachable_anchor_owner_is_not_waited_for() -> None:
+    people = ids(4, b"unreachable")
+    com = Committee.of([i.member for i in people])
+    leader = com.leader(0)
+    me = next(p for p in people if p.member != leader)
+    others = [p for p in people if p.member not in (leader, me.member)]
+    node = Consensus(CID, com, me)
+    out = node.propose([record(me)], 0)
+    assert [b.round for b in out.blocks] == [0]
+    for p in others:  # a quorum of round 0 without the anchor owner's block
+        node.add_block(block(p, 0, []), 10)
+    assert node.tick(20).blocks == ()  # waits for the anchor of round 0
+    before = snapshot(node)
+    out = node.set_unreachable([leader], 30)
+    assert [b.round for b in out.blocks] == [1] and snapshot(node) != before
+    assert leader not in {node.get_block(p).author for p in out.blocks[0].parents}  # type: ignore[union-attr]

@@ -217,6 +217,8 @@ class Consensus:
         self._next_index = 0
         # Set from the commit of an epoch-ending anchor until the node says what comes next.
         self._closing: Block | None = None
+        # Members the node has no link to: their anchor block is not waited for.
+        self._unreachable: frozenset[MemberId] = frozenset()
         self._epoch_start = committee.start_round
 
     # ------------------------------------------------------------------ queries
@@ -329,6 +331,15 @@ class Consensus:
         step = _Step(now_ms)
         if fresh:
             self._last_progress_ms = now_ms
+        self._advance(step)
+        return self._finish(step)
+
+    def set_unreachable(self, members: Iterable[MemberId], now_ms: int) -> Output:
+        """Tell the machine which members the node has no link to now. It no longer waits
+        for their anchor blocks (a dead anchor owner then costs nothing instead of one
+        anchor wait). Only when this node moves on changes, never what is ordered."""
+        self._unreachable = frozenset(members)
+        step = _Step(now_ms)
         self._advance(step)
         return self._finish(step)
 
@@ -700,8 +711,9 @@ class Consensus:
         return self.has_work() or any(a != self._me for a in self._rounds.get(target, {}))
 
     def _has_anchor(self, round: int) -> bool:
+        """Whether the anchor block of `round` is here, or not worth waiting for."""
         leader = self.committee_at(round).leader(round)
-        return bool(self._rounds.get(round, {}).get(leader))
+        return leader in self._unreachable or bool(self._rounds.get(round, {}).get(leader))
 
     def _take_records(self) -> list[Record]:
         out: list[Record] = []
