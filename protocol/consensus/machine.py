@@ -79,6 +79,9 @@ MAX_BUFFERED_BLOCKS = 4_096
 MAX_BUFFERED_PER_AUTHOR = 1_024
 MAX_BLOCKS_PER_CALL = 16
 MAX_MISSING_PER_OUTPUT = 512
+# An anchor owner whose latest block here is more than this many rounds below the anchor's
+# round is behind (down, cut off or catching up): its anchor block is not waited for.
+ANCHOR_LAG_ROUNDS = 2
 # The adaptive anchor wait is this many times the median of the last ROUND_SAMPLES rounds.
 ADAPTIVE_FACTOR = 3
 ROUND_SAMPLES = 32
@@ -219,6 +222,7 @@ class Consensus:
         self._closing: Block | None = None
         # Members the node has no link to: their anchor block is not waited for.
         self._unreachable: frozenset[MemberId] = frozenset()
+        self._latest: dict[MemberId, int] = {}  # each author's highest round in this epoch
         self._epoch_start = committee.start_round
 
     # ------------------------------------------------------------------ queries
@@ -416,6 +420,7 @@ class Consensus:
         self._inflight.clear()
         self._blocks.clear()
         self._rounds.clear()
+        self._latest.clear()
         self._round_weight.clear()
         self._quorum_at_ms = {start - 1: step.now}
         self._buffer.clear()
@@ -612,6 +617,8 @@ class Consensus:
 
     def _insert(self, block: Block, step: _Step) -> None:
         self._blocks[block.id] = block
+        if block.round > self._latest.get(block.author, -1):
+            self._latest[block.author] = block.round
         self._missing.pop(block.id, None)
         per = self._rounds.setdefault(block.round, {})
         variants = per.setdefault(block.author, [])
@@ -711,9 +718,13 @@ class Consensus:
         return self.has_work() or any(a != self._me for a in self._rounds.get(target, {}))
 
     def _has_anchor(self, round: int) -> bool:
-        """Whether the anchor block of `round` is here, or not worth waiting for."""
+        """Whether the anchor block of `round` is here, or not worth waiting for: its owner
+        is unreachable, or behind (nothing of it since before round - ANCHOR_LAG_ROUNDS)."""
         leader = self.committee_at(round).leader(round)
-        return leader in self._unreachable or bool(self._rounds.get(round, {}).get(leader))
+        latest = self._latest.get(leader, self._epoch_start - 1)
+        if leader in self._unreachable or latest < round - ANCHOR_LAG_ROUNDS:
+            return True
+        return bool(self._rounds.get(round, {}).get(leader))
 
     def _take_records(self) -> list[Record]:
         out: list[Record] = []
