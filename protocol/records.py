@@ -185,7 +185,7 @@ def decode_record(data: bytes, *, verify: bool = True) -> Record:
     if len(data) > MAX_RECORD_SIZE:
         raise DecodeError(f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
     raw = bytes(data)
-    fast = _record_fast(raw)
+    fast = _record_native(raw) or _record_fast(raw)
     if fast is not None:
         rec, payload = fast
         if verify:
@@ -237,8 +237,74 @@ def _uint_at(raw: bytes, p: int) -> tuple[int, int] | None:
     return value, end
 
 
+# The record's keys in canonical order (bytewise by encoding): c, v, seq, sig, body, type, author, created.
+_RECORD_ORDER = tuple(sorted(_RECORD_KEYS, key=cbor.encode))
+# Bytes from a record's start to its `v` value: map head, "c" entry (key, bytes(32) head, id), "v" key.
+_SIG_AFTER_C_V = 1 + 2 + 2 + HASH_LEN + 2
+_SIG_ENTRY = len(_F_SIG) + 64
+
+
+def _uint_len(value: int) -> int:
+    """Length of a non-negative integer's canonical encoding."""
+    if value < 24:
+        return 1
+    if value < 0x100:
+        return 2
+    if value < 0x10000:
+        return 3
+    return 5 if value < 0x100000000 else 9
+
+
+def _record_native(raw: bytes) -> tuple[Record, bytes] | None:
+    """Decode a valid record through cbor2's decoder; None if it is not proven valid.
+
+    Returns only records the reference path (_record_fast, then the general one)
+    would return equal; anything else, every invalid record included, gets None, so
+    refusals keep coming from the reference path with its messages.
+    """
+    m = cbor.decode_fixed_map(raw, _RECORD_ORDER)
+    if m is None:
+        return None
+    rtype, v, cid, akey, seq = m["type"], m["v"], m["c"], m["author"], m["seq"]
+    body, created, sig = m["body"], m["created"], m["sig"]
+    if not (
+        type(rtype) is str and 0 < len(rtype) <= MAX_TYPE_LEN
+        and type(v) is int and 0 <= v <= MAX_VERSION
+        and type(seq) is int and 0 <= seq <= MAX_SEQ
+        and type(created) is int and 0 <= created <= MAX_SEQ
+        and type(cid) is bytes and len(cid) == HASH_LEN
+        and type(akey) is bytes and len(akey) == 32
+        and type(sig) is bytes and len(sig) == 64
+        and type(body) is dict
+    ):
+        return None
+    # Canonical with these keys, so `sig` follows c, v and seq: splice it out as
+    # _record_fast does, without re-encoding.
+    sig_start = _SIG_AFTER_C_V + _uint_len(v) + len(_F_SEQ) + _uint_len(seq)
+    if not raw.startswith(_F_SIG, sig_start):
+        return None
+    payload = b"\xa7" + raw[1:sig_start] + raw[sig_start + _SIG_ENTRY :]
+    return _build_record(rtype, v, cid, akey, seq, body, created, sig, payload, raw), payload
+
+
+def _build_record(
+    rtype: str, v: int, cid: bytes, akey: bytes, seq: int, body: dict[str, Any], created: int, sig: bytes,
+    payload: bytes, raw: bytes,
+) -> Record:
+    author = _MEMBERS.get(akey)
+    if author is None:
+        if len(_MEMBERS) >= _MEMBERS_CACHED:
+            _MEMBERS.clear()
+        author = _MEMBERS[akey] = MemberId(akey)
+    return Record(rtype, v, cid, author, seq, body, created, sig,
+                  hashlib.blake2b(payload, digest_size=HASH_LEN).digest(), raw)
+
+
 def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
-    """Decode a record in its canonical frame; None if it is not in that frame."""
+    """Decode a record in its canonical frame; None if it is not in that frame.
+
+    The pure-Python reference for records in the canonical frame (decode_record
+    tries _record_native first)."""
     if not raw.startswith(_F_C) or not raw.startswith(_F_V, 37) or len(raw) < 40:
         return None
     cid = raw[5:37]
@@ -294,14 +360,7 @@ def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
         _need(seq <= MAX_SEQ, "A record's seq is out of range.")
         raise DecodeError("A record's created time is out of range.")
     payload = b"\xa7" + raw[1:sig_start] + raw[sig_end:]
-    author = _MEMBERS.get(akey)
-    if author is None:
-        if len(_MEMBERS) >= _MEMBERS_CACHED:
-            _MEMBERS.clear()
-        author = _MEMBERS[akey] = MemberId(akey)
-    rec = Record(rtype, v, cid, author, seq, body, created, sig,
-                 hashlib.blake2b(payload, digest_size=HASH_LEN).digest(), raw)
-    return rec, payload
+    return _build_record(rtype, v, cid, akey, seq, body, created, sig, payload, raw), payload
 
 
 def _record_from_map(m: object, raw: bytes, verify: bool, payload: bytes | None = None) -> Record:
