@@ -736,9 +736,11 @@ class _Apply:
         found: set[bytes] = set()
         for chunk in _chunks(list(wanted)):
             marks = ",".join("?" * len(chunk))
+            # The unary + keeps the planner on the id key: offered the (constellation, author,
+            # seq) index it scans every record of the constellation, once per batch.
             rows = await self.db.execute_fetchall(
-                f"SELECT id FROM records WHERE constellation = ? AND id IN ({marks})",
-                (constellation, *chunk),
+                f"SELECT id FROM records WHERE id IN ({marks}) AND +constellation = ?",
+                (*chunk, constellation),
             )
             found.update(bytes(r[0]) for r in rows)
         if found != wanted:
