@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import cbor
@@ -296,8 +296,21 @@ def _build_record(
         if len(_MEMBERS) >= _MEMBERS_CACHED:
             _MEMBERS.clear()
         author = _MEMBERS[akey] = MemberId(akey)
-    return Record(rtype, v, cid, author, seq, body, created, sig,
-                  hashlib.blake2b(payload, digest_size=HASH_LEN).digest(), raw)
+    rec = object.__new__(Record)
+    rid = hashlib.blake2b(payload, digest_size=HASH_LEN).digest()
+    for setter, value in zip(_RECORD_SETTERS, (rtype, v, cid, author, seq, body, created, sig, rid, raw),
+                             strict=True):
+        setter(rec, value)
+    return rec
+
+
+# Record's slot setters in field order. Decoders fill a Record through them: the frozen
+# dataclass __init__ sets each of the ten fields through object.__setattr__, which costs
+# about a microsecond per record received. Record has no __post_init__ that this skips.
+_RECORD_SETTERS = tuple(getattr(Record, f.name).__set__ for f in fields(Record))
+assert [f.name for f in fields(Record)] == [
+    "type", "v", "constellation", "author", "seq", "body", "created", "sig", "id", "raw"
+] and not hasattr(Record, "__post_init__")
 
 
 def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
