@@ -21,7 +21,14 @@ import nacl.signing
 
 from valuemesh.protocol import cbor
 from valuemesh.protocol.identity import Identity
-from valuemesh.protocol.records import RECORD_DOMAIN, Block, Record, decode_block, decode_record
+from valuemesh.protocol.records import (
+    RECORD_DOMAIN,
+    Block,
+    Record,
+    decode_block,
+    decode_record,
+    decode_record_reference,
+)
 
 DEFAULT_RECORDS = 2000
 DEFAULT_REPEATS = 7
@@ -104,6 +111,13 @@ def main() -> None:
         cursor[0] = (i + slice_n) % len(raws)
         return len(raws[i : i + slice_n])
 
+    def reference_verify_slice() -> int:
+        # The pure-Python decoder alone (what decode_record did before cbor2), same slice.
+        i = cursor[0]
+        for raw in raws[i : i + slice_n]:
+            decode_record_reference(raw)
+        return len(raws[i : i + slice_n])
+
     def decode_only() -> int:
         for raw in raws:
             decode_record(raw, verify=False)
@@ -123,16 +137,23 @@ def main() -> None:
     # the per-slice ratios, the rates the medians of the slices.
     raw_rates: list[float] = []
     rec_rates: list[float] = []
+    ref_rates: list[float] = []
     ratios: list[float] = []
+    ref_ratios: list[float] = []
     for _ in range(args.repeats * SLICES):
         a = rate(raw_verify_slice, 1)[0]
+        c = rate(reference_verify_slice, 1)[0]
         b = rate(decode_verify_slice, 1)[0]
         raw_rates.append(a)
         rec_rates.append(b)
+        ref_rates.append(c)
         ratios.append(b / a)
+        ref_ratios.append(c / a)
     raw_med = statistics.median(raw_rates)
     rec_med = statistics.median(rec_rates)
+    ref_med = statistics.median(ref_rates)
     ratio = statistics.median(ratios)
+    ref_ratio = statistics.median(ref_ratios)
     dec_med, _ = rate(decode_only, args.repeats)
     blk_med, _ = rate(block_verify, max(3, args.repeats // 2))
 
@@ -143,6 +164,7 @@ def main() -> None:
     print(f"records    {len(raws)} x {size:.0f} bytes, {args.repeats} repeats, medians")
     print(f"raw VerifyKey.verify        {raw_med:10.0f} /s")
     print(f"decode_record (verify)      {rec_med:10.0f} /s")
+    print(f"  pure-Python reference     {ref_med:10.0f} /s   (ratio {ref_ratio:.3f})")
     print(f"decode_record (no verify)   {dec_med:10.0f} /s")
     print(f"decode_block of 1000 (all)  {blk_med:10.0f} records/s")
     print(f"ratio decode+verify / raw   {ratio:10.3f}   (target >= 0.8)")

@@ -180,19 +180,32 @@ class Record:
 
 def decode_record(data: bytes, *, verify: bool = True) -> Record:
     """Decode and (by default) verify a record; raise DecodeError/SignatureError."""
+    return _decode_record(data, verify, native=True)
+
+
+def decode_record_reference(data: bytes, *, verify: bool = True) -> Record:
+    """`decode_record` by the pure-Python reference path alone (tests and bench/protocol.py
+    compare the two)."""
+    return _decode_record(data, verify, native=False)
+
+
+def _decode_record(data: bytes, verify: bool, native: bool) -> Record:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("A record must be given as bytes.")
     if len(data) > MAX_RECORD_SIZE:
         raise DecodeError(f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
     raw = bytes(data)
-    fast = _record_native(raw) or _record_fast(raw)
+    fast = (native and _record_native(raw)) or _record_fast(raw)
     if fast is not None:
         rec, payload = fast
         if verify:
             rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
         return rec
     _need(len(raw) > 0 and raw[0] >> 5 == 5, "A record must be a map.")
-    m, payload = cbor.decode_map_without(raw, "sig", max_size=MAX_RECORD_SIZE)
+    if native:
+        m, payload = cbor.decode_map_without(raw, "sig", max_size=MAX_RECORD_SIZE)
+    else:
+        m, payload = cbor.decode_map_without_reference(raw, "sig", max_size=MAX_RECORD_SIZE)
     return _record_from_map(m, raw, verify, payload)
 
 
@@ -617,5 +630,6 @@ __all__ = [
     "constellation_text",
     "decode_block",
     "decode_record",
+    "decode_record_reference",
     "parse_constellation",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from typing import Any
-from unittest import mock
 
 import cbor2
 import pytest
@@ -243,11 +242,7 @@ CID = hashlib.blake2b(b"native-test-constellation", digest_size=32).digest()
 
 def record_outcome(raw: bytes, reference: bool) -> Any:
     try:
-        if reference:
-            with mock.patch.object(records, "_record_native", lambda _raw: None):
-                rec = records.decode_record(raw)
-        else:
-            rec = records.decode_record(raw)
+        rec = (records.decode_record_reference if reference else records.decode_record)(raw)
     except RemoteError as e:
         return ("error", type(e).__name__, str(e))
     return ("ok", rec, rec.id, typed(dict(rec.body)), rec.raw)
