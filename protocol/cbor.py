@@ -344,6 +344,9 @@ _NATIVE_OPTIONS: dict[str, Any] = {
     "max_depth": MAX_DEPTH,
 }
 _NOT_PROVEN = object()
+# Below this size the reference decoder is faster than cbor2's call plus the proof
+# (e.g. 1.2 against 1.8 µs for an integer, 5.9 against 6.2 for a 49-byte map).
+NATIVE_MIN_SIZE = 64
 _SCALARS = frozenset({str, bytes, bool, type(None)})
 
 
@@ -497,9 +500,10 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> CborValue:
     oversized or trailing input.
     """
     raw = _check_input(data, max_size)
-    value = _native(raw)
-    if value is not _NOT_PROVEN:
-        return value
+    if len(raw) >= NATIVE_MIN_SIZE:
+        value = _native(raw)
+        if value is not _NOT_PROVEN:
+            return value
     return _decode_reference(raw)
 
 
@@ -563,7 +567,7 @@ def decode_map_without(data: bytes, omit: str, max_size: int = DEFAULT_MAX_SIZE)
     DecodeError if `data` is not such a map or lacks `omit`.
     """
     raw = _check_input(data, max_size)
-    native = _native(raw)
+    native = _native(raw) if len(raw) >= NATIVE_MIN_SIZE else _NOT_PROVEN
     if type(native) is dict and omit in native:
         # Canonical and sorted, so the rest re-encodes to the splice of the input.
         return native, cbor2.dumps({k: v for k, v in native.items() if k != omit})
