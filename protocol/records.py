@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -189,7 +189,41 @@ def decode_record_reference(data: bytes, *, verify: bool = True) -> Record:
     return _decode_record(data, verify, native=False)
 
 
+def decode_records(raws: Iterable[bytes], *, verify: bool = True) -> list[Record]:
+    """`decode_record` of each of `raws`: the same records, or the same first error, sooner.
+
+    Every record is decoded before any signature is checked: alternating Python decoding
+    with Ed25519 slows both (each evicts the other from the core's caches), by about a
+    tenth of the whole (bench/protocol.py). When a record fails to decode, the signatures
+    before it are checked first, so the error raised is the one a loop would have met first.
+    """
+    decoded: list[tuple[Record, bytes]] = []
+    for raw in raws:
+        try:
+            decoded.append(_decode_unverified(raw, native=True))
+        except Exception:
+            if verify:
+                _verify_records(decoded)
+            raise
+    if verify:
+        _verify_records(decoded)
+    return [rec for rec, _ in decoded]
+
+
+def _verify_records(decoded: list[tuple[Record, bytes]]) -> None:
+    for rec, payload in decoded:
+        rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
+
+
 def _decode_record(data: bytes, verify: bool, native: bool) -> Record:
+    rec, payload = _decode_unverified(data, native)
+    if verify:
+        rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
+    return rec
+
+
+def _decode_unverified(data: bytes, native: bool) -> tuple[Record, bytes]:
+    """A record and its signed payload (without the domain tag); the signature is not checked."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("A record must be given as bytes.")
     if len(data) > MAX_RECORD_SIZE:
@@ -197,16 +231,13 @@ def _decode_record(data: bytes, verify: bool, native: bool) -> Record:
     raw = bytes(data)
     fast = (native and _record_native(raw)) or _record_fast(raw)
     if fast is not None:
-        rec, payload = fast
-        if verify:
-            rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
-        return rec
+        return fast
     _need(len(raw) > 0 and raw[0] >> 5 == 5, "A record must be a map.")
     if native:
         m, payload = cbor.decode_map_without(raw, "sig", max_size=MAX_RECORD_SIZE)
     else:
         m, payload = cbor.decode_map_without_reference(raw, "sig", max_size=MAX_RECORD_SIZE)
-    return _record_from_map(m, raw, verify, payload)
+    return _record_from_map(m, raw, False, payload), payload
 
 
 # The canonical frame of a record: its 8 keys in canonical order with the
@@ -539,17 +570,38 @@ def decode_block(
         author.verify(BLOCK_DOMAIN + payload, sig)
     records: list[Record] = []
     seen: set[bytes] = set()
-    for r in recs:
-        _need(isinstance(r, bytes), "A block's records must be encoded records.")
-        rec = record_verifier(r) if record_verifier else decode_record(r, verify=verify)
-        if rec.constellation != cid:
-            raise ValidationError("A block carries a record of another constellation.")
-        if rec.id in seen:
-            raise ValidationError("A block carries the same record twice.")
-        seen.add(rec.id)
-        records.append(rec)
+    if record_verifier is not None:
+        for r in recs:
+            _need(isinstance(r, bytes), "A block's records must be encoded records.")
+            rec = record_verifier(r)
+            _check_block_record(rec, cid, seen)
+            records.append(rec)
+    else:
+        # As decode_records: decode all, then check all signatures; on an error, the
+        # signatures a one-by-one loop would have checked before it are checked first.
+        decoded: list[tuple[Record, bytes]] = []
+        for r in recs:
+            try:
+                _need(isinstance(r, bytes), "A block's records must be encoded records.")
+                decoded.append(_decode_unverified(r, native=True))
+                _check_block_record(decoded[-1][0], cid, seen)
+            except Exception:
+                if verify:
+                    _verify_records(decoded)
+                raise
+        if verify:
+            _verify_records(decoded)
+        records = [rec for rec, _ in decoded]
     return Block(cid, epoch, author, rnd, prev, parents_t, tuple(records), created, sig,
                  blake2b256(payload), bytes(data))
+
+
+def _check_block_record(rec: Record, cid: bytes, seen: set[bytes]) -> None:
+    if rec.constellation != cid:
+        raise ValidationError("A block carries a record of another constellation.")
+    if rec.id in seen:
+        raise ValidationError("A block carries the same record twice.")
+    seen.add(rec.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,5 +683,6 @@ __all__ = [
     "decode_block",
     "decode_record",
     "decode_record_reference",
+    "decode_records",
     "parse_constellation",
 ]

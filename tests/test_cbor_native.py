@@ -11,6 +11,7 @@ valid input, so the comparison is not vacuous.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -273,3 +274,50 @@ def test_records_decode_the_same_on_both_paths(
     i = data.draw(st.integers(0, len(raw) - 1))
     raw[i] = data.draw(st.integers(0, 255))
     assert record_outcome(bytes(raw), False) == record_outcome(bytes(raw), True)
+
+
+OTHER_CID = hashlib.blake2b(b"native-test-other", digest_size=32).digest()
+BLOCK_AUTHOR = Identity(hashlib.blake2b(b"native-test-block", digest_size=32).digest())
+
+
+def forged(kind: str, n: int) -> records.Record:
+    """A record of the given kind for slot n, as a block author could carry it."""
+    good = records.Record.create(IDENT, type="t", v=1, constellation=CID, seq=n, body={"n": n}, created=n)
+    if kind == "good":
+        return good
+    if kind == "bad signature":
+        raw = bytearray(good.raw)
+        raw[good.raw.index(good.sig) + 5] ^= 1
+        return dataclasses.replace(good, raw=bytes(raw))
+    if kind == "undecodable":
+        return dataclasses.replace(good, raw=good.raw[:-1])
+    other = records.Record.create(IDENT, type="t", v=1, constellation=OTHER_CID, seq=n, body={}, created=n)
+    return dataclasses.replace(other, constellation=CID)  # "other constellation": its bytes say otherwise
+
+
+def first_outcome(fn: Any) -> Any:
+    try:
+        got = fn()
+    except RemoteError as e:
+        return ("error", type(e).__name__, str(e))
+    return ("ok", [(r.id, r.raw) for r in (got.records if isinstance(got, records.Block) else got)])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["good", "good", "bad signature", "undecodable", "other constellation", "repeat"]),
+                max_size=8))
+def test_batched_verification_meets_the_same_first_error(kinds: list[str]) -> None:
+    recs: list[records.Record] = []
+    for n, kind in enumerate(kinds):
+        recs.append(recs[-1] if kind == "repeat" and recs else forged("good" if kind == "repeat" else kind, n))
+    raws = [r.raw for r in recs]
+    # One by one, in order, as before batching.
+    assert first_outcome(lambda: records.decode_records(raws)) == first_outcome(
+        lambda: [records.decode_record(r) for r in raws])
+    # Block.create refuses repeated ids; the block is built from its parts like a hostile author would.
+    payload = {"c": CID, "epoch": 0, "author": BLOCK_AUTHOR.member.key, "round": 1, "prev": None, "parents": [],
+               "records": raws, "created": 1}
+    sig = BLOCK_AUTHOR.sign(records.BLOCK_DOMAIN + cbor.encode(payload))
+    raw_block = cbor.encode({**payload, "sig": sig})
+    assert first_outcome(lambda: records.decode_block(raw_block)) == first_outcome(
+        lambda: records.decode_block(raw_block, record_verifier=records.decode_record))
