@@ -623,6 +623,9 @@ class _Apply:
         self.new_records = 0
         self.new_commits = 0
         self.proofs: list[EquivocationProof] = []
+        # Record id -> constellation of the records this batch stored or found stored: records
+        # are never changed or deleted, so add_pending need not look them up again.
+        self.stored: dict[bytes, bytes] = {}
 
     async def run(self, ops: list[tuple[str, tuple[Any, ...]]]) -> BatchResult:
         for op, args in ops:
@@ -723,7 +726,10 @@ class _Apply:
             if holder is None:
                 taken[slot] = (r.id, r.raw)
                 insert.append(r)
-            elif holder[0] != r.id:
+                self.stored[r.id] = r.constellation
+            elif holder[0] == r.id:
+                self.stored[r.id] = r.constellation
+            else:
                 await self._proof("record", r.constellation, r.author.key, r.seq, holder[1], r.raw, received_at)
         await self.db.executemany(
             "INSERT INTO records (id, constellation, author, seq, type, raw, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -744,12 +750,14 @@ class _Apply:
 
     async def op_pending_add(self, constellation: bytes, ids: list[bytes], added_at: int) -> None:
         wanted = set(ids)
-        found: set[bytes] = set()
-        for chunk in _chunks(list(wanted)):
+        found = {i for i in wanted if self.stored.get(i) == constellation}
+        for chunk in _chunks(list(wanted - found)):
             marks = ",".join("?" * len(chunk))
+            # The unary + keeps the planner on the id key: offered the (constellation, author,
+            # seq) index it scans every record of the constellation, once per batch.
             rows = await self.db.execute_fetchall(
-                f"SELECT id FROM records WHERE constellation = ? AND id IN ({marks})",
-                (constellation, *chunk),
+                f"SELECT id FROM records WHERE id IN ({marks}) AND +constellation = ?",
+                (*chunk, constellation),
             )
             found.update(bytes(r[0]) for r in rows)
         if found != wanted:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import cbor
@@ -180,20 +180,64 @@ class Record:
 
 def decode_record(data: bytes, *, verify: bool = True) -> Record:
     """Decode and (by default) verify a record; raise DecodeError/SignatureError."""
+    return _decode_record(data, verify, native=True)
+
+
+def decode_record_reference(data: bytes, *, verify: bool = True) -> Record:
+    """`decode_record` by the pure-Python reference path alone (tests and bench/protocol.py
+    compare the two)."""
+    return _decode_record(data, verify, native=False)
+
+
+def decode_records(raws: Iterable[bytes], *, verify: bool = True) -> list[Record]:
+    """`decode_record` of each of `raws`: the same records, or the same first error, sooner.
+
+    Every record is decoded before any signature is checked: alternating Python decoding
+    with Ed25519 slows both (each evicts the other from the core's caches), by about a
+    tenth of the whole (bench/protocol.py). When a record fails to decode, the signatures
+    before it are checked first, so the error raised is the one a loop would have met first.
+    """
+    decoded: list[tuple[Record, bytes]] = []
+    for raw in raws:
+        try:
+            decoded.append(_decode_unverified(raw, native=True))
+        except Exception:
+            if verify:
+                _verify_records(decoded)
+            raise
+    if verify:
+        _verify_records(decoded)
+    return [rec for rec, _ in decoded]
+
+
+def _verify_records(decoded: list[tuple[Record, bytes]]) -> None:
+    for rec, payload in decoded:
+        rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
+
+
+def _decode_record(data: bytes, verify: bool, native: bool) -> Record:
+    rec, payload = _decode_unverified(data, native)
+    if verify:
+        rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
+    return rec
+
+
+def _decode_unverified(data: bytes, native: bool) -> tuple[Record, bytes]:
+    """A record and its signed payload (without the domain tag); the signature is not checked."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("A record must be given as bytes.")
     if len(data) > MAX_RECORD_SIZE:
         raise DecodeError(f"A record is {len(data)} bytes, over the limit of {MAX_RECORD_SIZE}.")
     raw = bytes(data)
-    fast = _record_fast(raw)
+    fast = (native and _record_native(raw)) or _record_fast(raw)
     if fast is not None:
-        rec, payload = fast
-        if verify:
-            rec.author.verify(RECORD_DOMAIN + payload, rec.sig)
-        return rec
+        return fast
     _need(len(raw) > 0 and raw[0] >> 5 == 5, "A record must be a map.")
-    m, payload = cbor.decode_map_without(raw, "sig", max_size=MAX_RECORD_SIZE)
-    return _record_from_map(m, raw, verify, payload)
+    if native:
+        m, payload = cbor.decode_map_without(raw, "sig", max_size=MAX_RECORD_SIZE)
+    else:
+        m, payload = cbor.decode_map_without_reference(raw, "sig", max_size=MAX_RECORD_SIZE)
+    return _record_from_map(m, raw, False, payload), payload
 
 
 # The canonical frame of a record: its 8 keys in canonical order with the
@@ -237,8 +281,87 @@ def _uint_at(raw: bytes, p: int) -> tuple[int, int] | None:
     return value, end
 
 
+# The record's keys in canonical order (bytewise by encoding): c, v, seq, sig, body, type, author, created.
+_RECORD_ORDER = tuple(sorted(_RECORD_KEYS, key=cbor.encode))
+# Bytes from a record's start to its `v` value: map head, "c" entry (key, bytes(32) head, id), "v" key.
+_SIG_AFTER_C_V = 1 + 2 + 2 + HASH_LEN + 2
+_SIG_ENTRY = len(_F_SIG) + 64
+
+
+def _uint_len(value: int) -> int:
+    """Length of a non-negative integer's canonical encoding."""
+    if value < 24:
+        return 1
+    if value < 0x100:
+        return 2
+    if value < 0x10000:
+        return 3
+    return 5 if value < 0x100000000 else 9
+
+
+def _record_native(raw: bytes) -> tuple[Record, bytes] | None:
+    """Decode a valid record through cbor2's decoder; None if it is not proven valid.
+
+    Returns only records the reference path (_record_fast, then the general one)
+    would return equal; anything else, every invalid record included, gets None, so
+    refusals keep coming from the reference path with its messages.
+    """
+    m = cbor.decode_fixed_map(raw, _RECORD_ORDER)
+    if m is None:
+        return None
+    rtype, v, cid, akey, seq = m["type"], m["v"], m["c"], m["author"], m["seq"]
+    body, created, sig = m["body"], m["created"], m["sig"]
+    if not (
+        type(rtype) is str and 0 < len(rtype) <= MAX_TYPE_LEN
+        and type(v) is int and 0 <= v <= MAX_VERSION
+        and type(seq) is int and 0 <= seq <= MAX_SEQ
+        and type(created) is int and 0 <= created <= MAX_SEQ
+        and type(cid) is bytes and len(cid) == HASH_LEN
+        and type(akey) is bytes and len(akey) == 32
+        and type(sig) is bytes and len(sig) == 64
+        and type(body) is dict
+    ):
+        return None
+    # Canonical with these keys, so `sig` follows c, v and seq: splice it out as
+    # _record_fast does, without re-encoding.
+    sig_start = _SIG_AFTER_C_V + _uint_len(v) + len(_F_SEQ) + _uint_len(seq)
+    if not raw.startswith(_F_SIG, sig_start):
+        return None
+    payload = b"\xa7" + raw[1:sig_start] + raw[sig_start + _SIG_ENTRY :]
+    return _build_record(rtype, v, cid, akey, seq, body, created, sig, payload, raw), payload
+
+
+def _build_record(
+    rtype: str, v: int, cid: bytes, akey: bytes, seq: int, body: dict[str, Any], created: int, sig: bytes,
+    payload: bytes, raw: bytes,
+) -> Record:
+    author = _MEMBERS.get(akey)
+    if author is None:
+        if len(_MEMBERS) >= _MEMBERS_CACHED:
+            _MEMBERS.clear()
+        author = _MEMBERS[akey] = MemberId(akey)
+    rec = object.__new__(Record)
+    rid = hashlib.blake2b(payload, digest_size=HASH_LEN).digest()
+    for setter, value in zip(_RECORD_SETTERS, (rtype, v, cid, author, seq, body, created, sig, rid, raw),
+                             strict=True):
+        setter(rec, value)
+    return rec
+
+
+# Record's slot setters in field order. Decoders fill a Record through them: the frozen
+# dataclass __init__ sets each of the ten fields through object.__setattr__, which costs
+# about a microsecond per record received. Record has no __post_init__ that this skips.
+_RECORD_SETTERS = tuple(getattr(Record, f.name).__set__ for f in fields(Record))
+assert [f.name for f in fields(Record)] == [
+    "type", "v", "constellation", "author", "seq", "body", "created", "sig", "id", "raw"
+] and not hasattr(Record, "__post_init__")
+
+
 def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
-    """Decode a record in its canonical frame; None if it is not in that frame."""
+    """Decode a record in its canonical frame; None if it is not in that frame.
+
+    The pure-Python reference for records in the canonical frame (decode_record
+    tries _record_native first)."""
     if not raw.startswith(_F_C) or not raw.startswith(_F_V, 37) or len(raw) < 40:
         return None
     cid = raw[5:37]
@@ -294,14 +417,7 @@ def _record_fast(raw: bytes) -> tuple[Record, bytes] | None:
         _need(seq <= MAX_SEQ, "A record's seq is out of range.")
         raise DecodeError("A record's created time is out of range.")
     payload = b"\xa7" + raw[1:sig_start] + raw[sig_end:]
-    author = _MEMBERS.get(akey)
-    if author is None:
-        if len(_MEMBERS) >= _MEMBERS_CACHED:
-            _MEMBERS.clear()
-        author = _MEMBERS[akey] = MemberId(akey)
-    rec = Record(rtype, v, cid, author, seq, body, created, sig,
-                 hashlib.blake2b(payload, digest_size=HASH_LEN).digest(), raw)
-    return rec, payload
+    return _build_record(rtype, v, cid, akey, seq, body, created, sig, payload, raw), payload
 
 
 def _record_from_map(m: object, raw: bytes, verify: bool, payload: bytes | None = None) -> Record:
@@ -454,17 +570,38 @@ def decode_block(
         author.verify(BLOCK_DOMAIN + payload, sig)
     records: list[Record] = []
     seen: set[bytes] = set()
-    for r in recs:
-        _need(isinstance(r, bytes), "A block's records must be encoded records.")
-        rec = record_verifier(r) if record_verifier else decode_record(r, verify=verify)
-        if rec.constellation != cid:
-            raise ValidationError("A block carries a record of another constellation.")
-        if rec.id in seen:
-            raise ValidationError("A block carries the same record twice.")
-        seen.add(rec.id)
-        records.append(rec)
+    if record_verifier is not None:
+        for r in recs:
+            _need(isinstance(r, bytes), "A block's records must be encoded records.")
+            rec = record_verifier(r)
+            _check_block_record(rec, cid, seen)
+            records.append(rec)
+    else:
+        # As decode_records: decode all, then check all signatures; on an error, the
+        # signatures a one-by-one loop would have checked before it are checked first.
+        decoded: list[tuple[Record, bytes]] = []
+        for r in recs:
+            try:
+                _need(isinstance(r, bytes), "A block's records must be encoded records.")
+                decoded.append(_decode_unverified(r, native=True))
+                _check_block_record(decoded[-1][0], cid, seen)
+            except Exception:
+                if verify:
+                    _verify_records(decoded)
+                raise
+        if verify:
+            _verify_records(decoded)
+        records = [rec for rec, _ in decoded]
     return Block(cid, epoch, author, rnd, prev, parents_t, tuple(records), created, sig,
                  blake2b256(payload), bytes(data))
+
+
+def _check_block_record(rec: Record, cid: bytes, seen: set[bytes]) -> None:
+    if rec.constellation != cid:
+        raise ValidationError("A block carries a record of another constellation.")
+    if rec.id in seen:
+        raise ValidationError("A block carries the same record twice.")
+    seen.add(rec.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,5 +682,7 @@ __all__ = [
     "constellation_text",
     "decode_block",
     "decode_record",
+    "decode_record_reference",
+    "decode_records",
     "parse_constellation",
 ]

@@ -370,6 +370,23 @@ async def test_a_block_of_another_constellation_cannot_enter_the_order(store: St
     assert await store.commit_count(C) == 0 and await store.block_count(OTHER_C) == 0
 
 
+async def test_records_stored_in_the_same_batch_are_pending_only_in_their_constellation(store: Store) -> None:
+    async with store.batch() as tx:
+        tx.put_constellation(info(OTHER_C))
+    theirs = rec(ALICE, 0, c=OTHER_C)
+    with pytest.raises(StoreError, match="stored in this constellation"):
+        async with store.batch() as tx:
+            tx.put_records([theirs], 1)
+            tx.add_pending(C, [theirs.id], 1)
+    assert await store.get_record(theirs.id) is None
+    mine = rec(ALICE, 0)
+    async with store.batch() as tx:
+        tx.put_records([mine, theirs], 1)
+        tx.add_pending(C, [mine.id], 1)
+        tx.add_pending(OTHER_C, [theirs.id], 1)
+    assert await store.pending(C) == [mine] and await store.pending(OTHER_C) == [theirs]
+
+
 async def test_bad_arguments_raise_before_anything_is_written(store: Store) -> None:
     tx = store.batch()
     bad_calls = [
