@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from valuemesh.node import trace
 from valuemesh.node.api import NotFound, make_app
 from valuemesh.node.discovery import PeerManager
 from valuemesh.node.discovery import parse_hostport as parse_peer_address
@@ -147,6 +148,7 @@ class Node:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
+        trace.start(self.identity.member.key.hex()[:8])
         self.store = await Store.open(self.home.db_file)
         for info in await self.store.constellations():
             try:
@@ -216,6 +218,7 @@ class Node:
         self.home.clear_api_address()
         if self.store is not None:
             await self.store.close()
+        trace.stop()
         log.info("stopped")
 
     # -- loops -----------------------------------------------------------------
@@ -237,6 +240,8 @@ class Node:
             for eng in list(self.engines.values()):
                 try:
                     if eng.next_tick is not None and eng.next_tick <= now:
+                        if trace.tracer is not None:
+                            trace.tracer.event("tick", due=eng.next_tick, now=now)
                         await self._effects(eng, await eng.tick(now))
                     if forward and eng.pending and not eng.is_core():
                         # Until our records are final, keep handing them to core
@@ -424,12 +429,16 @@ class Node:
             await self._send(link, m.Blocks(eng.cid, chunk, 0))
 
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
+        t_rx = time.monotonic()
         blocks = []
         for raw in raws:
             b = decode_block(raw)
             if b.constellation != eng.cid:
                 raise RemoteError("A block in the batch belongs to another constellation.")
             blocks.append(b)
+        tr = trace.tracer
+        if tr is not None:
+            tr.event("verified", rx=t_rx, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
         eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:
@@ -447,6 +456,8 @@ class Node:
             self._wake.set()  # the tick loop recomputes how long it may sleep
         for b in [*eff.blocks, *eff.rebroadcast]:
             await self._broadcast(eng, m.Blocks(eng.cid, [b.raw], 0))
+        if trace.tracer is not None and eff.blocks:
+            trace.tracer.event("sent", own=[b.round for b in eff.blocks])
         if eff.request_sync:
             for key, link in list(self.links.items()):
                 if eng.may_receive(key):
@@ -679,6 +690,8 @@ class Node:
         # so a crash can neither reuse a seq that escaped nor leave a gap that
         # would hold back every later record of ours. Every record is checked before
         # any is stored (all or nothing); a refused one was never seen outside.
+        if trace.tracer is not None:
+            trace.tracer.event("submit", n=len(items))
         async with self._sign_lock:
             seq = max(await self.store.next_seq(eng.cid, self.identity.member),
                       eng.ledger.next_seq(self.identity.member))
@@ -693,6 +706,8 @@ class Node:
                     raise LocalError(exc.message) from None
                 recs.append(rec)
             fresh = await eng.store_pending(recs, now_ms())
+        if trace.tracer is not None:
+            trace.tracer.event("pending", ids=[r.id.hex()[:12] for r in recs])
         await self._effects(eng, await eng.propose(fresh, now_ms()))
         if not eng.is_core():
             await self._forward(eng, recs)

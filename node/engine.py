@@ -10,11 +10,13 @@ blocks, in commit order, so a restart replays exactly the same ledger.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from valuemesh.node import trace
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
@@ -90,6 +92,9 @@ class Engine:
         self._committee_version = self.ledger.committee_version
         self.consensus = Consensus(self.cid, self.committee, identity, Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS))
         self.final: list[dict[str, Any]] = []  # the first FINAL_VIEW_LIMIT final records, as JSON
+        # When each of those became final on this node (wall-clock ms, rounded up): node-local,
+        # so kept apart from `final`, which is identical on every node that agrees.
+        self.final_at: list[int] = []
         self._final_pos: dict[str, int] = {}
         self.final_count = 0
         self.commit_index = 0
@@ -213,8 +218,13 @@ class Engine:
                 errors.append(exc.message)
                 continue
             accepted.append(b)
+        tr = trace.tracer
+        if tr is not None:
+            tr.event("inserted", b=[[b.author.key.hex()[:8], b.round, len(b.records)] for b in accepted])
         if accepted:
             await self._persist_received(accepted, now)
+            if tr is not None:
+                tr.event("persisted", n=len(accepted))
         if not outs:
             return Effects(), errors
         merged = Output(
@@ -252,6 +262,9 @@ class Engine:
         self.next_tick = out.next_tick_ms
         if not (out.blocks or out.committed or out.proofs):
             return eff
+        tr = trace.tracer
+        if tr is not None and out.blocks:
+            tr.event("own", b=[[b.round, [r.id.hex()[:12] for r in b.records]] for b in out.blocks])
         entries: list[CommitEntry] = []
         finished: list[bytes] = []
         first_index = self.commit_index
@@ -274,6 +287,10 @@ class Engine:
                 tx.remove_pending(self.cid, finished)
             for p in out.proofs:
                 tx.put_equivocation(p, now)
+        if tr is not None:
+            tr.event("stored", own=[b.round for b in out.blocks],
+                     anchors=sorted({c.anchor_round for c in out.committed}),
+                     final=[r.id.hex()[:12] for c in out.committed for r in c.block.records])
         eff.committed = len(entries)
         await self.flush_checkpoints()
         while self._scheduled:
@@ -372,6 +389,7 @@ class Engine:
         if len(self.final) < FINAL_VIEW_LIMIT:
             self._final_pos[entry["id"]] = len(self.final)
             self.final.append(entry)
+            self.final_at.append(-(-time.time_ns() // 1_000_000))
 
     # -- views ---------------------------------------------------------------
     def ledger_view(self) -> dict[str, Any]:
@@ -379,6 +397,7 @@ class Engine:
             "constellation": self.text_id,
             "name": self.name,
             "final": self.final,
+            "final_at": self.final_at,
             "pending": [
                 {"id": r.id.hex(), "type": r.type, "author": str(r.author), "seq": r.seq,
                  "body": body_to_json(self.registry.plugins.get(r.type), r.body), "created": r.created}
