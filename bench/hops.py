@@ -53,6 +53,7 @@ def analyse(traces: dict[str, list[dict[str, Any]]], submitted: dict[str, float]
     final_at: dict[str, dict[str, float]] = defaultdict(dict)  # record prefix -> node -> time
     pending_at: dict[str, float] = {}
     ticks: dict[str, int] = defaultdict(int)
+    txn: dict[str, list[float]] = defaultdict(list)
     for node, evs in traces.items():
         last_rx: list[tuple[str, int]] = []
         for e in evs:
@@ -89,6 +90,10 @@ def analyse(traces: dict[str, list[dict[str, Any]]], submitted: dict[str, float]
                     pending_at.setdefault(rid, e["t"])
             elif k == "tick":
                 ticks[node] += 1
+            elif k == "txn":
+                kind = "durable (FULL)" if e["sync"] == 2 else "not durable (NORMAL)"
+                txn[f"store txn {kind}: statements"].append(e["work"])
+                txn[f"store txn {kind}: COMMIT"].append(e["commit"])
     steps: dict[str, list[float]] = defaultdict(list)
     for (_a, _r2), d in own.items():
         if "created" in d and "stored" in d:
@@ -142,6 +147,7 @@ def analyse(traces: dict[str, list[dict[str, Any]]], submitted: dict[str, float]
             recs["e submit -> final on all (daemon's own clock)"].append(max(fa.values()) - t0)
     return {"hops": {k: ms(v) for k, v in sorted(steps.items())},
             "records": {k: ms(v) for k, v in sorted(recs.items())},
+            "store": {k: ms(v) for k, v in sorted(txn.items())},
             "ticks": dict(ticks)}
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import IO, Any
 
 TRACE_ENV = "VALUEMESH_TRACE"
+# With the trace on, also profile the whole daemon (cProfile) into <dir>/<name>.prof.
+PROFILE_ENV = "VALUEMESH_TRACE_PROFILE"
 
 
 class Tracer:
@@ -40,6 +42,7 @@ class Tracer:
 
 
 tracer: Tracer | None = None
+_profile: tuple[Any, Path] | None = None
 
 
 def start(name: str) -> None:
@@ -49,10 +52,20 @@ def start(name: str) -> None:
     if where and tracer is None:
         Path(where).mkdir(parents=True, exist_ok=True)
         tracer = Tracer(Path(where) / f"{name}.jsonl")
+        if os.environ.get(PROFILE_ENV):
+            import cProfile
+            global _profile
+            prof = cProfile.Profile()
+            prof.enable()
+            _profile = (prof, Path(where) / f"{name}.prof")
 
 
 def stop() -> None:
-    global tracer
+    global tracer, _profile
+    if _profile is not None:
+        _profile[0].disable()
+        _profile[0].dump_stats(str(_profile[1]))
+        _profile = None
     if tracer is not None:
         tracer.close()
         tracer = None
