@@ -78,6 +78,7 @@ def analyse(traces: dict[str, list[dict[str, Any]]], submitted: dict[str, float]
                 for a, r in last_rx:
                     d = recv[(a, r, node)]
                     d.setdefault("received", e["rx"])
+                    d.setdefault("read", e.get("rd", 0.0))
                     d.setdefault("verified", e["t"])
             elif k == "inserted":
                 for a, r, _ in e["b"]:
@@ -90,6 +91,8 @@ def analyse(traces: dict[str, list[dict[str, Any]]], submitted: dict[str, float]
                     pending_at.setdefault(rid, e["t"])
             elif k == "tick":
                 ticks[node] += 1
+            elif k == "wrote":
+                txn["link: queued -> frame written to the socket (author)"].append(e["t"] - e["q"])
             elif k == "txn":
                 kind = "durable (FULL)" if e["sync"] == 2 else "not durable (NORMAL)"
                 txn[f"store txn {kind}: statements"].append(e["work"])
@@ -105,6 +108,11 @@ def analyse(traces: dict[str, list[dict[str, Any]]], submitted: dict[str, float]
         if "sent" in o and "received" in d:
             steps["3 queued at author -> peer's reader has it (seal, loopback, open, dispatch)"].append(
                 d["received"] - o["sent"])
+        if d.get("read") and "received" in d:
+            steps["3b peer: frame read from the socket -> block handler starts (open, throttle, decode msg)"].append(
+                d["received"] - d["read"])
+            if "sent" in o:
+                steps["3a queued at author -> frame read at peer"].append(d["read"] - o["sent"])
         if "received" in d and "verified" in d:
             steps["4 peer: decode + verify"].append(d["verified"] - d["received"])
         if "verified" in d and "inserted" in d:

@@ -438,7 +438,7 @@ class Node:
             blocks.append(b)
         tr = trace.tracer
         if tr is not None:
-            tr.event("verified", rx=t_rx, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
+            tr.event("verified", rx=t_rx, rd=link.read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
         eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:

@@ -69,10 +69,10 @@ MAX_GROUP: Final = 64
 # A group commit of at most this many items (blocks + records + ids) runs on the event loop's
 # own thread: its statements take a few tenths of a millisecond, less than handing it to the
 # writer thread costs on a busy host (a thread switch and a contended GIL each way). A
-# durable one also blocks the loop for its fsync (0.5 ms idle, 2-9 ms with four daemons
-# fsyncing on one disk); measured back to back, running those on the thread instead (loop
-# free meanwhile) was no faster (finality p50 70-90 vs 60-78 ms). Large groups (catch-up
-# batches) run on the writer thread, so the loop keeps serving peers meanwhile.
+# durable one also holds the loop for its fsync (0.5 ms idle, 2-7 ms with four daemons
+# fsyncing on one disk); running those on the thread instead (loop free meanwhile) measured
+# no faster (4-daemon finality p50 41-67 ms vs 46-59 ms inline, three runs each). Large
+# groups (catch-up batches) run on the writer thread, so the loop keeps serving peers.
 INLINE_MAX_ITEMS: Final = 64
 MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
