@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import os
 import signal
@@ -121,13 +122,23 @@ class Series:
         return self.points[k][0] if k < len(self.points) else None
 
 
-def exact_series(ledger: dict[str, Any], to_mono: float) -> tuple[dict[str, float], Series]:
-    """From a daemon's ledger: record id -> monotonic time it became final on that node, and
-    the node's final count over time (`to_mono` turns wall-clock seconds into monotonic)."""
-    times = {e["id"]: t / 1000 + to_mono for e, t in zip(ledger["final"], ledger["final_at"], strict=True)}
-    points = sorted((t / 1000 + to_mono, e["index"] + 1) for e, t in zip(ledger["final"], ledger["final_at"],
-                                                                         strict=True))
-    return times, Series(points)
+def exact_series(ledgers: list[dict[str, Any]], to_mono: float) -> tuple[dict[str, float], Series]:
+    """From a daemon's ledgers: record id -> monotonic time it became final on that node, and
+    the node's final count over time (`to_mono` turns wall-clock seconds into monotonic).
+
+    A restarted daemon replays its final order and notes the replay time, so a node killed
+    during the run contributes the ledger read just before its kill too: each record keeps
+    the earliest time any of the node's ledgers gives it (a record that became final in the
+    few ms between that read and the kill gets its later replay time: late, never early)."""
+    times: dict[str, float] = {}
+    index: dict[str, int] = {}
+    for led in ledgers:
+        for e, t in zip(led["final"], led["final_at"], strict=True):
+            mono = t / 1000 + to_mono
+            if mono < times.get(e["id"], mono + 1):
+                times[e["id"]] = mono
+            index[e["id"]] = e["index"]
+    return times, Series(sorted((t, index[rid] + 1) for rid, t in times.items()))
 
 
 @dataclass
@@ -224,7 +235,8 @@ async def _poll(api: Api, cid: str, series: Series, stop: asyncio.Event, interva
 
 async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: float = POLL_S,
                    targets: list[int] | None = None, during: Any = None, timing: bool = True,
-                   settle_s: float = SETTLE_TIMEOUT_S, batch: int = 1) -> LoadResult:
+                   settle_s: float = SETTLE_TIMEOUT_S, batch: int = 1,
+                   before_kill: dict[int, list[dict[str, Any]]] | None = None) -> LoadResult:
     """Offer `count` records at `rate`/s (open loop, round-robin over live daemons),
     then wait until every live daemon has all of them final (bounded). Without `timing`
     nothing is polled during the load and completion is judged by a sample of the last
@@ -331,7 +343,8 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
                         continue
                     orders[i] = {e["id"]: e["index"] for e in led["final"]}
                     if timing:
-                        exact[i], series[i] = exact_series(led, to_mono)
+                        earlier = (before_kill or {}).get(i, [])
+                        exact[i], series[i] = exact_series([*earlier, led], to_mono)
                     if any(r not in orders[i] for r in submitted):
                         done = False
             if done:
@@ -387,10 +400,15 @@ def progress_gaps(res: LoadResult, windows: list[tuple[float, float]]) -> list[f
 
 
 async def kill_each_in_turn(c: Cluster, apis: list[Api], stopped: set[int], *, warmup_s: float, down_s: float,
-                            after_s: float, log: list[dict[str, float]]) -> None:
-    """kill -9 each daemon in turn, restart it after down_s, and let it catch up for after_s."""
+                            after_s: float, log: list[dict[str, float]], cid: str = "",
+                            before_kill: dict[int, list[dict[str, Any]]] | None = None) -> None:
+    """kill -9 each daemon in turn, restart it after down_s, and let it catch up for after_s.
+    With `before_kill`, each daemon's ledger is read just before its kill (see exact_series)."""
     await asyncio.sleep(warmup_s)
     for i, d in enumerate(c.daemons):
+        if before_kill is not None:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+                before_kill.setdefault(i, []).append(await apis[i].get(f"/v1/constellations/{cid}/ledger"))
         t_kill = time.monotonic()
         kill9(d)
         await asyncio.sleep(down_s)
@@ -408,10 +426,13 @@ def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str,
     log: list[dict[str, float]] = []
 
     async def during(cl: Cluster, apis: list[Api], stopped: set[int]) -> None:
-        await kill_each_in_turn(cl, apis, stopped, warmup_s=warmup_s, down_s=down_s, after_s=after_s, log=log)
+        await kill_each_in_turn(cl, apis, stopped, warmup_s=warmup_s, down_s=down_s, after_s=after_s, log=log,
+                                cid=cid, before_kill=before_kill)
 
     # A record acknowledged by a daemon that then lost it never becomes final: do not wait long for it.
-    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during, settle_s=AVAILABILITY_SETTLE_S))
+    before_kill: dict[int, list[dict[str, Any]]] = {}
+    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during, settle_s=AVAILABILITY_SETTLE_S,
+                               before_kill=before_kill))
     gaps = progress_gaps(res, [(e["t_kill"], e["t_next"]) for e in log])
     lat = res.finality_ms()
     final_all = {rid for rid in res.submitted if all(rid in o for i, o in enumerate(res.order) if i not in res.stopped)}

@@ -70,9 +70,11 @@ MAX_GROUP: Final = 64
 # own thread: its statements take a few tenths of a millisecond, less than handing it to the
 # writer thread costs on a busy host (a thread switch and a contended GIL each way). A
 # durable one also holds the loop for its fsync (0.5 ms idle, 2-7 ms with four daemons
-# fsyncing on one disk); running those on the thread instead (loop free meanwhile) measured
-# no faster (4-daemon finality p50 41-67 ms vs 46-59 ms inline, three runs each). Large
-# groups (catch-up batches) run on the writer thread, so the loop keeps serving peers.
+# fsyncing on one disk). Running durable commits on the writer thread instead (loop free,
+# later batches share the next fsync) measured no better, back to back on this 2-core host:
+# 4-daemon light-load p50 41-96 ms vs 46-67 ms inline, one-record-per-request throughput
+# 122-267 vs 102-207 records/s (three runs each; the host's load moved everything by 2x).
+# Large groups (catch-up batches) run on the writer thread, so the loop keeps serving peers.
 INLINE_MAX_ITEMS: Final = 64
 MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
