@@ -432,6 +432,8 @@ class Node:
         t_rx = time.monotonic()
         blocks = []
         for raw in raws:
+            if eng.seen_before(raw):
+                continue  # taken already (from another peer's stream): nothing to decode or verify
             b = decode_block(raw)
             if b.constellation != eng.cid:
                 raise RemoteError("A block in the batch belongs to another constellation.")
