@@ -180,9 +180,10 @@ class Engine:
         return eff
 
     # -- steps ---------------------------------------------------------------
-    def precheck(self, record: Record) -> None:
-        """Refuse a record that cannot apply to the final state (seq aside)."""
-        if len(self.pending) >= MAX_PENDING:
+    def precheck(self, record: Record, queued: int = 0) -> None:
+        """Refuse a record that cannot apply to the final state (seq aside); `queued` more
+        records are about to join the pending ones."""
+        if len(self.pending) + queued >= MAX_PENDING:
             raise LocalError("Too many records are waiting to become final; try again shortly.")
         if record.constellation != self.cid:
             raise ValidationError("The record is for another constellation.")
