@@ -307,7 +307,7 @@ class Engine:
         # (Consensus.restore), identically on every node; our next durable commit (one
         # round later) makes it durable anyway. Skipping it saves about a third of the
         # fsyncs at light load, each 2-7 ms on a disk shared by four daemons.
-        async with self.store.batch(durable=bool(out.blocks or out.proofs)) as tx:
+        async with self.store.batch(durable=bool(out.blocks or out.proofs), urgent=bool(out.blocks)) as tx:
             if received:
                 tx.put_blocks(list(received), now)
             if out.blocks:

@@ -66,15 +66,17 @@ MAX_PAGE_BYTES: Final = 32 * 1024 * 1024
 MAX_BATCH_ITEMS: Final = 100_000
 # Batches one group commit may take: bounds the time one transaction holds the write lock.
 MAX_GROUP: Final = 64
-# A group commit of at most this many items (blocks + records + ids) runs on the event loop's
-# own thread: its statements take a few tenths of a millisecond, less than handing it to the
-# writer thread costs on a busy host (a thread switch and a contended GIL each way). A
-# durable one also holds the loop for its fsync (0.5 ms idle, 2-7 ms with four daemons
-# fsyncing on one disk). Running durable commits on the writer thread instead (loop free,
-# later batches share the next fsync) measured no better, back to back on this 2-core host:
-# 4-daemon light-load p50 41-96 ms vs 46-67 ms inline, one-record-per-request throughput
-# 122-267 vs 102-207 records/s (three runs each; the host's load moved everything by 2x).
-# Large groups (catch-up batches) run on the writer thread, so the loop keeps serving peers.
+# A small group commit (at most this many items: blocks + records + ids) that does not
+# fsync runs on the event loop's own thread: its statements take a few tenths of a
+# millisecond, less than handing it to the writer thread costs on a busy host (a thread
+# switch and a contended GIL each way). A durable one waits for an fsync (0.5 ms idle, 2-7
+# ms with four daemons fsyncing on one disk); it runs on the writer thread, so the loop
+# keeps reading peers and API requests meanwhile and what they queue shares the next fsync,
+# unless the batch is `urgent` (our block of a round: the round waits for it, nothing
+# would share it). Measured back to back (4 daemons, this 2-core host): durable commits
+# inline gave the better light-load latency (p50 56, 67 vs 63, 80 ms) and on the thread
+# the better one-record-per-request throughput (439-554 vs 321-348 records/s).
+# Large groups (catch-up batches) always run on the writer thread.
 INLINE_MAX_ITEMS: Final = 64
 MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
@@ -470,9 +472,10 @@ class Batch:
     exception inside the `async with` discards the batch with no state change.
     """
 
-    def __init__(self, store: Store, durable: bool) -> None:
+    def __init__(self, store: Store, durable: bool, urgent: bool = False) -> None:
         self._store = store
         self._durable = durable
+        self._urgent = urgent
         self._ops: list[tuple[str, tuple[Any, ...]]] = []
         self._items = 0
         self.result = BatchResult()
@@ -492,7 +495,7 @@ class Batch:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is None and self._ops:
-            self.result = await self._store._apply(self._ops, self._durable, self._items)
+            self.result = await self._store._apply(self._ops, self._durable, self._items, self._urgent)
 
     # constellations ---------------------------------------------------------------
     def put_constellation(self, info: ConstellationInfo) -> None:
@@ -879,6 +882,7 @@ class _Queued:
     durable: bool
     done: asyncio.Future[BatchResult]
     items: int = 0
+    urgent: bool = False
 
 
 def _store_error(e: BaseException) -> BaseException:
@@ -1047,18 +1051,23 @@ class Store:
         await self.close()
 
     # writing -------------------------------------------------------------------------
-    def batch(self, *, durable: bool = True) -> Batch:
+    def batch(self, *, durable: bool = True, urgent: bool = False) -> Batch:
         """Queue writes and apply them in one transaction at the end of `async with`.
 
         `durable=False` commits with synchronous=NORMAL: safe against a process crash but it
         may be lost on power failure until the next durable commit. Use it only for data that
-        can be fetched again (blocks from peers, peer addresses), never for the final order,
-        our own blocks or records, or sequence numbers.
+        can be fetched again or re-derived (blocks from peers, peer addresses, commit
+        entries), never for our own blocks or records, or sequence numbers.
+
+        `urgent=True` lets a small durable batch commit on the event loop's thread, fsync
+        included: for a write the caller's next step waits on and that little else would
+        share (our block of a round). See INLINE_MAX_ITEMS.
         """
         self._check_open()
-        return Batch(self, durable)
+        return Batch(self, durable, urgent)
 
-    async def _apply(self, ops: list[tuple[str, tuple[Any, ...]]], durable: bool, items: int = 0) -> BatchResult:
+    async def _apply(self, ops: list[tuple[str, tuple[Any, ...]]], durable: bool, items: int = 0,
+                     urgent: bool = False) -> BatchResult:
         """Group commit: whoever holds the write lock commits every batch queued meanwhile.
 
         Each batch runs inside its own SAVEPOINT, so a batch that fails is undone alone and its
@@ -1066,7 +1075,7 @@ class Store:
         Every caller returns only after the transaction holding its batch has committed.
         """
         self._check_open()
-        item = _Queued(ops, durable, asyncio.get_running_loop().create_future(), items)
+        item = _Queued(ops, durable, asyncio.get_running_loop().create_future(), items, urgent)
         self._queue.append(item)
         try:
             async with self._write_lock:
@@ -1091,7 +1100,8 @@ class Store:
         want = self._synchronous if any(q.durable for q in group) else "NORMAL"
         pragma = want if want != self._sync_now else None
         ops = [q.ops for q in group]
-        if sum(q.items for q in group) <= INLINE_MAX_ITEMS:
+        small = sum(q.items for q in group) <= INLINE_MAX_ITEMS
+        if small and (want == "NORMAL" or all(q.urgent for q in group if q.durable)):
             # The writer's thread is idle: every use of the writer connection holds _write_lock.
             try:
                 results = _commit_group_now(self._writer._conn, ops, pragma)

@@ -573,6 +573,20 @@ async def test_a_large_batch_runs_on_the_writer_thread_all_or_nothing(store: Sto
     assert await store.get_records([r.id for r in bad.records]) == {}
 
 
+async def test_an_urgent_durable_batch_commits_on_the_loop_all_or_nothing(store: Store) -> None:
+    good, bad = blk(ALICE, 1, [rec(ALICE, 1)]), blk(ALICE, 2, [rec(ALICE, 2)])
+    async with store.batch(urgent=True) as tx:
+        tx.put_block(good, 1)
+    with pytest.raises(FinalOrderError):
+        async with store.batch(urgent=True) as tx:
+            tx.put_block(bad, 1)
+            tx.append_commits(C, [CommitEntry(3, bad.id, 2)])  # a gap: the whole batch is undone
+    assert await store.has_blocks([good.id, bad.id]) == {good.id}
+    async with store.batch() as tx:  # then a durable batch on the writer thread, same connection
+        tx.put_kv("after", b"1")
+    assert await store.get_kv("after") == b"1"
+
+
 async def test_a_batch_cancelled_while_its_transaction_runs_is_committed_all_the_same(store: Store) -> None:
     b = big_block(1)
 
