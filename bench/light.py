@@ -25,6 +25,7 @@ from run import BATCH, sustained
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--nodes", type=int, default=4, help="daemons (sustained and --kill assume 4)")
     ap.add_argument("--count", type=int, default=30, help="records at light load")
     ap.add_argument("--rate", type=float, default=2.0, help="light load, records per second")
     ap.add_argument("--sustained", type=int, default=0, metavar="N", help="also sustained throughput of N records")
@@ -34,7 +35,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="valuemesh-light-"))
     out: dict[str, Any] = {"root": str(root)}
     try:
-        c, cid = vc.start(root / "n4", 4)
+        c, cid = vc.start(root / f"n{args.nodes}", args.nodes)
         try:
             r0 = c.daemons[0].api("GET", f"/v1/constellations/{cid}")["round"]
             t0 = time.monotonic()
