@@ -1,19 +1,23 @@
 """valuemesh side of the cluster benchmarks: real daemons on loopback, records
-submitted through the local API, finality timed on every node by polling it.
+submitted through the local API, finality timed on every node by the node itself.
 
-How finality is timed: while a load runs, one poller per daemon reads the
-constellation summary (`GET /v1/constellations/{cid}`, field `final`, the length
-of the final order) every POLL_S. Afterwards each daemon's ledger gives the
-position of every record in the final order, so the record at position i was
-final on that node at the first poll that saw more than i final records. The
-error is at most one poll interval plus one API round trip (a few ms), always
-late, never early.
+How finality is timed: each daemon notes, for every record of its final order, the
+wall-clock time at which it became final there (`final_at` in the ledger, in ms rounded
+up, so never early and at most 1 ms late). The client notes the wall-clock time just
+before each submit request; both run on this one host, so they share the clock.
+Afterwards each daemon's ledger gives every record's final time on that node.
+While the load runs, one poller per daemon reads the final count every POLL_S only to
+know when the run is done (and whether it stalled); those polls no longer time anything,
+so they are sparse and cost the daemons little CPU. (Until 2026-11-23 the polls timed
+finality: a 20 ms interval, up to 20 ms plus an API round trip late, and 4 x 50 polls/s
+that took CPU from the daemons on the same cores.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import os
 import signal
@@ -29,7 +33,7 @@ from valuemesh.node.home import Home
 from valuemesh.node.testing import Cluster, Daemon, wait_until
 from valuemesh.protocol.errors import LocalError
 
-POLL_S = 0.02
+POLL_S = 0.2
 JOIN_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 120.0
 HTTP_TIMEOUT_S = 10.0
@@ -118,6 +122,25 @@ class Series:
         return self.points[k][0] if k < len(self.points) else None
 
 
+def exact_series(ledgers: list[dict[str, Any]], to_mono: float) -> tuple[dict[str, float], Series]:
+    """From a daemon's ledgers: record id -> monotonic time it became final on that node, and
+    the node's final count over time (`to_mono` turns wall-clock seconds into monotonic).
+
+    A restarted daemon replays its final order and notes the replay time, so a node killed
+    during the run contributes the ledger read just before its kill too: each record keeps
+    the earliest time any of the node's ledgers gives it (a record that became final in the
+    few ms between that read and the kill gets its later replay time: late, never early)."""
+    times: dict[str, float] = {}
+    index: dict[str, int] = {}
+    for led in ledgers:
+        for e, t in zip(led["final"], led["final_at"], strict=True):
+            mono = t / 1000 + to_mono
+            if mono < times.get(e["id"], mono + 1):
+                times[e["id"]] = mono
+            index[e["id"]] = e["index"]
+    return times, Series(sorted((t, index[rid] + 1) for rid, t in times.items()))
+
+
 @dataclass
 class LoadResult:
     submitted: dict[str, float]  # record id -> monotonic submit time
@@ -130,6 +153,10 @@ class LoadResult:
     t_end_submit: float
     stopped: set[int]
     stalled: bool = False
+    final_times: list[dict[str, float]] = field(default_factory=list)  # per node: record id -> monotonic
+
+    def final_at(self, node: int, rid: str) -> float | None:
+        return self.final_times[node].get(rid)
 
     def finality_ms(self, first: bool = False) -> list[float]:
         """Per record: submit to final on every live node (ms), or with `first` on the first
@@ -137,11 +164,10 @@ class LoadResult:
         out = []
         for rid, t0 in self.submitted.items():
             times = []
-            for i, s in enumerate(self.series):
+            for i in range(len(self.series)):
                 if i in self.stopped:
                     continue
-                idx = self.order[i].get(rid)
-                t = s.final_at(idx) if idx is not None else None
+                t = self.final_at(i, rid)
                 if t is None:
                     break
                 times.append(t - t0)
@@ -156,9 +182,9 @@ class LoadResult:
             return None
         ends = []
         for rid in self.submitted:
-            for i, s in enumerate(self.series):
+            for i in range(len(self.series)):
                 if i not in self.stopped:
-                    t = s.final_at(self.order[i][rid])
+                    t = self.final_at(i, rid)
                     assert t is not None
                     ends.append(t)
         return max(ends)
@@ -209,7 +235,8 @@ async def _poll(api: Api, cid: str, series: Series, stop: asyncio.Event, interva
 
 async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: float = POLL_S,
                    targets: list[int] | None = None, during: Any = None, timing: bool = True,
-                   settle_s: float = SETTLE_TIMEOUT_S, batch: int = 1) -> LoadResult:
+                   settle_s: float = SETTLE_TIMEOUT_S, batch: int = 1,
+                   before_kill: dict[int, list[dict[str, Any]]] | None = None) -> LoadResult:
     """Offer `count` records at `rate`/s (open loop, round-robin over live daemons),
     then wait until every live daemon has all of them final (bounded). Without `timing`
     nothing is polled during the load and completion is judged by a sample of the last
@@ -275,6 +302,8 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
             await side
         deadline = time.monotonic() + settle_s + (0 if timing else count / 20)
         orders: list[dict[str, int]] = [{} for _ in apis]
+        exact: list[dict[str, float]] = [{} for _ in apis]
+        to_mono = time.monotonic() - time.time()
         # Without timing: done when every live node holds the last SAMPLE accepted records as
         # final and all report one final count (a count target would wait forever on a lost record).
         sample = sorted(accepted_by, key=lambda rid: accepted_by[rid][1])[-SAMPLE:]
@@ -313,6 +342,9 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
                         done = False
                         continue
                     orders[i] = {e["id"]: e["index"] for e in led["final"]}
+                    if timing:
+                        earlier = (before_kill or {}).get(i, [])
+                        exact[i], series[i] = exact_series([*earlier, led], to_mono)
                     if any(r not in orders[i] for r in submitted):
                         done = False
             if done:
@@ -323,7 +355,7 @@ async def run_load(c: Cluster, cid: str, *, rate: float, count: int, poll_s: flo
         await asyncio.gather(*pollers)
         return LoadResult(submitted, accepted_by, series, orders, counters["failed"], counters["retried"], t_start,
                           t_end_submit, stopped | {i for i, d in enumerate(c.daemons) if not d.alive},
-                          progress.stalled)
+                          progress.stalled, exact)
 
 
 def latency_summary(res: LoadResult) -> dict[str, Any]:
@@ -368,10 +400,15 @@ def progress_gaps(res: LoadResult, windows: list[tuple[float, float]]) -> list[f
 
 
 async def kill_each_in_turn(c: Cluster, apis: list[Api], stopped: set[int], *, warmup_s: float, down_s: float,
-                            after_s: float, log: list[dict[str, float]]) -> None:
-    """kill -9 each daemon in turn, restart it after down_s, and let it catch up for after_s."""
+                            after_s: float, log: list[dict[str, float]], cid: str = "",
+                            before_kill: dict[int, list[dict[str, Any]]] | None = None) -> None:
+    """kill -9 each daemon in turn, restart it after down_s, and let it catch up for after_s.
+    With `before_kill`, each daemon's ledger is read just before its kill (see exact_series)."""
     await asyncio.sleep(warmup_s)
     for i, d in enumerate(c.daemons):
+        if before_kill is not None:
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+                before_kill.setdefault(i, []).append(await apis[i].get(f"/v1/constellations/{cid}/ledger"))
         t_kill = time.monotonic()
         kill9(d)
         await asyncio.sleep(down_s)
@@ -389,10 +426,13 @@ def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str,
     log: list[dict[str, float]] = []
 
     async def during(cl: Cluster, apis: list[Api], stopped: set[int]) -> None:
-        await kill_each_in_turn(cl, apis, stopped, warmup_s=warmup_s, down_s=down_s, after_s=after_s, log=log)
+        await kill_each_in_turn(cl, apis, stopped, warmup_s=warmup_s, down_s=down_s, after_s=after_s, log=log,
+                                cid=cid, before_kill=before_kill)
 
     # A record acknowledged by a daemon that then lost it never becomes final: do not wait long for it.
-    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during, settle_s=AVAILABILITY_SETTLE_S))
+    before_kill: dict[int, list[dict[str, Any]]] = {}
+    res = asyncio.run(run_load(c, cid, rate=rate, count=count, during=during, settle_s=AVAILABILITY_SETTLE_S,
+                               before_kill=before_kill))
     gaps = progress_gaps(res, [(e["t_kill"], e["t_next"]) for e in log])
     lat = res.finality_ms()
     final_all = {rid for rid in res.submitted if all(rid in o for i, o in enumerate(res.order) if i not in res.stopped)}

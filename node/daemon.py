@@ -25,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from valuemesh.node import trace
 from valuemesh.node.api import NotFound, make_app
 from valuemesh.node.discovery import PeerManager
 from valuemesh.node.discovery import parse_hostport as parse_peer_address
@@ -141,6 +142,8 @@ class Node:
         self._join_asked: dict[bytes, PeerLink] = {}  # the member each pending join was sent to
         self._last_progress_log = 0.0
         self._sign_lock = asyncio.Lock()
+        self._submit_queue: list[_SubmitJob] = []
+        self._submitter: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -148,6 +151,7 @@ class Node:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
+        trace.start(self.identity.member.key.hex()[:8])
         self.store = await Store.open(self.home.db_file)
         for info in await self.store.constellations():
             try:
@@ -198,6 +202,8 @@ class Node:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._submitter is not None:
+            self._tasks.append(self._submitter)
         for t in [*self._tasks, *self._streams.values()]:
             t.cancel()
         for t in [*self._tasks, *self._streams.values()]:
@@ -217,6 +223,7 @@ class Node:
         self.home.clear_api_address()
         if self.store is not None:
             await self.store.close()
+        trace.stop()
         log.info("stopped")
 
     # -- loops -----------------------------------------------------------------
@@ -238,6 +245,8 @@ class Node:
             for eng in list(self.engines.values()):
                 try:
                     if eng.next_tick is not None and eng.next_tick <= now:
+                        if trace.tracer is not None:
+                            trace.tracer.event("tick", due=eng.next_tick, now=now)
                         await self._effects(eng, await eng.tick(now))
                     if forward and eng.pending and not eng.is_core():
                         # Until our records are final, keep handing them to core
@@ -458,12 +467,18 @@ class Node:
             await self._send(link, m.Blocks(eng.cid, chunk, 0))
 
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
+        t_rx = time.monotonic()
         blocks = []
         for raw in raws:
+            if eng.seen_before(raw):
+                continue  # taken already (from another peer's stream): nothing to decode or verify
             b = decode_block(raw)
             if b.constellation != eng.cid:
                 raise RemoteError("A block in the batch belongs to another constellation.")
             blocks.append(b)
+        tr = trace.tracer
+        if tr is not None:
+            tr.event("verified", rx=t_rx, rd=link.read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
         eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:
@@ -481,6 +496,8 @@ class Node:
             self._wake.set()  # the tick loop recomputes how long it may sleep
         for b in [*eff.blocks, *eff.rebroadcast]:
             await self._broadcast(eng, m.Blocks(eng.cid, [b.raw], 0))
+        if trace.tracer is not None and eff.blocks:
+            trace.tracer.event("sent", own=[b.round for b in eff.blocks])
         if eff.request_sync:
             for key, link in list(self.links.items()):
                 if eng.may_receive(key):
@@ -712,25 +729,102 @@ class Node:
         # one lock: a signed record never leaves this process before it is durable,
         # so a crash can neither reuse a seq that escaped nor leave a gap that
         # would hold back every later record of ours. Every record is checked before
-        # any is stored (all or nothing); a refused one was never seen outside.
-        async with self._sign_lock:
-            seq = max(await self.store.next_seq(eng.cid, self.identity.member),
-                      eng.ledger.next_seq(self.identity.member))
-            recs = []
-            for i, (rtype, body) in enumerate(items):
-                plugin = self.registry.get(rtype)
-                rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
-                                    seq=seq + i, body=body, created=now_ms())
+        # any is stored (all or nothing per request); a refused one was never seen outside.
+        # Requests queue up, and one task signs and stores every request queued so far in
+        # one transaction (one fsync for all of them, a group commit): one record per
+        # request no longer costs one fsync per record.
+        job: _SubmitJob = (eng, items, asyncio.get_running_loop().create_future())
+        self._submit_queue.append(job)
+        if self._submitter is None or self._submitter.done():
+            self._submitter = asyncio.create_task(self._drain_submits())
+        # Shielded: a request whose client went away leaves its job to finish (or not) as
+        # a whole, never half done.
+        return await asyncio.shield(job[2])
+
+    async def _drain_submits(self) -> None:
+        """Sign and store every queued request at once, answer them, then propose; repeat
+        while requests keep arriving (each pass takes only requests that exist)."""
+        while self._submit_queue:
+            jobs, self._submit_queue = self._submit_queue, []
+            try:
+                async with self._sign_lock:
+                    stored = await self._sign_and_store(jobs)
+            except Exception:
+                log.exception("internal error while signing new records")
+                for _e, _i, fut in jobs:
+                    if not fut.done():
+                        fut.set_exception(LocalError("The node could not sign the records; see its log."))
+                continue
+            # Proposing makes (and durably stores) our block; requests that queue meanwhile
+            # are the next pass's group.
+            for cid, (fresh, recs) in stored.items():
+                eng = self.engines[cid]
                 try:
-                    eng.precheck(rec)
+                    if fresh:
+                        await self._effects(eng, await eng.propose(fresh, now_ms()))
+                    if not eng.is_core():
+                        await self._forward(eng, recs)
                 except ValuemeshError as exc:
-                    raise LocalError(exc.message) from None
-                recs.append(rec)
-            fresh = await eng.store_pending(recs, now_ms())
-        await self._effects(eng, await eng.propose(fresh, now_ms()))
-        if not eng.is_core():
-            await self._forward(eng, recs)
-        return [{"id": r.id.hex(), "seq": r.seq, "status": "pending"} for r in recs]
+                    # Stored and pending: the tick loop hands them on, a restart re-proposes them.
+                    log.warning("could not propose new records in %s: %s", eng.text_id, exc.message)
+                except Exception:
+                    log.exception("internal error while proposing new records in %s", eng.text_id)
+
+    async def _sign_and_store(self, jobs: list[_SubmitJob]) -> dict[bytes, tuple[list[Record], list[Record]]]:
+        """Sign the queued requests with consecutive seqs and store them all in one durable
+        transaction, then answer each. Returns, per constellation, the new records to
+        propose and all records signed. A request that fails its checks is refused alone
+        and its seqs go to the next one."""
+        assert self.store is not None
+        signed: list[tuple[_SubmitJob, list[Record]]] = []
+        by_engine: dict[bytes, list[Record]] = {}
+        next_seq: dict[bytes, int] = {}
+        for job in jobs:
+            eng, items, fut = job
+            if fut.done():
+                continue
+            try:
+                if eng.cid not in next_seq:
+                    next_seq[eng.cid] = max(await self.store.next_seq(eng.cid, self.identity.member),
+                                            eng.ledger.next_seq(self.identity.member))
+                taken = by_engine.get(eng.cid, [])
+                recs = []
+                for i, (rtype, body) in enumerate(items):
+                    plugin = self.registry.get(rtype)
+                    rec = Record.create(self.identity, type=rtype, v=plugin.version.major, constellation=eng.cid,
+                                        seq=next_seq[eng.cid] + i, body=body, created=now_ms())
+                    try:
+                        eng.precheck(rec, queued=len(taken) + i)
+                    except ValuemeshError as exc:
+                        raise LocalError(exc.message) from None
+                    recs.append(rec)
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            next_seq[eng.cid] += len(recs)
+            by_engine.setdefault(eng.cid, []).extend(recs)
+            signed.append((job, recs))
+        out: dict[bytes, tuple[list[Record], list[Record]]] = {}
+        failed: dict[bytes, Exception] = {}
+        for cid, recs in by_engine.items():
+            try:
+                out[cid] = (await self.engines[cid].store_pending(recs, now_ms()), recs)
+            except Exception as exc:
+                # Nothing of a failed transaction is stored and none of its records has
+                # left this process; only its requests are refused.
+                failed[cid] = exc
+        if trace.tracer is not None:
+            trace.tracer.event("pending", ids=[r.id.hex()[:12] for c, recs in by_engine.items() if c in out
+                                               for r in recs])
+        for (e, _i, fut), recs in signed:
+            if fut.done():
+                continue
+            if e.cid in failed:
+                fut.set_exception(failed[e.cid])
+            else:
+                fut.set_result([{"id": r.id.hex(), "seq": r.seq, "status": "pending"} for r in recs])
+        return out
 
     async def _forward(self, eng: Engine, records: list[Record]) -> None:
         """Hand records to the core members we are connected to (we are not core now)."""
@@ -752,6 +846,10 @@ class Node:
             if routes:
                 out[name] = routes
         return out
+
+
+# One API request waiting to be signed: its engine, its (type, body) items, its answer.
+_SubmitJob = tuple[Engine, list[tuple[str, dict[str, Any]]], "asyncio.Future[list[dict[str, Any]]]"]
 
 
 class _JsonFormatter(logging.Formatter):

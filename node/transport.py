@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
+from valuemesh.node import trace
 from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
 from valuemesh.protocol import wire
 from valuemesh.protocol.errors import (
@@ -163,6 +164,8 @@ class PeerLink:
         self._byte_bucket = TokenBucket(lim.rate_bytes, lim.burst_bytes, now)
         self._throttled_since: float | None = None
         self._queue: deque[tuple[int, bytes]] = deque()
+        self._queued_at: deque[float] = deque()  # enqueue times of data frames, while tracing
+        self.read_at = 0.0  # when the frame being handled was read, while tracing
         self._queued_bytes = 0
         self._data_frames = 0
         self._wake = asyncio.Event()
@@ -246,6 +249,8 @@ class PeerLink:
         return True
 
     def _enqueue(self, data: bytes) -> None:
+        if trace.tracer is not None:
+            self._queued_at.append(time.monotonic())
         self._queue.append((wire.FRAME_DATA, data))
         self._queued_bytes += len(data)
         self._data_frames += 1
@@ -294,6 +299,8 @@ class PeerLink:
                     self._room.set()
                 frame = self._chan.seal(kind, body)
                 await self._ws.send_bytes(frame)
+                if kind == wire.FRAME_DATA and trace.tracer is not None and self._queued_at:
+                    trace.tracer.event("wrote", q=self._queued_at.popleft(), n=len(frame))
                 self.frames_out += 1
                 self.bytes_out += len(frame)
                 if kind == wire.FRAME_CLOSE:
@@ -320,6 +327,8 @@ class PeerLink:
                 if self.closed:
                     break
                 if msg.type == WSMsgType.BINARY:
+                    if trace.tracer is not None:
+                        self.read_at = time.monotonic()
                     await self._on_frame(msg.data)
                 elif msg.type == WSMsgType.PING:
                     # Answered by hand so that WebSocket pings, too, pass the rate limiter.

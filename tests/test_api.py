@@ -118,3 +118,48 @@ def test_batch_submit_is_all_or_nothing(node: Daemon) -> None:
         status, _ = _call(node, "POST", f"/v1/constellations/{cid}/records",
                           json.dumps({"records": too_many}).encode())
         assert status == 400
+
+
+def test_the_ledger_says_when_each_record_became_final_on_this_node(node: Daemon) -> None:
+    import time
+
+    cid = _call(node, "POST", "/v1/constellations", b'{"name": "final-at"}')[1]["id"]
+    before_ms = int(time.time() * 1000)
+    body = {"type": "contribution", "body": {"op": "record", "action": "work", "quantity": "1", "unit": "h"}}
+    rid = _call(node, "POST", f"/v1/constellations/{cid}/records", json.dumps(body).encode())[1]["id"]
+    ledger: dict = {}
+    for _ in range(100):  # bounded: a single core member finalises at once
+        ledger = _call(node, "GET", f"/v1/constellations/{cid}/ledger")[1]
+        if any(e["id"] == rid for e in ledger["final"]):
+            break
+        time.sleep(0.05)
+    ids = [e["id"] for e in ledger["final"]]
+    assert rid in ids
+    # Node-local times, kept beside `final` (which every agreeing node prints alike).
+    assert len(ledger["final_at"]) == len(ledger["final"])
+    assert all(isinstance(t, int) for t in ledger["final_at"])
+    assert ledger["final_at"] == sorted(ledger["final_at"])
+    assert ledger["final_at"][ids.index(rid)] >= before_ms
+    assert ledger["final_at"][-1] <= int(time.time() * 1000) + 1
+    assert all("final_at" not in e for e in ledger["final"])
+
+
+def test_concurrent_submits_get_consecutive_seqs_and_a_refused_one_leaves_no_gap(node: Daemon) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cid = _call(node, "POST", "/v1/constellations", b'{"name": "many"}')[1]["id"]
+    good = {"type": "contribution", "body": {"op": "record", "action": "work", "quantity": "1", "unit": "h"}}
+    bad = {"type": "contribution", "body": {"op": "ack", "target": "0" * 64}}  # no such contribution
+    docs = [bad if i % 4 == 1 else good for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:  # requests queue up and are signed together
+        answers = list(pool.map(
+            lambda d: _call(node, "POST", f"/v1/constellations/{cid}/records", json.dumps(d).encode()), docs))
+    ok = [doc for status, doc in answers if status in (200, 202)]
+    refused = [doc for status, doc in answers if status == 400]
+    assert len(ok) == 12 and len(refused) == 4
+    assert all(doc["error"].endswith(".") for doc in refused)
+    seqs = sorted(doc["seq"] for doc in ok)
+    assert seqs == list(range(seqs[0], seqs[0] + 12))  # no seq twice, none skipped
+    ledger = _call(node, "GET", f"/v1/constellations/{cid}/ledger")[1]
+    held = {e["id"] for e in ledger["final"]} | {e["id"] for e in ledger["pending"]}
+    assert {doc["id"] for doc in ok} <= held

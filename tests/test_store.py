@@ -562,6 +562,77 @@ async def test_group_commit_keeps_each_batch_atomic(store: Store) -> None:
     assert await store.has_blocks([b.id for b in blocks]) == {b.id for i, b in enumerate(blocks) if i != 5}
 
 
+async def test_batches_queued_behind_the_writer_share_one_transaction_and_stay_atomic(store: Store) -> None:
+    blocks = [blk(ALICE, r, [rec(ALICE, r)]) for r in range(12)]
+
+    async def write(i: int) -> None:
+        async with store.batch() as tx:
+            tx.put_block(blocks[i], 1)
+            if i == 5:
+                tx.append_commits(C, [CommitEntry(3, blocks[i].id, 5)])  # a gap: this batch fails
+
+    async with store._write_lock:  # all twelve queue, so one group commit takes them together
+        tasks = [asyncio.create_task(write(i)) for i in range(12)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(store._queue) == 12
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [i for i, r in enumerate(results) if r is not None] == [5]
+    assert isinstance(results[5], FinalOrderError)
+    assert await store.has_blocks([b.id for b in blocks]) == {b.id for i, b in enumerate(blocks) if i != 5}
+
+
+def big_block(rnd: int) -> Block:
+    """A block with more items than a group commit runs inline: it goes to the writer thread."""
+    n = store_mod.INLINE_MAX_ITEMS + 1
+    return blk(ALICE, rnd, [rec(ALICE, rnd * 1000 + i) for i in range(n)])
+
+
+async def test_a_large_batch_runs_on_the_writer_thread_all_or_nothing(store: Store) -> None:
+    good, bad = big_block(1), big_block(2)
+    async with store.batch() as tx:
+        tx.put_block(good, 1)
+    with pytest.raises(FinalOrderError):
+        async with store.batch() as tx:
+            tx.put_block(bad, 1)
+            tx.append_commits(C, [CommitEntry(3, bad.id, 2)])  # a gap: the whole batch is undone
+    assert await store.has_blocks([good.id, bad.id]) == {good.id}
+    assert len(await store.get_records([r.id for r in good.records])) == len(good.records)
+    assert await store.get_records([r.id for r in bad.records]) == {}
+
+
+async def test_an_urgent_durable_batch_commits_on_the_loop_all_or_nothing(store: Store) -> None:
+    good, bad = blk(ALICE, 1, [rec(ALICE, 1)]), blk(ALICE, 2, [rec(ALICE, 2)])
+    async with store.batch(urgent=True) as tx:
+        tx.put_block(good, 1)
+    with pytest.raises(FinalOrderError):
+        async with store.batch(urgent=True) as tx:
+            tx.put_block(bad, 1)
+            tx.append_commits(C, [CommitEntry(3, bad.id, 2)])  # a gap: the whole batch is undone
+    assert await store.has_blocks([good.id, bad.id]) == {good.id}
+    async with store.batch() as tx:  # then a durable batch on the writer thread, same connection
+        tx.put_kv("after", b"1")
+    assert await store.get_kv("after") == b"1"
+
+
+async def test_a_batch_cancelled_while_its_transaction_runs_is_committed_all_the_same(store: Store) -> None:
+    b = big_block(1)
+
+    async def write() -> None:
+        async with store.batch() as tx:
+            tx.put_block(b, 1)
+
+    task = asyncio.create_task(write())
+    await asyncio.sleep(0)  # the batch is handed to the writer thread; from here it runs to its end
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.has_blocks([b.id]) == {b.id}
+    async with store.batch() as tx:  # the writer is free again, and in a known sync mode
+        tx.put_kv("after", b"1")
+    assert await store.get_kv("after") == b"1"
+
+
 async def test_a_cancelled_batch_that_never_ran_leaves_no_trace(store: Store) -> None:
     b = blk(ALICE, 0, [rec(ALICE, 0)])
 
