@@ -197,10 +197,22 @@ def decode_records(raws: Iterable[bytes], *, verify: bool = True) -> list[Record
     tenth of the whole (bench/protocol.py). When a record fails to decode, the signatures
     before it are checked first, so the error raised is the one a loop would have met first.
     """
+    return _decode_all(raws, verify)
+
+
+def _decode_all(
+    raws: Iterable[object], verify: bool, check: Callable[[Record], None] | None = None,
+    not_bytes: str = "A record must be given as bytes.",
+) -> list[Record]:
+    """Decode every record (each passed to `check`), then verify every signature; on an
+    error, first verify the ones before it, so the error is the one a loop would meet first."""
     decoded: list[tuple[Record, bytes]] = []
     for raw in raws:
         try:
-            decoded.append(_decode_unverified(raw, native=True))
+            _need(isinstance(raw, (bytes, bytearray, memoryview)), not_bytes)
+            decoded.append(_decode_unverified(raw, native=True))  # type: ignore[arg-type]
+            if check is not None:
+                check(decoded[-1][0])
         except Exception:
             if verify:
                 _verify_records(decoded)
@@ -577,21 +589,8 @@ def decode_block(
             _check_block_record(rec, cid, seen)
             records.append(rec)
     else:
-        # As decode_records: decode all, then check all signatures; on an error, the
-        # signatures a one-by-one loop would have checked before it are checked first.
-        decoded: list[tuple[Record, bytes]] = []
-        for r in recs:
-            try:
-                _need(isinstance(r, bytes), "A block's records must be encoded records.")
-                decoded.append(_decode_unverified(r, native=True))
-                _check_block_record(decoded[-1][0], cid, seen)
-            except Exception:
-                if verify:
-                    _verify_records(decoded)
-                raise
-        if verify:
-            _verify_records(decoded)
-        records = [rec for rec, _ in decoded]
+        records = _decode_all(recs, verify, lambda rec: _check_block_record(rec, cid, seen),
+                              "A block's records must be encoded records.")
     return Block(cid, epoch, author, rnd, prev, parents_t, tuple(records), created, sig,
                  blake2b256(payload), bytes(data))
 

@@ -297,15 +297,20 @@ def _drop_last_member(w: World, starts: set[int]):  # type: ignore[no-untyped-de
     return reconf
 
 
-def test_epoch_ends_at_the_anchor_that_orders_a_membership_record() -> None:
+def _four_dropping_the_last(proposer: int = 0) -> tuple[World, int]:
+    """Four nodes after a membership record that removes the fourth; and the new epoch's start."""
     starts: set[int] = set()
     w = World(4, crypto=False)
     w.reconfigure = _drop_last_member(w, starts)
     keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
-    w.propose(0, type="membership", data={"core": keep})
+    w.propose(proposer, type="membership", data={"core": keep})
     assert w.settle()
     assert len(starts) == 1
-    start = starts.pop()
+    return w, starts.pop()
+
+
+def test_epoch_ends_at_the_anchor_that_orders_a_membership_record() -> None:
+    w, start = _four_dropping_the_last()
     for r in range(12):
         for i in range(3):
             w.propose(i, body=r)
@@ -326,13 +331,7 @@ def test_epoch_ends_at_the_anchor_that_orders_a_membership_record() -> None:
 
 
 def test_after_an_epoch_end_old_blocks_are_ignored_and_new_ones_checked() -> None:
-    starts: set[int] = set()
-    w = World(4, crypto=False)
-    w.reconfigure = _drop_last_member(w, starts)
-    keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
-    w.propose(0, type="membership", data={"core": keep})
-    assert w.settle()
-    start = starts.pop()
+    w, start = _four_dropping_the_last()
     node = w.nodes[0].consensus
     people = [n.identity for n in w.nodes[:4]]
     late_old = Block.create(people[3], constellation=CID, epoch=0, round=start + 1,  # type: ignore[arg-type]
@@ -364,12 +363,7 @@ def test_a_membership_record_that_changes_nothing_keeps_the_epoch() -> None:
 
 
 def test_restart_across_an_epoch_end_never_signs_twice() -> None:
-    starts: set[int] = set()
-    w = World(4, crypto=False)
-    w.reconfigure = _drop_last_member(w, starts)
-    keep = [n.identity.member.key.hex() for n in w.nodes[:3]]  # type: ignore[union-attr]
-    w.propose(1, type="membership", data={"core": keep})
-    assert w.settle()
+    w, start = _four_dropping_the_last(proposer=1)
     for r in range(3):
         w.propose(r % 3, body=r)
         assert w.settle()
@@ -382,7 +376,7 @@ def test_restart_across_an_epoch_end_never_signs_twice() -> None:
         w.propose(r % 3, body=10 + r)
         assert w.settle()
     assert w.check_safety() == [] and w.check_liveness() == []
-    assert node.committees and node.committees[0].start_round == starts.pop()
+    assert node.committees and node.committees[0].start_round == start
 
 
 def test_schedule_committee_checks_epoch_and_start() -> None:
