@@ -19,6 +19,9 @@ from collections.abc import Callable
 import nacl
 import nacl.signing
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ siblings, however this runs
+from machine import cpu_model
+
 from valuemesh.protocol import cbor
 from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.records import (
@@ -36,17 +39,6 @@ DEFAULT_REPEATS = 7
 N_AUTHORS = 16
 SLICES = 10
 BATCH = 128  # records per SubmitRecords message (the daemon's SYNC_BATCH)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_records(n: int) -> list[Record]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from valuemesh.cli.plugins import json_option
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import MemberId
 
@@ -37,13 +38,6 @@ def _c() -> Any:
     # imported, because `python -m valuemesh.cli.main` runs main as __main__.
     return click.get_current_context().find_root().obj
 
-
-def json_option(f: Any) -> Any:
-    def cb(ctx: click.Context, _p: Any, value: bool) -> None:
-        if value:
-            ctx.find_root().obj.as_json = True
-    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
-                        help="Print machine-readable JSON.")(f)
 
 
 def _cid(text: str) -> str:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from valuemesh.cli.client import ApiClient
+from valuemesh.cli.plugins import fail
 from valuemesh.node.home import Home, resolve_home
 from valuemesh.protocol.errors import ValuemeshError
 from valuemesh.protocol.identity import MemberId
@@ -38,11 +38,6 @@ class Ctx:
             click.echo(json.dumps(doc, indent=2, sort_keys=True))
         else:
             click.echo(text)
-
-
-def fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 def parse_duration(text: str) -> int:
