@@ -179,15 +179,72 @@ class Ledger:
                 out.append((MemberId(bytes.fromhex(key[2:])), int(m.get("weight", 1))))
         return tuple(sorted(out, key=lambda mw: mw[0].key))
 
-    def snapshot(self) -> bytes:
-        """The whole ledger state as canonical CBOR (for checkpoints)."""
-        return cbor.encode(
-            {
-                "c": self.constellation,
-                "data": dict(self._data),
-                "seq": {k.hex(): v for k, v in self._next_seq.items()},
-            }
-        )
+    # -- snapshots (see protocol/snapshot.py) --------------------------------
+    def entries(self) -> Iterator[tuple[str, bytes]]:
+        """Every state entry, sorted by key."""
+        for k in sorted(self._data):
+            yield k, self._data[k]
+
+    def applied_ids(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        """Per author (sorted by key): the ids of its records at seq 0, 1, ... that took a seq
+        slot (applied or rejected). They tell a replayed duplicate from a seq reuse."""
+        per: dict[bytes, list[bytes]] = {}
+        for (author, _seq), rid in sorted(self._applied_ids.items()):
+            per.setdefault(author, []).append(rid)
+        yield from sorted(per.items())
+
+    def deferred(self) -> Iterator[tuple[Record, int]]:
+        """Records waiting for an earlier seq of their author, by (author, seq)."""
+        for author in sorted(self._deferred):
+            for seq in sorted(self._deferred[author]):
+                yield self._deferred[author][seq]
+
+    @classmethod
+    def restore(
+        cls,
+        registry: Registry,
+        constellation: bytes,
+        data: dict[str, bytes],
+        applied: dict[bytes, list[bytes]],
+        deferred: list[tuple[Record, int]],
+        applied_count: int,
+    ) -> Ledger:
+        """Rebuild a ledger from what `entries`, `applied_ids` and `deferred` gave out.
+
+        Raises ValidationError if the parts do not fit together (a seq counter that
+        disagrees with the applied ids, a deferred record that is not ahead of its author).
+        """
+        led = cls(registry, constellation)
+        led._data = data
+        # Every used seq slot has its id (a rejected record uses its slot too, without
+        # writing the state's seq entry), so the ids, not the state, give the next seq.
+        for author, ids in applied.items():
+            if len(author) != 32 or not ids:
+                raise ValidationError("A snapshot's applied record ids are malformed.")
+            led._next_seq[author] = len(ids)
+            for seq, rid in enumerate(ids):
+                led._applied_ids[(author, seq)] = rid
+        prefix = "ledger/seq/"
+        for k, v in data.items():
+            if k.startswith(prefix):
+                nxt = cbor.decode(v)
+                try:
+                    author = bytes.fromhex(k[len(prefix):])
+                except ValueError:
+                    raise ValidationError("A snapshot's seq entry names no author key.") from None
+                if not isinstance(nxt, int) or isinstance(nxt, bool) or not 0 < nxt <= led._next_seq.get(author, 0):
+                    raise ValidationError("A snapshot's applied record ids do not match its seq counters.")
+        if len(deferred) > MAX_DEFERRED_TOTAL:
+            raise ValidationError("A snapshot holds too many records out of sequence.")
+        for rec, now in deferred:
+            waiting = led._deferred.setdefault(rec.author.key, {})
+            if rec.constellation != constellation or rec.seq <= led._next_seq.get(rec.author.key, 0) \
+                    or rec.seq in waiting or len(waiting) >= MAX_DEFERRED_PER_AUTHOR:
+                raise ValidationError("A snapshot's deferred record is not one the ledger could hold.")
+            waiting[rec.seq] = (rec, now)
+        led._deferred_total = len(deferred)
+        led.applied_count = applied_count
+        return led
 
     # -- applying ------------------------------------------------------------
     def check(self, record: Record, now: int) -> None:

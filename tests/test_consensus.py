@@ -8,16 +8,22 @@ import hashlib
 
 import pytest
 
+from valuemesh.protocol import cbor
 from valuemesh.protocol.consensus import (
     Checkpoint,
     CheckpointAggregator,
+    CheckpointCertificate,
     Committee,
     Consensus,
+    Content,
     Params,
     Refounding,
+    committee_hash,
+    verify_chain,
 )
 from valuemesh.protocol.errors import (
     AuthorizationError,
+    DecodeError,
     LocalError,
     SignatureError,
     ValidationError,
@@ -403,34 +409,100 @@ def test_schedule_committee_checks_epoch_and_start() -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
+def content(epoch: int = 0, round: int = 40, state: bytes = bytes(range(32)), *,
+            nxt: Committee | None = None, index: int = 7) -> Content:
+    return Content(CID, epoch, round, index, state, bytes([9]) * 32,
+                   committee_hash(nxt) if nxt is not None else bytes(32))
+
+
 def test_checkpoint_certificate_needs_a_quorum() -> None:
     people = ids(4)
     com = Committee.of([i.member for i in people])
     agg = CheckpointAggregator(CID, com)
-    state = bytes(range(32))
-    cps = [Checkpoint.create(p, constellation=CID, epoch=0, round=40, state_hash=state)
-           for p in people]
+    cps = [Checkpoint.create(p, content()) for p in people]
     assert agg.add(cps[0]) is None and agg.add(cps[1]) is None
     cert = agg.add(cps[2])
     assert cert is not None and len(cert.signatures) == 3
     cert.verify(com)
     assert Checkpoint.decode(cps[3].encode()) == cps[3]
     with pytest.raises(SignatureError):
-        agg.add(Checkpoint(CID, 0, 40, bytes(32), people[3].member, cps[3].sig))
+        agg.add(Checkpoint(content(state=bytes(32)), people[3].member, cps[3].sig))
+    with pytest.raises(SignatureError):  # every field is signed: the commit index too
+        agg.add(Checkpoint(content(index=8), people[3].member, cps[3].sig))
     stranger = ids(1, b"s")[0]
     with pytest.raises(AuthorizationError):
-        agg.add(Checkpoint.create(stranger, constellation=CID, epoch=0, round=40,
-                                  state_hash=state))
+        agg.add(Checkpoint.create(stranger, content()))
+    assert CheckpointCertificate.from_map(cert.to_map()) == cert
 
 
 def test_conflicting_checkpoint_signature_is_refused() -> None:
     people = ids(4)
     agg = CheckpointAggregator(CID, Committee.of([i.member for i in people]))
-    agg.add(Checkpoint.create(people[0], constellation=CID, epoch=0, round=8,
-                              state_hash=bytes(32)))
+    agg.add(Checkpoint.create(people[0], content(round=8, state=bytes(32))))
     with pytest.raises(ValidationError):
-        agg.add(Checkpoint.create(people[0], constellation=CID, epoch=0, round=8,
-                                  state_hash=bytes([1]) * 32))
+        agg.add(Checkpoint.create(people[0], content(round=8, state=bytes([1]) * 32)))
+    with pytest.raises(ValidationError):  # nor another closing round for the same epoch
+        agg.add(Checkpoint.create(people[0], content(round=9, state=bytes(32))))
+
+
+def test_checkpoint_decoder_refuses_malformed_input() -> None:
+    cp = Checkpoint.create(ids(1)[0], content())
+    good = cbor.decode(cp.encode())
+    assert isinstance(good, dict)
+    for bad in ({**good, "index": -1}, {**good, "next": b"x"}, {k: v for k, v in good.items() if k != "snapshot"},
+                {**good, "extra": 1}, {**good, "epoch": True}):
+        with pytest.raises(DecodeError):
+            Checkpoint.decode(cbor.encode(bad))
+    with pytest.raises(DecodeError):
+        Checkpoint.decode(b"\x00" * 2000)
+
+
+def _certify(people: list[Identity], c: Content) -> CheckpointCertificate:
+    agg = CheckpointAggregator(CID, Committee.of([p.member for p in people], epoch=c.epoch))
+    cert = None
+    for p in people:
+        cert = agg.add(Checkpoint.create(p, c)) or cert
+    assert cert is not None
+    return cert
+
+
+def test_a_chain_of_certificates_leads_from_genesis_to_a_later_committee() -> None:
+    people = ids(7)
+    c0 = Committee.of([p.member for p in people[:4]])
+    c1 = Committee.of([p.member for p in people[1:5]], epoch=1, start_round=41)
+    c2 = Committee.of([p.member for p in people[3:7]], epoch=2, start_round=91)
+    cert0 = _certify(people[:4], content(0, 40, nxt=c1))
+    cert1 = _certify(people[1:5], content(1, 90, nxt=c2))
+    assert verify_chain(c0, [(cert0, c1), (cert1, c2)]) == c2
+    with pytest.raises(ValidationError, match="skips"):
+        verify_chain(c0, [(cert1, c2)])
+    # A committee other than the one the certificate attests (a server adding a member).
+    forged = Committee.of([p.member for p in people[2:6]], epoch=1, start_round=41)
+    with pytest.raises(ValidationError, match="attests"):
+        verify_chain(c0, [(cert0, forged), (cert1, c2)])
+    # Signed by a quorum of the wrong committee: epoch 1's certificate made by epoch 2's members.
+    rogue = _certify(people[3:7], content(1, 90, nxt=c2))
+    with pytest.raises(AuthorizationError):
+        verify_chain(c0, [(cert0, c1), (rogue, c2)])
+
+
+def test_a_machine_started_from_a_checkpoint_orders_what_the_others_order() -> None:
+    w, start = _four_dropping_the_last()
+    for r in range(6):
+        for i in range(3):
+            w.propose(i, body=r)
+        assert w.settle()
+    n0 = w.nodes[0]
+    first = next(k for k, bid in enumerate(n0.log) if n0.store[bid].epoch == 1)
+    com1 = n0.committees[-1]
+    assert com1.start_round == start
+    # A newcomer (observer) holding only epoch 1's blocks and the checkpoint's commit index.
+    fresh = Consensus(CID, com1, None, first_index=first)
+    out = fresh.restore([b for b in n0.store.values() if b.epoch == 1], [], [])
+    assert [c.block.id for c in out.committed] == n0.log[first:]
+    assert [c.index for c in out.committed] == list(range(first, len(n0.log)))
+    with pytest.raises(LocalError):
+        Consensus(CID, com1, None, first_index=-1)
 
 
 def test_refounding_by_survivors() -> None:
@@ -439,8 +511,7 @@ def test_refounding_by_survivors() -> None:
     agg = CheckpointAggregator(CID, com)
     cert = None
     for p in people[:3]:
-        cert = agg.add(Checkpoint.create(p, constellation=CID, epoch=0, round=16,
-                                         state_hash=bytes(32)))
+        cert = agg.add(Checkpoint.create(p, content(0, 16, bytes(32))))
     assert cert is not None
     survivors = people[:2]
     draft = Refounding(CID, cert, 20, bytes([2]) * 32,

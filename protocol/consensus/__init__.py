@@ -2,7 +2,15 @@
 checkpoints and re-founding. Pure: blocks, records and time come in as arguments.
 """
 
-from .checkpoint import Checkpoint, CheckpointAggregator, CheckpointCertificate, Refounding
+from .checkpoint import (
+    Checkpoint,
+    CheckpointAggregator,
+    CheckpointCertificate,
+    Content,
+    Refounding,
+    committee_hash,
+    verify_chain,
+)
 from .committee import Committee
 from .machine import (
     GC_DEPTH_ROUNDS,
@@ -22,7 +30,10 @@ __all__ = [
     "Committed",
     "Committee",
     "Consensus",
+    "Content",
     "Output",
     "Params",
     "Refounding",
+    "committee_hash",
+    "verify_chain",
 ]

@@ -180,7 +180,18 @@ class Consensus:
         committee: Committee,
         identity: Identity | None,
         params: Params = Params(),
+        *,
+        first_index: int = 0,
+        excluded: Iterable[MemberId] = (),
     ) -> None:
+        """`committee` may be a later epoch's (a node started from that epoch's checkpoint):
+        the machine then starts at its first round, `first_index` is the index of the first
+        block it will order (the commit count the checkpoint attests) and `excluded` the
+        equivocators found before (exclusion lasts across epochs, so it is part of the
+        state a checkpoint carries)."""
+        if first_index < 0:
+            raise LocalError("The first commit index must not be negative.")
+        start = committee.start_round
         self._cid = constellation
         self._committees: list[Committee] = [committee]
         self._identity = identity
@@ -190,10 +201,10 @@ class Consensus:
         self._blocks: dict[bytes, Block] = {}
         self._rounds: dict[int, dict[MemberId, list[Block]]] = {}
         self._round_weight: dict[int, int] = {}
-        self._quorum_round = -1
+        self._quorum_round = start - 1
         self._quorum_at_ms: dict[int, int] = {}
         self._round_ms: list[int] = []  # recent round durations, for the adaptive anchor wait
-        self._horizon = 0  # blocks below this round are gone from memory
+        self._horizon = start  # blocks below this round are gone from memory
         # Blocks waiting for parents, and blocks of an epoch not yet scheduled.
         self._buffer: dict[bytes, Block] = {}
         self._buffer_per_author: dict[MemberId, int] = {}
@@ -203,21 +214,22 @@ class Consensus:
         self._proved: set[tuple[MemberId, int]] = set()
         self.rejected = 0  # buffered blocks found invalid once their parents arrived
         # Our proposer state.
-        self._last_own_round = -1
+        self._last_own_round = start - 1
         self._last_own: Block | None = None
         self._pending: dict[bytes, Record] = {}
         self._inflight: dict[bytes, Block] = {}  # own blocks with records, not yet ordered
         self._last_progress_ms = 0
         # The commit state: a pure function of the DAG, identical on every honest node.
-        self._decided_upto = -1
+        self._decided_upto = start - 1
         self._dirty = False  # a block arrived that may change an undecided slot
         self._last_anchor_round = -1
         self._consumed: set[bytes] = set()
         self._slot_taken: dict[tuple[MemberId, int], bytes] = {}
-        self._excluded: set[MemberId] = set()
+        self._excluded: set[MemberId] = set(excluded)
         self._ordered_records: set[bytes] = set()
         self._unordered_work: dict[bytes, int] = {}  # block id -> round, blocks with records
-        self._next_index = 0
+        self._next_index = first_index
+        self._first_index = first_index
         # Set from the commit of an epoch-ending anchor until the node says what comes next.
         self._closing: Block | None = None
         # Members the node has no link to: their anchor block is not waited for.
@@ -462,7 +474,7 @@ class Consensus:
         `epoch_end` if they end an epoch. Our own stored blocks are re-added, so this node
         never signs a round twice.
         """
-        if self._blocks or self._buffer or self._next_index:
+        if self._blocks or self._buffer or self._next_index != self._first_index:
             raise LocalError("Restore works only on a fresh consensus machine.")
         starts = {c.start_round: c for c in committees}
         done = list(committed)
