@@ -182,13 +182,10 @@ class Consensus:
         params: Params = Params(),
         *,
         first_index: int = 0,
-        excluded: Iterable[MemberId] = (),
     ) -> None:
         """`committee` may be a later epoch's (a node started from that epoch's checkpoint):
-        the machine then starts at its first round, `first_index` is the index of the first
-        block it will order (the commit count the checkpoint attests) and `excluded` the
-        equivocators found before (exclusion lasts across epochs, so it is part of the
-        state a checkpoint carries)."""
+        the machine then starts at its first round, and `first_index` is the index of the
+        first block it will order (the commit count the checkpoint attests)."""
         if first_index < 0:
             raise LocalError("The first commit index must not be negative.")
         start = committee.start_round
@@ -225,7 +222,7 @@ class Consensus:
         self._last_anchor_round = -1
         self._consumed: set[bytes] = set()
         self._slot_taken: dict[tuple[MemberId, int], bytes] = {}
-        self._excluded: set[MemberId] = set(excluded)
+        self._excluded: set[MemberId] = set()
         self._ordered_records: set[bytes] = set()
         self._unordered_work: dict[bytes, int] = {}  # block id -> round, blocks with records
         self._next_index = first_index
@@ -440,6 +437,11 @@ class Consensus:
         self._waiting_on.clear()
         self._missing.clear()
         self._proved.clear()
+        # Exclusion lasts to the end of the epoch: every honest node switches at the same
+        # anchor, so all start the next epoch with none, and a checkpoint is a clean cut
+        # (nothing of the consensus state crosses it). The proofs stay on record for the
+        # members to remove the equivocator.
+        self._excluded.clear()
         self._consumed.clear()
         self._slot_taken.clear()
         self._unordered_work.clear()

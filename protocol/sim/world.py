@@ -74,9 +74,8 @@ class SimNode:
     seq: int = 0
     twins: dict[bytes, Block] = field(default_factory=dict)
     committees: list[Committee] = field(default_factory=list)
-    # Per scheduled committee: the equivocators excluded and the commit count when it began,
-    # what the checkpoint closing the epoch before it carries.
-    checkpoints: list[tuple[frozenset[MemberId], int]] = field(default_factory=list)
+    # Per scheduled committee: the commit count when it began (what a checkpoint attests).
+    starts: list[int] = field(default_factory=list)
 
     @property
     def honest(self) -> bool:
@@ -246,7 +245,7 @@ class World:
         if out.epoch_end is not None and node.consensus.epoch_ending == out.epoch_end:
             if nxt is not None:
                 node.committees.append(nxt)
-                node.checkpoints.append((node.consensus.excluded, len(node.log)))
+                node.starts.append(len(node.log))
                 self.handle(node, node.consensus.schedule_committee(nxt))
             else:
                 self.handle(node, node.consensus.keep_committee())
@@ -300,9 +299,8 @@ class World:
             # checkpoint, as a node that loads its local snapshot does: only that epoch's
             # blocks are replayed, and the order goes on from the index it closed at.
             com = node.committees[-1]
-            excluded, first = node.checkpoints[-1]
-            node.consensus = Consensus(SIM_CONSTELLATION, com, node.identity, self.params,
-                                       first_index=first, excluded=excluded)
+            first = node.starts[-1]
+            node.consensus = Consensus(SIM_CONSTELLATION, com, node.identity, self.params, first_index=first)
             blocks = [b for b in node.store.values() if b.epoch >= com.epoch]
             out = node.consensus.restore(blocks, node.log[first:], [])
         else:
@@ -393,19 +391,20 @@ class World:
                 if ob is not None and ob.round >= known and ob.epoch != n.consensus.committee_at(ob.round).epoch:
                     out.append(f"node {n.index} ordered a block of the wrong epoch")
                     break
-        by_decided: dict[int, frozenset[MemberId]] = {}
-        for n in sorted(honest, key=lambda n: n.consensus.decided_round):
+        # Exclusion lasts to the end of an epoch, so compare nodes within one epoch.
+        by_decided: dict[tuple[int, int], frozenset[MemberId]] = {}
+        for n in sorted(honest, key=lambda n: (n.consensus.epoch, n.consensus.decided_round)):
             if not n.alive:
                 continue
             ex = n.consensus.excluded
             if ex & members:
                 out.append(f"node {n.index} excluded an honest member")
-            d = n.consensus.decided_round
-            if d in by_decided and by_decided[d] != ex:
+            e, d = n.consensus.epoch, n.consensus.decided_round
+            if (e, d) in by_decided and by_decided[e, d] != ex:
                 out.append(f"node {n.index} excludes different equivocators at round {d}")
-            if any(not v <= ex for k, v in by_decided.items() if k < d):
+            if any(not v <= ex for (ke, k), v in by_decided.items() if ke == e and k < d):
                 out.append(f"node {n.index} forgot an equivocator another node excludes")
-            by_decided[d] = ex
+            by_decided[e, d] = ex
         return out
 
     def check_liveness(self) -> list[str]:
