@@ -52,7 +52,7 @@ from valuemesh.protocol.accounting.inputs import (
 )
 from valuemesh.protocol.accounting.money import format_fraction
 from valuemesh.protocol.accounting.policy import decide
-from valuemesh.protocol.consensus import CheckpointCertificate, Committee, Consensus
+from valuemesh.protocol.consensus import CheckpointCertificate, Committee, Consensus, Content
 from valuemesh.protocol.errors import DecodeError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome, StateReader
@@ -71,7 +71,10 @@ if TYPE_CHECKING:
     from valuemesh.node.engine import Engine
 
 ARCHIVE_FORMAT = "valuemesh-archive"
-ARCHIVE_VERSION = 1
+ARCHIVE_VERSION = 2
+# Version 1 archives are still read; their checkpoint lines were signed over a payload this
+# version no longer uses (docs/consensus.md §7), so only their blocks and records are checked.
+READABLE_ARCHIVE_VERSIONS = (1, 2)
 # An archive is read line by line; a line holds at most one block (4 MiB raw, base64 + JSON).
 MAX_ARCHIVE_LINE = 8 * 1024 * 1024
 MAX_ARCHIVE_BYTES = 1 << 30
@@ -416,7 +419,7 @@ class Replay:
     records: list[dict[str, Any]]
     committees: list[Committee]
     first: Committee
-    closes: dict[int, tuple[int, bytes]]  # epoch -> (anchor round, state hash) when it closed
+    closes: dict[int, Content]  # epoch -> what it closed with (what its checkpoint signs)
 
     def committee_of(self, epoch: int) -> Committee | None:
         return next((c for c in [self.first, *self.committees] if c.epoch == epoch), None)
@@ -454,18 +457,13 @@ def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, i
     first = eng.committee
     outcomes: list[Outcome] = [Outcome("applied", genesis)]
     # Every outcome, not the engine's bounded final view: an archive lists all of them.
-    eng._note = outcomes.append  # type: ignore[method-assign]
-    closes: dict[int, tuple[int, bytes]] = {}
-    close_epoch = eng._close_epoch
+    note = eng._note
 
-    def closing(anchor_round: int) -> None:
-        # The state an epoch closes with is what its committee signs as a checkpoint.
-        epoch = eng.committee.epoch
-        close_epoch(anchor_round)
-        if eng.committee.epoch != epoch:
-            closes[epoch] = (anchor_round, eng.ledger.state_hash())
+    def noting(o: Outcome) -> None:
+        outcomes.append(o)
+        note(o)  # the engine's count goes into the snapshot its checkpoints sign
 
-    eng._close_epoch = closing  # type: ignore[method-assign]
+    eng._note = noting  # type: ignore[method-assign]
     eng._replaying = []
     eng._apply_committed(items)
     committees = list(eng._replaying)
@@ -474,7 +472,8 @@ def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, i
         item = _note(o, registry, carried.get(o.record.id), len(records))
         if item is not None:
             records.append(item)
-    return Replay(eng.ledger, records, committees, first, closes)
+    # What each epoch closed with is what its committee signs as a checkpoint.
+    return Replay(eng.ledger, records, committees, first, dict(eng.closed))
 
 
 async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[dict[str, Any]]:
@@ -507,7 +506,7 @@ async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[d
                       "round": b.round, "author": str(b.author), "created": b.created, "raw": _b64(b.raw)})
     items.extend(rep.records)
     for cp in stored_checkpoints:
-        cert = _certificate(eng.cid, cp.epoch, cp.round, cp.state_hash, list(cp.signatures.items()))
+        cert = CheckpointCertificate(cp.content, tuple((MemberId(k), v) for k, v in cp.signatures.items()))
         committee = rep.committee_of(cp.epoch)
         try:
             if committee is None:
@@ -515,36 +514,39 @@ async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[d
             cert.verify(committee)
         except ValuemeshError:
             continue  # signatures still being gathered: not yet a certificate
-        items.append({"kind": "checkpoint", "epoch": cp.epoch, "round": cp.round,
-                      "state_hash": cp.state_hash.hex(),
+        items.append({"kind": "checkpoint", "epoch": cp.epoch, "round": cp.round, "index": cp.index,
+                      "state_hash": cp.state_hash.hex(), "snapshot_hash": cp.snapshot_hash.hex(),
+                      "next_committee": cp.next_committee.hex(),
                       "sigs": [[str(MemberId(k)), _b64(v)] for k, v in sorted(cp.signatures.items())]})
     items.append({"kind": "end", "state_hash": rep.ledger.state_hash().hex(), "records": len(rep.records),
                   "commits": len(committed), "blocks": len(blocks)})
     return items
 
 
-def _certificate(cid: bytes, epoch: int, rnd: int, state: bytes,
-                 sigs: list[tuple[bytes, bytes]]) -> CheckpointCertificate:
-    return CheckpointCertificate(cid, epoch, rnd, state, tuple((MemberId(k), v) for k, v in sigs))
+def _checkpoint_hash(it: Mapping[str, Any], key: str, n: int) -> bytes:
+    v = it.get(key)
+    if not isinstance(v, str) or len(v) != 64:
+        raise DecodeError(f"The checkpoint on line {n} is malformed.")
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise DecodeError(f"The checkpoint on line {n} is malformed.") from None
 
 
 def _checkpoint_item(cid: bytes, it: Mapping[str, Any], n: int) -> CheckpointCertificate:
-    epoch, rnd, sigs = it.get("epoch"), it.get("round"), it.get("sigs")
-    if not (isinstance(epoch, int) and isinstance(rnd, int) and isinstance(sigs, list) and len(sigs) <= 512):
+    epoch, rnd, index, sigs = it.get("epoch"), it.get("round"), it.get("index"), it.get("sigs")
+    if not (all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, rnd, index))
+            and isinstance(sigs, list) and len(sigs) <= 512):
         raise DecodeError(f"The checkpoint on line {n} is malformed.")
+    assert isinstance(epoch, int) and isinstance(rnd, int) and isinstance(index, int) and isinstance(sigs, list)
     pairs = []
     for pair in sigs:
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
             raise DecodeError(f"The checkpoint on line {n} is malformed.")
-        pairs.append((MemberId.parse(pair[0]).key, _unb64(pair[1], f"checkpoint signature on line {n}")))
-    state = it.get("state_hash")
-    if not isinstance(state, str) or len(state) != 64:
-        raise DecodeError(f"The checkpoint on line {n} is malformed.")
-    try:
-        state_hash = bytes.fromhex(state)
-    except ValueError:
-        raise DecodeError(f"The checkpoint on line {n} is malformed.") from None
-    return _certificate(cid, epoch, rnd, state_hash, pairs)
+        pairs.append((MemberId.parse(pair[0]), _unb64(pair[1], f"checkpoint signature on line {n}")))
+    content = Content(cid, epoch, rnd, index, _checkpoint_hash(it, "state_hash", n),
+                      _checkpoint_hash(it, "snapshot_hash", n), _checkpoint_hash(it, "next_committee", n))
+    return CheckpointCertificate(content, tuple(pairs))
 
 
 def archive_jsonl(items: Iterable[Mapping[str, Any]]) -> Iterator[str]:
@@ -689,8 +691,9 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
     if not items or items[0].get("kind") != "archive" or items[0].get("format") != ARCHIVE_FORMAT:
         raise DecodeError("The file is not a valuemesh archive (its first line is not the archive header).")
     head = items[0]
-    if head.get("v") != ARCHIVE_VERSION:
-        raise DecodeError(f"This valuemesh reads archive version {ARCHIVE_VERSION} only.")
+    version = head.get("v")
+    if version not in READABLE_ARCHIVE_VERSIONS:
+        raise DecodeError("This valuemesh reads archive versions 1 and 2 only.")
     genesis = decode_record(_unb64(head.get("genesis"), "genesis"))
     cid = genesis.constellation
     if genesis.type != "membership" or genesis.seq != 0 or genesis.body.get("op") != "genesis":
@@ -724,7 +727,8 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
         elif kind == "record":
             stated.append(it)
         elif kind == "checkpoint":
-            certs.append(_checkpoint_item(cid, it, n))
+            if version != 1:
+                certs.append(_checkpoint_item(cid, it, n))
         else:
             raise DecodeError(f"Line {n} of the archive is of an unknown kind.")
     rep = replay(registry, genesis, [(blocks[e.block_id], e.anchor_round) for e in commits])
@@ -751,7 +755,7 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
             raise ValidationError(f"The archive's checkpoint of epoch {cert.epoch} is of an epoch its blocks "
                                   "never close.")
         cert.verify(committee)
-        if rep.closes[cert.epoch] != (cert.round, cert.state_hash):
+        if rep.closes[cert.epoch] != cert.content:
             raise ValidationError(f"The archive's checkpoint of epoch {cert.epoch} is not the state its blocks "
                                   "close that epoch with.")
     return VerifiedArchive(genesis, list(blocks.values()), commits, rep, str(head.get("name", ""))[:200],

@@ -26,14 +26,17 @@ from valuemesh.protocol.consensus import (
     CheckpointAggregator,
     Committee,
     Consensus,
+    Content,
     Output,
     Params,
+    committee_hash,
 )
 from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome
 from valuemesh.protocol.plugins import Registry, Version
 from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
+from valuemesh.protocol.snapshot import Snapshot
 
 log = logging.getLogger("valuemesh.engine")
 # The anchor wait adapts to observed round times but never drops below this:
@@ -94,8 +97,11 @@ class Engine:
         plugins = self.ledger.reader.read("membership", "meta")["plugins"]
         self.registry.require({name: Version.parse(v) for name, v in plugins.items()})
         self.committee = Committee(0, self.ledger.committee(), 0)
+        self.genesis_committee = self.committee
         self._committee_version = self.ledger.committee_version
         self.consensus = Consensus(self.cid, self.committee, identity, Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS))
+        # Where this node's own history starts: 0, or the snapshot it started from.
+        self.base: Snapshot | None = None
         # The first FINAL_VIEW_LIMIT final records: (index, outcome) until someone reads them,
         # then their JSON view (rendering every record as it becomes final cost about a
         # tenth of a catch-up's CPU, for views most nodes never read).
@@ -117,8 +123,10 @@ class Engine:
         self._aggregators: dict[int, CheckpointAggregator] = {}
         self._early_checkpoints: dict[int, list[Checkpoint]] = {}
         self._certs_to_store: list[StoredCheckpoint] = []
+        self._snapshots_to_store: list[Snapshot] = []
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
+        self.closed: dict[int, Content] = {}  # what each epoch closed with, as its checkpoint says
         self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
         self.unreachable: set[MemberId] = set()  # core members we have no link to
         self._seen_raw: OrderedDict[bytes, None] = OrderedDict()
@@ -161,11 +169,17 @@ class Engine:
     async def load(self) -> Effects:
         """Rebuild ledger and consensus from the store after a (re)start (before the node
         hands the engine anything else)."""
-        blocks = {b.id: b async for b in self.store.iter_blocks(self.cid)}
+        start = 0
+        snap = await self.store.latest_snapshot(self.cid)
+        if snap is not None and await self.store.first_commit_index(self.cid) != 0:
+            # This node started from a checkpoint (docs/consensus.md §7): it holds nothing before.
+            self._start_from(snap)
+            start = snap.index
+        blocks = {b.id: b async for b in self.store.iter_blocks(self.cid) if b.epoch >= self.committee.epoch}
         committed: list[bytes] = []
         self._replaying = []
         replay: list[tuple[Block, int]] = []
-        async for entry in self.store.iter_commits(self.cid):
+        async for entry in self.store.iter_commits(self.cid, start=start):
             block = blocks.get(entry.block_id)
             if block is None:
                 raise LocalError("The database lost a committed block; restore it from a backup or a peer.")
@@ -176,6 +190,7 @@ class Engine:
         committees, self._replaying = self._replaying, None
         for cert in await self.store.checkpoints(self.cid):
             self.certified[cert.epoch] = cert
+        self._snapshots_to_store.clear()  # stored when they were made
         now = self.clock
         out = self.consensus.restore(list(blocks.values()), committed, committees)
         for rec in await self.store.pending(self.cid):
@@ -185,6 +200,43 @@ class Engine:
         if self.pending and self.is_core():
             self._merge(eff, await self._handle(self.consensus.propose(list(self.pending.values()), now), now))
         return eff
+
+    def _start_from(self, snap: Snapshot) -> None:
+        """Take the ledger and counters of a snapshot and start consensus at the next epoch.
+
+        The caller has checked the snapshot: our own (stored when we made it) or one whose
+        hash a certificate chain from the genesis committee attests (`install_snapshot`)."""
+        led = snap.ledger(self.registry)
+        members = led.committee()
+        if not members:
+            raise ValidationError("The snapshot's ledger has no core members.")
+        self.ledger = led
+        self.clock = snap.clock
+        self.commit_index = snap.index
+        self.final_count = snap.final
+        self._final, self.final_at, self._final_pos = [], [], {}
+        self.committee = Committee(snap.epoch + 1, members, snap.round + 1)
+        self._committee_version = led.committee_version
+        self._committees = {self.committee.epoch: self.committee}
+        self.consensus = Consensus(self.cid, self.committee, self.identity,
+                                   Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS), first_index=snap.index)
+        self.base = snap
+        self.next_tick = self.clock
+
+    def snapshot_committee(self, snap: Snapshot) -> Committee:
+        """The committee a snapshot's epoch end starts (what its checkpoint attests)."""
+        return Committee(snap.epoch + 1, snap.ledger(self.registry).committee(), snap.round + 1)
+
+    async def install_snapshot(self, snap: Snapshot, certs: Sequence[StoredCheckpoint]) -> Effects:
+        """Start from a verified snapshot (a newcomer): store it with the certificates that
+        lead to it, then load as after a restart. Only on an engine that ordered nothing yet."""
+        if self.commit_index or self.consensus.round > 0:
+            raise LocalError("Only a node that holds nothing of the constellation yet can start from a snapshot.")
+        async with self.store.batch() as tx:
+            tx.put_snapshot(snap)
+            for c in certs:
+                tx.put_checkpoint(c)
+        return await self.load()
 
     # -- steps ---------------------------------------------------------------
     def precheck(self, record: Record, queued: int = 0) -> None:
@@ -392,6 +444,12 @@ class Engine:
         if not members or members == old.members:
             return False
         nxt = Committee(old.epoch + 1, members, anchor_round + 1)
+        snap = Snapshot.take(self.ledger, epoch=old.epoch, round=anchor_round, index=self.commit_index,
+                             clock=self.clock, final=self.final_count)
+        content = Content(self.cid, old.epoch, anchor_round, self.commit_index, self.ledger.state_hash(),
+                          snap.hash, committee_hash(nxt))
+        self.closed[old.epoch] = content
+        self._snapshots_to_store.append(snap)
         if self._replaying is not None:
             self._replaying.append(nxt)
         else:
@@ -402,8 +460,7 @@ class Engine:
                                                       "start_round": nxt.start_round})
         agg = self._aggregators.setdefault(old.epoch, CheckpointAggregator(self.cid, old))
         if self.identity.member in old:
-            cp = Checkpoint.create(self.identity, constellation=self.cid, epoch=old.epoch, round=anchor_round,
-                                   state_hash=self.ledger.state_hash())
+            cp = Checkpoint.create(self.identity, content)
             self.checkpoints_out.append(cp)
             self._take_checkpoint(agg, cp)
         for early in self._early_checkpoints.pop(old.epoch, []):
@@ -413,8 +470,7 @@ class Engine:
     def _take_checkpoint(self, agg: CheckpointAggregator, cp: Checkpoint) -> None:
         cert = agg.add(cp)
         if cert is not None and cert.epoch not in self.certified:
-            self.certified[cert.epoch] = StoredCheckpoint(self.cid, cert.epoch, cert.round, cert.state_hash,
-                                                          {m.key: sig for m, sig in cert.signatures})
+            self.certified[cert.epoch] = StoredCheckpoint.of(cert.content, {m.key: sig for m, sig in cert.signatures})
             self._certs_to_store.append(self.certified[cert.epoch])
             log.info("checkpoint certified", extra={"c": self.text_id, "epoch": cert.epoch})
 
@@ -434,11 +490,14 @@ class Engine:
         await self.flush_checkpoints()
 
     async def flush_checkpoints(self) -> None:
-        if self._certs_to_store:
+        if self._certs_to_store or self._snapshots_to_store:
             async with self.store.batch() as tx:
+                for snap in self._snapshots_to_store:
+                    tx.put_snapshot(snap)
                 for c in self._certs_to_store:
                     tx.put_checkpoint(c)
             self._certs_to_store.clear()
+            self._snapshots_to_store.clear()
 
     def _note(self, o: Outcome) -> None:
         if o.status in ("duplicate", "deferred"):
@@ -530,7 +589,8 @@ class Engine:
         if not self.certified:
             return None
         c = self.certified[max(self.certified)]
-        return {"epoch": c.epoch, "round": c.round, "state_hash": c.state_hash.hex(),
+        return {"epoch": c.epoch, "round": c.round, "index": c.index, "state_hash": c.state_hash.hex(),
+                "snapshot_hash": c.snapshot_hash.hex(),
                 "signers": [str(MemberId(k)) for k in sorted(c.signatures)]}
 
     async def record_view(self, rid: str) -> dict[str, Any]:

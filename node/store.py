@@ -41,6 +41,7 @@ import aiosqlite
 
 from valuemesh.node import trace
 from valuemesh.protocol import cbor
+from valuemesh.protocol.consensus import Content
 from valuemesh.protocol.errors import DecodeError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 from valuemesh.protocol.records import (
@@ -51,10 +52,11 @@ from valuemesh.protocol.records import (
     decode_block,
     decode_record,
 )
+from valuemesh.protocol.snapshot import MAX_SNAPSHOT_SIZE, Snapshot
 
 # "vmsh": marks the file as a valuemesh database so we never migrate someone else's SQLite file.
 APPLICATION_ID: Final = 0x766D7368
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 BUSY_TIMEOUT_MS: Final = 5_000
 # Bounds the WAL file after a checkpoint; SQLite truncates it back to this size.
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
@@ -82,6 +84,9 @@ MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
 MAX_HOST_LEN: Final = 255
 MAX_PEERS: Final = 10_000
+# Ledger snapshots kept per constellation: the latest to restart from, and one before it in
+# case the latest's epoch is still being decided on by peers that lag.
+SNAPSHOTS_KEPT: Final = 2
 MAX_GENESIS_SIZE: Final = 1024 * 1024
 # Rows per multi-row VALUES statement: 5 parameters each stays far below SQLite's variable limit.
 _CHUNK: Final = 200
@@ -141,13 +146,27 @@ class FinalRecord:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """An epoch's closing ledger state hash and the signatures gathered for it so far."""
+    """What closes an epoch (docs/consensus.md §7) and the signatures gathered for it so far."""
 
     constellation: bytes
     epoch: int
     round: int
+    index: int
     state_hash: bytes
+    snapshot_hash: bytes
+    next_committee: bytes
     signatures: Mapping[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def content(self) -> Content:
+        return Content(self.constellation, self.epoch, self.round, self.index, self.state_hash,
+                       self.snapshot_hash, self.next_committee)
+
+    @classmethod
+    def of(cls, content: Content, signatures: Mapping[bytes, bytes]) -> Checkpoint:
+        c = content
+        return cls(c.constellation, c.epoch, c.round, c.index, c.state_hash, c.snapshot_hash,
+                   c.next_committee, dict(signatures))
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,11 +396,56 @@ async def _derive(db: Db) -> None:
     )
 
 
+# Version 4: checkpoints attest the commit index, the whole-state snapshot hash and the next
+# committee (docs/consensus.md §7), and a node keeps its latest ledger snapshots to restart
+# from. Version-1 checkpoint signatures covered only (epoch, round, state hash) and cannot
+# certify the new content, so they are dropped; the next epoch end signs a new one.
+_SCHEMA_V4: Final = """
+DROP TABLE checkpoints;
+CREATE TABLE checkpoints (
+    constellation  BLOB NOT NULL REFERENCES constellations(id),
+    epoch          INTEGER NOT NULL,
+    round          INTEGER NOT NULL,
+    commit_idx     INTEGER NOT NULL,
+    state_hash     BLOB NOT NULL,
+    snapshot_hash  BLOB NOT NULL,
+    next_committee BLOB NOT NULL,
+    signatures     BLOB NOT NULL,
+    PRIMARY KEY (constellation, epoch)
+);
+CREATE TABLE snapshots (
+    constellation BLOB NOT NULL REFERENCES constellations(id),
+    epoch         INTEGER NOT NULL,
+    round         INTEGER NOT NULL,
+    commit_idx    INTEGER NOT NULL,
+    hash          BLOB NOT NULL CHECK (length(hash) = 32),
+    raw           BLOB NOT NULL,
+    PRIMARY KEY (constellation, epoch)
+);
+-- A node started from a snapshot holds no order before it: its first commit is the
+-- snapshot's index. Otherwise the rule is unchanged (extend the order without a gap).
+DROP TRIGGER commits_extend_the_order;
+CREATE TRIGGER commits_extend_the_order BEFORE INSERT ON commits
+WHEN NEW.idx != COALESCE(
+    (SELECT MAX(idx) + 1 FROM commits WHERE constellation = NEW.constellation),
+    (SELECT MAX(commit_idx) FROM snapshots WHERE constellation = NEW.constellation),
+    0)
+BEGIN
+    SELECT RAISE(ABORT, 'final order: a commit must extend the order without a gap');
+END;
+"""
+
+
+async def _migrate_4(db: Db) -> None:
+    await _run_script(db, _SCHEMA_V4)
+
+
 Migration = Callable[[Db], Awaitable[None]]
 MIGRATIONS: Final[tuple[tuple[int, str, Migration], ...]] = (
     (1, "blocks, records, final order, peers, checkpoints, node state", _migrate_1),
     (2, "index records by block and by finality", _migrate_2),
     (3, "index blocks by epoch, for per-epoch sync heads", _migrate_3),
+    (4, "checkpoints v2 (commit index, snapshot and next-committee hashes); ledger snapshots", _migrate_4),
 )
 
 
@@ -588,8 +652,10 @@ class Batch:
     def put_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Store a checkpoint or add signatures to a stored one for the same epoch."""
         _check_hash(checkpoint.constellation, "A constellation id")
-        _check_hash(checkpoint.state_hash, "A state hash")
-        _need(_is_uint(checkpoint.epoch) and _is_uint(checkpoint.round), "A checkpoint epoch and round must be >= 0.")
+        for h in (checkpoint.state_hash, checkpoint.snapshot_hash, checkpoint.next_committee):
+            _check_hash(h, "A checkpoint hash")
+        _need(_is_uint(checkpoint.epoch) and _is_uint(checkpoint.round) and _is_uint(checkpoint.index),
+              "A checkpoint epoch, round and index must be >= 0.")
         _need(
             all(
                 isinstance(k, bytes) and len(k) == 32 and isinstance(v, bytes) and len(v) == 64
@@ -598,6 +664,13 @@ class Batch:
             "Checkpoint signatures must map 32-byte member keys to 64-byte signatures.",
         )
         self._queue("checkpoint", checkpoint)
+
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep a ledger snapshot to restart from (the latest SNAPSHOTS_KEPT per constellation)."""
+        _check_hash(snapshot.constellation, "A constellation id")
+        _need(isinstance(snapshot.raw, bytes) and len(snapshot.raw) <= MAX_SNAPSHOT_SIZE,
+              "A snapshot must be bytes within the size limit.")
+        self._queue("snapshot", snapshot)
 
     def put_peer(self, peer: PeerInfo) -> None:
         """Insert or refresh a peer address; `last_seen` never moves backwards."""
@@ -795,7 +868,8 @@ class _Apply:
         first, last = entries[0].index, entries[-1].index
         # One round trip: where the order ends now, and what it already holds in our range.
         rows = await self.db.execute_fetchall(
-            "SELECT (SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = ?1), c.idx, c.block_id "
+            "SELECT (SELECT COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = ?1), "
+            "(SELECT MAX(commit_idx) FROM snapshots WHERE constellation = ?1), 0)), c.idx, c.block_id "
             "FROM (SELECT 1) LEFT JOIN commits c ON c.constellation = ?1 AND c.idx BETWEEN ?2 AND ?3",
             (constellation, first, last),
         )
@@ -824,22 +898,37 @@ class _Apply:
 
     async def op_checkpoint(self, cp: Checkpoint) -> None:
         rows = await self.db.execute_fetchall(
-            "SELECT round, state_hash, signatures FROM checkpoints WHERE constellation = ? AND epoch = ?",
+            "SELECT round, commit_idx, state_hash, snapshot_hash, next_committee, signatures FROM checkpoints "
+            "WHERE constellation = ? AND epoch = ?",
             (cp.constellation, cp.epoch),
         )
         sigs: dict[bytes, bytes] = {}
-        for rnd, state_hash, raw in rows:
-            if rnd != cp.round or bytes(state_hash) != cp.state_hash:
+        for rnd, idx, state_hash, snap, nxt, raw in rows:
+            if (rnd, idx, bytes(state_hash), bytes(snap), bytes(nxt)) != (
+                    cp.round, cp.index, cp.state_hash, cp.snapshot_hash, cp.next_committee):
                 raise StoreError(
                     f"Epoch {cp.epoch} already has a different checkpoint; two states cannot both close it."
                 )
             sigs.update(_decode_signatures(bytes(raw)))
         sigs.update(cp.signatures)
         await self.db.execute(
-            "INSERT INTO checkpoints (constellation, epoch, round, state_hash, signatures) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (constellation, epoch) DO UPDATE SET "
-            "signatures = excluded.signatures",
-            (cp.constellation, cp.epoch, cp.round, cp.state_hash, _encode_signatures(sigs)),
+            "INSERT INTO checkpoints (constellation, epoch, round, commit_idx, state_hash, snapshot_hash, "
+            "next_committee, signatures) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (constellation, epoch) "
+            "DO UPDATE SET signatures = excluded.signatures",
+            (cp.constellation, cp.epoch, cp.round, cp.index, cp.state_hash, cp.snapshot_hash, cp.next_committee,
+             _encode_signatures(sigs)),
+        )
+
+    async def op_snapshot(self, snap: Snapshot) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO snapshots (constellation, epoch, round, commit_idx, hash, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (snap.constellation, snap.epoch, snap.round, snap.index, snap.hash, snap.raw),
+        )
+        await self.db.execute(
+            "DELETE FROM snapshots WHERE constellation = ? AND epoch NOT IN "
+            "(SELECT epoch FROM snapshots WHERE constellation = ? ORDER BY epoch DESC LIMIT ?)",
+            (snap.constellation, snap.constellation, SNAPSHOTS_KEPT),
         )
 
     async def op_peer(self, p: PeerInfo) -> None:
@@ -1394,9 +1483,16 @@ class Store:
     async def commit_count(self, constellation: bytes) -> int:
         """How many blocks are final; also the index the next commit must carry."""
         rows = await self._rows(
-            "SELECT COALESCE(MAX(idx) + 1, 0) FROM commits WHERE constellation = ?", (constellation,)
+            "SELECT COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = ?1), "
+            "(SELECT MAX(commit_idx) FROM snapshots WHERE constellation = ?1), 0)", (constellation,)
         )
         return int(rows[0][0])
+
+    async def first_commit_index(self, constellation: bytes) -> int | None:
+        """The index of the first commit held (0, or a snapshot's for a node started from
+        one); None if none."""
+        rows = await self._rows("SELECT MIN(idx) FROM commits WHERE constellation = ?", (constellation,))
+        return None if rows[0][0] is None else int(rows[0][0])
 
     async def commits(self, constellation: bytes, *, start: int = 0, limit: int = MAX_PAGE) -> list[CommitEntry]:
         """The final order from index `start`, one page."""
@@ -1466,16 +1562,35 @@ class Store:
 
     async def checkpoints(self, constellation: bytes) -> list[Checkpoint]:
         rows = await self._rows(
-            "SELECT epoch, round, state_hash, signatures FROM checkpoints WHERE constellation = ? ORDER BY epoch",
+            "SELECT epoch, round, commit_idx, state_hash, snapshot_hash, next_committee, signatures "
+            "FROM checkpoints WHERE constellation = ? ORDER BY epoch",
             (constellation,),
         )
         return [
-            Checkpoint(constellation, int(e), int(r), bytes(h), _decode_signatures(bytes(s))) for e, r, h, s in rows
+            Checkpoint(constellation, int(e), int(r), int(i), bytes(h), bytes(sh), bytes(n),
+                       _decode_signatures(bytes(s)))
+            for e, r, i, h, sh, n, s in rows
         ]
 
     async def latest_checkpoint(self, constellation: bytes) -> Checkpoint | None:
         cps = await self.checkpoints(constellation)
         return cps[-1] if cps else None
+
+    async def latest_snapshot(self, constellation: bytes) -> Snapshot | None:
+        """The newest kept ledger snapshot, checked against its stored hash; None if none."""
+        rows = await self._rows(
+            "SELECT hash, raw FROM snapshots WHERE constellation = ? ORDER BY epoch DESC LIMIT 1", (constellation,)
+        )
+        if not rows:
+            return None
+        h, raw = bytes(rows[0][0]), bytes(rows[0][1])
+        try:
+            snap = Snapshot.decode(raw)
+        except ValuemeshError:
+            raise StoreError("A stored ledger snapshot is unreadable.") from None
+        if snap.hash != h or snap.constellation != constellation:
+            raise StoreError("A stored ledger snapshot does not match its hash.")
+        return snap
 
     async def peers(self, *, limit: int = MAX_PAGE) -> list[PeerInfo]:
         """Known peer addresses, most recently seen and least failing first."""

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from valuemesh.node import engine as engine_mod
 from valuemesh.node.daemon import installed_registry
 from valuemesh.node.engine import Engine
 from valuemesh.node.store import Store
 from valuemesh.protocol.builtin.membership import make_genesis
-from valuemesh.protocol.identity import Identity
+from valuemesh.protocol.consensus import CheckpointCertificate, verify_chain
+from valuemesh.protocol.errors import LocalError
+from valuemesh.protocol.identity import Identity, MemberId
+from valuemesh.protocol.invite import Invite
 from valuemesh.protocol.records import Record
 
 FOUNDER = Identity(bytes([3]) * 32)
@@ -71,3 +76,76 @@ async def test_the_memory_of_taken_blocks_is_bounded(tmp_path: Path, monkeypatch
     finally:
         await store_a.close()
         await store_b.close()
+
+
+NEWCOMER = Identity(bytes([4]) * 32)
+
+
+async def _grow_to_two_cores(eng: Engine) -> None:
+    """The founder invites a second core member who joins: the committee changes, so epoch 0
+    closes with a snapshot and a checkpoint the founder alone certifies (quorum 1 of 1)."""
+    inv = Invite.create(FOUNDER, constellation=eng.cid, name="bakery", tier="core", roles=("producer",), uses=1,
+                        expires=T0 + 3_600_000, addrs=(("127.0.0.1", 7300),), nonce=bytes(16))
+    invite = Record.create(FOUNDER, type="membership", v=1, constellation=eng.cid, seq=1,
+                           body={"op": "invite", "token": inv.raw()}, created=T0 + 1)
+    join = Record.create(NEWCOMER, type="membership", v=1, constellation=eng.cid, seq=0,
+                         body={"op": "join", "token": inv.raw()}, created=T0 + 2)
+    await eng.submit([invite], T0 + 10)
+    for t in range(20):  # a single core member finalises alone; bounded
+        await eng.tick(T0 + 100 * (t + 1))
+        if eng.final_count >= 2:
+            break
+    await eng.submit([join], T0 + 3_000)
+    for t in range(40):
+        await eng.tick(T0 + 3_000 + 100 * (t + 1))
+        if eng.committee.epoch == 1:
+            break
+    assert eng.committee.epoch == 1 and len(eng.committee.members) == 2
+
+
+async def test_a_newcomer_starts_from_the_checkpoint_and_restarts_from_it(tmp_path: Path) -> None:
+    store, founder = await _engine(tmp_path / "founder.sqlite")
+    try:
+        await _grow_to_two_cores(founder)
+        snap = await store.latest_snapshot(founder.cid)
+        [cert] = await store.checkpoints(founder.cid)
+        assert snap is not None and snap.epoch == 0 and cert.epoch == 0
+        # What the certificate attests is this snapshot, and the committee it starts.
+        assert cert.snapshot_hash == snap.hash and cert.index == snap.index == founder.commit_index
+        assert cert.state_hash == founder.ledger.state_hash()
+        chain = [(CheckpointCertificate(cert.content, tuple((MemberId(k), v) for k, v in cert.signatures.items())),
+                  founder.snapshot_committee(snap))]
+        assert verify_chain(founder.genesis_committee, chain) == founder.committee
+        # The founder's own restart replays its whole history (it holds it), to the same state.
+        again = Engine(store, founder.registry, FOUNDER, founder.genesis)
+        await again.load()
+        assert again.base is None and again.ledger.state_hash() == founder.ledger.state_hash()
+        assert again.committee == founder.committee and len(again.final) == founder.final_count
+    finally:
+        await store.close()
+
+    registry = installed_registry()
+    path = tmp_path / "newcomer.sqlite"
+    store2 = await Store.open(path)
+    try:
+        eng = Engine(store2, registry, NEWCOMER, founder.genesis)
+        async with store2.batch() as tx:
+            tx.put_constellation(eng.info())
+            tx.put_records([founder.genesis], T0)
+        await eng.install_snapshot(snap, [cert])
+        assert eng.base == snap and eng.ledger.state_hash() == founder.ledger.state_hash()
+        assert eng.committee == founder.committee and eng.is_core()
+        assert eng.commit_index == founder.commit_index and eng.final_count == founder.final_count
+        assert eng.consensus.round == founder.committee.start_round
+        with pytest.raises(LocalError):  # only onto an empty engine
+            await eng.install_snapshot(snap, [cert])
+    finally:
+        await store2.close()
+    store3 = await Store.open(path)
+    try:  # a restart of the newcomer starts from its stored snapshot: it holds nothing before
+        eng = Engine(store3, registry, NEWCOMER, founder.genesis)
+        await eng.load()
+        assert eng.base == snap and eng.ledger.state_hash() == founder.ledger.state_hash()
+        assert eng.committee == founder.committee and eng.certified[0].snapshot_hash == snap.hash
+    finally:
+        await store3.close()

@@ -403,7 +403,7 @@ async def test_bad_arguments_raise_before_anything_is_written(store: Store) -> N
         lambda: tx.put_peer(PeerInfo(ALICE.member, "h", 1, "rumour", 0)),
         lambda: tx.put_kv("", b""),
         lambda: tx.put_kv("k", b"x" * (store_mod.MAX_KV_VALUE + 1)),
-        lambda: tx.put_checkpoint(Checkpoint(C, 0, 0, b"\x00" * 32, {b"k": b"s"})),
+        lambda: tx.put_checkpoint(Checkpoint(C, 0, 0, 0, b"\x00" * 32, b"\x00" * 32, b"\x00" * 32, {b"k": b"s"})),
     ]
     for call in bad_calls:
         with pytest.raises(LocalError):
@@ -665,13 +665,16 @@ async def test_constellations_checkpoints_peers_and_settings(store: Store) -> No
 
     h = b"\x0c" * 32
     async with store.batch() as tx:
-        tx.put_checkpoint(Checkpoint(C, 1, 100, h, {ALICE.member.key: b"a" * 64}))
-        tx.put_checkpoint(Checkpoint(C, 1, 100, h, {BOB.member.key: b"b" * 64}))
+        tx.put_checkpoint(Checkpoint(C, 1, 100, 40, h, h, h, {ALICE.member.key: b"a" * 64}))
+        tx.put_checkpoint(Checkpoint(C, 1, 100, 40, h, h, h, {BOB.member.key: b"b" * 64}))
     [cp] = await store.checkpoints(C)
     assert cp.signatures == {ALICE.member.key: b"a" * 64, BOB.member.key: b"b" * 64}
     with pytest.raises(StoreError, match="different checkpoint"):
         async with store.batch() as tx:
-            tx.put_checkpoint(Checkpoint(C, 1, 100, b"\x0d" * 32, {}))
+            tx.put_checkpoint(Checkpoint(C, 1, 100, 40, b"\x0d" * 32, h, h, {}))
+    with pytest.raises(StoreError, match="different checkpoint"):  # another commit index
+        async with store.batch() as tx:
+            tx.put_checkpoint(Checkpoint(C, 1, 100, 41, h, h, h, {}))
     assert await store.latest_checkpoint(C) == cp
 
     async with store.batch() as tx:
