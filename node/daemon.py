@@ -33,11 +33,19 @@ from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.home import Home
 from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
+from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import PeerInfo, Store
 from valuemesh.node.transport import PeerLink, Transport
+from valuemesh.protocol import cbor
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
-from valuemesh.protocol.consensus import Checkpoint
+from valuemesh.protocol.consensus import (
+    Checkpoint,
+    CheckpointCertificate,
+    decode_committee,
+    encode_committee,
+    verify_chain,
+)
 from valuemesh.protocol.errors import LocalError, PluginError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
@@ -52,6 +60,7 @@ from valuemesh.protocol.records import (
     decode_records,
     parse_constellation,
 )
+from valuemesh.protocol.snapshot import Snapshot
 
 log = logging.getLogger("valuemesh.daemon")
 TICK_S = 0.005  # the shortest sleep of the tick loop
@@ -60,6 +69,11 @@ PROGRESS_LOG_S = 2.0
 IDLE_WAKE_S = 1.0
 DIAL_INTERVAL_S = 1.0
 JOIN_TIMEOUT_S = 15.0
+# A newcomer starts from the latest certified checkpoint (docs/consensus.md §7) instead of
+# replaying every block since genesis when the checkpoint covers at least this many final
+# records (config key `checkpoint_start_min_records`; below it, the whole history is cheap).
+CHECKPOINT_START_MIN_RECORDS = 10_000
+CHECKPOINT_TIMEOUT_S = 10.0  # for the chain and for each snapshot part
 SYNC_BATCH = 128
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
@@ -113,8 +127,10 @@ class Node:
         mdns: bool = False,
         mdns_interfaces: Sequence[str] = (),
         registry: Registry | None = None,
+        checkpoint_start_min_records: int = CHECKPOINT_START_MIN_RECORDS,
     ) -> None:
         self.home = home
+        self.checkpoint_start_min_records = checkpoint_start_min_records
         self.identity = identity
         self.listen_host, self.listen_port = parse_hostport(listen)
         self.api_host, self.api_port = parse_hostport(api, "127.0.0.1")
@@ -141,6 +157,9 @@ class Node:
         self._join_waiters: dict[bytes, asyncio.Future[Record]] = {}
         self._join_links: dict[bytes, PeerLink] = {}
         self._join_asked: dict[bytes, PeerLink] = {}  # the member each pending join was sent to
+        # A newcomer's pending checkpoint start: the link asked, and where its answers go.
+        self._chain_waiters: dict[bytes, tuple[PeerLink, asyncio.Future[m.CheckpointChain]]] = {}
+        self._snapshot_parts: dict[bytes, tuple[PeerLink, asyncio.Queue[m.SnapshotPart]]] = {}
         self._last_progress_log = 0.0
         self._sign_lock = asyncio.Lock()
         self._submit_queue: list[_SubmitJob] = []
@@ -337,6 +356,8 @@ class Node:
             self._start_stream(link, eng, msg.epoch, msg.since, msg.as_dict())
         elif isinstance(msg, m.Blocks):
             eng = self._engine_for_peer(link, msg.c)
+            if eng.cid in self._chain_waiters:
+                return  # starting from a checkpoint: what we need comes by sync once it is in place
             await self._receive_blocks(link, eng, msg.blocks, msg.left)
         elif isinstance(msg, m.GetBlocks):
             eng = self._engine_for_peer(link, msg.c)
@@ -393,6 +414,29 @@ class Node:
         elif isinstance(msg, m.CheckpointSig):
             eng = self._engine_for_peer(link, msg.c)
             await eng.add_checkpoint(Checkpoint.decode(msg.cp))
+        elif isinstance(msg, m.GetCheckpoint):
+            eng = self._engine_for_peer(link, msg.c)
+            links, snap = await eng.checkpoint_chain()
+            await self._send(link, m.CheckpointChain(eng.cid, links, len(snap.raw) if snap else 0,
+                                                     snap.final if snap else 0))
+        elif isinstance(msg, m.CheckpointChain):
+            waiter = self._chain_waiters.get(msg.c)
+            if waiter is None or waiter[0] is not link or waiter[1].done():
+                raise RemoteError("The peer sent a checkpoint chain nobody asked it for.")
+            waiter[1].set_result(msg)
+        elif isinstance(msg, m.GetSnapshot):
+            eng = self._engine_for_peer(link, msg.c)
+            assert self.store is not None
+            snap = await self.store.latest_snapshot(eng.cid, msg.epoch)
+            if snap is None or msg.offset >= len(snap.raw):
+                raise RemoteError("The peer asked for a snapshot part this node does not hold.")
+            part = snap.raw[msg.offset:msg.offset + m.SNAPSHOT_CHUNK]
+            await self._send(link, m.SnapshotPart(eng.cid, msg.epoch, msg.offset, part, len(snap.raw)))
+        elif isinstance(msg, m.SnapshotPart):
+            parts = self._snapshot_parts.get(msg.c)
+            if parts is None or parts[0] is not link:
+                raise RemoteError("The peer sent a snapshot part nobody asked it for.")
+            parts[1].put_nowait(msg)
         elif isinstance(msg, m.PeerExchange):
             if self.peers is not None:
                 try:
@@ -579,15 +623,74 @@ class Node:
             tx.put_records([record], now_ms())
             tx.add_pending(eng.cid, [record.id], now_ms())
         self.engines[eng.cid] = eng
+        welcomer = self._join_links.pop(inv.constellation, None)
+        if welcomer is not None:
+            await self._start_from_checkpoint(welcomer, eng)
         for key, link in list(self.links.items()):
             await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
             if eng.may_receive(key) or key == inv.inviter:
                 await self._send_heads(link, eng)
-        welcomer = self._join_links.pop(inv.constellation, None)
         if welcomer is not None:
             await self._send(welcomer, m.SubmitRecords(eng.cid, [record.raw]))
         await self._forward(eng, [record])
         return {"id": eng.text_id, "name": eng.name, "record": record.id.hex(), "status": "pending"}
+
+    async def _start_from_checkpoint(self, link: PeerLink, eng: Engine) -> bool:
+        """Start a newcomer's engine from the welcomer's latest certified checkpoint, if it
+        has one covering at least `checkpoint_start_min_records` final records.
+
+        Every link of the certificate chain is checked from the genesis committee on, and the
+        snapshot against the last certificate's hash, so the welcomer can only withhold a
+        checkpoint, never forge one. On any failure the node syncs from genesis instead.
+        """
+        fut: asyncio.Future[m.CheckpointChain] = asyncio.get_running_loop().create_future()
+        self._chain_waiters[eng.cid] = (link, fut)
+        try:
+            await self._send(link, m.GetCheckpoint(eng.cid))
+            chain = await asyncio.wait_for(fut, CHECKPOINT_TIMEOUT_S)
+            if not chain.links or chain.final < self.checkpoint_start_min_records:
+                return False
+            links = [(CheckpointCertificate.from_map(cbor.decode(a)), decode_committee(b)) for a, b in chain.links]
+            committee = verify_chain(eng.genesis_committee, links)
+            cert = links[-1][0]
+            raw = await self._fetch_snapshot(link, eng.cid, cert.epoch, chain.size)
+            snap = Snapshot.decode(raw)
+            c = cert.content
+            if snap.hash != c.snapshot_hash or (snap.constellation, snap.epoch, snap.round, snap.index) != (
+                    eng.cid, c.epoch, c.round, c.index):
+                raise RemoteError("The snapshot is not the one its checkpoint certifies.")
+            if eng.snapshot_committee(snap) != committee:
+                raise RemoteError("The snapshot's committee is not the one its checkpoint attests.")
+            certs = [StoredCheckpoint.of(cc.content, {mm.key: sig for mm, sig in cc.signatures}, encode_committee(nxt))
+                     for cc, nxt in links]
+            await eng.install_snapshot(snap, certs)
+            log.info("started from the checkpoint of epoch %d", c.epoch,
+                     extra={"c": eng.text_id, "epoch": c.epoch})
+            return True
+        except (ValuemeshError, TimeoutError, ConnectionError) as exc:
+            reason = exc.message if isinstance(exc, ValuemeshError) else type(exc).__name__
+            log.warning("could not start from a checkpoint (%s); syncing from genesis", reason,
+                        extra={"c": eng.text_id})
+            return False
+        finally:
+            self._chain_waiters.pop(eng.cid, None)
+            self._snapshot_parts.pop(eng.cid, None)
+
+    async def _fetch_snapshot(self, link: PeerLink, cid: bytes, epoch: int, size: int) -> bytes:
+        queue: asyncio.Queue[m.SnapshotPart] = asyncio.Queue()
+        self._snapshot_parts[cid] = (link, queue)
+        got = bytearray()
+        for _ in range(size // m.SNAPSHOT_CHUNK + 1):  # bounded: one part per chunk
+            if len(got) >= size:
+                break
+            await self._send(link, m.GetSnapshot(cid, epoch, len(got)))
+            part = await asyncio.wait_for(queue.get(), CHECKPOINT_TIMEOUT_S)
+            if part.epoch != epoch or part.offset != len(got) or part.total != size:
+                raise RemoteError("The peer sent a snapshot part other than the one asked for.")
+            got += part.data
+        if len(got) != size:
+            raise RemoteError("The peer's snapshot is not the size it announced.")
+        return bytes(got)
 
     async def _contact_inviters(self, inv: Invite, record: Record, fut: asyncio.Future[Record]) -> Record:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -865,6 +968,13 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+def _config_count(cfg: dict[str, Any], key: str, default: int) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise LocalError(f"The config value '{key}' must be a whole number of 0 or more.")
+    return v
+
+
 def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: list[str], mdns: bool,
                mdns_interfaces: list[str], network: str | None) -> None:
     """Run a node in the foreground until SIGINT or SIGTERM."""
@@ -876,7 +986,9 @@ def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: li
     cfg = home.config()
     node = Node(home, identity, listen=listen or cfg.get("listen", "0.0.0.0:7470"),
                 api=api or cfg.get("api", "127.0.0.1:7471"), network=network or cfg.get("network", "valuemesh-main"),
-                bootstrap=bootstrap or cfg.get("bootstrap", []), mdns=mdns, mdns_interfaces=mdns_interfaces)
+                bootstrap=bootstrap or cfg.get("bootstrap", []), mdns=mdns, mdns_interfaces=mdns_interfaces,
+                checkpoint_start_min_records=_config_count(cfg, "checkpoint_start_min_records",
+                                                           CHECKPOINT_START_MIN_RECORDS))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -21,19 +21,23 @@ from valuemesh.node import trace
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
+from valuemesh.protocol import cbor
 from valuemesh.protocol.consensus import (
     Checkpoint,
     CheckpointAggregator,
+    CheckpointCertificate,
     Committee,
     Consensus,
     Content,
     Output,
     Params,
     committee_hash,
+    encode_committee,
 )
 from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome
+from valuemesh.protocol.messages import MAX_CHAIN_LINKS, MAX_MESSAGE_SIZE
 from valuemesh.protocol.plugins import Registry, Version
 from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
 from valuemesh.protocol.snapshot import Snapshot
@@ -50,6 +54,7 @@ FINAL_VIEW_LIMIT = 100_000
 # and its signatures verified a second time. About 50 rounds of a 4-member constellation
 # would be 200; this covers a long catch-up's overlapping streams.
 SEEN_BLOCKS = 16_384
+CHAIN_BYTES = MAX_MESSAGE_SIZE // 2  # a checkpoint chain must fit one message with room to spare
 
 GUARANTEE_TEXT = {
     "single-node": "1 core member: it finalises alone, and if this node is lost nothing else holds the data; "
@@ -237,6 +242,28 @@ class Engine:
             for c in certs:
                 tx.put_checkpoint(c)
         return await self.load()
+
+    async def checkpoint_chain(self) -> tuple[list[list[bytes]], Snapshot | None]:
+        """What a newcomer needs to start from our latest certified epoch end: one link per
+        closed epoch from 0 ([certificate, the committee it attests], canonical CBOR), and the
+        snapshot of the last link. ([], None) if we cannot offer a complete chain."""
+        links: list[list[bytes]] = []
+        size = 0
+        for i, c in enumerate(await self.store.checkpoints(self.cid)):
+            if c.epoch != i or not c.next_members:
+                break
+            cert = CheckpointCertificate(c.content, tuple((MemberId(k), v) for k, v in sorted(c.signatures.items())))
+            link = [cbor.encode(cert.to_map()), c.next_members]
+            size += len(link[0]) + len(link[1])
+            if size > CHAIN_BYTES or len(links) >= MAX_CHAIN_LINKS:
+                return [], None  # would not fit in one message: the newcomer syncs from genesis
+            links.append(link)
+        while links:
+            snap = await self.store.latest_snapshot(self.cid, len(links) - 1)
+            if snap is not None:
+                return links, snap
+            links.pop()
+        return [], None
 
     # -- steps ---------------------------------------------------------------
     def precheck(self, record: Record, queued: int = 0) -> None:
@@ -470,7 +497,11 @@ class Engine:
     def _take_checkpoint(self, agg: CheckpointAggregator, cp: Checkpoint) -> None:
         cert = agg.add(cp)
         if cert is not None and cert.epoch not in self.certified:
-            self.certified[cert.epoch] = StoredCheckpoint.of(cert.content, {m.key: sig for m, sig in cert.signatures})
+            nxt = self._committees.get(cert.epoch + 1)
+            self.certified[cert.epoch] = StoredCheckpoint.of(
+                cert.content, {m.key: sig for m, sig in cert.signatures},
+                encode_committee(nxt) if nxt is not None and committee_hash(nxt) == cert.content.next_committee
+                else b"")
             self._certs_to_store.append(self.certified[cert.epoch])
             log.info("checkpoint certified", extra={"c": self.text_id, "epoch": cert.epoch})
 
@@ -582,6 +613,10 @@ class Engine:
             "state_hash": self.ledger.state_hash().hex(),
             "catchup": dict(self.catchup),
             "checkpoint": self._checkpoint_view(),
+            # A node that started from a checkpoint holds the state, not the history before it.
+            "started_from": None if self.base is None else {
+                "epoch": self.base.epoch, "round": self.base.round, "index": self.base.index,
+                "final": self.base.final},
             "finality_ms_p50": lat[len(lat) // 2] if lat else None,
         }
 

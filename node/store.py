@@ -156,6 +156,9 @@ class Checkpoint:
     snapshot_hash: bytes
     next_committee: bytes
     signatures: Mapping[bytes, bytes] = field(default_factory=dict)
+    # The committee `next_committee` hashes (protocol.consensus.encode_committee), which a
+    # newcomer needs to check the next link of the chain; empty if this node never knew it.
+    next_members: bytes = b""
 
     @property
     def content(self) -> Content:
@@ -163,10 +166,10 @@ class Checkpoint:
                        self.snapshot_hash, self.next_committee)
 
     @classmethod
-    def of(cls, content: Content, signatures: Mapping[bytes, bytes]) -> Checkpoint:
+    def of(cls, content: Content, signatures: Mapping[bytes, bytes], next_members: bytes = b"") -> Checkpoint:
         c = content
         return cls(c.constellation, c.epoch, c.round, c.index, c.state_hash, c.snapshot_hash,
-                   c.next_committee, dict(signatures))
+                   c.next_committee, dict(signatures), next_members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +413,7 @@ CREATE TABLE checkpoints (
     state_hash     BLOB NOT NULL,
     snapshot_hash  BLOB NOT NULL,
     next_committee BLOB NOT NULL,
+    next_members   BLOB NOT NULL,
     signatures     BLOB NOT NULL,
     PRIMARY KEY (constellation, epoch)
 );
@@ -913,10 +917,11 @@ class _Apply:
         sigs.update(cp.signatures)
         await self.db.execute(
             "INSERT INTO checkpoints (constellation, epoch, round, commit_idx, state_hash, snapshot_hash, "
-            "next_committee, signatures) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (constellation, epoch) "
-            "DO UPDATE SET signatures = excluded.signatures",
+            "next_committee, next_members, signatures) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (constellation, epoch) DO UPDATE SET signatures = excluded.signatures, "
+            "next_members = CASE WHEN length(next_members) = 0 THEN excluded.next_members ELSE next_members END",
             (cp.constellation, cp.epoch, cp.round, cp.index, cp.state_hash, cp.snapshot_hash, cp.next_committee,
-             _encode_signatures(sigs)),
+             cp.next_members, _encode_signatures(sigs)),
         )
 
     async def op_snapshot(self, snap: Snapshot) -> None:
@@ -1562,24 +1567,26 @@ class Store:
 
     async def checkpoints(self, constellation: bytes) -> list[Checkpoint]:
         rows = await self._rows(
-            "SELECT epoch, round, commit_idx, state_hash, snapshot_hash, next_committee, signatures "
+            "SELECT epoch, round, commit_idx, state_hash, snapshot_hash, next_committee, signatures, next_members "
             "FROM checkpoints WHERE constellation = ? ORDER BY epoch",
             (constellation,),
         )
         return [
             Checkpoint(constellation, int(e), int(r), int(i), bytes(h), bytes(sh), bytes(n),
-                       _decode_signatures(bytes(s)))
-            for e, r, i, h, sh, n, s in rows
+                       _decode_signatures(bytes(s)), bytes(nm))
+            for e, r, i, h, sh, n, s, nm in rows
         ]
 
     async def latest_checkpoint(self, constellation: bytes) -> Checkpoint | None:
         cps = await self.checkpoints(constellation)
         return cps[-1] if cps else None
 
-    async def latest_snapshot(self, constellation: bytes) -> Snapshot | None:
-        """The newest kept ledger snapshot, checked against its stored hash; None if none."""
+    async def latest_snapshot(self, constellation: bytes, epoch: int | None = None) -> Snapshot | None:
+        """The newest kept ledger snapshot (of `epoch`, if given), checked against its stored
+        hash; None if none."""
         rows = await self._rows(
-            "SELECT hash, raw FROM snapshots WHERE constellation = ? ORDER BY epoch DESC LIMIT 1", (constellation,)
+            "SELECT hash, raw FROM snapshots WHERE constellation = ? AND epoch = COALESCE(?, epoch) "
+            "ORDER BY epoch DESC LIMIT 1", (constellation, epoch)
         )
         if not rows:
             return None

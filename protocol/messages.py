@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from . import cbor
 from .errors import DecodeError
 from .records import MAX_BLOCK_SIZE
+from .snapshot import MAX_SNAPSHOT_SIZE
 
 MAX_MESSAGE_SIZE = MAX_BLOCK_SIZE + 64 * 1024
 MAX_BATCH = 256
@@ -25,6 +26,9 @@ MAX_HEADS = 4096
 # are sent whole, whatever its heads say: once an epoch is closed nobody builds on it, so a
 # block that no later block names (a vote, a certificate) reaches a lagging node only so.
 SYNC_WINDOW_ROUNDS = 8
+# A checkpoint chain has one link per closed epoch; a snapshot travels in parts of this size.
+MAX_CHAIN_LINKS = 1024
+SNAPSHOT_CHUNK = 1024 * 1024
 
 
 def _bytes_list(v: object, limit: int, size: int | None = None) -> bool:
@@ -178,6 +182,65 @@ class CheckpointSig:
 
 
 @dataclass(frozen=True, slots=True)
+class GetCheckpoint:
+    """A newcomer asks where it can start: the peer's latest certified epoch end."""
+
+    t: ClassVar[str] = "getcp"
+    c: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointChain:
+    """The answer to GetCheckpoint: for each closed epoch from 0 on, [certificate, committee
+    it starts] (both canonical CBOR), and the size and final-record count of the snapshot of
+    the last one. No links: nothing to start from (sync from genesis)."""
+
+    t: ClassVar[str] = "cpchain"
+    c: bytes
+    links: list[list[bytes]]
+    size: int
+    final: int
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and len(self.links) <= MAX_CHAIN_LINKS and all(
+            isinstance(x, list) and len(x) == 2 and all(isinstance(y, bytes) for y in x) for x in self.links
+        ) and 0 <= self.size <= MAX_SNAPSHOT_SIZE and _uint(self.final) and (self.size > 0) == bool(self.links)
+
+
+@dataclass(frozen=True, slots=True)
+class GetSnapshot:
+    """Ask for the part of an epoch's snapshot from byte `offset` on."""
+
+    t: ClassVar[str] = "getsnap"
+    c: bytes
+    epoch: int
+    offset: int
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and _uint(self.epoch) and 0 <= self.offset <= MAX_SNAPSHOT_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPart:
+    """Up to SNAPSHOT_CHUNK bytes of an epoch's snapshot, from `offset`, of `total`."""
+
+    t: ClassVar[str] = "snap"
+    c: bytes
+    epoch: int
+    offset: int
+    data: bytes
+    total: int
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and _uint(self.epoch) and 0 < self.total <= MAX_SNAPSHOT_SIZE \
+            and 0 <= self.offset < self.total and 0 < len(self.data) <= SNAPSHOT_CHUNK \
+            and self.offset + len(self.data) <= self.total
+
+
+@dataclass(frozen=True, slots=True)
 class PeerExchange:
     """Addresses of other peers I know: [member key, host, port, age in seconds]."""
 
@@ -195,18 +258,18 @@ class PeerExchange:
 
 Message = (
     Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | CheckpointSig
-    | PeerExchange
+    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange
 )
 _TYPES: dict[str, type[Any]] = {
     cls.t: cls
     for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, CheckpointSig,
-                PeerExchange)
+                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,
     "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
     "genesis": bytes, "reason": str, "proof": bytes, "peers": list, "cp": bytes, "epoch": int,
-    "since": int,
+    "since": int, "links": list, "size": int, "final": int, "offset": int, "data": bytes, "total": int,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,51 @@ def test_four_daemons_agree_survive_a_kill_and_catch_up(tmp_path: Path) -> None:
                                 check=False)
         assert late.returncode == 1
         assert "dissolved" in late.stderr
+
+
+def test_a_newcomer_starts_from_the_latest_checkpoint(tmp_path: Path) -> None:
+    with cluster(tmp_path, 4) as c:
+        founder, newcomer = c.daemons[0], c.daemons[3]
+        cid = founder.cli_json("constellation", "create", "bakery")["id"]
+        trio = c.daemons[:3]
+        for k, d in enumerate(c.daemons[1:3], start=2):  # two more core members: two epoch ends
+            d.cli("constellation", "join", founder.cli("constellation", "invite", cid, "--tier", "core").stdout.strip())
+            wait_until(lambda k=k: all(sum(x["status"] == "active" for x in t.cli_json("constellation", "show", cid)
+                                           ["member_list"]) == k for t in trio[:k]),
+                       DEADLINE_S, "the core join to be final on the core")
+        for i, d in enumerate(trio):
+            d.cli("contribute", cid, "--action", "work", "--quantity", str(i + 1), "--unit", "hour")
+        wait_until(lambda: all(d.cli_json("status")["constellations"][0]["checkpoint"] is not None
+                               and d.cli_json("status")["constellations"][0]["checkpoint"]["epoch"] == 1
+                               for d in trio), DEADLINE_S, "epoch 1's checkpoint to be certified everywhere")
+        final_before = founder.cli_json("ledger", cid)["final_count"]
+
+        # The newcomer starts from any checkpoint (by default only from one of 10 000 records).
+        newcomer.stop()
+        cfg_path = newcomer.home / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["checkpoint_start_min_records"] = 0
+        cfg_path.write_text(json.dumps(cfg))
+        newcomer.start()
+        newcomer.cli("constellation", "join", founder.cli("constellation", "invite", cid).stdout.strip())
+        def caught_up() -> bool:  # same state and count (the newcomer lists only records after its start)
+            ls = _ledgers(c, cid)
+            return (len({(x["state_hash"], x["final_count"]) for x in ls}) == 1 and not any(x["pending"] for x in ls)
+                    and ls[0]["final_count"] > final_before)
+
+        wait_until(caught_up, DEADLINE_S, "the newcomer to agree with the core")
+        mine = newcomer.cli_json("status")["constellations"][0]
+        assert mine["started_from"] is not None and mine["started_from"]["epoch"] == 1
+        # It holds the state from the checkpoint on, not the records before it.
+        ledger = newcomer.cli_json("ledger", cid)
+        assert ledger["final"][0]["index"] == mine["started_from"]["final"] > 0
+        assert ledger["state_hash"] == founder.cli_json("ledger", cid)["state_hash"]
+        # And it keeps following: a new record becomes final on it too.
+        rid = founder.cli_json("contribute", cid, "--action", "work", "--quantity", "9", "--unit", "hour")["id"]
+        wait_until(lambda: rid in {r["id"] for r in newcomer.cli_json("ledger", cid)["final"]}, DEADLINE_S,
+                   "a later record to be final on the newcomer")
+        # A restart starts from its stored snapshot (it holds nothing before it) to the same state.
+        newcomer.stop()
+        newcomer.start()
+        wait_until(caught_up, DEADLINE_S, "the restarted newcomer to agree")
+        assert newcomer.cli_json("status")["constellations"][0]["started_from"]["epoch"] == 1

@@ -9,6 +9,8 @@ from .checkpoint import (
     Content,
     Refounding,
     committee_hash,
+    decode_committee,
+    encode_committee,
     verify_chain,
 )
 from .committee import Committee
@@ -35,5 +37,7 @@ __all__ = [
     "Params",
     "Refounding",
     "committee_hash",
+    "decode_committee",
+    "encode_committee",
     "verify_chain",
 ]

@@ -26,12 +26,37 @@ def _need(cond: bool, message: str) -> None:
         raise DecodeError(message)
 
 
-def committee_hash(committee: Committee) -> bytes:
-    """What a checkpoint attests about the committee that comes next."""
-    return blake2b256(COMMITTEE_DOMAIN + cbor.encode({
+def encode_committee(committee: Committee) -> bytes:
+    return cbor.encode({
         "epoch": committee.epoch, "start": committee.start_round,
         "members": [[m.key, w] for m, w in committee.members],
-    }))
+    })
+
+
+def decode_committee(raw: bytes) -> Committee:
+    """Decode a committee sent by a peer; raise DecodeError if it is not one."""
+    _need(isinstance(raw, bytes) and len(raw) <= MAX_COMMITTEE * 48 + 64, "A committee is over the size limit.")
+    m = cbor.decode(raw)
+    _need(isinstance(m, dict) and set(m) == {"epoch", "start", "members"} and isinstance(m["members"], list),
+          "A committee has missing or unknown fields.")
+    assert isinstance(m, dict)
+    pairs = []
+    for p in m["members"]:
+        _need(isinstance(p, list) and len(p) == 2 and isinstance(p[0], bytes) and len(p[0]) == HASH_LEN
+              and isinstance(p[1], int) and not isinstance(p[1], bool), "A committee member entry is malformed.")
+        pairs.append((MemberId(p[0]), p[1]))
+    for k in ("epoch", "start"):
+        _need(isinstance(m[k], int) and not isinstance(m[k], bool) and 0 <= m[k] < 1 << 53,
+              f"A committee's {k} is out of range.")
+    try:
+        return Committee(m["epoch"], tuple(pairs), m["start"])
+    except LocalError as exc:
+        raise DecodeError(exc.message) from None
+
+
+def committee_hash(committee: Committee) -> bytes:
+    """What a checkpoint attests about the committee that comes next."""
+    return blake2b256(COMMITTEE_DOMAIN + encode_committee(committee))
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,5 +328,7 @@ __all__ = [
     "Content",
     "Refounding",
     "committee_hash",
+    "decode_committee",
+    "encode_committee",
     "verify_chain",
 ]
