@@ -77,6 +77,11 @@ async def test_hostile_peer_is_refused_and_cut_off(tmp_path: Path) -> None:
                 m.encode_message(m.SubmitRecords(raw_cid, [rec.raw])),
                 m.encode_message(m.Heads(raw_cid, 0, 0, [])),
                 m.encode_message(m.GetBlocks(raw_cid, [secrets.token_bytes(32)])),
+                # Checkpoint start: a stranger may not ask, and answers nobody asked for are refused.
+                m.encode_message(m.GetCheckpoint(raw_cid)),
+                m.encode_message(m.GetSnapshot(raw_cid, 0, 0)),
+                m.encode_message(m.CheckpointChain(raw_cid, [[b"cert", b"committee"]], 10, 1)),
+                m.encode_message(m.SnapshotPart(raw_cid, 0, 0, b"x", 1)),
             ]
             for payload in attacks:
                 try:
