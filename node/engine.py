@@ -46,6 +46,13 @@ log = logging.getLogger("valuemesh.engine")
 # The anchor wait adapts to observed round times but never drops below this:
 # on a LAN or loopback a dead member costs ~this per round it would anchor.
 MIN_ANCHOR_WAIT_MS = 50
+# Every epoch ends at its first committed anchor this many rounds after its start, even if
+# the core did not change (Params.epoch_rounds): a certified checkpoint a newcomer can start
+# from, at least this often. An epoch end restarts the DAG (about three rounds for the records
+# queued then) and snapshots the whole ledger state, so it should be rare: at light load a
+# round is ~15 ms and a record ~3.5 rounds, so this is thousands of records.
+EPOCH_ROUNDS = 10_000
+NODE_PARAMS = Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS, epoch_rounds=EPOCH_ROUNDS)
 MAX_PENDING = 10_000
 MAX_EARLY_CHECKPOINTS = 512
 FINAL_VIEW_LIMIT = 100_000
@@ -89,7 +96,9 @@ class Effects:
 
 
 class Engine:
-    def __init__(self, store: Store, registry: Registry, identity: Identity, genesis: Record) -> None:
+    def __init__(self, store: Store, registry: Registry, identity: Identity, genesis: Record,
+                 params: Params = NODE_PARAMS) -> None:
+        self.consensus_params = params
         self.store = store
         self.registry = registry
         self.identity = identity
@@ -104,7 +113,7 @@ class Engine:
         self.committee = Committee(0, self.ledger.committee(), 0)
         self.genesis_committee = self.committee
         self._committee_version = self.ledger.committee_version
-        self.consensus = Consensus(self.cid, self.committee, identity, Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS))
+        self.consensus = Consensus(self.cid, self.committee, identity, params)
         # Where this node's own history starts: 0, or the snapshot it started from.
         self.base: Snapshot | None = None
         # The first FINAL_VIEW_LIMIT final records: (index, outcome) until someone reads them,
@@ -224,7 +233,7 @@ class Engine:
         self._committee_version = led.committee_version
         self._committees = {self.committee.epoch: self.committee}
         self.consensus = Consensus(self.cid, self.committee, self.identity,
-                                   Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS), first_index=snap.index)
+                                   self.consensus_params, first_index=snap.index)
         self.base = snap
         self.next_tick = self.clock
 
@@ -450,9 +459,14 @@ class Engine:
         for i, (block, anchor_round) in enumerate(items):
             self._apply_block(block)
             last_of_anchor = i + 1 == len(items) or items[i + 1][1] != anchor_round
-            if last_of_anchor and self.ledger.committee_version != self._committee_version:
+            if not last_of_anchor:
+                continue
+            # The same rule as the machine's (Consensus._due), on the same committed anchors.
+            due = anchor_round >= self.committee.start_round + self.consensus_params.epoch_rounds \
+                if self.consensus_params.epoch_rounds is not None else False
+            if self.ledger.committee_version != self._committee_version or due:
                 self._committee_version = self.ledger.committee_version
-                if self._close_epoch(anchor_round):
+                if self._close_epoch(anchor_round, due):
                     closed.add(anchor_round)
         return closed
 
@@ -463,13 +477,16 @@ class Engine:
                 self._note(o)
         self.commit_index += 1
 
-    def _close_epoch(self, anchor_round: int) -> bool:
+    def _close_epoch(self, anchor_round: int, due: bool = False) -> bool:
         """Start the next committee right after the anchor that ended the epoch, and sign
-        the checkpoint that closes this epoch. False if the committee did not change."""
+        the checkpoint that closes this epoch. False if the epoch goes on (the committee did
+        not change and no periodic end is due)."""
         members = self.ledger.committee()
         old = self.committee
         if not members or members == old.members:
-            return False
+            if not due:
+                return False
+            members = old.members  # a periodic end: the same core goes on in a new epoch
         nxt = Committee(old.epoch + 1, members, anchor_round + 1)
         snap = Snapshot.take(self.ledger, epoch=old.epoch, round=anchor_round, index=self.commit_index,
                              clock=self.clock, final=self.final_count)

@@ -9,7 +9,8 @@ import pytest
 from valuemesh.protocol.sim import FAULT_KINDS, RunResult, run
 from valuemesh.protocol.sim.__main__ import main
 
-ALL = FAULT_KINDS
+# Periodic epoch ends change every schedule, so the older seeded rows keep running without them.
+ALL = tuple(k for k in FAULT_KINDS if k != "rotate")
 NETWORK = ("delay", "drop", "reorder", "duplicate")
 # (nodes, faults, seeds, waves): 385 runs in all; sized to stay well under a minute.
 PLAN = [
@@ -21,6 +22,7 @@ PLAN = [
     *[(n, ("equivocate", "reorder"), 10, 8) for n in (4, 7, 10)],
     (3, ("crash",), 10, 8),
     *[(n, ("reconfigure", "drop", "crash", "restart", "equivocate"), 3, 60) for n in (2, 4, 7)],
+    *[(n, ("rotate", "reconfigure", "drop", "crash", "restart", "equivocate"), 4, 40) for n in (1, 3, 4, 7)],
 ]
 
 

@@ -103,6 +103,11 @@ class Params:
     max_buffered_blocks: int = MAX_BUFFERED_BLOCKS
     max_buffered_per_author: int = MAX_BUFFERED_PER_AUTHOR
     reconfiguring_types: frozenset[str] = RECONFIGURING_TYPES
+    # When set, an epoch also ends at its first committed anchor this many rounds or more
+    # after its start, whatever the records: periodic checkpoints (a snapshot a newcomer can
+    # start from) even for a core that never changes. The node then starts the next epoch
+    # with the same committee.
+    epoch_rounds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +387,16 @@ class Consensus:
         comes next (`schedule_committee` or `keep_committee`)."""
         return self._closing.round if self._closing is not None else None
 
+    def _due(self, anchor_round: int) -> bool:
+        n = self._p.epoch_rounds
+        return n is not None and anchor_round >= self._epoch_start + n
+
+    @property
+    def epoch_due(self) -> bool:
+        """Whether the pending epoch end is a periodic one (`Params.epoch_rounds`): the node
+        must start a next epoch (the same committee if nothing changed), not keep this one."""
+        return self._closing is not None and self._due(self._closing.round)
+
     def schedule_committee(self, committee: Committee) -> Output:
         """Start the next epoch with `committee` right after the epoch-ending anchor.
 
@@ -402,6 +417,8 @@ class Consensus:
         """The epoch-ending anchor's records changed nothing: go on in the same epoch."""
         if self._closing is None:
             raise LocalError("No epoch end is waiting for a decision.")
+        if self.epoch_due:
+            raise LocalError("The epoch is due to end: schedule the next committee (the same one if nothing changed).")
         self._closing = None
         self._dirty = True
         step = _Step(self._last_progress_ms)
@@ -497,6 +514,8 @@ class Consensus:
             nxt = starts.get(anchor.round + 1)
             if nxt is not None and nxt.epoch == self.epoch + 1:
                 self._switch(nxt, step)
+            elif self.epoch_due:
+                raise LocalError(f"The stored committees lack the periodic epoch end at round {anchor.round}.")
             else:
                 self._closing = None
                 self._dirty = True
@@ -894,6 +913,8 @@ class Consensus:
             step.committed.append(Committed(b, anchor.round, self._next_index, fresh))
             self._next_index += 1
         self._last_anchor_round = anchor.round
+        if self._due(anchor.round):
+            self._closing = anchor
 
     def _after_commits(self, step: _Step) -> None:
         """Re-queue our records whose blocks fell behind, and drop what no anchor can order."""

@@ -7,15 +7,17 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..consensus import Committed, Committee
 from .world import SIM_PARAMS, Envelope, SimNode, World
 
 FAULT_KINDS = (
     "crash", "restart", "partition", "delay", "drop", "reorder", "duplicate", "equivocate",
-    "reconfigure",
+    "reconfigure", "rotate",
 )
+# With the `rotate` fault, epochs also end every this many rounds (Params.epoch_rounds).
+ROTATE_ROUNDS = 12
 # Records are proposed in waves this far apart (virtual ms); `rounds` is the wave count.
 WAVE_MS = 100
 # After the last fault heals, every honest record must be final within this (virtual ms).
@@ -208,7 +210,8 @@ def run(
         byz = rng.sample(range(nodes), rng.randint(1, f))
     honest = [i for i in range(nodes) if i not in byz]
     world = World(
-        nodes, byzantine=byz, observers=observers, crypto=crypto, params=SIM_PARAMS,
+        nodes, byzantine=byz, observers=observers, crypto=crypto,
+        params=replace(SIM_PARAMS, epoch_rounds=ROTATE_ROUNDS) if "rotate" in fault_set else SIM_PARAMS,
         seed_bytes=rng.randbytes(16),
         reconfigure=scale_weights if "reconfigure" in fault_set else None,
     )

@@ -243,6 +243,9 @@ class World:
         if out.next_tick_ms is not None:
             self.tick_requests.append((out.next_tick_ms, node.index))
         if out.epoch_end is not None and node.consensus.epoch_ending == out.epoch_end:
+            if nxt is None and node.consensus.epoch_due:  # a periodic end: the same core goes on
+                cur = node.consensus.committee_at(1 << 60)
+                nxt = Committee(cur.epoch + 1, cur.members, out.epoch_end + 1)
             if nxt is not None:
                 node.committees.append(nxt)
                 node.starts.append(len(node.log))
