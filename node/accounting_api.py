@@ -466,6 +466,7 @@ def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, i
     eng._note = noting  # type: ignore[method-assign]
     eng._replaying = []
     eng._apply_committed(items)
+    eng.finish_closings_now()
     committees = list(eng._replaying)
     records: list[dict[str, Any]] = []
     for o in outcomes:

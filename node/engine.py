@@ -9,6 +9,7 @@ blocks, in commit order, so a restart replays exactly the same ledger.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -36,7 +37,7 @@ from valuemesh.protocol.consensus import (
 )
 from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
-from valuemesh.protocol.ledger import Ledger, Outcome
+from valuemesh.protocol.ledger import Ledger, LedgerParts, Outcome
 from valuemesh.protocol.messages import MAX_CHAIN_LINKS, MAX_MESSAGE_SIZE
 from valuemesh.protocol.plugins import Registry, Version
 from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
@@ -81,6 +82,24 @@ def guarantee_text(committee: Committee) -> str:
         return (f"{n} core members: survives {crash} member(s) going offline but cannot tolerate a dishonest "
                 f"member; add core members until there are 4 to tolerate one.")
     return f"{n} core members: survives {committee.f} member(s) offline or dishonest."
+
+
+@dataclass(frozen=True, slots=True)
+class _Closing:
+    """An epoch end whose snapshot is still to encode: the ledger's parts copied at the end."""
+
+    committee: Committee
+    round: int
+    index: int
+    clock: int
+    final: int
+    state_hash: bytes
+    next: Committee
+    parts: LedgerParts
+
+    def encode(self) -> Snapshot:
+        return Snapshot.encode(self.parts, epoch=self.committee.epoch, round=self.round, index=self.index,
+                               clock=self.clock, final=self.final)
 
 
 @dataclass
@@ -138,6 +157,7 @@ class Engine:
         self._early_checkpoints: dict[int, list[Checkpoint]] = {}
         self._certs_to_store: list[StoredCheckpoint] = []
         self._snapshots_to_store: list[Snapshot] = []
+        self._closings: list[_Closing] = []  # epoch ends whose snapshot is not encoded yet
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
         self.closed: dict[int, Content] = {}  # what each epoch closed with, as its checkpoint says
@@ -189,6 +209,8 @@ class Engine:
             # This node started from a checkpoint (docs/consensus.md §7): it holds nothing before.
             self._start_from(snap)
             start = snap.index
+        for cert in await self.store.checkpoints(self.cid):
+            self.certified[cert.epoch] = cert
         blocks = {b.id: b async for b in self.store.iter_blocks(self.cid) if b.epoch >= self.committee.epoch}
         committed: list[bytes] = []
         self._replaying = []
@@ -202,9 +224,6 @@ class Engine:
         self._apply_committed(replay)
         # Back to live: from now on an epoch end schedules its committee on the machine.
         committees, self._replaying = self._replaying, None
-        for cert in await self.store.checkpoints(self.cid):
-            self.certified[cert.epoch] = cert
-        self._snapshots_to_store.clear()  # stored when they were made
         now = self.clock
         out = self.consensus.restore(list(blocks.values()), committed, committees)
         for rec in await self.store.pending(self.cid):
@@ -213,6 +232,7 @@ class Engine:
         eff = await self._handle(out, now)
         if self.pending and self.is_core():
             self._merge(eff, await self._handle(self.consensus.propose(list(self.pending.values()), now), now))
+        await self.flush_checkpoints()  # epoch ends the replay met that were not certified yet
         return eff
 
     def _start_from(self, snap: Snapshot) -> None:
@@ -488,12 +508,11 @@ class Engine:
                 return False
             members = old.members  # a periodic end: the same core goes on in a new epoch
         nxt = Committee(old.epoch + 1, members, anchor_round + 1)
-        snap = Snapshot.take(self.ledger, epoch=old.epoch, round=anchor_round, index=self.commit_index,
-                             clock=self.clock, final=self.final_count)
-        content = Content(self.cid, old.epoch, anchor_round, self.commit_index, self.ledger.state_hash(),
-                          snap.hash, committee_hash(nxt))
-        self.closed[old.epoch] = content
-        self._snapshots_to_store.append(snap)
+        if old.epoch not in self.certified:  # (a restart's replay: already signed and stored)
+            # A copy of the ledger now (cheap); encoding it, hashing it and signing the
+            # checkpoint wait for `flush_checkpoints`, off the event loop.
+            self._closings.append(_Closing(old, anchor_round, self.commit_index, self.clock, self.final_count,
+                                           self.ledger.state_hash(), nxt, self.ledger.parts()))
         if self._replaying is not None:
             self._replaying.append(nxt)
         else:
@@ -503,13 +522,27 @@ class Engine:
         log.info("committee change scheduled", extra={"c": self.text_id, "epoch": nxt.epoch,
                                                       "start_round": nxt.start_round})
         agg = self._aggregators.setdefault(old.epoch, CheckpointAggregator(self.cid, old))
-        if self.identity.member in old:
-            cp = Checkpoint.create(self.identity, content)
-            self.checkpoints_out.append(cp)
-            self._take_checkpoint(agg, cp)
         for early in self._early_checkpoints.pop(old.epoch, []):
             self._take_checkpoint(agg, early)
         return True
+
+    def _finish_closing(self, job: _Closing, snap: Snapshot) -> None:
+        """The encoded snapshot of an epoch end: what closes it, and our signature over it."""
+        content = Content(self.cid, job.committee.epoch, job.round, job.index, job.state_hash, snap.hash,
+                          committee_hash(job.next))
+        self.closed[job.committee.epoch] = content
+        self._snapshots_to_store.append(snap)
+        agg = self._aggregators.setdefault(job.committee.epoch, CheckpointAggregator(self.cid, job.committee))
+        if self.identity.member in job.committee:
+            cp = Checkpoint.create(self.identity, content)
+            self.checkpoints_out.append(cp)
+            self._take_checkpoint(agg, cp)
+
+    def finish_closings_now(self) -> None:
+        """Encode pending epoch-end snapshots in this thread (a replay that runs off the loop)."""
+        while self._closings:
+            job = self._closings.pop(0)
+            self._finish_closing(job, job.encode())
 
     def _take_checkpoint(self, agg: CheckpointAggregator, cp: Checkpoint) -> None:
         cert = agg.add(cp)
@@ -538,6 +571,11 @@ class Engine:
         await self.flush_checkpoints()
 
     async def flush_checkpoints(self) -> None:
+        while self._closings:
+            job = self._closings.pop(0)  # popped first: a concurrent flush never takes it twice
+            # A large ledger takes a while to encode: in a worker thread, so the loop keeps
+            # serving (encoding is pure Python, so it shares the GIL in 5 ms slices).
+            self._finish_closing(job, await asyncio.to_thread(job.encode))
         if self._certs_to_store or self._snapshots_to_store:
             async with self.store.batch() as tx:
                 for snap in self._snapshots_to_store:

@@ -43,6 +43,18 @@ class Outcome:
         return self.status == "applied"
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerParts:
+    """What `Ledger.parts` copies out: the state entries, each author's record ids by seq,
+    the deferred records with their consensus times, and the applied-record count."""
+
+    constellation: bytes
+    data: dict[str, bytes]
+    applied: dict[bytes, list[bytes]]
+    deferred: list[tuple[Record, int]]
+    applied_count: int
+
+
 class StateReader:
     """Read-only access to ledger state, namespaced by plugin name."""
 
@@ -180,18 +192,19 @@ class Ledger:
         return tuple(sorted(out, key=lambda mw: mw[0].key))
 
     # -- snapshots (see protocol/snapshot.py) --------------------------------
+    def parts(self) -> LedgerParts:
+        """A copy of everything a snapshot holds, cheap enough to take between two records
+        (the encoding can then run elsewhere while the ledger goes on)."""
+        # Every used seq slot has its id (seq 0 to next - 1), so place them without sorting.
+        applied: dict[bytes, list[bytes]] = {a: [b""] * n for a, n in self._next_seq.items()}
+        for (author, seq), rid in self._applied_ids.items():
+            applied[author][seq] = rid
+        return LedgerParts(self.constellation, dict(self._data), applied, list(self.deferred()), self.applied_count)
+
     def entries(self) -> Iterator[tuple[str, bytes]]:
         """Every state entry, sorted by key."""
         for k in sorted(self._data):
             yield k, self._data[k]
-
-    def applied_ids(self) -> Iterator[tuple[bytes, list[bytes]]]:
-        """Per author (sorted by key): the ids of its records at seq 0, 1, ... that took a seq
-        slot (applied or rejected). They tell a replayed duplicate from a seq reuse."""
-        per: dict[bytes, list[bytes]] = {}
-        for (author, _seq), rid in sorted(self._applied_ids.items()):
-            per.setdefault(author, []).append(rid)
-        yield from sorted(per.items())
 
     def deferred(self) -> Iterator[tuple[Record, int]]:
         """Records waiting for an earlier seq of their author, by (author, seq)."""

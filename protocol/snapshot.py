@@ -13,9 +13,12 @@ by entry within the decoder's per-item limits:
 
     header  {"c", "epoch", "round", "index", "clock", "final", "count",
              "entries", "authors", "deferred"}          the last three are item counts
-    entries times   [key: text, value: bytes]          strictly increasing keys
-    authors times   [author: bytes(32), ids: bytes]    ids = 32-byte record ids, seq 0, 1, ...
-    deferred times  [record: bytes, now: uint]         by (author, seq)
+    entries times   [key: text, value: bytes]                strictly increasing keys
+    authors times   [author: bytes(32), first: uint, ids: bytes]
+                    one author's record ids of seq first, first + 1, ... (32 bytes each, at
+                    most IDS_PER_ITEM); strictly increasing (author, first), each author's
+                    items contiguous from seq 0
+    deferred times  [record: bytes, now: uint]               by (author, seq)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from . import cbor
 from .errors import DecodeError, ValidationError
-from .ledger import Ledger
+from .ledger import Ledger, LedgerParts
 from .plugins import Registry
 from .records import HASH_LEN, MAX_RECORD_SIZE, MAX_SEQ, Record, decode_records
 
@@ -34,6 +37,7 @@ SNAPSHOT_DOMAIN = b"valuemesh/snapshot/v1\x00"
 # accounting state take a few MB.
 MAX_SNAPSHOT_SIZE = 512 * 1024 * 1024
 MAX_ENTRY_SIZE = 2 * MAX_RECORD_SIZE
+IDS_PER_ITEM = 1024
 _HEADER_KEYS = frozenset({"c", "epoch", "round", "index", "clock", "final", "count",
                           "entries", "authors", "deferred"})
 
@@ -65,21 +69,30 @@ class Snapshot:
 
     @classmethod
     def take(cls, ledger: Ledger, *, epoch: int, round: int, index: int, clock: int, final: int) -> Snapshot:
-        entries = list(ledger.entries())
-        authors = list(ledger.applied_ids())
-        deferred = list(ledger.deferred())
+        return cls.encode(ledger.parts(), epoch=epoch, round=round, index=index, clock=clock, final=final)
+
+    @classmethod
+    def encode(cls, parts: LedgerParts, *, epoch: int, round: int, index: int, clock: int, final: int) -> Snapshot:
+        """Encode a ledger's parts (`Ledger.parts`, a copy: this may run in a worker thread
+        while the ledger goes on)."""
+        entries = sorted(parts.data.items())
+        authors: list[tuple[bytes, int, bytes]] = []
+        for author, seq_ids in sorted(parts.applied.items()):
+            for first in range(0, len(seq_ids), IDS_PER_ITEM):
+                authors.append((author, first, b"".join(seq_ids[first:first + IDS_PER_ITEM])))
+        deferred = sorted(parts.deferred, key=lambda d: (d[0].author.key, d[0].seq))
         out = bytearray(cbor.encode({
-            "c": ledger.constellation, "epoch": epoch, "round": round, "index": index, "clock": clock,
-            "final": final, "count": ledger.applied_count,
+            "c": parts.constellation, "epoch": epoch, "round": round, "index": index, "clock": clock,
+            "final": final, "count": parts.applied_count,
             "entries": len(entries), "authors": len(authors), "deferred": len(deferred),
         }))
         for k, v in entries:
             out += cbor.encode([k, v])
-        for author, ids in authors:
-            out += cbor.encode([author, b"".join(ids)])
+        for author, first, chunk in authors:
+            out += cbor.encode([author, first, chunk])
         for rec, now in deferred:
             out += cbor.encode([rec.raw, now])
-        return cls(ledger.constellation, epoch, round, index, clock, final, bytes(out))
+        return cls(parts.constellation, epoch, round, index, clock, final, bytes(out))
 
     @classmethod
     def decode_header(cls, raw: bytes) -> tuple[Snapshot, dict[str, int], int]:
@@ -115,7 +128,7 @@ class Snapshot:
                 data[a] = b
             elif kind == "author":
                 assert isinstance(a, bytes) and isinstance(b, bytes)
-                applied[a] = [b[i:i + HASH_LEN] for i in range(0, len(b), HASH_LEN)]
+                applied.setdefault(a, []).extend(b[i:i + HASH_LEN] for i in range(0, len(b), HASH_LEN))
             else:
                 assert isinstance(a, bytes) and isinstance(b, int)
                 deferred_raw.append((a, b))
@@ -131,26 +144,34 @@ class Snapshot:
 def _items(raw: bytes, pos: int, counts: dict[str, int]) -> list[tuple[str, object, object]]:
     out: list[tuple[str, object, object]] = []
     last_key: str | None = None
-    last_author = b""
+    author, next_seq = b"", 0
     for kind, n in (("entry", counts["entries"]), ("author", counts["authors"]), ("deferred", counts["deferred"])):
         for _ in range(n):
             _need(pos < len(raw), "The snapshot is cut short.")
             item, end = cbor.decode_prefix(raw, pos, 0)
             _need(end - pos <= MAX_ENTRY_SIZE, "A snapshot entry is over the size limit.")
-            _need(isinstance(item, list) and len(item) == 2, "A snapshot item is malformed.")
+            _need(isinstance(item, list) and len(item) == (3 if kind == "author" else 2),
+                  "A snapshot item is malformed.")
             assert isinstance(item, list)
-            a, b = item
             if kind == "entry":
+                a, b = item
                 _need(isinstance(a, str) and isinstance(b, bytes), "A snapshot state entry is malformed.")
                 assert isinstance(a, str)
                 _need(last_key is None or a > last_key, "A snapshot's state entries are not in key order.")
                 last_key = a
             elif kind == "author":
-                _need(isinstance(a, bytes) and len(a) == HASH_LEN and a > last_author and isinstance(b, bytes)
-                      and len(b) % HASH_LEN == 0 and len(b) > 0, "A snapshot's applied ids are malformed.")
-                assert isinstance(a, bytes)
-                last_author = a
+                a, first, b = item
+                _need(isinstance(a, bytes) and len(a) == HASH_LEN and isinstance(b, bytes) and 0 < len(b)
+                      and len(b) % HASH_LEN == 0 and len(b) <= IDS_PER_ITEM * HASH_LEN,
+                      "A snapshot's applied ids are malformed.")
+                assert isinstance(a, bytes) and isinstance(b, bytes)
+                # Each author's ids run from seq 0 without a gap, authors in key order.
+                expected = next_seq if a == author else 0
+                _need((a > author or a == author) and first == expected,
+                      "A snapshot's applied ids are out of order or leave a gap.")
+                author, next_seq = a, expected + len(b) // HASH_LEN
             else:
+                a, b = item
                 _need(isinstance(a, bytes) and _uint(b), "A snapshot's deferred record is malformed.")
             out.append((kind, a, b))
             pos = end
