@@ -483,6 +483,10 @@ async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[d
     Commits are read before blocks: a commit is stored only after the blocks that decide it,
     so the blocks read afterwards always reproduce every commit in the archive.
     """
+    first = await store.first_commit_index(eng.cid)
+    if first not in (0, None):
+        raise LocalError("This node holds the ledger from a checkpoint on (it started from one, or prunes old "
+                         "blocks); export the archive from a node that keeps the whole history.")
     # Checkpoints first: one is stored only after the commit that closed its epoch.
     stored_checkpoints = await store.checkpoints(eng.cid)
     entries = [e async for e in store.iter_commits(eng.cid)]

@@ -128,9 +128,13 @@ class Node:
         mdns_interfaces: Sequence[str] = (),
         registry: Registry | None = None,
         checkpoint_start_min_records: int = CHECKPOINT_START_MIN_RECORDS,
+        retain_epochs: int | None = None,
     ) -> None:
         self.home = home
         self.checkpoint_start_min_records = checkpoint_start_min_records
+        if retain_epochs is not None and retain_epochs < 1:
+            raise LocalError("retain_epochs must be 1 or more (or absent: keep every block).")
+        self.retain_epochs = retain_epochs
         self.identity = identity
         self.listen_host, self.listen_port = parse_hostport(listen)
         self.api_host, self.api_port = parse_hostport(api, "127.0.0.1")
@@ -177,6 +181,7 @@ class Node:
             try:
                 genesis = decode_record(info.genesis)
                 eng = Engine(self.store, self.registry, self.identity, genesis)
+                eng.retain_epochs = self.retain_epochs
                 await eng.load()
             except (PluginError, LocalError) as exc:
                 log.error("cannot follow constellation %s: %s", constellation_text(info.id), exc.message)
@@ -614,6 +619,7 @@ class Node:
             self._join_asked.pop(inv.constellation, None)
         try:
             eng = Engine(self.store, self.registry, self.identity, genesis)
+            eng.retain_epochs = self.retain_epochs
         except ValuemeshError:
             self._join_links.pop(inv.constellation, None)
             raise
@@ -778,6 +784,7 @@ class Node:
                                created=now_ms(), plugins=plugins)
         await self.store.reserve_seq(genesis.constellation, self.identity.member)
         eng = Engine(self.store, self.registry, self.identity, genesis)
+        eng.retain_epochs = self.retain_epochs
         async with self.store.batch() as tx:
             tx.put_constellation(eng.info())
             tx.put_records([genesis], now_ms())
@@ -988,7 +995,8 @@ def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: li
                 api=api or cfg.get("api", "127.0.0.1:7471"), network=network or cfg.get("network", "valuemesh-main"),
                 bootstrap=bootstrap or cfg.get("bootstrap", []), mdns=mdns, mdns_interfaces=mdns_interfaces,
                 checkpoint_start_min_records=_config_count(cfg, "checkpoint_start_min_records",
-                                                           CHECKPOINT_START_MIN_RECORDS))
+                                                           CHECKPOINT_START_MIN_RECORDS),
+                retain_epochs=_config_count(cfg, "retain_epochs", 0) or None)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

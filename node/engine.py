@@ -158,6 +158,9 @@ class Engine:
         self._certs_to_store: list[StoredCheckpoint] = []
         self._snapshots_to_store: list[Snapshot] = []
         self._closings: list[_Closing] = []  # epoch ends whose snapshot is not encoded yet
+        # Pruning (opt-in): keep the blocks of this many closed epochs, drop older ones.
+        self.retain_epochs: int | None = None
+        self._pruned_below = 0
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
         self.closed: dict[int, Content] = {}  # what each epoch closed with, as its checkpoint says
@@ -584,6 +587,24 @@ class Engine:
                     tx.put_checkpoint(c)
             self._certs_to_store.clear()
             self._snapshots_to_store.clear()
+        await self._prune()
+
+    async def _prune(self) -> None:
+        """Drop the blocks of closed epochs beyond the retained ones, and the order below them.
+
+        Epoch e's blocks go once epoch e + retain_epochs is certified: a peer still deciding a
+        recent epoch end finds its blocks here, and a restart starts from the latest kept
+        snapshot (all blocks after it are kept)."""
+        if self.retain_epochs is None or not self.certified:
+            return
+        keep_from = max(self.certified) - self.retain_epochs + 1
+        edge = self.certified.get(keep_from - 1)
+        if keep_from <= self._pruned_below or edge is None:
+            return
+        async with self.store.batch() as tx:
+            tx.prune(self.cid, below_epoch=keep_from, below_index=edge.index)
+        self._pruned_below = keep_from
+        log.info("pruned blocks before epoch %d", keep_from, extra={"c": self.text_id, "epoch": keep_from})
 
     def _note(self, o: Outcome) -> None:
         if o.status in ("duplicate", "deferred"):

@@ -437,6 +437,14 @@ WHEN NEW.idx != COALESCE(
 BEGIN
     SELECT RAISE(ABORT, 'final order: a commit must extend the order without a gap');
 END;
+-- Pruning (opt-in, docs/operator.md) may drop the order below a kept snapshot: the snapshot
+-- holds what it led to. Above it, the order is still never deleted.
+DROP TRIGGER commits_are_never_deleted;
+CREATE TRIGGER commits_are_never_deleted BEFORE DELETE ON commits
+WHEN OLD.idx >= COALESCE((SELECT MAX(commit_idx) FROM snapshots WHERE constellation = OLD.constellation), 0)
+BEGIN
+    SELECT RAISE(ABORT, 'final order: it is never rewritten');
+END;
 """
 
 
@@ -634,6 +642,15 @@ class Batch:
         _check_hash(constellation, "A constellation id")
         ids = [_check_hash(r, "A record id") for r in record_ids]
         self._queue("pending_remove", constellation, ids, weight=len(ids))
+
+    def prune(self, constellation: bytes, *, below_epoch: int, below_index: int) -> None:
+        """Delete the blocks of epochs before `below_epoch` and the final order before
+        `below_index` (where the snapshot closing epoch `below_epoch - 1` stands; a kept
+        snapshot at or above that index must exist, or the schema refuses). Records stay:
+        each final record remains readable by id."""
+        _check_hash(constellation, "A constellation id")
+        _need(_is_uint(below_epoch) and _is_uint(below_index), "Prune bounds must be >= 0.")
+        self._queue("prune", constellation, below_epoch, below_index)
 
     def append_commits(self, constellation: bytes, entries: Sequence[CommitEntry]) -> None:
         """Extend the final order; entries must continue it without a gap, in index order.
@@ -865,6 +882,15 @@ class _Apply:
             "DELETE FROM pending WHERE constellation = ? AND record_id = ?",
             [(constellation, rid) for rid in ids],
         )
+
+    async def op_prune(self, constellation: bytes, below_epoch: int, below_index: int) -> None:
+        # Order matters for the foreign keys: the order, then the block-record links, then blocks.
+        await self.db.execute("DELETE FROM commits WHERE constellation = ? AND idx < ?", (constellation, below_index))
+        await self.db.execute(
+            "DELETE FROM block_records WHERE block_id IN (SELECT id FROM blocks WHERE constellation = ? AND epoch < ?)",
+            (constellation, below_epoch),
+        )
+        await self.db.execute("DELETE FROM blocks WHERE constellation = ? AND epoch < ?", (constellation, below_epoch))
 
     async def op_commits(self, constellation: bytes, entries: list[CommitEntry]) -> None:
         if not entries:

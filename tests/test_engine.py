@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from valuemesh.node import engine as engine_mod
+from valuemesh.node.accounting_api import build_archive
 from valuemesh.node.daemon import installed_registry
 from valuemesh.node.engine import Engine
-from valuemesh.node.store import Store
+from valuemesh.node.store import Store, StoreError
 from valuemesh.protocol.builtin.membership import make_genesis
 from valuemesh.protocol.consensus import CheckpointCertificate, verify_chain
 from valuemesh.protocol.errors import LocalError
@@ -180,5 +181,50 @@ async def test_an_epoch_also_ends_every_epoch_rounds_with_the_same_core(tmp_path
         again = Engine(store, registry, FOUNDER, genesis, replace(engine_mod.NODE_PARAMS, epoch_rounds=3))
         await again.load()
         assert again.committee == eng.committee and again.ledger.state_hash() == eng.ledger.state_hash()
+    finally:
+        await store.close()
+
+
+async def test_pruning_keeps_the_retained_epochs_and_a_restart_needs_nothing_older(tmp_path: Path) -> None:
+    registry = installed_registry()
+    genesis = make_genesis(FOUNDER, name="bakery", purpose="", nonce=bytes(16), created=T0,
+                           plugins={n: str(p.version) for n, p in registry.plugins.items()})
+    params = replace(engine_mod.NODE_PARAMS, epoch_rounds=3)
+    path = tmp_path / "a.sqlite"
+    store = await Store.open(path)
+    try:
+        eng = Engine(store, registry, FOUNDER, genesis, params)
+        eng.retain_epochs = 1
+        async with store.batch() as tx:
+            tx.put_constellation(eng.info())
+            tx.put_records([genesis], T0)
+        records = []
+        for seq in range(1, 16):  # bounded: a single core member finalises each record at once
+            records.append(_record(eng, seq))
+            await eng.submit([records[-1]], T0 + 100 * seq)
+            for t in range(5):
+                await eng.tick(T0 + 100 * seq + 10 * (t + 1))
+        assert eng.final_count == 16 and eng.committee.epoch >= 3
+        newest = max(eng.certified)
+        kept = {b.epoch async for b in store.iter_blocks(eng.cid)}
+        assert min(kept) == newest  # the last closed epoch stays for lagging peers; older ones are gone
+        assert await store.first_commit_index(eng.cid) == eng.certified[newest - 1].index > 0
+        # Every final record is still readable by id, pruned blocks or not.
+        assert await store.record_status(records[0].id) == "final"
+        with pytest.raises(StoreError, match="never rewritten"):  # the order above a snapshot stays
+            async with store.batch() as tx:
+                tx.prune(eng.cid, below_epoch=0, below_index=eng.commit_index)
+        with pytest.raises(LocalError, match="whole history"):
+            await build_archive(store, eng, registry)
+        state, committee = eng.ledger.state_hash(), eng.committee
+    finally:
+        await store.close()
+    store = await Store.open(path)
+    try:  # a restart starts from the latest snapshot: it needs nothing that was pruned
+        again = Engine(store, registry, FOUNDER, genesis, params)
+        again.retain_epochs = 1
+        await again.load()
+        assert again.base is not None and again.ledger.state_hash() == state and again.committee == committee
+        assert again.final_count == 16
     finally:
         await store.close()
