@@ -164,6 +164,14 @@ def status(c: Ctx) -> None:
         lines.append(f"  members {k['members']} (core {k['core']}), final {k['final']}, pending {k['pending']}, "
                      f"round {k['round']}, catch-up {k['catchup']}")
         lines.append(f"  guarantee: {k['guarantee_text']}")
+        cp = k.get("checkpoint")
+        if cp:
+            lines.append(f"  epoch {k['epoch']}; last checkpoint: epoch {cp['epoch']} at round {cp['round']}, "
+                         f"signed by {len(cp['signers'])}")
+        if k.get("started_from"):
+            s = k["started_from"]
+            lines.append(f"  started from the checkpoint of epoch {s['epoch']}: holds the state, and the records "
+                         f"final after the first {s['final']}")
     c.out(doc, "\n".join(lines))
 
 
