@@ -15,7 +15,7 @@ from valuemesh.node.daemon import installed_registry
 from valuemesh.node.engine import Engine
 from valuemesh.node.store import Store, StoreError
 from valuemesh.protocol.builtin.membership import make_genesis
-from valuemesh.protocol.consensus import CheckpointCertificate, verify_chain
+from valuemesh.protocol.consensus import CheckpointCertificate, Params, verify_chain
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite
@@ -25,16 +25,28 @@ FOUNDER = Identity(bytes([3]) * 32)
 T0 = 1_795_000_000_000
 
 
-async def _engine(path: Path) -> tuple[Store, Engine]:
+async def _engine(path: Path, params: Params = engine_mod.NODE_PARAMS) -> tuple[Store, Engine]:
     registry = installed_registry()
     genesis = make_genesis(FOUNDER, name="bakery", purpose="", nonce=bytes(16), created=T0,
                            plugins={n: str(p.version) for n, p in registry.plugins.items()})
     store = await Store.open(path)
-    eng = Engine(store, registry, FOUNDER, genesis)
+    eng = Engine(store, registry, FOUNDER, genesis, params)
     async with store.batch() as tx:
         tx.put_constellation(eng.info())
         tx.put_records([genesis], T0)
     return store, eng
+
+
+async def _finalise(eng: Engine, count: int) -> list[Record]:
+    """The founder's next `count` records, one at a time; a single core member finalises
+    each at once (bounded ticks)."""
+    out = []
+    for seq in range(1, count + 1):
+        out.append(_record(eng, seq))
+        await eng.submit([out[-1]], T0 + 100 * seq)
+        for t in range(5):
+            await eng.tick(T0 + 100 * seq + 10 * (t + 1))
+    return out
 
 
 def _record(eng: Engine, seq: int) -> Record:
@@ -155,19 +167,10 @@ async def test_a_newcomer_starts_from_the_checkpoint_and_restarts_from_it(tmp_pa
 
 
 async def test_an_epoch_also_ends_every_epoch_rounds_with_the_same_core(tmp_path: Path) -> None:
-    registry = installed_registry()
-    genesis = make_genesis(FOUNDER, name="bakery", purpose="", nonce=bytes(16), created=T0,
-                           plugins={n: str(p.version) for n, p in registry.plugins.items()})
-    store = await Store.open(tmp_path / "a.sqlite")
+    params = replace(engine_mod.NODE_PARAMS, epoch_rounds=3)
+    store, eng = await _engine(tmp_path / "a.sqlite", params)
     try:
-        eng = Engine(store, registry, FOUNDER, genesis, replace(engine_mod.NODE_PARAMS, epoch_rounds=3))
-        async with store.batch() as tx:
-            tx.put_constellation(eng.info())
-            tx.put_records([genesis], T0)
-        for seq in range(1, 13):  # bounded: a single core member finalises each record at once
-            await eng.submit([_record(eng, seq)], T0 + 100 * seq)
-            for t in range(5):
-                await eng.tick(T0 + 100 * seq + 10 * (t + 1))
+        await _finalise(eng, 12)
         assert eng.final_count == 13
         assert eng.committee.epoch >= 2 and eng.committee.members == eng.genesis_committee.members
         starts = [c.start_round for c in sorted(eng._committees.values(), key=lambda c: c.epoch)]
@@ -178,7 +181,7 @@ async def test_an_epoch_also_ends_every_epoch_rounds_with_the_same_core(tmp_path
         assert snap is not None and snap.epoch == eng.committee.epoch - 1
         # A restart replays the same epochs (the machine checks the stored committees cover
         # every periodic end) to the same state.
-        again = Engine(store, registry, FOUNDER, genesis, replace(engine_mod.NODE_PARAMS, epoch_rounds=3))
+        again = Engine(store, eng.registry, FOUNDER, eng.genesis, params)
         await again.load()
         assert again.committee == eng.committee and again.ledger.state_hash() == eng.ledger.state_hash()
     finally:
@@ -186,24 +189,12 @@ async def test_an_epoch_also_ends_every_epoch_rounds_with_the_same_core(tmp_path
 
 
 async def test_pruning_keeps_the_retained_epochs_and_a_restart_needs_nothing_older(tmp_path: Path) -> None:
-    registry = installed_registry()
-    genesis = make_genesis(FOUNDER, name="bakery", purpose="", nonce=bytes(16), created=T0,
-                           plugins={n: str(p.version) for n, p in registry.plugins.items()})
     params = replace(engine_mod.NODE_PARAMS, epoch_rounds=3)
     path = tmp_path / "a.sqlite"
-    store = await Store.open(path)
+    store, eng = await _engine(path, params)
     try:
-        eng = Engine(store, registry, FOUNDER, genesis, params)
         eng.retain_epochs = 1
-        async with store.batch() as tx:
-            tx.put_constellation(eng.info())
-            tx.put_records([genesis], T0)
-        records = []
-        for seq in range(1, 16):  # bounded: a single core member finalises each record at once
-            records.append(_record(eng, seq))
-            await eng.submit([records[-1]], T0 + 100 * seq)
-            for t in range(5):
-                await eng.tick(T0 + 100 * seq + 10 * (t + 1))
+        records = await _finalise(eng, 15)
         assert eng.final_count == 16 and eng.committee.epoch >= 3
         newest = max(eng.certified)
         kept = {b.epoch async for b in store.iter_blocks(eng.cid)}
@@ -215,13 +206,13 @@ async def test_pruning_keeps_the_retained_epochs_and_a_restart_needs_nothing_old
             async with store.batch() as tx:
                 tx.prune(eng.cid, below_epoch=0, below_index=eng.commit_index)
         with pytest.raises(LocalError, match="whole history"):
-            await build_archive(store, eng, registry)
+            await build_archive(store, eng, eng.registry)
         state, committee = eng.ledger.state_hash(), eng.committee
     finally:
         await store.close()
     store = await Store.open(path)
     try:  # a restart starts from the latest snapshot: it needs nothing that was pruned
-        again = Engine(store, registry, FOUNDER, genesis, params)
+        again = Engine(store, eng.registry, FOUNDER, eng.genesis, params)
         again.retain_epochs = 1
         await again.load()
         assert again.base is not None and again.ledger.state_hash() == state and again.committee == committee
