@@ -160,6 +160,7 @@ class Engine:
         self._closings: list[_Closing] = []  # epoch ends whose snapshot is not encoded yet
         # Pruning (opt-in): keep the blocks of this many closed epochs, drop older ones.
         self.retain_epochs: int | None = None
+        self.loading = False
         self._pruned_below = 0
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
@@ -205,11 +206,24 @@ class Engine:
     # -- loading -------------------------------------------------------------
     async def load(self) -> Effects:
         """Rebuild ledger and consensus from the store after a (re)start (before the node
-        hands the engine anything else)."""
+        hands the engine anything else), or after skipping ahead to a snapshot. While it
+        runs, the machine is being rebuilt: ticks, proposals and blocks are not taken (the
+        records stay pending, and sync brings the blocks again)."""
+        self.loading = True
+        try:
+            eff = await self._load()
+        finally:
+            self.loading = False
+        if self.pending and self.is_core():  # records submitted while it ran (the machine dedups)
+            self._merge(eff, await self.propose(list(self.pending.values()), self.clock))
+        return eff
+
+    async def _load(self) -> Effects:
         start = 0
         snap = await self.store.latest_snapshot(self.cid)
-        if snap is not None and await self.store.first_commit_index(self.cid) != 0:
-            # This node started from a checkpoint (docs/consensus.md §7): it holds nothing before.
+        if snap is not None and not await self.store.holds_order_to(self.cid, snap.index):
+            # This node started from a checkpoint, skipped ahead to one, or pruned what came
+            # before (docs/consensus.md §7): it cannot replay up to it, so it starts there.
             self._start_from(snap)
             start = snap.index
         for cert in await self.store.checkpoints(self.cid):
@@ -229,12 +243,16 @@ class Engine:
         committees, self._replaying = self._replaying, None
         now = self.clock
         out = self.consensus.restore(list(blocks.values()), committed, committees)
+        stale = []
         for rec in await self.store.pending(self.cid):
             if rec.seq >= self.ledger.next_seq(rec.author):  # its slot is not used by a final record yet
                 self.pending[rec.id] = rec
+            else:
+                stale.append(rec.id)
+        if stale:  # final in a snapshot this node started from, so never committed here
+            async with self.store.batch() as tx:
+                tx.remove_pending(self.cid, stale)
         eff = await self._handle(out, now)
-        if self.pending and self.is_core():
-            self._merge(eff, await self._handle(self.consensus.propose(list(self.pending.values()), now), now))
         await self.flush_checkpoints()  # epoch ends the replay met that were not certified yet
         return eff
 
@@ -274,6 +292,26 @@ class Engine:
             for c in certs:
                 tx.put_checkpoint(c)
         return await self.load()
+
+    async def fast_forward(self, snap: Snapshot, certs: Sequence[StoredCheckpoint]) -> Effects:
+        """Skip ahead to a verified snapshot of a later epoch end (a node too far behind to
+        catch up by blocks, e.g. from peers that pruned them). What this node ordered before
+        is a prefix of the same order (agreement), so nothing it holds is contradicted; the
+        records in between are final in the snapshot's state, not listed one by one."""
+        if snap.epoch < self.committee.epoch or snap.index <= self.commit_index:
+            raise LocalError("The snapshot is not ahead of this node.")
+        async with self.store.batch() as tx:
+            tx.put_snapshot(snap)
+            for c in certs:
+                tx.put_checkpoint(c)
+        self.certified.clear()
+        self._closings.clear()
+        self._scheduled.clear()
+        self.pending.clear()  # load takes back those still to be final
+        eff = await self.load()
+        if self.unreachable:
+            self._merge(eff, await self.set_unreachable(self.unreachable, self.clock))
+        return eff
 
     async def checkpoint_chain(self) -> tuple[list[list[bytes]], Snapshot | None]:
         """What a newcomer needs to start from our latest certified epoch end: one link per
@@ -327,7 +365,7 @@ class Engine:
     # are applied, and their writes queued, in the order the machine made them, and an epoch
     # end is answered before anything else reaches the machine.
     async def propose(self, records: Sequence[Record], now: int) -> Effects:
-        if not self.is_core() or not records:
+        if not self.is_core() or not records or self.loading:
             return Effects()
         return await self._handle(self.consensus.propose(records, now), now)
 
@@ -346,11 +384,15 @@ class Engine:
             self._seen_raw.popitem(last=False)
 
     async def tick(self, now: int) -> Effects:
+        if self.loading:
+            return Effects()
         return await self._handle(self.consensus.tick(now), now)
 
     async def set_unreachable(self, members: set[MemberId], now: int) -> Effects:
         """The members this node has no link to (their anchors are not waited for)."""
         self.unreachable = set(members)
+        if self.loading:
+            return Effects()  # fast_forward passes them on once the machine is rebuilt
         return await self._handle(self.consensus.set_unreachable(members, now), now)
 
     async def add_blocks(self, blocks: Sequence[Block], now: int) -> tuple[Effects, list[str]]:
@@ -363,6 +405,8 @@ class Engine:
         errors: list[str] = []
         accepted: list[Block] = []
         outs: list[Output] = []
+        if self.loading:
+            return Effects(), errors
         for b in blocks:
             try:
                 outs.append(self.consensus.add_block(b, now))

@@ -426,14 +426,14 @@ CREATE TABLE snapshots (
     raw           BLOB NOT NULL,
     PRIMARY KEY (constellation, epoch)
 );
--- A node started from a snapshot holds no order before it: its first commit is the
--- snapshot's index. Otherwise the rule is unchanged (extend the order without a gap).
+-- A node that started (or, far behind, went on) from a snapshot holds no order between
+-- its last commit and the snapshot: its next commit is the snapshot's index. Otherwise the
+-- rule is unchanged (extend the order without a gap).
 DROP TRIGGER commits_extend_the_order;
 CREATE TRIGGER commits_extend_the_order BEFORE INSERT ON commits
-WHEN NEW.idx != COALESCE(
-    (SELECT MAX(idx) + 1 FROM commits WHERE constellation = NEW.constellation),
-    (SELECT MAX(commit_idx) FROM snapshots WHERE constellation = NEW.constellation),
-    0)
+WHEN NEW.idx != MAX(
+    COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = NEW.constellation), 0),
+    COALESCE((SELECT MAX(commit_idx) FROM snapshots WHERE constellation = NEW.constellation), 0))
 BEGIN
     SELECT RAISE(ABORT, 'final order: a commit must extend the order without a gap');
 END;
@@ -898,8 +898,8 @@ class _Apply:
         first, last = entries[0].index, entries[-1].index
         # One round trip: where the order ends now, and what it already holds in our range.
         rows = await self.db.execute_fetchall(
-            "SELECT (SELECT COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = ?1), "
-            "(SELECT MAX(commit_idx) FROM snapshots WHERE constellation = ?1), 0)), c.idx, c.block_id "
+            "SELECT MAX(COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = ?1), 0), "
+            "COALESCE((SELECT MAX(commit_idx) FROM snapshots WHERE constellation = ?1), 0)), c.idx, c.block_id "
             "FROM (SELECT 1) LEFT JOIN commits c ON c.constellation = ?1 AND c.idx BETWEEN ?2 AND ?3",
             (constellation, first, last),
         )
@@ -1514,10 +1514,16 @@ class Store:
     async def commit_count(self, constellation: bytes) -> int:
         """How many blocks are final; also the index the next commit must carry."""
         rows = await self._rows(
-            "SELECT COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = ?1), "
-            "(SELECT MAX(commit_idx) FROM snapshots WHERE constellation = ?1), 0)", (constellation,)
+            "SELECT MAX(COALESCE((SELECT MAX(idx) + 1 FROM commits WHERE constellation = ?1), 0), "
+            "COALESCE((SELECT MAX(commit_idx) FROM snapshots WHERE constellation = ?1), 0))", (constellation,)
         )
         return int(rows[0][0])
+
+    async def holds_order_to(self, constellation: bytes, end: int) -> bool:
+        """Whether the final order from 0 to `end` (exclusive) is all here."""
+        rows = await self._rows("SELECT COUNT(*) FROM commits WHERE constellation = ? AND idx < ?",
+                                (constellation, end))
+        return int(rows[0][0]) == end
 
     async def first_commit_index(self, constellation: bytes) -> int | None:
         """The index of the first commit held (0, or a snapshot's for a node started from

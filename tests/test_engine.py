@@ -40,8 +40,12 @@ async def _engine(path: Path, params: Params = engine_mod.NODE_PARAMS) -> tuple[
 async def _finalise(eng: Engine, count: int) -> list[Record]:
     """The founder's next `count` records, one at a time; a single core member finalises
     each at once (bounded ticks)."""
+    return await _finalise_from(eng, 1, count)
+
+
+async def _finalise_from(eng: Engine, first: int, count: int) -> list[Record]:
     out = []
-    for seq in range(1, count + 1):
+    for seq in range(first, first + count):
         out.append(_record(eng, seq))
         await eng.submit([out[-1]], T0 + 100 * seq)
         for t in range(5):
@@ -219,3 +223,43 @@ async def test_pruning_keeps_the_retained_epochs_and_a_restart_needs_nothing_old
         assert again.final_count == 16
     finally:
         await store.close()
+
+
+async def test_a_node_far_behind_skips_ahead_to_a_later_snapshot(tmp_path: Path) -> None:
+    params = replace(engine_mod.NODE_PARAMS, epoch_rounds=3)
+    store_a, a = await _engine(tmp_path / "a.sqlite", params)
+    store_b = await Store.open(tmp_path / "b.sqlite")
+    try:
+        b = Engine(store_b, a.registry, NEWCOMER, a.genesis, params)  # a follower of the founder
+        async with store_b.batch() as tx:
+            tx.put_constellation(b.info())
+            tx.put_records([a.genesis], T0)
+        await _finalise(a, 2)
+        _, errors = await b.add_blocks([blk async for blk in store_a.iter_blocks(a.cid)], T0 + 500)
+        assert errors == [] and b.final_count == a.final_count == 3
+        seen = {blk.id async for blk in store_a.iter_blocks(a.cid)}
+        more = await _finalise_from(a, 3, 13)  # b misses all of it: several epochs
+        snap = await store_a.latest_snapshot(a.cid)
+        assert snap is not None and snap.epoch > b.committee.epoch and b.commit_index < snap.index
+        await b.fast_forward(snap, await store_a.checkpoints(a.cid))
+        assert b.base == snap and b.commit_index == snap.index and b.final_count == snap.final
+        with pytest.raises(LocalError, match="not ahead"):
+            await b.fast_forward(snap, [])
+        # It goes on with the blocks after the snapshot, to the founder's state.
+        later = [blk async for blk in store_a.iter_blocks(a.cid) if blk.id not in seen and blk.epoch > snap.epoch]
+        _, errors = await b.add_blocks(later, T0 + 10_000)
+        assert errors == [] and b.ledger.state_hash() == a.ledger.state_hash() and b.final_count == a.final_count
+        # Its record list begins at the snapshot, and from there is the founder's, entry for entry.
+        assert [(e["index"], e["id"], e["status"]) for e in b.final] == \
+            [(e["index"], e["id"], e["status"]) for e in a.final[snap.final:]]
+        assert more[-1].id.hex() in {e["id"] for e in a.final}
+    finally:
+        await store_a.close()
+        await store_b.close()
+    store_b = await Store.open(tmp_path / "b.sqlite")
+    try:  # its order has a gap now, so a restart starts from the snapshot it skipped to
+        again = Engine(store_b, a.registry, NEWCOMER, a.genesis, params)
+        await again.load()
+        assert again.base == snap and again.ledger.state_hash() == a.ledger.state_hash()
+    finally:
+        await store_b.close()

@@ -387,6 +387,12 @@ class Consensus:
         comes next (`schedule_committee` or `keep_committee`)."""
         return self._closing.round if self._closing is not None else None
 
+    @property
+    def epoch_seen(self) -> int:
+        """The highest epoch of a block this machine holds or waits on (a node far behind
+        sees later epochs' blocks it cannot take yet)."""
+        return max((b.epoch for b in self._future.values()), default=self.epoch)
+
     def _due(self, anchor_round: int) -> bool:
         n = self._p.epoch_rounds
         return n is not None and anchor_round >= self._epoch_start + n
