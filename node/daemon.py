@@ -74,6 +74,10 @@ JOIN_TIMEOUT_S = 15.0
 # records (config key `checkpoint_start_min_records`; below it, the whole history is cheap).
 CHECKPOINT_START_MIN_RECORDS = 10_000
 CHECKPOINT_TIMEOUT_S = 10.0  # for the chain and for each snapshot part
+# A node holding blocks this many epochs ahead of its own that orders nothing for this long
+# is stuck behind blocks its peers pruned: it skips ahead to a checkpoint.
+SKIP_AHEAD_EPOCHS = 2
+SKIP_AHEAD_STALL_S = 5.0
 SYNC_BATCH = 128
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
@@ -164,6 +168,8 @@ class Node:
         # A newcomer's pending checkpoint start: the link asked, and where its answers go.
         self._chain_waiters: dict[bytes, tuple[PeerLink, asyncio.Future[m.CheckpointChain]]] = {}
         self._snapshot_parts: dict[bytes, tuple[PeerLink, asyncio.Queue[m.SnapshotPart]]] = {}
+        self._stuck: dict[bytes, tuple[float, int]] = {}  # since when an engine far behind made no progress
+        self._background: set[asyncio.Task[None]] = set()
         self._last_progress_log = 0.0
         self._sign_lock = asyncio.Lock()
         self._submit_queue: list[_SubmitJob] = []
@@ -229,9 +235,9 @@ class Node:
         self._stopping.set()
         if self._submitter is not None:
             self._tasks.append(self._submitter)
-        for t in [*self._tasks, *self._streams.values()]:
+        for t in [*self._tasks, *self._streams.values(), *self._background]:
             t.cancel()
-        for t in [*self._tasks, *self._streams.values()]:
+        for t in [*self._tasks, *self._streams.values(), *self._background]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.discovery is not None:
@@ -277,6 +283,8 @@ class Node:
                         # Until our records are final, keep handing them to core
                         # members: a link may have dropped, or a core node restarted.
                         await self._forward(eng, list(eng.pending.values()))
+                    if forward:
+                        self._check_stuck(eng, time.monotonic())
                 except ValuemeshError as exc:
                     log.warning("tick failed for %s: %s", eng.text_id, exc.message)
 
@@ -643,19 +651,75 @@ class Node:
 
     async def _start_from_checkpoint(self, link: PeerLink, eng: Engine) -> bool:
         """Start a newcomer's engine from the welcomer's latest certified checkpoint, if it
-        has one covering at least `checkpoint_start_min_records` final records.
+        has one covering at least `checkpoint_start_min_records` final records. On any
+        failure the node syncs from genesis instead."""
+        got = await self._fetch_checkpoint(link, eng, self.checkpoint_start_min_records, "syncing from genesis")
+        if got is None:
+            return False
+        try:
+            await eng.install_snapshot(*got)
+        except ValuemeshError as exc:
+            log.warning("could not start from a checkpoint (%s); syncing from genesis", exc.message,
+                        extra={"c": eng.text_id})
+            return False
+        log.info("started from the checkpoint of epoch %d", got[0].epoch,
+                 extra={"c": eng.text_id, "epoch": got[0].epoch})
+        return True
+
+    async def _skip_ahead(self, link: PeerLink, eng: Engine) -> None:
+        """A node stuck behind epochs its peers no longer hold blocks of (they prune) skips
+        ahead to a peer's latest certified checkpoint, then syncs from there."""
+        got = await self._fetch_checkpoint(link, eng, 0, "still behind")
+        if got is None or got[0].epoch < eng.committee.epoch:
+            return
+        try:
+            eff = await eng.fast_forward(*got)
+        except ValuemeshError as exc:
+            log.warning("could not skip ahead to a checkpoint (%s)", exc.message, extra={"c": eng.text_id})
+            return
+        log.info("skipped ahead to the checkpoint of epoch %d", got[0].epoch,
+                 extra={"c": eng.text_id, "epoch": got[0].epoch})
+        await self._effects(eng, eff)
+        for key, lk in list(self.links.items()):
+            if eng.may_receive(key):
+                await self._send_heads(lk, eng)
+
+    def _check_stuck(self, eng: Engine, now: float) -> None:
+        """Start `_skip_ahead` for an engine that holds blocks two epochs or more ahead of
+        its own and has ordered nothing for SKIP_AHEAD_STALL_S (a peer that could send the
+        blocks in between would have made it progress)."""
+        if eng.loading or eng.consensus.epoch_seen < eng.consensus.epoch + SKIP_AHEAD_EPOCHS:
+            self._stuck.pop(eng.cid, None)
+            return
+        since, index = self._stuck.get(eng.cid, (now, eng.commit_index))
+        if index != eng.commit_index:
+            since, index = now, eng.commit_index
+        self._stuck[eng.cid] = (since, index)
+        if now - since < SKIP_AHEAD_STALL_S or eng.cid in self._chain_waiters:
+            return
+        links = [lk for k, lk in self.links.items() if eng.may_receive(k) and not lk.closed]
+        if links:
+            self._stuck[eng.cid] = (now, index)  # the next try waits a full stall again
+            task = asyncio.create_task(self._skip_ahead(links[int(now) % len(links)], eng))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _fetch_checkpoint(self, link: PeerLink, eng: Engine, min_records: int,
+                                fallback: str) -> tuple[Snapshot, list[StoredCheckpoint]] | None:
+        """Ask `link` for its latest certified checkpoint and fetch its snapshot, if that
+        covers at least `min_records` final records more than we hold.
 
         Every link of the certificate chain is checked from the genesis committee on, and the
-        snapshot against the last certificate's hash, so the welcomer can only withhold a
-        checkpoint, never forge one. On any failure the node syncs from genesis instead.
+        snapshot against the last certificate's hash, so a peer can only withhold a
+        checkpoint, never forge one. None (and a log line) on any failure.
         """
         fut: asyncio.Future[m.CheckpointChain] = asyncio.get_running_loop().create_future()
         self._chain_waiters[eng.cid] = (link, fut)
         try:
             await self._send(link, m.GetCheckpoint(eng.cid))
             chain = await asyncio.wait_for(fut, CHECKPOINT_TIMEOUT_S)
-            if not chain.links or chain.final < self.checkpoint_start_min_records:
-                return False
+            if not chain.links or chain.final - eng.final_count < min_records:
+                return None
             links = [(CheckpointCertificate.from_map(cbor.decode(a)), decode_committee(b)) for a, b in chain.links]
             committee = verify_chain(eng.genesis_committee, links)
             cert = links[-1][0]
@@ -667,17 +731,13 @@ class Node:
                 raise RemoteError("The snapshot is not the one its checkpoint certifies.")
             if eng.snapshot_committee(snap) != committee:
                 raise RemoteError("The snapshot's committee is not the one its checkpoint attests.")
-            certs = [StoredCheckpoint.of(cc.content, {mm.key: sig for mm, sig in cc.signatures}, encode_committee(nxt))
-                     for cc, nxt in links]
-            await eng.install_snapshot(snap, certs)
-            log.info("started from the checkpoint of epoch %d", c.epoch,
-                     extra={"c": eng.text_id, "epoch": c.epoch})
-            return True
+            return snap, [StoredCheckpoint.of(cc.content, {mm.key: sig for mm, sig in cc.signatures},
+                                              encode_committee(nxt)) for cc, nxt in links]
         except (ValuemeshError, TimeoutError, ConnectionError) as exc:
             reason = exc.message if isinstance(exc, ValuemeshError) else type(exc).__name__
-            log.warning("could not start from a checkpoint (%s); syncing from genesis", reason,
+            log.warning("could not take a checkpoint from %s (%s); %s", link.remote.short, reason, fallback,
                         extra={"c": eng.text_id})
-            return False
+            return None
         finally:
             self._chain_waiters.pop(eng.cid, None)
             self._snapshot_parts.pop(eng.cid, None)

@@ -120,3 +120,45 @@ def test_a_newcomer_starts_from_the_latest_checkpoint(tmp_path: Path) -> None:
         newcomer.start()
         wait_until(caught_up, DEADLINE_S, "the restarted newcomer to agree")
         assert newcomer.cli_json("status")["constellations"][0]["started_from"]["epoch"] == 1
+
+
+def test_a_member_behind_pruned_epochs_skips_ahead_to_a_checkpoint(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, 4)
+    try:
+        for d in c.daemons:  # every node prunes all but the last closed epoch
+            d.cli("init", "--name", d.name)
+            cfg_path = d.home / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["retain_epochs"] = 1
+            cfg_path.write_text(json.dumps(cfg))
+        c.start()
+        founder, late = c.daemons[0], c.daemons[3]
+        cid = founder.cli_json("constellation", "create", "bakery")["id"]
+        late.cli("constellation", "join", founder.cli("constellation", "invite", cid).stdout.strip())
+        wait_until(lambda: late.cli_json("constellation", "show", cid)["my_tier"] == "contributor",
+                   DEADLINE_S, "the contributor's join to be final on its node")
+        late.stop()
+        trio = c.daemons[:3]
+        for k, d in enumerate(c.daemons[1:3], start=2):  # two core joins: epochs 0 and 1 close
+            d.cli("constellation", "join", founder.cli("constellation", "invite", cid, "--tier", "core").stdout.strip())
+            wait_until(lambda k=k: all(sum(x["tier"] == "core" and x["status"] == "active" for x in
+                                           t.cli_json("constellation", "show", cid)["member_list"]) == k
+                                       for t in trio[:k]), DEADLINE_S, "the core join to be final on the core")
+        founder.cli("contribute", cid, "--action", "work", "--quantity", "3", "--unit", "hour")
+        wait_until(lambda: "pruned blocks before epoch 1" in (founder.home / "daemon.log").read_text(),
+                   DEADLINE_S, "the founder to prune epoch 0")
+
+        late.start()  # it stopped in epoch 0, whose blocks no peer holds any more
+        wait_until(lambda: (late.cli_json("status")["constellations"][0]["started_from"] or {}).get("epoch", -1) >= 1,
+                   DEADLINE_S, "the late member to skip ahead to a checkpoint")
+        rid = founder.cli_json("contribute", cid, "--action", "work", "--quantity", "4", "--unit", "hour")["id"]
+
+        def caught_up() -> bool:
+            ls = [d.cli_json("ledger", cid) for d in c.daemons]
+            return len({(x["state_hash"], x["final_count"]) for x in ls}) == 1 and \
+                rid in {r["id"] for r in ls[3]["final"]}
+
+        wait_until(caught_up, DEADLINE_S, "the late member to agree and follow new records")
+        assert "skipped ahead to the checkpoint" in (late.home / "daemon.log").read_text()
+    finally:
+        c.stop()
