@@ -78,6 +78,7 @@ CHECKPOINT_TIMEOUT_S = 10.0  # for the chain and for each snapshot part
 # is stuck behind blocks its peers pruned: it skips ahead to a checkpoint.
 SKIP_AHEAD_EPOCHS = 2
 SKIP_AHEAD_STALL_S = 5.0
+STOP_SETTLE_S = 5.0  # how long a stopping node waits for epoch ends still being stored
 SYNC_BATCH = 128
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
@@ -235,6 +236,9 @@ class Node:
         self._stopping.set()
         if self._submitter is not None:
             self._tasks.append(self._submitter)
+        for eng in self.engines.values():  # an epoch end being stored is finished, not cut off
+            with contextlib.suppress(asyncio.TimeoutError, ValuemeshError):
+                await asyncio.wait_for(eng.settle(), STOP_SETTLE_S)
         for t in [*self._tasks, *self._streams.values(), *self._background]:
             t.cancel()
         for t in [*self._tasks, *self._streams.values(), *self._background]:
@@ -285,6 +289,8 @@ class Node:
                         await self._forward(eng, list(eng.pending.values()))
                     if forward:
                         self._check_stuck(eng, time.monotonic())
+                    if eng.checkpoints_out:  # signed in the background since the last step
+                        await self._effects(eng, Effects())
                 except ValuemeshError as exc:
                     log.warning("tick failed for %s: %s", eng.text_id, exc.message)
 

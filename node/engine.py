@@ -162,6 +162,7 @@ class Engine:
         self.retain_epochs: int | None = None
         self.loading = False
         self._pruned_below = 0
+        self._flusher: asyncio.Task[None] | None = None
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
         self.closed: dict[int, Content] = {}  # what each epoch closed with, as its checkpoint says
@@ -514,7 +515,7 @@ class Engine:
                          anchors=sorted({e.anchor_round for e in entries}),
                          final=[f.hex()[:12] for f in final])
         eff.committed = len(entries)
-        await self.flush_checkpoints()
+        self._kick_checkpoints()
         return eff
 
     def _apply_committed(self, items: list[tuple[Block, int]]) -> set[int]:
@@ -617,20 +618,42 @@ class Engine:
         self._take_checkpoint(self._aggregators[cp.epoch], cp)
         await self.flush_checkpoints()
 
+    def _kick_checkpoints(self) -> None:
+        """Encode, sign and store epoch ends in the background: a step (and the blocks it
+        made, waiting to be sent) never waits for a snapshot of the whole ledger."""
+        if (self._closings or self._certs_to_store or self._snapshots_to_store) and (
+                self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self._flush_logged())
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush_checkpoints()
+        except ValuemeshError as exc:
+            log.warning("could not store an epoch end: %s", exc.message, extra={"c": self.text_id})
+        except Exception:
+            log.exception("internal error while storing an epoch end", extra={"c": self.text_id})
+
+    async def settle(self) -> None:
+        """Wait until the epoch ends taken so far are encoded, signed and stored."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        await self.flush_checkpoints()
+
     async def flush_checkpoints(self) -> None:
-        while self._closings:
-            job = self._closings.pop(0)  # popped first: a concurrent flush never takes it twice
-            # A large ledger takes a while to encode: in a worker thread, so the loop keeps
-            # serving (encoding is pure Python, so it shares the GIL in 5 ms slices).
-            self._finish_closing(job, await asyncio.to_thread(job.encode))
-        if self._certs_to_store or self._snapshots_to_store:
-            async with self.store.batch() as tx:
-                for snap in self._snapshots_to_store:
-                    tx.put_snapshot(snap)
-                for c in self._certs_to_store:
-                    tx.put_checkpoint(c)
-            self._certs_to_store.clear()
-            self._snapshots_to_store.clear()
+        while self._closings or self._certs_to_store or self._snapshots_to_store:
+            while self._closings:
+                job = self._closings.pop(0)  # popped first: a concurrent flush never takes it twice
+                # A large ledger takes a while to encode: in a worker thread, so the loop keeps
+                # serving (encoding is pure Python, so it shares the GIL in 5 ms slices).
+                self._finish_closing(job, await asyncio.to_thread(job.encode))
+            snaps, self._snapshots_to_store = self._snapshots_to_store, []
+            certs, self._certs_to_store = self._certs_to_store, []
+            if snaps or certs:
+                async with self.store.batch() as tx:
+                    for snap in snaps:
+                        tx.put_snapshot(snap)
+                    for c in certs:
+                        tx.put_checkpoint(c)
         await self._prune()
 
     async def _prune(self) -> None:

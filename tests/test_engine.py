@@ -50,6 +50,7 @@ async def _finalise_from(eng: Engine, first: int, count: int) -> list[Record]:
         await eng.submit([out[-1]], T0 + 100 * seq)
         for t in range(5):
             await eng.tick(T0 + 100 * seq + 10 * (t + 1))
+    await eng.settle()  # epoch ends are encoded and stored in the background
     return out
 
 
@@ -120,6 +121,7 @@ async def _grow_to_two_cores(eng: Engine) -> None:
         if eng.committee.epoch == 1:
             break
     assert eng.committee.epoch == 1 and len(eng.committee.members) == 2
+    await eng.settle()
 
 
 async def test_a_newcomer_starts_from_the_checkpoint_and_restarts_from_it(tmp_path: Path) -> None:
