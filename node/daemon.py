@@ -645,15 +645,23 @@ class Node:
         self.engines[eng.cid] = eng
         welcomer = self._join_links.pop(inv.constellation, None)
         if welcomer is not None:
+            await self._send(welcomer, m.SubmitRecords(eng.cid, [record.raw]))
+        await self._forward(eng, [record])
+        # Fetching a checkpoint can take a while for a large ledger: the join answers now.
+        task = asyncio.create_task(self._first_sync(eng, welcomer, inv.inviter))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return {"id": eng.text_id, "name": eng.name, "record": record.id.hex(), "status": "pending"}
+
+    async def _first_sync(self, eng: Engine, welcomer: PeerLink | None, inviter: MemberId) -> None:
+        """A newcomer's first sync: from the welcomer's checkpoint if it offers one worth it,
+        then heads to every peer that holds the constellation."""
+        if welcomer is not None:
             await self._start_from_checkpoint(welcomer, eng)
         for key, link in list(self.links.items()):
             await self._send(link, m.Hello(sorted(self.engines), self.listen_port, version("valuemesh")))
-            if eng.may_receive(key) or key == inv.inviter:
+            if eng.may_receive(key) or key == inviter:
                 await self._send_heads(link, eng)
-        if welcomer is not None:
-            await self._send(welcomer, m.SubmitRecords(eng.cid, [record.raw]))
-        await self._forward(eng, [record])
-        return {"id": eng.text_id, "name": eng.name, "record": record.id.hex(), "status": "pending"}
 
     async def _start_from_checkpoint(self, link: PeerLink, eng: Engine) -> bool:
         """Start a newcomer's engine from the welcomer's latest certified checkpoint, if it
