@@ -461,6 +461,7 @@ def _plain(value: Any, depth: int) -> int:
 _KEY_ORDERS: dict[tuple[Any, ...], Any] = {}
 MAX_KEY_ORDERS = 1024
 MAX_CACHED_KEYS = 32
+_STR_ONLY = frozenset({str})
 
 
 def _text_key_order(keys: tuple[Any, ...]) -> Any:
@@ -492,6 +493,8 @@ def _canonical(value: Any, depth: int) -> Any:
                 if len(_KEY_ORDERS) >= MAX_KEY_ORDERS:
                     _KEY_ORDERS.clear()
                 _KEY_ORDERS[keys] = order
+        elif order is not _NOT_PROVEN and not _STR_ONLY.issuperset(map(type, keys)):
+            return _NOT_PROVEN  # equal to remembered text keys but not of type str (a subclass)
         if order is _NOT_PROVEN:
             return _NOT_PROVEN
         out: dict[str, Any] = {}

@@ -126,6 +126,15 @@ def test_key_sets_seen_before_are_ordered_from_the_cache_and_stay_bounded() -> N
     big = {f"key{i}": i for i in range(cbor.MAX_CACHED_KEYS + 1)}
     assert cbor.encode(big) == cbor.encode_reference(big)
     assert tuple(big) not in cbor._KEY_ORDERS
+    # A str subclass equal to remembered keys is not taken for them (the reference encodes it).
+    class Loud(str):
+        def encode(self, *args: Any, **kwargs: Any) -> bytes:
+            return str.upper(self).encode(*args, **kwargs)
+
+    cbor.encode({"a": 1, "b": 2})
+    loud = {Loud("a"): 1, Loud("b"): 2}
+    assert cbor._canonical(loud, 0) is cbor._NOT_PROVEN
+    assert cbor.encode(loud) == cbor.encode_reference(loud) == cbor.encode_reference({"A": 1, "B": 2})
     # Equal key tuples of another type (1 == True) share an entry, and are refused either way.
     for m2 in ({1: "x"}, {True: "x"}, {1.0: "x"}):
         assert outcome(cbor.encode, m2) == outcome(cbor.encode_reference, m2)
