@@ -65,6 +65,23 @@ def encode(value: CborValue) -> bytes:
     return encode_reference(value)
 
 
+def encode_with_form(value: CborValue, max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, CborValue]:
+    """`encode(value)` and the value `decode` gives back for those bytes (tuples as lists,
+    map keys in canonical order, containers of its own), without decoding them when the
+    native path has the canonical copy at hand already; the form is None if the encoding
+    is over `max_size` (the caller refuses it by its size)."""
+    t = type(value)
+    if t is dict or t is list or t is tuple:
+        ordered = _canonical(value, 0)
+        if ordered is not _NOT_PROVEN:
+            try:
+                return cbor2.dumps(ordered), ordered
+            except Exception:  # e.g. text with a lone surrogate: the reference refuses it in its own words
+                pass
+    raw = encode_reference(value)
+    return raw, (decode(raw, max_size) if len(raw) <= max_size else None)
+
+
 def encode_reference(value: CborValue) -> bytes:
     """`encode` by the pure-Python reference encoder alone (for tests and comparisons)."""
     out = bytearray()
@@ -482,7 +499,7 @@ def _canonical(value: Any, depth: int) -> Any:
     t = type(value)
     if t is dict:
         if not value:
-            return value
+            return {}  # a new one: encode_with_form's copy shares no container with the value
         if depth >= MAX_DEPTH:
             return _NOT_PROVEN
         keys = tuple(value)
@@ -512,7 +529,7 @@ def _canonical(value: Any, depth: int) -> Any:
         return out
     if t is list or t is tuple:
         if not value:
-            return value
+            return []
         if depth >= MAX_DEPTH:
             return _NOT_PROVEN
         items = []

@@ -170,6 +170,14 @@ class Ledger:
     def next_seq(self, author: MemberId) -> int:
         return self._next_seq.get(author.key, 0)
 
+    def member_status(self, key: bytes) -> str | None:
+        """Member `key`'s status ("active", "applicant", "left", …) or None if not a member;
+        as `reader.member(key)["status"]`, without decoding the entry again while it is
+        unchanged (nodes ask this for every message and every peer they send to)."""
+        m = self._read_own(f"{MEMBERSHIP}/m/{key.hex()}")
+        status = m.get("status") if isinstance(m, dict) else None
+        return status if isinstance(status, str) else None
+
     def state_hash(self) -> bytes:
         if self._hash is None:
             h = hashlib.blake2b(STATE_HASH_DOMAIN, digest_size=32)

@@ -138,3 +138,62 @@ def test_key_sets_seen_before_are_ordered_from_the_cache_and_stay_bounded() -> N
     # Equal key tuples of another type (1 == True) share an entry, and are refused either way.
     for m2 in ({1: "x"}, {True: "x"}, {1.0: "x"}):
         assert outcome(cbor.encode, m2) == outcome(cbor.encode_reference, m2)
+
+
+def typed(v: Any) -> Any:
+    """A form of `v` in which equal also means the same types (True != 1, b"" != "")."""
+    if isinstance(v, dict):
+        return ("map", [(typed(k), typed(x)) for k, x in v.items()])
+    if isinstance(v, list):
+        return ("array", [typed(x) for x in v])
+    return (type(v).__name__, v)
+
+
+def containers_of(v: Any) -> list[int]:
+    if isinstance(v, dict):
+        return [id(v), *(i for x in v.values() for i in containers_of(x))]
+    if isinstance(v, (list, tuple)):
+        return [id(v), *(i for x in v for i in containers_of(x))]
+    return []
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(plain_values, any_values).filter(lambda v: isinstance(v, (dict, list, tuple))))
+def test_encode_with_form_is_encode_then_decode(value: Any) -> None:
+    want = outcome(cbor.encode_reference, value)
+    try:
+        raw, form = cbor.encode_with_form(value)
+    except LocalError as e:
+        assert want == ("error", str(e))
+        return
+    assert want == ("ok", raw)
+    assert typed(form) == typed(cbor.decode_reference(raw))
+    # The form is the caller's to keep: none of its lists or maps is one of the value's.
+    assert not set(containers_of(form)) & set(containers_of(value))
+
+
+def test_encode_with_form_leaves_an_oversized_value_to_the_callers_size_check() -> None:
+    raw, form = cbor.encode_with_form({1: b"x" * 100}, max_size=50)
+    assert form is None and raw == cbor.encode_reference({1: b"x" * 100})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.one_of(ascii_texts, ints), plain_values, max_size=5), st.integers(0, 2**40),
+       st.integers(0, 300))
+def test_a_created_record_is_its_map_encoded_whole_and_decodes_to_itself(body: dict[str, Any], seq: int,
+                                                                         v: int) -> None:
+    from valuemesh.protocol.identity import Identity
+    from valuemesh.protocol.records import Record, decode_record
+
+    ident = Identity(bytes(range(32)))
+    try:
+        rec = Record.create(ident, type="t", v=v, constellation=b"c" * 32, seq=seq, body=body, created=seq + 1)
+    except LocalError:
+        with pytest.raises(LocalError):
+            cbor.encode_reference({"body": body})
+        return
+    assert rec.raw == cbor.encode_reference({**rec.payload_map(), "sig": rec.sig})
+    again = decode_record(rec.raw)
+    assert again == rec and again.id == rec.id
+    assert typed(dict(rec.body)) == typed(dict(again.body))
+    assert not set(containers_of(dict(rec.body))) & set(containers_of(body))

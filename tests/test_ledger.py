@@ -344,8 +344,11 @@ def test_authorisation_follows_each_change_of_roles_and_policy_it_has_read_befor
     applied(tc, tc.sign(1, "contribution", WORK))
     applied(tc, tc.sign(0, "membership", {"op": "roles", "member": m1, "roles": ["customer"]}))
     refused(tc, tc.sign(1, "contribution", WORK), "producer")
+    assert tc.ledger.member_status(m1) == "active"
     applied(tc, tc.sign(1, "membership", {"op": "leave"}))
     refused(tc, tc.sign(1, "contribution", WORK), "not an active member")
+    assert tc.ledger.member_status(m1) == member(tc, 1)["status"] == "left"
+    assert tc.ledger.member_status(tc.member(7).key) is None  # an outsider
     replay = tc.fresh_ledger()
     for n, rec in enumerate(tc.log[1:]):
         replay.apply(rec, tc.log[0].created + (n + 1) * STEP_MS)
