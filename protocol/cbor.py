@@ -52,7 +52,7 @@ def encode(value: CborValue) -> bytes:
     once `_canonical` has proven the value is in the subset and put every map's keys
     in canonical order; everything else, every refusal included, is the reference
     encoder's (`encode_reference`), so the fast path changes speed, never bytes or
-    errors (tests/test_cbor_native.py checks both agree).
+    errors (tests/test_cbor_encode_native.py checks both agree).
     """
     t = type(value)
     if t is dict or t is list or t is tuple:
