@@ -80,6 +80,7 @@ SKIP_AHEAD_EPOCHS = 2
 SKIP_AHEAD_STALL_S = 5.0
 STOP_SETTLE_S = 5.0  # how long a stopping node waits for epoch ends still being stored
 SYNC_BATCH = 128
+MAX_API_IDS = 256  # constellation id texts remembered by engine_for
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
 
@@ -175,6 +176,14 @@ class Node:
         self._sign_lock = asyncio.Lock()
         self._submit_queue: list[_SubmitJob] = []
         self._submitter: asyncio.Task[None] | None = None
+        # Per constellation: the engine and the seq after the last record of ours that
+        # _sign_and_store stored durably. Only this process signs our records (the store
+        # is locked to it) and, while an engine exists, only _sign_and_store does, so the
+        # store is read once per engine rather than once per group of requests (a query on
+        # the reader's thread, two thread hops, per group).
+        self._own_next: dict[bytes, tuple[Engine, int]] = {}
+        # API constellation id text -> engine, for texts that parsed to a followed constellation.
+        self._by_text: dict[str, Engine] = {}
         self._wake = asyncio.Event()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -799,10 +808,16 @@ class Node:
 
     # -- API services --------------------------------------------------------------
     def engine_for(self, text: str) -> Engine:
+        hit = self._by_text.get(text)
+        if hit is not None and self.engines.get(hit.cid) is hit:
+            return hit  # parsing the text (base32 and checksum) cost more than the rest of a status call
         cid = parse_constellation(text)
         eng = self.engines.get(cid)
         if eng is None:
             raise NotFound(f"This node does not follow constellation {text}.")
+        if len(self._by_text) >= MAX_API_IDS:
+            self._by_text.clear()
+        self._by_text[text] = eng
         return eng
 
     def addresses(self) -> list[str]:
@@ -970,8 +985,10 @@ class Node:
                 continue
             try:
                 if eng.cid not in next_seq:
-                    next_seq[eng.cid] = max(await self.store.next_seq(eng.cid, self.identity.member),
-                                            eng.ledger.next_seq(self.identity.member))
+                    known = self._own_next.get(eng.cid)
+                    stored = known[1] if known is not None and known[0] is eng else \
+                        await self.store.next_seq(eng.cid, self.identity.member)
+                    next_seq[eng.cid] = max(stored, eng.ledger.next_seq(self.identity.member))
                 taken = by_engine.get(eng.cid, [])
                 recs = []
                 for i, (rtype, body) in enumerate(items):
@@ -993,8 +1010,12 @@ class Node:
         out: dict[bytes, tuple[list[Record], list[Record]]] = {}
         failed: dict[bytes, Exception] = {}
         for cid, recs in by_engine.items():
+            # Unknown until the transaction is known to have committed (an error or a
+            # cancellation in between leaves it to the store to say).
+            self._own_next.pop(cid, None)
             try:
                 out[cid] = (await self.engines[cid].store_pending(recs, now_ms()), recs)
+                self._own_next[cid] = (self.engines[cid], next_seq[cid])
             except Exception as exc:
                 # Nothing of a failed transaction is stored and none of its records has
                 # left this process; only its requests are refused.

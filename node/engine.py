@@ -184,8 +184,8 @@ class Engine:
         """Whether a peer may receive this constellation's data: members, applicants, and
         members who left (the book stays open to them: their contributions are in it, and
         their node must still see its own leave become final); not removed ones."""
-        m = self.ledger.reader.member(member.key)
-        return (m is not None and m.get("status") in ("active", "applicant", "left")) or member.key in self.applicants
+        return self.ledger.member_status(member.key) in ("active", "applicant", "left") or \
+            member.key in self.applicants
 
     def taking_part(self) -> bool:
         """Whether we are a member (or our join is pending), so peers will sync with us."""

@@ -46,7 +46,44 @@ def _head(major: int, value: int) -> bytes:
 
 
 def encode(value: CborValue) -> bytes:
-    """Encode `value` canonically; raise LocalError for unsupported types."""
+    """Encode `value` canonically; raise LocalError for unsupported types.
+
+    Maps and arrays (records, blocks, ledger values) are written by cbor2's encoder
+    once `_canonical` has proven the value is in the subset and put every map's keys
+    in canonical order; everything else, every refusal included, is the reference
+    encoder's (`encode_reference`), so the fast path changes speed, never bytes or
+    errors (tests/test_cbor_encode_native.py checks both agree).
+    """
+    t = type(value)
+    if t is dict or t is list or t is tuple:
+        ordered = _canonical(value, 0)
+        if ordered is not _NOT_PROVEN:
+            try:
+                return cbor2.dumps(ordered)
+            except Exception:  # e.g. text with a lone surrogate: the reference refuses it in its own words
+                pass
+    return encode_reference(value)
+
+
+def encode_with_form(value: CborValue, max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, CborValue]:
+    """`encode(value)` and the value `decode` gives back for those bytes (tuples as lists,
+    map keys in canonical order, containers of its own), without decoding them when the
+    native path has the canonical copy at hand already; the form is None if the encoding
+    is over `max_size` (the caller refuses it by its size)."""
+    t = type(value)
+    if t is dict or t is list or t is tuple:
+        ordered = _canonical(value, 0)
+        if ordered is not _NOT_PROVEN:
+            try:
+                return cbor2.dumps(ordered), ordered
+            except Exception:  # e.g. text with a lone surrogate: the reference refuses it in its own words
+                pass
+    raw = encode_reference(value)
+    return raw, (decode(raw, max_size) if len(raw) <= max_size else None)
+
+
+def encode_reference(value: CborValue) -> bytes:
+    """`encode` by the pure-Python reference encoder alone (for tests and comparisons)."""
     out = bytearray()
     _encode_into(value, out, 0)
     return bytes(out)
@@ -434,6 +471,80 @@ def _plain(value: Any, depth: int) -> int:
         last = k
     m = _plain_items(value.values(), depth + 1)
     return -1 if m < 0 else 1 + len(value) + m
+
+
+# Key tuple of a map -> its keys in canonical order (or _NOT_PROVEN), for the small key sets
+# that recur on every record (plugin state values, record and block envelopes).
+_KEY_ORDERS: dict[tuple[Any, ...], Any] = {}
+MAX_KEY_ORDERS = 1024
+MAX_CACHED_KEYS = 32
+_STR_ONLY = frozenset({str})
+
+
+def _text_key_order(keys: tuple[Any, ...]) -> Any:
+    """The keys in canonical order if all are ASCII text (whose encodings order by length,
+    then by the text, like `_plain` reads them), else _NOT_PROVEN."""
+    for k in keys:
+        if type(k) is not str or not k.isascii():
+            return _NOT_PROVEN
+    return tuple(sorted(keys, key=lambda k: (len(k), k)))
+
+
+def _canonical(value: Any, depth: int) -> Any:
+    """`value` (a dict, list or tuple at `depth`) rebuilt with every map's keys in canonical
+    order, or _NOT_PROVEN unless it holds only the subset's exact types, integers in range,
+    ASCII text keys and nothing deeper than the reference encoder accepts. cbor2's encoder
+    writes such a value with shortest heads, definite lengths and keys in the dict's order
+    (the same property `_native` relies on), i.e. exactly as `encode_reference` does."""
+    t = type(value)
+    if t is dict:
+        if not value:
+            return {}  # a new one: encode_with_form's copy shares no container with the value
+        if depth >= MAX_DEPTH:
+            return _NOT_PROVEN
+        keys = tuple(value)
+        order = _KEY_ORDERS.get(keys)
+        if order is None:
+            order = _text_key_order(keys)
+            if len(keys) <= MAX_CACHED_KEYS:
+                if len(_KEY_ORDERS) >= MAX_KEY_ORDERS:
+                    _KEY_ORDERS.clear()
+                _KEY_ORDERS[keys] = order
+        elif order is not _NOT_PROVEN and not _STR_ONLY.issuperset(map(type, keys)):
+            return _NOT_PROVEN  # equal to remembered text keys but not of type str (a subclass)
+        if order is _NOT_PROVEN:
+            return _NOT_PROVEN
+        out: dict[str, Any] = {}
+        for k in order:
+            v = value[k]
+            tv = type(v)
+            if tv is int:
+                if not -1 - _UINT64_MAX <= v <= _UINT64_MAX:
+                    return _NOT_PROVEN
+            elif tv not in _SCALARS:
+                v = _canonical(v, depth + 1)
+                if v is _NOT_PROVEN:
+                    return _NOT_PROVEN
+            out[k] = v
+        return out
+    if t is list or t is tuple:
+        if not value:
+            return []
+        if depth >= MAX_DEPTH:
+            return _NOT_PROVEN
+        items = []
+        for v in value:
+            tv = type(v)
+            if tv is int:
+                if not -1 - _UINT64_MAX <= v <= _UINT64_MAX:
+                    return _NOT_PROVEN
+            elif tv not in _SCALARS:
+                v = _canonical(v, depth + 1)
+                if v is _NOT_PROVEN:
+                    return _NOT_PROVEN
+            items.append(v)
+        return items
+    return _NOT_PROVEN
 
 
 def _native(raw: bytes) -> Any:

@@ -8,6 +8,7 @@ written by `valuemesh.node.keystore`, not here.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +27,21 @@ KEY_LEN = 32
 SIG_LEN = 64
 _CHECKSUM_LEN = 4
 _B32_ALPHABET = set("abcdefghijklmnopqrstuvwxyz234567")
+# Member id texts remembered: every ledger view entry, member list and log line prints
+# one, and base32 in pure Python cost more than the rest of a ledger view entry.
+ID_TEXT_CACHE = 4096
 
 RandomBytes = Callable[[int], bytes]
 
 
 def _checksum(key: bytes) -> bytes:
     return hashlib.blake2b(b"valuemesh-member-id" + key, digest_size=_CHECKSUM_LEN).digest()
+
+
+@functools.lru_cache(maxsize=ID_TEXT_CACHE)
+def _id_text(key: bytes) -> str:
+    raw = key + _checksum(key)
+    return ID_PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -45,8 +55,7 @@ class MemberId:
             raise DecodeError("A member id must be a 32-byte Ed25519 public key.")
 
     def __str__(self) -> str:
-        raw = self.key + _checksum(self.key)
-        return ID_PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+        return _id_text(self.key)
 
     def __repr__(self) -> str:
         return f"MemberId({self!s})"

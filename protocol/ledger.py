@@ -28,6 +28,9 @@ MAX_DEFERRED_PER_AUTHOR = 256
 MAX_DEFERRED_TOTAL = 65_536
 STATE_HASH_DOMAIN = b"valuemesh/state/v1\x00"
 MEMBERSHIP = "membership"
+# Decoded state values the ledger keeps for its own authorisation checks (member entries,
+# the policy); past this many it starts again, so fresh keys cannot grow it without bound.
+MAX_DECODED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,12 @@ class Ledger:
         self._deferred: dict[bytes, dict[int, tuple[Record, int]]] = {}
         self._deferred_total = 0
         self._hash: bytes | None = None
+        # key -> (the bytes object in _data it was decoded from, the decoded value): every
+        # record's authorisation reads its author's member entry and the policy, and
+        # decoding them again each time was a fifth of applying a record. State values
+        # are immutable bytes, so `is` against the current value proves the entry current.
+        # These values never leave the ledger: a plugin could change one in place.
+        self._decoded: dict[str, tuple[bytes, Any]] = {}
         self.applied_count = 0
         self.committee_version = 0
 
@@ -172,6 +181,14 @@ class Ledger:
 
     def next_seq(self, author: MemberId) -> int:
         return self._next_seq.get(author.key, 0)
+
+    def member_status(self, key: bytes) -> str | None:
+        """Member `key`'s status ("active", "applicant", "left", …) or None if not a member;
+        as `reader.member(key)["status"]`, without decoding the entry again while it is
+        unchanged (nodes ask this for every message and every peer they send to)."""
+        m = self._read_own(f"{MEMBERSHIP}/m/{key.hex()}")
+        status = m.get("status") if isinstance(m, dict) else None
+        return status if isinstance(status, str) else None
 
     def state_hash(self) -> bytes:
         if self._hash is None:
@@ -343,9 +360,9 @@ class Ledger:
         try:
             plugin, op = self.registry.check(record)
             plugin_name = plugin.name
+            self._authorize(plugin, op, record)
             # A read-only view: a plugin can change state only through ctx.put/delete.
             ctx = ApplyContext(MappingProxyType(self._data), plugin.name, op, now)
-            self._authorize(ctx, plugin, op, record)
             plugin.validate(ctx, record)
             plugin.apply(ctx, record)
         except ValuemeshError:
@@ -356,7 +373,23 @@ class Ledger:
             ) from None
         return ctx.writes()
 
-    def _authorize(self, ctx: ApplyContext, plugin: Plugin, op: str, record: Record) -> None:
+    def _read_own(self, key: str) -> Any:
+        """The decoded state value at `key` for the ledger's own checks (see `_decoded`)."""
+        raw = self._data.get(key)
+        if raw is None:
+            return None
+        hit = self._decoded.get(key)
+        if hit is not None and hit[0] is raw:
+            return hit[1]
+        value = cbor.decode(raw)
+        if len(self._decoded) >= MAX_DECODED:
+            self._decoded.clear()
+        self._decoded[key] = (raw, value)
+        return value
+
+    def _authorize(self, plugin: Plugin, op: str, record: Record) -> None:
+        # The same rules as StateReader.is_active / has_role / policy on the committed state
+        # (the record has staged nothing yet), read through `_read_own`.
         if not self.founded:
             if not (plugin.name == MEMBERSHIP and op == "genesis"):
                 raise ValidationError("The constellation has no genesis yet.")
@@ -364,10 +397,13 @@ class Ledger:
         if self.dissolved:
             raise AuthorizationError("The constellation is dissolved; it accepts no more records.")
         is_join = plugin.name == MEMBERSHIP and op == "join"
-        if not is_join and not ctx.is_active(record.author.key):
+        m = self._read_own(f"{MEMBERSHIP}/m/{record.author.key.hex()}")
+        active = isinstance(m, dict) and m.get("status") == "active"
+        if not is_join and not active:
             raise AuthorizationError(f"{record.author.short}… is not an active member.")
-        reserved = ctx.policy().get("reserve", {}).get(f"{plugin.name}.{op}")
-        if reserved and not any(ctx.has_role(record.author.key, r) for r in reserved):
+        policy = self._read_own(f"{MEMBERSHIP}/policy")
+        reserved = (policy if isinstance(policy, dict) else {}).get("reserve", {}).get(f"{plugin.name}.{op}")
+        if reserved and not any(active and r in m.get("roles", []) for r in reserved):
             raise AuthorizationError(
                 f"Only members with the role {' or '.join(reserved)} may do '{plugin.name}.{op}'."
             )

@@ -118,6 +118,10 @@ def text(max_len: int = 256, *, required: bool = True, choices: Iterable[str] | 
     return Field("text", required, max_len, choices=tuple(choices) if choices is not None else None)
 
 
+# Every body's `op` field (a Field is immutable, so one serves every record).
+_OP_FIELD = text(32)
+
+
 def integer(min: int | None = None, max: int | None = None, *, required: bool = True) -> Field:
     return Field("int", required, min=min, max=max)
 
@@ -165,7 +169,7 @@ class Plugin:
         op = body.get("op")
         if not isinstance(op, str) or op not in self.ops:
             raise DecodeError(f"A '{self.name}' record needs 'op', one of: {', '.join(self.ops)}.")
-        check_fields(f"A '{self.name}.{op}' body", {**self.ops[op], "op": text(32)}, body)
+        check_fields(f"A '{self.name}.{op}' body", {**self.ops[op], "op": _OP_FIELD}, body)
         return op
 
     def validate(self, ctx: ApplyContext, record: Record) -> None:

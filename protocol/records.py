@@ -156,14 +156,16 @@ class Record:
             "body": dict(body),
             "created": created,
         }
-        payload = cbor.encode(payload_map)
-        sig = identity.sign(RECORD_DOMAIN + payload)
-        raw = cbor.encode({**payload_map, "sig": sig})
-        if len(raw) > MAX_RECORD_SIZE:
-            raise LocalError(f"The record is {len(raw)} bytes, over the limit of {MAX_RECORD_SIZE}.")
         # The body is kept in its decoded form (tuples become lists, bytearrays bytes) so
         # plugins see the same values on the author's node as on every other node.
-        decoded = cbor.decode(raw, max_size=MAX_RECORD_SIZE)
+        payload, decoded = cbor.encode_with_form(payload_map, MAX_RECORD_SIZE)
+        sig = identity.sign(RECORD_DOMAIN + payload)
+        # The signed record is the payload with `sig` in its canonical place, right after
+        # `seq` (what decoding splices out): the same bytes as encoding the whole map again.
+        sig_start = _SIG_AFTER_C_V + _uint_len(v) + len(_F_SEQ) + _uint_len(seq)
+        raw = b"\xa8" + payload[1:sig_start] + _F_SIG + sig + payload[sig_start:]
+        if len(raw) > MAX_RECORD_SIZE:
+            raise LocalError(f"The record is {len(raw)} bytes, over the limit of {MAX_RECORD_SIZE}.")
         return cls(
             type, v, constellation, identity.member, seq, decoded["body"], created, sig,
             blake2b256(payload), raw,

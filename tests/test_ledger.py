@@ -333,6 +333,40 @@ def test_custom_policy_reserves_a_plugin_op_to_a_role() -> None:
     applied(tc, tc.sign(2, "contribution", WORK))
 
 
+def test_authorisation_follows_each_change_of_roles_and_policy_it_has_read_before() -> None:
+    # The ledger keeps the member entries and policy it decoded for authorisation; every
+    # change must still count from the next record on, as on a ledger that never read them.
+    tc = TestConstellation(3, roles={1: ["customer"]}, reserve={"contribution.record": ["producer"]})
+    m1 = tc.member(1).key
+    refused(tc, tc.sign(1, "contribution", WORK), "producer")
+    applied(tc, tc.sign(2, "contribution", WORK))
+    applied(tc, tc.sign(0, "membership", {"op": "roles", "member": m1, "roles": ["producer"]}))
+    applied(tc, tc.sign(1, "contribution", WORK))
+    applied(tc, tc.sign(0, "membership", {"op": "roles", "member": m1, "roles": ["customer"]}))
+    refused(tc, tc.sign(1, "contribution", WORK), "producer")
+    assert tc.ledger.member_status(m1) == "active"
+    applied(tc, tc.sign(1, "membership", {"op": "leave"}))
+    refused(tc, tc.sign(1, "contribution", WORK), "not an active member")
+    assert tc.ledger.member_status(m1) == member(tc, 1)["status"] == "left"
+    assert tc.ledger.member_status(tc.member(7).key) is None  # an outsider
+    replay = tc.fresh_ledger()
+    for n, rec in enumerate(tc.log[1:]):
+        replay.apply(rec, tc.log[0].created + (n + 1) * STEP_MS)
+    assert replay.state_hash() == tc.state_hash()
+
+
+def test_the_ledgers_decoded_entries_are_bounded_and_change_no_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    unbounded = TestConstellation(4)
+    records = [unbounded.sign(i % 4, "contribution", WORK) for i in range(12)]
+    want = [unbounded.apply(r).status for r in records]
+    monkeypatch.setattr(ledger_module, "MAX_DECODED", 2)
+    small = TestConstellation(4)
+    for rec, status in zip(records, want, strict=True):
+        assert small.apply(rec).status == status == "applied"
+        assert len(small.ledger._decoded) <= 2
+    assert small.state_hash() == unbounded.state_hash()
+
+
 def test_leave_and_rejoin() -> None:
     tc = TestConstellation(3)
     applied(tc, tc.sign(2, "membership", {"op": "leave", "reason": "moving"}))
