@@ -281,6 +281,10 @@ class Node:
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), min(max(wait, TICK_S), IDLE_WAKE_S))
+            else:
+                # A step due now may finish without awaiting anything (an engine still loading
+                # answers at once): yield anyway, or this loop would starve everything else.
+                await asyncio.sleep(0)
             self._wake.clear()
             now = now_ms()
             forward = time.monotonic() - last_forward >= RESUBMIT_S
@@ -382,6 +386,9 @@ class Node:
         elif isinstance(msg, m.Heads):
             eng = self._engine_for_peer(link, msg.c)
             self._start_stream(link, eng, msg.epoch, msg.since, msg.as_dict())
+            # A peer syncing may have missed our signatures of the epoch ends it is closing.
+            for cp in eng.own_checkpoints_from(msg.epoch - 1):
+                await self._send(link, m.CheckpointSig(eng.cid, cp.encode()))
         elif isinstance(msg, m.Blocks):
             eng = self._engine_for_peer(link, msg.c)
             if eng.cid in self._chain_waiters:
@@ -440,7 +447,12 @@ class Node:
                 tx.put_equivocation(proof, now_ms())
             log.warning("equivocation by %s in %s", proof.author, eng.text_id)
         elif isinstance(msg, m.CheckpointSig):
-            eng = self._engine_for_peer(link, msg.c)
+            # Not only from peers we know as members yet: a node still catching up may not
+            # have applied the signer's join, and the signature is checked against the
+            # epoch's committee anyway (it carries no constellation data).
+            eng = self.engines.get(msg.c)
+            if eng is None:
+                raise RemoteError("The peer sent a checkpoint of a constellation this node does not follow.")
             await eng.add_checkpoint(Checkpoint.decode(msg.cp))
         elif isinstance(msg, m.GetCheckpoint):
             eng = self._engine_for_peer(link, msg.c)

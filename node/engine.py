@@ -62,6 +62,8 @@ FINAL_VIEW_LIMIT = 100_000
 # and its signatures verified a second time. About 50 rounds of a 4-member constellation
 # would be 200; this covers a long catch-up's overlapping streams.
 SEEN_BLOCKS = 16_384
+LOADING_TICK_MS = 20
+OWN_CHECKPOINTS_KEPT = 4  # our latest checkpoint signatures, re-sent to peers that sync
 CHAIN_BYTES = MAX_MESSAGE_SIZE // 2  # a checkpoint chain must fit one message with room to spare
 
 GUARANTEE_TEXT = {
@@ -163,6 +165,7 @@ class Engine:
         self.loading = False
         self._pruned_below = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._own_checkpoints: dict[int, Checkpoint] = {}
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
         self.closed: dict[int, Content] = {}  # what each epoch closed with, as its checkpoint says
@@ -352,11 +355,16 @@ class Engine:
 
     async def store_pending(self, records: Sequence[Record], now: int) -> list[Record]:
         """Store records durably as pending (one transaction); return the new ones."""
-        fresh = [r for r in records if r.id not in self.pending]
+        # A record whose seq slot a final record already took (a copy a peer forwards again
+        # while it has not yet seen it final) would wait for ever: it is not pending.
+        fresh = [r for r in records if r.id not in self.pending and r.seq >= self.ledger.next_seq(r.author)]
         if fresh:
             async with self.store.batch() as tx:
                 tx.put_records(fresh, now)
                 tx.add_pending(self.cid, [r.id for r in fresh], now)
+            # A commit applied while the batch was written may have made some final already
+            # (it found nothing pending to clear): those are done, not pending.
+            fresh = [r for r in fresh if r.seq >= self.ledger.next_seq(r.author)]
             for r in fresh:
                 self.pending[r.id] = r
         return fresh
@@ -386,6 +394,7 @@ class Engine:
 
     async def tick(self, now: int) -> Effects:
         if self.loading:
+            self.next_tick = now + LOADING_TICK_MS  # the machine is being rebuilt: ask again soon
             return Effects()
         return await self._handle(self.consensus.tick(now), now)
 
@@ -584,7 +593,14 @@ class Engine:
         if self.identity.member in job.committee:
             cp = Checkpoint.create(self.identity, content)
             self.checkpoints_out.append(cp)
+            self._own_checkpoints[cp.epoch] = cp
+            while len(self._own_checkpoints) > OWN_CHECKPOINTS_KEPT:
+                del self._own_checkpoints[min(self._own_checkpoints)]
             self._take_checkpoint(agg, cp)
+
+    def own_checkpoints_from(self, epoch: int) -> list[Checkpoint]:
+        """Our signatures of the recent epoch ends from `epoch` on (for a peer that syncs)."""
+        return [cp for e, cp in sorted(self._own_checkpoints.items()) if e >= epoch]
 
     def finish_closings_now(self) -> None:
         """Encode pending epoch-end snapshots in this thread (a replay that runs off the loop)."""
