@@ -33,7 +33,7 @@ from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.home import Home
 from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
-from valuemesh.node.store import PeerInfo, Store
+from valuemesh.node.store import PeerInfo, Store, StoredBlock
 from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
@@ -43,7 +43,6 @@ from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
 from valuemesh.protocol.records import (
-    Block,
     EquivocationProof,
     Record,
     constellation_text,
@@ -61,6 +60,9 @@ IDLE_WAKE_S = 1.0
 DIAL_INTERVAL_S = 1.0
 JOIN_TIMEOUT_S = 15.0
 SYNC_BATCH = 128
+# Bytes of blocks per Blocks message: well inside a message's limit (m.MAX_MESSAGE_SIZE), so
+# a batch of large blocks is split rather than refused; one block always goes alone.
+SYNC_BATCH_BYTES = 2 * 1024 * 1024
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
 
@@ -439,7 +441,7 @@ class Node:
                if r > their.get((mid.key, e), -1)}
         window_end = since + m.SYNC_WINDOW_ROUNDS
 
-        def wanted(b: Block) -> bool:  # b is of an epoch >= floor
+        def wanted(b: StoredBlock) -> bool:  # b is of an epoch >= floor
             return (b.epoch == floor and since <= b.round < window_end) or \
                 b.round > their.get((b.author.key, b.epoch), -1)
 
@@ -447,21 +449,31 @@ class Node:
         total = sum(mine[(MemberId(k), e)] - r for (k, e), r in lag.items())
         sent = 0
         chunk: list[bytes] = []
+        size = 0
         for epoch in epochs:
             starts = [r + 1 for (_, e), r in lag.items() if e == epoch]
             window_only = not starts  # nothing past its heads here: just the window
             if epoch == floor:
                 starts.append(since)
-            async for b in self.store.iter_blocks(eng.cid, from_round=min(starts), epoch=epoch, page=SYNC_BATCH):
+            # Raw rows: the peer decodes and verifies what it takes, we only relay the bytes.
+            async for b in self.store.iter_raw_blocks(eng.cid, from_round=min(starts), epoch=epoch,
+                                                      page=SYNC_BATCH):
                 if window_only and b.round >= window_end:
                     break
                 if not wanted(b):
                     continue
+                if chunk and size + len(b.raw) > SYNC_BATCH_BYTES:
+                    sent += len(chunk)
+                    await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
+                    chunk, size = [], 0
+                    if link.closed:
+                        return
                 chunk.append(b.raw)
+                size += len(b.raw)
                 if len(chunk) == SYNC_BATCH:
                     sent += len(chunk)
                     await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
-                    chunk = []
+                    chunk, size = [], 0
                     if link.closed:
                         return
         if chunk:
