@@ -19,7 +19,10 @@ import secrets
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points, version
 from typing import Any
 
@@ -43,6 +46,7 @@ from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
 from valuemesh.protocol.records import (
+    Block,
     EquivocationProof,
     Record,
     constellation_text,
@@ -63,6 +67,13 @@ SYNC_BATCH = 128
 # Bytes of blocks per Blocks message: well inside a message's limit (m.MAX_MESSAGE_SIZE), so
 # a batch of large blocks is split rather than refused; one block always goes alone.
 SYNC_BATCH_BYTES = 2 * 1024 * 1024
+# A received batch of at least this many blocks (a catch-up stream) is decoded and verified on
+# the verify thread while the loop applies the batch before it; smaller ones (live gossip, one
+# block a message) are taken on the loop, with no thread hop on a round's critical path.
+PIPELINE_MIN_BLOCKS = 8
+# Batches an engine's lane holds (being verified or waiting to be applied) before the links
+# that feed it stop reading: bounds the memory a fast stream can make us hold.
+LANE_DEPTH = 6
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
 
@@ -100,6 +111,45 @@ def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
         raise LocalError(f"'{text}' is not an address; use HOST:PORT, like 127.0.0.1:7470.")
     return host or default_host, int(port_s)
+
+
+def _decode_block_of(cid: bytes, raw: bytes) -> Block:
+    """Decode and verify one block of constellation `cid` (raises RemoteError)."""
+    b = decode_block(raw)
+    if b.constellation != cid:
+        raise RemoteError("A block in the batch belongs to another constellation.")
+    return b
+
+
+def _decode_blocks_of(cid: bytes, raws: list[bytes]) -> list[Block]:
+    """`_decode_block_of` each, all or nothing; runs on the verify thread (PyNaCl lets go
+    of the GIL while it checks a signature, so that part runs beside the loop's work)."""
+    return [_decode_block_of(cid, raw) for raw in raws]
+
+
+@dataclass(eq=False)
+class _LaneJob:
+    """One received batch in an engine's lane: `fresh` positions are being decoded and
+    verified (`decoded`), `deferred` ones are bytes a batch ahead of it carries too."""
+
+    link: PeerLink
+    left: int
+    t_rx: float
+    read_at: float
+    fresh: list[int] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    deferred: list[tuple[int, bytes]] = field(default_factory=list)
+    decoded: asyncio.Future[list[Block]] | None = None
+
+
+@dataclass(eq=False)
+class _Lane:
+    """An engine's received batches, applied one after the other in arrival order."""
+
+    jobs: deque[_LaneJob] = field(default_factory=deque)
+    inflight: dict[bytes, int] = field(default_factory=dict)  # raw digest -> batches carrying it
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
 
 class Node:
@@ -149,6 +199,8 @@ class Node:
         self._submitter: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
+        self._lanes: dict[bytes, _Lane] = {}
+        self._verify_pool: ThreadPoolExecutor | None = None
         self._stopping = asyncio.Event()
         self.started_at = time.time()
 
@@ -171,6 +223,7 @@ class Node:
             with contextlib.suppress(ValuemeshError, ValueError):
                 self.table.restore(p.member, Address(p.host, p.port), Source(p.source),
                                    max(0.0, (wall - p.last_seen) / 1000), now, reached=p.failures == 0)
+        self._verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-verify")
         self.transport = Transport(self.identity, self.network_id, self)
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
         self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)))
@@ -207,11 +260,14 @@ class Node:
         self._stopping.set()
         if self._submitter is not None:
             self._tasks.append(self._submitter)
-        for t in [*self._tasks, *self._streams.values()]:
+        lanes = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        for t in [*self._tasks, *self._streams.values(), *lanes]:
             t.cancel()
-        for t in [*self._tasks, *self._streams.values()]:
+        for t in [*self._tasks, *self._streams.values(), *lanes]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown(wait=True, cancel_futures=True)  # at most one batch is running
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
@@ -480,18 +536,92 @@ class Node:
             await self._send(link, m.Blocks(eng.cid, chunk, 0))
 
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
+        """Take a batch of blocks: decode and verify it, then hand it to the engine.
+
+        A large batch (catch-up) goes through the engine's lane: decoded and verified on the
+        verify thread while the loop applies the batch before it, then applied in arrival
+        order. The link's reader returns at once and reads the next batch meanwhile, up to
+        LANE_DEPTH batches ahead. A small batch (live gossip) is taken on the loop with no
+        thread hop, unless the lane is busy (arrival order is kept either way).
+        """
         t_rx = time.monotonic()
-        blocks = []
-        for raw in raws:
-            if eng.seen_before(raw):
-                continue  # taken already (from another peer's stream): nothing to decode or verify
-            b = decode_block(raw)
-            if b.constellation != eng.cid:
-                raise RemoteError("A block in the batch belongs to another constellation.")
-            blocks.append(b)
+        lane = self._lanes.get(eng.cid)
+        if lane is None:
+            lane = self._lanes[eng.cid] = _Lane()
+        if not lane.jobs and (len(raws) < PIPELINE_MIN_BLOCKS or self._verify_pool is None):
+            blocks = []
+            for raw in raws:
+                if eng.seen_before(raw):
+                    continue  # taken already (from another peer's stream): nothing to decode or verify
+                blocks.append(_decode_block_of(eng.cid, raw))
+            await self._take_blocks(link, eng, blocks, left, t_rx, link.read_at)
+            return
+        while len(lane.jobs) >= LANE_DEPTH and not link.closed:
+            lane.room.clear()
+            await lane.room.wait()
+        job = _LaneJob(link, left, t_rx, link.read_at)
+        fresh: list[bytes] = []
+        for i, raw in enumerate(raws):
+            digest = eng.raw_digest(raw)
+            if eng.seen_digest(digest):
+                continue
+            if digest in lane.inflight:
+                # A batch ahead in the lane carries these very bytes: if the engine has taken
+                # them by the time this batch is applied, they are dropped; if not (that batch
+                # was refused), they are decoded and verified then.
+                job.deferred.append((i, raw))
+                continue
+            lane.inflight[digest] = lane.inflight.get(digest, 0) + 1
+            job.digests.append(digest)
+            job.fresh.append(i)
+            fresh.append(raw)
+        if not job.fresh and not job.deferred:
+            return
+        loop = asyncio.get_running_loop()
+        if fresh:
+            assert self._verify_pool is not None
+            job.decoded = loop.run_in_executor(self._verify_pool, _decode_blocks_of, eng.cid, fresh)
+        lane.jobs.append(job)
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.create_task(self._run_lane(eng, lane))
+
+    async def _run_lane(self, eng: Engine, lane: _Lane) -> None:
+        """Apply the lane's batches in arrival order (see _receive_blocks)."""
+        while lane.jobs:
+            job = lane.jobs[0]
+            try:
+                blocks: list[tuple[int, Block]] = []
+                if job.decoded is not None:
+                    blocks = list(zip(job.fresh, await job.decoded, strict=True))
+                late = [(i, raw) for i, raw in job.deferred if not eng.seen_before(raw)]
+                if late:
+                    assert self._verify_pool is not None
+                    got = await asyncio.get_running_loop().run_in_executor(
+                        self._verify_pool, _decode_blocks_of, eng.cid, [raw for _, raw in late])
+                    blocks = sorted([*blocks, *zip((i for i, _ in late), got, strict=True)], key=lambda x: x[0])
+                await self._take_blocks(job.link, eng, [b for _, b in blocks], job.left, job.t_rx, job.read_at)
+            except RemoteError as exc:
+                # The whole batch is refused and nothing of it taken, as on the loop.
+                log.info("bad data from %s: %s", job.link.remote.short, exc.message)
+                job.link.penalize(PENALTY_INVALID, exc.message)
+            except ValuemeshError as exc:
+                log.warning("could not take blocks from %s: %s", job.link.remote.short, exc.message)
+            except Exception:
+                log.exception("internal error while taking blocks from %s", job.link.remote.short)
+            finally:
+                for d in job.digests:
+                    n = lane.inflight.pop(d, 1) - 1
+                    if n > 0:
+                        lane.inflight[d] = n
+                lane.jobs.popleft()
+                lane.room.set()
+
+    async def _take_blocks(self, link: PeerLink, eng: Engine, blocks: list[Block], left: int, t_rx: float,
+                           read_at: float) -> None:
+        """Hand decoded and verified blocks to the engine and act on what it says."""
         tr = trace.tracer
         if tr is not None:
-            tr.event("verified", rx=t_rx, rd=link.read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
+            tr.event("verified", rx=t_rx, rd=read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
         eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:
