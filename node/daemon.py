@@ -21,7 +21,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points, version
 from typing import Any
@@ -38,6 +37,7 @@ from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
 from valuemesh.node.store import PeerInfo, Store, StoredBlock
 from valuemesh.node.transport import PeerLink, Transport
+from valuemesh.node.verifier import Verifier
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
 from valuemesh.protocol.consensus import Checkpoint
@@ -49,8 +49,10 @@ from valuemesh.protocol.records import (
     Block,
     EquivocationProof,
     Record,
+    SignatureCheck,
     constellation_text,
     decode_block,
+    decode_block_unverified,
     decode_record,
     decode_records,
     parse_constellation,
@@ -67,9 +69,9 @@ SYNC_BATCH = 128
 # Bytes of blocks per Blocks message: well inside a message's limit (m.MAX_MESSAGE_SIZE), so
 # a batch of large blocks is split rather than refused; one block always goes alone.
 SYNC_BATCH_BYTES = 2 * 1024 * 1024
-# A received batch of at least this many blocks (a catch-up stream) is decoded and verified on
-# the verify thread while the loop applies the batch before it; smaller ones (live gossip, one
-# block a message) are taken on the loop, with no thread hop on a round's critical path.
+# A received batch of at least this many blocks (a catch-up stream) has its signatures checked
+# by the verifier's helper process while the loop applies the batch before it; smaller ones
+# (live gossip, one block a message) are taken on the loop, with no hop on a round's critical path.
 PIPELINE_MIN_BLOCKS = 8
 # Batches an engine's lane holds (being verified or waiting to be applied) before the links
 # that feed it stop reading: bounds the memory a fast stream can make us hold.
@@ -113,33 +115,32 @@ def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     return host or default_host, int(port_s)
 
 
-def _decode_block_of(cid: bytes, raw: bytes) -> Block:
-    """Decode and verify one block of constellation `cid` (raises RemoteError)."""
-    b = decode_block(raw)
-    if b.constellation != cid:
+def _check_constellation(eng: Engine, b: Block) -> None:
+    if b.constellation != eng.cid:
         raise RemoteError("A block in the batch belongs to another constellation.")
-    return b
 
 
-def _decode_blocks_of(cid: bytes, raws: list[bytes]) -> list[Block]:
-    """`_decode_block_of` each, all or nothing; runs on the verify thread (PyNaCl lets go
-    of the GIL while it checks a signature, so that part runs beside the loop's work)."""
-    return [_decode_block_of(cid, raw) for raw in raws]
+def _release(lane: _Lane, digests: list[bytes]) -> None:
+    for d in digests:
+        n = lane.inflight.pop(d, 1) - 1
+        if n > 0:
+            lane.inflight[d] = n
 
 
 @dataclass(eq=False)
 class _LaneJob:
-    """One received batch in an engine's lane: `fresh` positions are being decoded and
-    verified (`decoded`), `deferred` ones are bytes a batch ahead of it carries too."""
+    """One received batch in an engine's lane: its decoded `blocks` (by position in the
+    batch), whose signatures `verified` checks, and the `deferred` positions whose bytes a
+    batch ahead of it carries too."""
 
     link: PeerLink
     left: int
     t_rx: float
     read_at: float
-    fresh: list[int] = field(default_factory=list)
+    blocks: list[tuple[int, Block]] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)
     deferred: list[tuple[int, bytes]] = field(default_factory=list)
-    decoded: asyncio.Future[list[Block]] | None = None
+    verified: asyncio.Future[None] | None = None
 
 
 @dataclass(eq=False)
@@ -200,7 +201,7 @@ class Node:
         self._wake = asyncio.Event()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
         self._lanes: dict[bytes, _Lane] = {}
-        self._verify_pool: ThreadPoolExecutor | None = None
+        self._verifier = Verifier()
         self._stopping = asyncio.Event()
         self.started_at = time.time()
 
@@ -223,7 +224,6 @@ class Node:
             with contextlib.suppress(ValuemeshError, ValueError):
                 self.table.restore(p.member, Address(p.host, p.port), Source(p.source),
                                    max(0.0, (wall - p.last_seen) / 1000), now, reached=p.failures == 0)
-        self._verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-verify")
         self.transport = Transport(self.identity, self.network_id, self)
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
         self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)))
@@ -266,8 +266,7 @@ class Node:
         for t in [*self._tasks, *self._streams.values(), *lanes]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self._verify_pool is not None:
-            self._verify_pool.shutdown(wait=True, cancel_futures=True)  # at most one batch is running
+        self._verifier.close()
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
@@ -297,6 +296,7 @@ class Node:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), min(max(wait, TICK_S), IDLE_WAKE_S))
             self._wake.clear()
+            self._verifier.stop_if_idle()
             now = now_ms()
             forward = time.monotonic() - last_forward >= RESUBMIT_S
             if forward:
@@ -538,49 +538,60 @@ class Node:
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
         """Take a batch of blocks: decode and verify it, then hand it to the engine.
 
-        A large batch (catch-up) goes through the engine's lane: decoded and verified on the
-        verify thread while the loop applies the batch before it, then applied in arrival
-        order. The link's reader returns at once and reads the next batch meanwhile, up to
-        LANE_DEPTH batches ahead. A small batch (live gossip) is taken on the loop with no
-        thread hop, unless the lane is busy (arrival order is kept either way).
+        A large batch (catch-up) goes through the engine's lane: decoded here at once, its
+        signatures checked by the verifier's helper process while the loop applies the batch
+        before it, then applied in arrival order; the link's reader goes on to the next
+        batch meanwhile, up to LANE_DEPTH batches ahead. A small batch (live gossip) is
+        decoded, verified and taken on the loop with no process hop, unless the lane is busy
+        (arrival order is kept either way). Malformed bytes are refused here, bad signatures
+        when the lane reaches the batch; either way the whole batch, with nothing taken.
         """
         t_rx = time.monotonic()
         lane = self._lanes.get(eng.cid)
         if lane is None:
             lane = self._lanes[eng.cid] = _Lane()
-        if not lane.jobs and (len(raws) < PIPELINE_MIN_BLOCKS or self._verify_pool is None):
+        if not lane.jobs and len(raws) < PIPELINE_MIN_BLOCKS:
             blocks = []
             for raw in raws:
                 if eng.seen_before(raw):
                     continue  # taken already (from another peer's stream): nothing to decode or verify
-                blocks.append(_decode_block_of(eng.cid, raw))
+                b = decode_block(raw)
+                _check_constellation(eng, b)
+                blocks.append(b)
             await self._take_blocks(link, eng, blocks, left, t_rx, link.read_at)
             return
-        while len(lane.jobs) >= LANE_DEPTH and not link.closed:
-            lane.room.clear()
-            await lane.room.wait()
         job = _LaneJob(link, left, t_rx, link.read_at)
-        fresh: list[bytes] = []
+        digests: list[bytes] = []
+        checks: list[SignatureCheck] = []
         for i, raw in enumerate(raws):
             digest = eng.raw_digest(raw)
             if eng.seen_digest(digest):
                 continue
-            if digest in lane.inflight:
+            if digest in lane.inflight or digest in digests:
                 # A batch ahead in the lane carries these very bytes: if the engine has taken
                 # them by the time this batch is applied, they are dropped; if not (that batch
                 # was refused), they are decoded and verified then.
                 job.deferred.append((i, raw))
                 continue
-            lane.inflight[digest] = lane.inflight.get(digest, 0) + 1
-            job.digests.append(digest)
-            job.fresh.append(i)
-            fresh.append(raw)
-        if not job.fresh and not job.deferred:
+            b, more = decode_block_unverified(raw)
+            _check_constellation(eng, b)
+            job.blocks.append((i, b))
+            checks += more
+            digests.append(digest)
+        if not job.blocks and not job.deferred:
             return
-        loop = asyncio.get_running_loop()
-        if fresh:
-            assert self._verify_pool is not None
-            job.decoded = loop.run_in_executor(self._verify_pool, _decode_blocks_of, eng.cid, fresh)
+        self._verifier.start()  # a catch-up: have the helper ready for the batches to come
+        job.digests = digests
+        for d in digests:
+            lane.inflight[d] = lane.inflight.get(d, 0) + 1
+        try:
+            while len(lane.jobs) >= LANE_DEPTH:
+                lane.room.clear()
+                await lane.room.wait()
+        except BaseException:
+            _release(lane, digests)
+            raise
+        job.verified = asyncio.ensure_future(self._verifier.check(checks))
         lane.jobs.append(job)
         if lane.task is None or lane.task.done():
             lane.task = asyncio.create_task(self._run_lane(eng, lane))
@@ -590,18 +601,20 @@ class Node:
         while lane.jobs:
             job = lane.jobs[0]
             try:
-                blocks: list[tuple[int, Block]] = []
-                if job.decoded is not None:
-                    blocks = list(zip(job.fresh, await job.decoded, strict=True))
+                if job.verified is not None:
+                    await job.verified
+                blocks = job.blocks
                 late = [(i, raw) for i, raw in job.deferred if not eng.seen_before(raw)]
-                if late:
-                    assert self._verify_pool is not None
-                    got = await asyncio.get_running_loop().run_in_executor(
-                        self._verify_pool, _decode_blocks_of, eng.cid, [raw for _, raw in late])
-                    blocks = sorted([*blocks, *zip((i for i, _ in late), got, strict=True)], key=lambda x: x[0])
+                if late:  # the batch ahead that carried them was refused: check them now
+                    more = []
+                    for i, raw in late:
+                        b = decode_block(raw)
+                        _check_constellation(eng, b)
+                        more.append((i, b))
+                    blocks = sorted([*blocks, *more], key=lambda x: x[0])
                 await self._take_blocks(job.link, eng, [b for _, b in blocks], job.left, job.t_rx, job.read_at)
             except RemoteError as exc:
-                # The whole batch is refused and nothing of it taken, as on the loop.
+                # The whole batch is refused and nothing of it taken, as on the link's reader.
                 log.info("bad data from %s: %s", job.link.remote.short, exc.message)
                 job.link.penalize(PENALTY_INVALID, exc.message)
             except ValuemeshError as exc:
@@ -609,10 +622,7 @@ class Node:
             except Exception:
                 log.exception("internal error while taking blocks from %s", job.link.remote.short)
             finally:
-                for d in job.digests:
-                    n = lane.inflight.pop(d, 1) - 1
-                    if n > 0:
-                        lane.inflight[d] = n
+                _release(lane, job.digests)
                 lane.jobs.popleft()
                 lane.room.set()
 

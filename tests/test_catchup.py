@@ -1,22 +1,29 @@
-"""A node taking a catch-up stream through its lane (blocks decoded and verified on the
-verify thread, applied in arrival order): the same blocks from several peers are taken
-once; a batch with one bad block is refused whole, changes nothing and costs its sender;
-and the copies of that batch's good blocks that another peer sent meanwhile are taken."""
+"""A node taking a catch-up stream through its lane (blocks decoded on the loop, their
+signatures checked in the verifier's helper process, applied in arrival order): the same
+blocks from several peers are taken once; a batch with one badly signed block is refused
+whole, changes nothing and costs its sender, and the copies of that batch's good blocks
+that another peer sent meanwhile are taken; malformed bytes are refused before the lane."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from valuemesh.node import daemon as daemon_mod
 from valuemesh.node.daemon import Node, installed_registry
 from valuemesh.node.engine import Engine
 from valuemesh.node.home import Home
 from valuemesh.node.store import Store
+from valuemesh.node.verifier import Verifier
 from valuemesh.protocol.builtin.membership import make_genesis
+from valuemesh.protocol.errors import DecodeError, SignatureError
 from valuemesh.protocol.identity import Identity, MemberId
-from valuemesh.protocol.records import Block, Record
+from valuemesh.protocol.records import Block, Record, SignatureCheck, decode_block_unverified
 
 FOUNDER = Identity(bytes([5]) * 32)
 # The late node follows the founder's constellation without being a core member, so it never
@@ -158,3 +165,55 @@ async def test_a_small_batch_on_an_idle_lane_is_taken_at_once(tmp_path: Path) ->
         assert not node._lanes[eng.cid].jobs
     finally:
         await node.stop()
+
+
+async def test_a_malformed_batch_is_refused_before_it_enters_the_lane(tmp_path: Path) -> None:
+    blocks, _ = await _source_blocks(tmp_path / "source.sqlite")
+    node, eng = await _node(tmp_path / "late")
+    try:
+        link = FakeLink(0)
+        junk = [b.raw for b in blocks[:BLOCKS - 1]] + [b"\xa1\x61c\x00"]
+        with pytest.raises(DecodeError):
+            await node._receive_blocks(link, eng, junk, 0)  # type: ignore[arg-type]
+        assert not node._lanes[eng.cid].jobs and not node._lanes[eng.cid].inflight
+        assert eng.catchup["blocks_done"] == 0 and eng.final_count == 1
+    finally:
+        await node.stop()
+
+
+async def test_the_verifier_process_checks_stops_when_idle_and_survives_its_death() -> None:
+    good = Block.create(FOUNDER, constellation=bytes(32), epoch=0, round=0, prev=None, parents=[], records=[],
+                        created=T0)
+    _, checks = decode_block_unverified(good.raw)
+    _, forged = decode_block_unverified(good.raw)
+    forged[0] = SignatureCheck(forged[0].author, forged[0].message, bytes(64))
+    v = Verifier(idle_s=0.0)
+    try:
+        # Until the helper has started, checks run here.
+        await v.check(checks)
+        with pytest.raises(SignatureError):
+            await v.check(forged)
+        v.start()
+        assert v.running
+        deadline = asyncio.get_running_loop().time() + LANE_WAIT_S
+        while not v.ready:
+            assert asyncio.get_running_loop().time() < deadline, "the helper never answered"
+            await asyncio.sleep(0.02)
+        await v.check(checks)
+        with pytest.raises(SignatureError):
+            await v.check(forged)
+        v.stop_if_idle()
+        assert not v.running and not v.ready
+        # A helper that dies (here: killed) costs nothing but time: the check runs here instead.
+        v.start()
+        while not v.ready:
+            assert asyncio.get_running_loop().time() < deadline, "the helper never answered"
+            await asyncio.sleep(0.02)
+        assert v._pool is not None
+        for pid in list(v._pool._processes):  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+        await v.check(checks)
+        with pytest.raises(SignatureError):
+            await v.check(forged)
+    finally:
+        v.close()
