@@ -123,23 +123,6 @@ def proc_threads_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
-def proc_children_cpu_s(pid: int) -> float:
-    """CPU seconds of a process's live children (e.g. a daemon's signature helper), which
-    its own /proc/<pid>/stat does not count until they exit."""
-    total = 0.0
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            kids = [int(k) for k in f.read().split()]
-    except OSError:
-        return 0.0
-    for k in kids:
-        try:
-            total += proc_cpu_s(k) + proc_children_cpu_s(k)
-        except OSError:
-            continue  # it ended meanwhile
-    return total
-
-
 def proc_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * PAGE / 1e6

@@ -486,7 +486,7 @@ def rejoin(c: Cluster, cid: str, missed: int) -> dict[str, Any]:
     """Start the last (stopped) daemon and time it until it reports the same final count and
     state hash as the first: from process start, and from its ready line (process start =
     interpreter, imports, store open, ledger replay of what it held, listeners)."""
-    from machine import proc_children_cpu_s, proc_cpu_s, proc_threads_cpu_s
+    from machine import proc_cpu_s, proc_threads_cpu_s
     late = c.daemons[-1]
     want = c.daemons[0].api("GET", f"/v1/constellations/{cid}")
     others = [d.proc.pid for d in c.daemons[:-1] if d.proc is not None and d.alive]
@@ -513,7 +513,6 @@ def rejoin(c: Cluster, cid: str, missed: int) -> dict[str, Any]:
     out["cpu_s"] = {"late_start": round(late_ready_cpu, 2),
                     "late_after_ready": round(sum(threads.values()) - late_ready_cpu, 2),
                     "late_main_thread": round(threads["main"], 2), "late_other_threads": round(threads["other"], 2),
-                    "late_helpers": round(proc_children_cpu_s(late.proc.pid), 2),
                     "peers": round(sum(proc_cpu_s(p) for p in others) - others_cpu0, 2)}
     if caught is None:
         out["caught_up"] = False

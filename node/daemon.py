@@ -19,9 +19,7 @@ import secrets
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points, version
 from typing import Any
 
@@ -37,7 +35,6 @@ from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
 from valuemesh.node.store import PeerInfo, Store, StoredBlock
 from valuemesh.node.transport import PeerLink, Transport
-from valuemesh.node.verifier import Verifier
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
 from valuemesh.protocol.consensus import Checkpoint
@@ -46,13 +43,10 @@ from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
 from valuemesh.protocol.records import (
-    Block,
     EquivocationProof,
     Record,
-    SignatureCheck,
     constellation_text,
     decode_block,
-    decode_block_unverified,
     decode_record,
     decode_records,
     parse_constellation,
@@ -69,13 +63,6 @@ SYNC_BATCH = 128
 # Bytes of blocks per Blocks message: well inside a message's limit (m.MAX_MESSAGE_SIZE), so
 # a batch of large blocks is split rather than refused; one block always goes alone.
 SYNC_BATCH_BYTES = 2 * 1024 * 1024
-# A received batch of at least this many blocks (a catch-up stream) has its signatures checked
-# by the verifier's helper process while the loop applies the batch before it; smaller ones
-# (live gossip, one block a message) are taken on the loop, with no hop on a round's critical path.
-PIPELINE_MIN_BLOCKS = 8
-# Batches an engine's lane holds (being verified or waiting to be applied) before the links
-# that feed it stop reading: bounds the memory a fast stream can make us hold.
-LANE_DEPTH = 6
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
 
@@ -113,44 +100,6 @@ def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
         raise LocalError(f"'{text}' is not an address; use HOST:PORT, like 127.0.0.1:7470.")
     return host or default_host, int(port_s)
-
-
-def _check_constellation(eng: Engine, b: Block) -> None:
-    if b.constellation != eng.cid:
-        raise RemoteError("A block in the batch belongs to another constellation.")
-
-
-def _release(lane: _Lane, digests: list[bytes]) -> None:
-    for d in digests:
-        n = lane.inflight.pop(d, 1) - 1
-        if n > 0:
-            lane.inflight[d] = n
-
-
-@dataclass(eq=False)
-class _LaneJob:
-    """One received batch in an engine's lane: its decoded `blocks` (by position in the
-    batch), whose signatures `verified` checks, and the `deferred` positions whose bytes a
-    batch ahead of it carries too."""
-
-    link: PeerLink
-    left: int
-    t_rx: float
-    read_at: float
-    blocks: list[tuple[int, Block]] = field(default_factory=list)
-    digests: list[bytes] = field(default_factory=list)
-    deferred: list[tuple[int, bytes]] = field(default_factory=list)
-    verified: asyncio.Future[None] | None = None
-
-
-@dataclass(eq=False)
-class _Lane:
-    """An engine's received batches, applied one after the other in arrival order."""
-
-    jobs: deque[_LaneJob] = field(default_factory=deque)
-    inflight: dict[bytes, int] = field(default_factory=dict)  # raw digest -> batches carrying it
-    room: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
 
 
 class Node:
@@ -200,8 +149,6 @@ class Node:
         self._submitter: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
-        self._lanes: dict[bytes, _Lane] = {}
-        self._verifier = Verifier()
         self._stopping = asyncio.Event()
         self.started_at = time.time()
 
@@ -260,13 +207,11 @@ class Node:
         self._stopping.set()
         if self._submitter is not None:
             self._tasks.append(self._submitter)
-        lanes = [lane.task for lane in self._lanes.values() if lane.task is not None]
-        for t in [*self._tasks, *self._streams.values(), *lanes]:
+        for t in [*self._tasks, *self._streams.values()]:
             t.cancel()
-        for t in [*self._tasks, *self._streams.values(), *lanes]:
+        for t in [*self._tasks, *self._streams.values()]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._verifier.close()
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
@@ -296,7 +241,6 @@ class Node:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), min(max(wait, TICK_S), IDLE_WAKE_S))
             self._wake.clear()
-            self._verifier.stop_if_idle()
             now = now_ms()
             forward = time.monotonic() - last_forward >= RESUBMIT_S
             if forward:
@@ -536,102 +480,18 @@ class Node:
             await self._send(link, m.Blocks(eng.cid, chunk, 0))
 
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
-        """Take a batch of blocks: decode and verify it, then hand it to the engine.
-
-        A large batch (catch-up) goes through the engine's lane: decoded here at once, its
-        signatures checked by the verifier's helper process while the loop applies the batch
-        before it, then applied in arrival order; the link's reader goes on to the next
-        batch meanwhile, up to LANE_DEPTH batches ahead. A small batch (live gossip) is
-        decoded, verified and taken on the loop with no process hop, unless the lane is busy
-        (arrival order is kept either way). Malformed bytes are refused here, bad signatures
-        when the lane reaches the batch; either way the whole batch, with nothing taken.
-        """
         t_rx = time.monotonic()
-        lane = self._lanes.get(eng.cid)
-        if lane is None:
-            lane = self._lanes[eng.cid] = _Lane()
-        if not lane.jobs and len(raws) < PIPELINE_MIN_BLOCKS:
-            blocks = []
-            for raw in raws:
-                if eng.seen_before(raw):
-                    continue  # taken already (from another peer's stream): nothing to decode or verify
-                b = decode_block(raw)
-                _check_constellation(eng, b)
-                blocks.append(b)
-            await self._take_blocks(link, eng, blocks, left, t_rx, link.read_at)
-            return
-        job = _LaneJob(link, left, t_rx, link.read_at)
-        digests: list[bytes] = []
-        checks: list[SignatureCheck] = []
-        for i, raw in enumerate(raws):
-            digest = eng.raw_digest(raw)
-            if eng.seen_digest(digest):
-                continue
-            if digest in lane.inflight or digest in digests:
-                # A batch ahead in the lane carries these very bytes: if the engine has taken
-                # them by the time this batch is applied, they are dropped; if not (that batch
-                # was refused), they are decoded and verified then.
-                job.deferred.append((i, raw))
-                continue
-            b, more = decode_block_unverified(raw)
-            _check_constellation(eng, b)
-            job.blocks.append((i, b))
-            checks += more
-            digests.append(digest)
-        if not job.blocks and not job.deferred:
-            return
-        self._verifier.start()  # a catch-up: have the helper ready for the batches to come
-        job.digests = digests
-        for d in digests:
-            lane.inflight[d] = lane.inflight.get(d, 0) + 1
-        try:
-            while len(lane.jobs) >= LANE_DEPTH:
-                lane.room.clear()
-                await lane.room.wait()
-        except BaseException:
-            _release(lane, digests)
-            raise
-        job.verified = asyncio.ensure_future(self._verifier.check(checks))
-        lane.jobs.append(job)
-        if lane.task is None or lane.task.done():
-            lane.task = asyncio.create_task(self._run_lane(eng, lane))
-
-    async def _run_lane(self, eng: Engine, lane: _Lane) -> None:
-        """Apply the lane's batches in arrival order (see _receive_blocks)."""
-        while lane.jobs:
-            job = lane.jobs[0]
-            try:
-                if job.verified is not None:
-                    await job.verified
-                blocks = job.blocks
-                late = [(i, raw) for i, raw in job.deferred if not eng.seen_before(raw)]
-                if late:  # the batch ahead that carried them was refused: check them now
-                    more = []
-                    for i, raw in late:
-                        b = decode_block(raw)
-                        _check_constellation(eng, b)
-                        more.append((i, b))
-                    blocks = sorted([*blocks, *more], key=lambda x: x[0])
-                await self._take_blocks(job.link, eng, [b for _, b in blocks], job.left, job.t_rx, job.read_at)
-            except RemoteError as exc:
-                # The whole batch is refused and nothing of it taken, as on the link's reader.
-                log.info("bad data from %s: %s", job.link.remote.short, exc.message)
-                job.link.penalize(PENALTY_INVALID, exc.message)
-            except ValuemeshError as exc:
-                log.warning("could not take blocks from %s: %s", job.link.remote.short, exc.message)
-            except Exception:
-                log.exception("internal error while taking blocks from %s", job.link.remote.short)
-            finally:
-                _release(lane, job.digests)
-                lane.jobs.popleft()
-                lane.room.set()
-
-    async def _take_blocks(self, link: PeerLink, eng: Engine, blocks: list[Block], left: int, t_rx: float,
-                           read_at: float) -> None:
-        """Hand decoded and verified blocks to the engine and act on what it says."""
+        blocks = []
+        for raw in raws:
+            if eng.seen_before(raw):
+                continue  # taken already (from another peer's stream): nothing to decode or verify
+            b = decode_block(raw)
+            if b.constellation != eng.cid:
+                raise RemoteError("A block in the batch belongs to another constellation.")
+            blocks.append(b)
         tr = trace.tracer
         if tr is not None:
-            tr.event("verified", rx=t_rx, rd=read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
+            tr.event("verified", rx=t_rx, rd=link.read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
         eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:

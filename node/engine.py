@@ -221,21 +221,16 @@ class Engine:
         return await self._handle(self.consensus.propose(records, now), now)
 
     @staticmethod
-    def raw_digest(raw: bytes) -> bytes:
-        """What `seen_before` knows a block's bytes by."""
+    def _raw_digest(raw: bytes) -> bytes:
         return hashlib.blake2b(raw, digest_size=16).digest()
 
     def seen_before(self, raw: bytes) -> bool:
         """Whether these exact bytes are a block this engine already took (see SEEN_BLOCKS)."""
-        return self.raw_digest(raw) in self._seen_raw
-
-    def seen_digest(self, digest: bytes) -> bool:
-        """`seen_before` by the bytes' `raw_digest`."""
-        return digest in self._seen_raw
+        return self._raw_digest(raw) in self._seen_raw
 
     def _remember(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
-            self._seen_raw[self.raw_digest(b.raw)] = None
+            self._seen_raw[self._raw_digest(b.raw)] = None
         while len(self._seen_raw) > SEEN_BLOCKS:
             self._seen_raw.popitem(last=False)
 

@@ -553,81 +553,6 @@ def decode_block(
     `record_verifier` lets a caller that already verified a record (by id)
     skip doing it twice.
     """
-    head, payload, recs = _decode_block_head(data)
-    if verify:
-        head.author.verify(BLOCK_DOMAIN + payload, head.sig)
-    records: list[Record] = []
-    seen: set[bytes] = set()
-    if record_verifier is not None:
-        for r in recs:
-            _need(isinstance(r, bytes), "A block's records must be encoded records.")
-            rec = record_verifier(r)
-            _check_block_record(rec, head.constellation, seen)
-            records.append(rec)
-    else:
-        records = _decode_all(recs, verify, lambda rec: _check_block_record(rec, head.constellation, seen),
-                              "A block's records must be encoded records.")
-    return head.with_records(records, blake2b256(payload))
-
-
-@dataclass(frozen=True, slots=True)
-class SignatureCheck:
-    """One signature a decoded object still needs checked: `author` signed `message`."""
-
-    author: MemberId
-    message: bytes
-    sig: bytes
-
-    def verify(self) -> None:
-        self.author.verify(self.message, self.sig)
-
-
-def decode_block_unverified(data: bytes) -> tuple[Block, list[SignatureCheck]]:
-    """`decode_block` without checking any signature: the block, and the checks `decode_block`
-    would make (the block's signature, then each record's, in that order).
-
-    The block may be trusted only once `verify_checks` passed on every one of them; this
-    lets a caller check them elsewhere (another process) while it decodes the next block.
-    Malformed bytes raise the same errors as `decode_block`.
-    """
-    head, payload, recs = _decode_block_head(data)
-    checks = [SignatureCheck(head.author, BLOCK_DOMAIN + payload, head.sig)]
-    records: list[Record] = []
-    seen: set[bytes] = set()
-    for r in recs:
-        _need(isinstance(r, (bytes, bytearray, memoryview)), "A block's records must be encoded records.")
-        rec, rec_payload = _decode_unverified(r, native=True)
-        _check_block_record(rec, head.constellation, seen)
-        records.append(rec)
-        checks.append(SignatureCheck(rec.author, RECORD_DOMAIN + rec_payload, rec.sig))
-    return head.with_records(records, blake2b256(payload)), checks
-
-
-def verify_checks(checks: Iterable[SignatureCheck]) -> None:
-    """Raise SignatureError for the first check that fails."""
-    for c in checks:
-        c.verify()
-
-
-@dataclass(frozen=True, slots=True)
-class _BlockHead:
-    constellation: bytes
-    epoch: int
-    author: MemberId
-    round: int
-    prev: bytes | None
-    parents: tuple[bytes, ...]
-    created: int
-    sig: bytes
-    raw: bytes
-
-    def with_records(self, records: list[Record], block_id: bytes) -> Block:
-        return Block(self.constellation, self.epoch, self.author, self.round, self.prev, self.parents,
-                     tuple(records), self.created, self.sig, block_id, self.raw)
-
-
-def _decode_block_head(data: bytes) -> tuple[_BlockHead, bytes, list[Any]]:
-    """A block's fields checked but not its records: (head, signed payload, encoded records)."""
     _need(isinstance(data, (bytes, bytearray, memoryview)), "A block must be given as bytes.")
     _need(len(data) <= MAX_BLOCK_SIZE, "A block is over the size limit.")
     data = bytes(data)
@@ -653,7 +578,21 @@ def _decode_block_head(data: bytes) -> tuple[_BlockHead, bytes, list[Any]]:
     created = _uint(m["created"], "A block's created time")
     sig = m["sig"]
     _need(isinstance(sig, bytes) and len(sig) == 64, "A block signature must be 64 bytes.")
-    return _BlockHead(cid, epoch, author, rnd, prev, parents_t, created, sig, data), payload, recs
+    if verify:
+        author.verify(BLOCK_DOMAIN + payload, sig)
+    records: list[Record] = []
+    seen: set[bytes] = set()
+    if record_verifier is not None:
+        for r in recs:
+            _need(isinstance(r, bytes), "A block's records must be encoded records.")
+            rec = record_verifier(r)
+            _check_block_record(rec, cid, seen)
+            records.append(rec)
+    else:
+        records = _decode_all(recs, verify, lambda rec: _check_block_record(rec, cid, seen),
+                              "A block's records must be encoded records.")
+    return Block(cid, epoch, author, rnd, prev, parents_t, tuple(records), created, sig,
+                 blake2b256(payload), bytes(data))
 
 
 def _check_block_record(rec: Record, cid: bytes, seen: set[bytes]) -> None:
@@ -736,16 +675,13 @@ __all__ = [
     "Block",
     "EquivocationProof",
     "Record",
-    "SignatureCheck",
     "SignatureError",
     "blake2b256",
     "check_equivocation",
     "constellation_text",
     "decode_block",
-    "decode_block_unverified",
     "decode_record",
     "decode_record_reference",
     "decode_records",
     "parse_constellation",
-    "verify_checks",
 ]

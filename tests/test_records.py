@@ -29,10 +29,8 @@ from valuemesh.protocol.records import (
     check_equivocation,
     constellation_text,
     decode_block,
-    decode_block_unverified,
     decode_record,
     parse_constellation,
-    verify_checks,
 )
 
 ALICE = Identity(hashlib.blake2b(b"alice", digest_size=32).digest())
@@ -230,8 +228,6 @@ def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
         decode_record(data)
     with pytest.raises(DecodeError):
         decode_block(data)
-    with pytest.raises(DecodeError):
-        decode_block_unverified(data)
 
 
 @settings(max_examples=200, deadline=None)
@@ -413,32 +409,3 @@ def test_constellation_text_round_trip_and_typos() -> None:
     for bad in ("vc2" + text[3:], text[:-1], "vc1" + "1" * 58, ""):
         with pytest.raises(LocalError):
             parse_constellation(bad)
-
-
-def test_unverified_block_decoding_defers_exactly_the_signature_checks() -> None:
-    b = block()
-    got, checks = decode_block_unverified(b.raw)
-    assert got == b and got.id == b.id and got.raw == b.raw
-    assert [r.id for r in got.records] == [r.id for r in b.records]
-    # The block's signature first, then each record's: what decode_block checks.
-    assert [c.author for c in checks] == [ALICE.member, *[r.author for r in b.records]]
-    verify_checks(checks)
-    # Bad signatures pass the decoding and fail the checks; malformed bytes fail as decode_block does.
-    badly_signed = _reblock(b, sign=False, round=4)
-    _, checks = decode_block_unverified(badly_signed)
-    with pytest.raises(SignatureError):
-        verify_checks(checks)
-    bad_record = bytearray(b.records[0].raw)
-    bad_record[-1] ^= 1
-    _, checks = decode_block_unverified(_reblock(b, records=[bytes(bad_record)]))
-    checks[0].verify()
-    with pytest.raises(SignatureError):
-        checks[1].verify()
-    for malformed, error in ((_reblock(b, records=[rec(cid=OTHER_CID).raw]), ValidationError),
-                             (_reblock(b, records=[rec().raw, rec().raw]), ValidationError),
-                             (_reblock(b, records=[b"\xa0"]), DecodeError),
-                             (_reblock(b, parents=[b"\x00" * 32] * 513), DecodeError)):
-        with pytest.raises(error):
-            decode_block(malformed)
-        with pytest.raises(error):
-            decode_block_unverified(malformed)
