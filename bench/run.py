@@ -26,7 +26,7 @@ import raft
 import vmcluster as vc
 from machine import machine_info, proc_cpu_s, raw_verify_rate
 
-from valuemesh.node.engine import FINAL_VIEW_LIMIT
+from valuemesh.protocol.errors import ValuemeshError
 from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.records import Record
 
@@ -89,7 +89,7 @@ def valuemesh_cluster(root: Path, n: int, cfg: dict[str, Any]) -> dict[str, Any]
         say("valuemesh n=4: availability, kill -9 each daemon in turn under load")
         out["availability"] = vc.availability(c, cid, rate=cfg["avail_rate"], quick=not args_full(cfg))
         one_by_one = out["sustained"]["per_s"] or 50
-        missed = min(cfg["catchup"], FINAL_VIEW_LIMIT - 10_000)
+        missed = cfg["catchup"]
         build_rate = max(10.0, 0.7 * one_by_one)
         say(f"valuemesh n=4: catch-up, node3 misses {missed} records (built at {build_rate:.0f}/s)")
         out["catchup"] = vc.catch_up(c, cid, records=missed, rate=build_rate)
@@ -146,6 +146,9 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     pipe, bat = f["pysyncobj"]["pipelined"], f["pysyncobj"]["batched"]
     raft_p50 = min(x for x in (pipe["light"]["p50_ms"], bat["light"]["p50_ms"]) if x is not None)
     for n, cl in f["valuemesh"].items():
+        if "error" in cl:
+            row(f"2 n={n}", "did not finish", cl["error"][:100], "-", None)
+            continue
         lt = cl["light"]
         row(f"2 n={n} light p50/p99 ms (all nodes)", f"{lt['p50_ms']} / {lt['p99_ms']}",
             f"pysyncobj 5x p50 {raft_p50} ms", "p50 <= 5 x raft, p99 <= 50" if n == "4" else "-",
@@ -155,6 +158,8 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
         row(f"2 n={n} steady {st['offered_per_s']:.0f}/s p50/p99 ms", f"{st['p50_ms']} / {st['p99_ms']}",
             f"first node p50 {st['first_node_p50_ms']}", "-", None)
     c4 = f["valuemesh"]["4"]
+    if "error" in c4:
+        return rows
     sus = c4["sustained"]["per_s"]
     limit = f["verify_limit_4_nodes_per_s"]
     row("3 sustained final /s, 4 daemons, 1 per request", sus,
@@ -234,7 +239,13 @@ def main() -> int:
                 avail_rate=cfg["raft_avail_rate"], avail_s=cfg["raft_avail_s"], kill_after_s=cfg["raft_avail_s"] / 3)
         fig["valuemesh"] = {}
         for n in cfg["sizes"]:
-            fig["valuemesh"][str(n)] = valuemesh_cluster(root, n, cfg)
+            try:
+                fig["valuemesh"][str(n)] = valuemesh_cluster(root, n, cfg)
+            except (AssertionError, OSError, ValuemeshError) as exc:
+                # A cluster that does not form or finish in time (16 daemons on a loaded 2-core
+                # host) is reported as such; the figures measured before it are kept.
+                say(f"valuemesh n={n} did not finish: {exc}")
+                fig["valuemesh"][str(n)] = {"daemons": n, "error": str(exc)}
         say(f"figure 6: idle daemon in 3 constellations for {cfg['idle_s']:.0f} s")
         fig["idle"] = vc.idle(root / "idle", constellations=3, seconds=cfg["idle_s"])
         raw_after = raw_verify_rate(1.0)

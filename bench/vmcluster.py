@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from machine import median, pct
+from machine import ensure_bytecode, median, pct
 
 from valuemesh.node.home import Home
 from valuemesh.node.testing import Cluster, Daemon, wait_until
@@ -46,6 +46,8 @@ MAX_FAILED = 200
 STALL_S = 30.0
 SETTLE_POLL_S = 0.2
 AVAILABILITY_SETTLE_S = 30.0
+# How often the rejoin timer polls the late node: its resolution, and cheap for the daemon.
+REJOIN_POLL_S = 0.1
 
 
 class Api:
@@ -91,6 +93,7 @@ def contribution(i: int) -> dict[str, Any]:
 
 def start(root: Path, n: int) -> tuple[Cluster, str]:
     """n daemons, one constellation with all of them core members, all joins final everywhere."""
+    ensure_bytecode()
     c = Cluster(root, n, network="valuemesh-bench")
     c.start()
     try:
@@ -100,6 +103,12 @@ def start(root: Path, n: int) -> tuple[Cluster, str]:
         c.stop()
         raise
     return c, cid
+
+
+def joined_all(daemons: list[Daemon], cid: str) -> bool:
+    """Every one of `daemons` answers with the same final count and state hash."""
+    sums = [d.api("GET", f"/v1/constellations/{cid}") for d in daemons]
+    return len({(s["final"], s["state_hash"]) for s in sums}) == 1
 
 
 def joined(c: Cluster, cid: str, n: int) -> bool:
@@ -452,20 +461,42 @@ def availability(c: Cluster, cid: str, *, rate: float, quick: bool) -> dict[str,
 
 # -- figure 5: catch-up ---------------------------------------------------------------------
 
-def catch_up(c: Cluster, cid: str, *, records: int, rate: float) -> dict[str, Any]:
+def catch_up(c: Cluster, cid: str, *, records: int, rate: float, batch: int = 1) -> dict[str, Any]:
     """Stop the last daemon, finalise `records` more on the others, restart it and time how long
     until it reports the same final count and state hash as the others."""
     late = c.daemons[-1]
     late.stop()
+    res, build_s = build_gap(c, cid, records=records, rate=rate, batch=batch)
+    out: dict[str, Any] = {"missed_records": len(res.submitted), "build_s": round(build_s, 1),
+                           "build_stalled": res.stalled, "failed_writes": res.failed}
+    out.update(rejoin(c, cid, len(res.submitted)))
+    return out
+
+
+def build_gap(c: Cluster, cid: str, *, records: int, rate: float, batch: int = 1) -> tuple[LoadResult, float]:
+    """Finalise `records` on every daemon but the last (stopped), offered at `rate`/s."""
     others = c.daemons[:-1]
     t0 = time.monotonic()
-    res = asyncio.run(run_load(c, cid, rate=rate, count=records, targets=list(range(len(others))), timing=False))
-    build_s = time.monotonic() - t0
-    want = others[0].api("GET", f"/v1/constellations/{cid}")
+    res = asyncio.run(run_load(c, cid, rate=rate, count=records, targets=list(range(len(others))), timing=False,
+                               batch=batch))
+    return res, time.monotonic() - t0
+
+
+def rejoin(c: Cluster, cid: str, missed: int) -> dict[str, Any]:
+    """Start the last (stopped) daemon and time it until it reports the same final count and
+    state hash as the first: from process start, and from its ready line (process start =
+    interpreter, imports, store open, ledger replay of what it held, listeners)."""
+    from machine import proc_cpu_s, proc_threads_cpu_s
+    late = c.daemons[-1]
+    want = c.daemons[0].api("GET", f"/v1/constellations/{cid}")
+    others = [d.proc.pid for d in c.daemons[:-1] if d.proc is not None and d.alive]
+    others_cpu0 = sum(proc_cpu_s(p) for p in others)
     t_start = time.monotonic()
     late.start()
     t_ready = time.monotonic()
-    deadline = t_ready + max(SETTLE_TIMEOUT_S, records / 50)
+    assert late.proc is not None
+    late_ready_cpu = proc_cpu_s(late.proc.pid)
+    deadline = t_ready + max(SETTLE_TIMEOUT_S, missed / 50)
     caught = None
     progress = Progress()
     while time.monotonic() < deadline and not progress.stalled:
@@ -474,16 +505,21 @@ def catch_up(c: Cluster, cid: str, *, records: int, rate: float) -> dict[str, An
         if s["final"] >= want["final"] and s["state_hash"] == want["state_hash"]:
             caught = time.monotonic()
             break
-        time.sleep(0.1)
-    out: dict[str, Any] = {"missed_records": len(res.submitted), "final_order_length": want["final"],
-                           "build_s": round(build_s, 1), "start_s": round(t_ready - t_start, 2),
-                           "build_stalled": res.stalled, "failed_writes": res.failed}
+        time.sleep(REJOIN_POLL_S)
+    out: dict[str, Any] = {"final_order_length": want["final"], "start_s": round(t_ready - t_start, 2)}
+    # Where the cores went: the late daemon before and after its ready line (its event-loop
+    # thread and the rest, i.e. SQLite's threads), and the peers that stream it the gap.
+    threads = proc_threads_cpu_s(late.proc.pid)
+    out["cpu_s"] = {"late_start": round(late_ready_cpu, 2),
+                    "late_after_ready": round(sum(threads.values()) - late_ready_cpu, 2),
+                    "late_main_thread": round(threads["main"], 2), "late_other_threads": round(threads["other"], 2),
+                    "peers": round(sum(proc_cpu_s(p) for p in others) - others_cpu0, 2)}
     if caught is None:
         out["caught_up"] = False
         return out
     out.update(caught_up=True, seconds=round(caught - t_start, 2), seconds_after_ready=round(caught - t_ready, 2),
-               records_per_s=round(len(res.submitted) / (caught - t_start)),
-               records_per_s_after_ready=round(len(res.submitted) / max(caught - t_ready, 1e-3)))
+               records_per_s=round(missed / (caught - t_start)),
+               records_per_s_after_ready=round(missed / max(caught - t_ready, 1e-3)))
     return out
 
 
@@ -492,6 +528,7 @@ def catch_up(c: Cluster, cid: str, *, records: int, rate: float) -> dict[str, An
 def idle(root: Path, *, constellations: int, seconds: float) -> dict[str, Any]:
     """One daemon in `constellations` constellations, quiescent: CPU % and RSS over `seconds`."""
     from machine import proc_cpu_s, proc_rss_mb
+    ensure_bytecode()
     c = Cluster(root, 1, network="valuemesh-bench-idle")
     c.start()
     try:

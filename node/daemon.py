@@ -34,7 +34,7 @@ from valuemesh.node.home import Home
 from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
-from valuemesh.node.store import PeerInfo, Store
+from valuemesh.node.store import PeerInfo, Store, StoredBlock
 from valuemesh.node.transport import PeerLink, Transport
 from valuemesh.protocol import cbor
 from valuemesh.protocol import messages as m
@@ -51,7 +51,6 @@ from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
 from valuemesh.protocol.records import (
-    Block,
     EquivocationProof,
     Record,
     constellation_text,
@@ -81,6 +80,9 @@ SKIP_AHEAD_STALL_S = 5.0
 STOP_SETTLE_S = 5.0  # how long a stopping node waits for epoch ends still being stored
 SYNC_BATCH = 128
 MAX_API_IDS = 256  # constellation id texts remembered by engine_for
+# Bytes of blocks per Blocks message: well inside a message's limit (m.MAX_MESSAGE_SIZE), so
+# a batch of large blocks is split rather than refused; one block always goes alone.
+SYNC_BATCH_BYTES = 2 * 1024 * 1024
 MAX_DIAL_ADDRS = 64
 PENALTY_INVALID = 20
 
@@ -523,7 +525,7 @@ class Node:
                if r > their.get((mid.key, e), -1)}
         window_end = since + m.SYNC_WINDOW_ROUNDS
 
-        def wanted(b: Block) -> bool:  # b is of an epoch >= floor
+        def wanted(b: StoredBlock) -> bool:  # b is of an epoch >= floor
             return (b.epoch == floor and since <= b.round < window_end) or \
                 b.round > their.get((b.author.key, b.epoch), -1)
 
@@ -531,21 +533,31 @@ class Node:
         total = sum(mine[(MemberId(k), e)] - r for (k, e), r in lag.items())
         sent = 0
         chunk: list[bytes] = []
+        size = 0
         for epoch in epochs:
             starts = [r + 1 for (_, e), r in lag.items() if e == epoch]
             window_only = not starts  # nothing past its heads here: just the window
             if epoch == floor:
                 starts.append(since)
-            async for b in self.store.iter_blocks(eng.cid, from_round=min(starts), epoch=epoch, page=SYNC_BATCH):
+            # Raw rows: the peer decodes and verifies what it takes, we only relay the bytes.
+            async for b in self.store.iter_raw_blocks(eng.cid, from_round=min(starts), epoch=epoch,
+                                                      page=SYNC_BATCH):
                 if window_only and b.round >= window_end:
                     break
                 if not wanted(b):
                     continue
+                if chunk and size + len(b.raw) > SYNC_BATCH_BYTES:
+                    sent += len(chunk)
+                    await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
+                    chunk, size = [], 0
+                    if link.closed:
+                        return
                 chunk.append(b.raw)
+                size += len(b.raw)
                 if len(chunk) == SYNC_BATCH:
                     sent += len(chunk)
                     await self._send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
-                    chunk = []
+                    chunk, size = [], 0
                     if link.closed:
                         return
         if chunk:
