@@ -1447,27 +1447,8 @@ class Store:
         A page holds at most `page` blocks and `MAX_PAGE_BYTES` of raw bytes, so memory stays
         bounded however large the blocks are.
         """
-        _check_limit(page)
-        _check_position(from_round)
-        where = "constellation = ? AND (round, author, id) > (?, ?, ?)"
-        scope: tuple[Any, ...] = (constellation,)
-        if epoch is not None:
-            _check_position(epoch)
-            where = "constellation = ? AND epoch = ? AND (round, author, id) > (?, ?, ?)"
-            scope = (constellation, epoch)
-        key: tuple[int, bytes, bytes] = (from_round, b"", b"")
-        while True:
-            rows = _sorted_page(
-                await self._rows(
-                    _budgeted(where),
-                    (*scope, *key, page, MAX_PAGE_BYTES, MAX_PAGE_BYTES),
-                )
-            )
-            if not rows:
-                return
-            for rnd, author, bid, raw in rows:
-                yield _decode_stored_block(raw, bytes(bid))
-                key = (int(rnd), bytes(author), bytes(bid))
+        async for _rnd, _author, bid, raw in self._block_rows(constellation, from_round, epoch, page, ""):
+            yield _decode_stored_block(raw, bytes(bid))
 
     async def iter_raw_blocks(
         self, constellation: bytes, *, from_round: int = 0, epoch: int | None = None, page: int = 500
@@ -1479,6 +1460,13 @@ class Store:
         most of a streaming peer's CPU. Unlike every other read, the bytes are not checked
         against the block's id, so on-disk corruption reaches the peer, which refuses it.
         """
+        async for rnd, author, _bid, raw, ep in self._block_rows(constellation, from_round, epoch, page, ", b.epoch"):
+            yield StoredBlock(int(ep), MemberId(bytes(author)), int(rnd), bytes(raw))
+
+    async def _block_rows(
+        self, constellation: bytes, from_round: int, epoch: int | None, page: int, extra: str
+    ) -> AsyncIterator[Any]:
+        """The rows of `iter_blocks`, page by page: (round, author, id, raw[, extra columns])."""
         _check_limit(page)
         _check_position(from_round)
         where = "constellation = ? AND (round, author, id) > (?, ?, ?)"
@@ -1491,15 +1479,15 @@ class Store:
         while True:
             rows = _sorted_page(
                 await self._rows(
-                    _budgeted(where, extra=", b.epoch"),
+                    _budgeted(where, extra=extra),
                     (*scope, *key, page, MAX_PAGE_BYTES, MAX_PAGE_BYTES),
                 )
             )
             if not rows:
                 return
-            for rnd, author, bid, raw, ep in rows:
-                yield StoredBlock(int(ep), MemberId(bytes(author)), int(rnd), bytes(raw))
-                key = (int(rnd), bytes(author), bytes(bid))
+            for row in rows:
+                yield row
+                key = (int(row[0]), bytes(row[1]), bytes(row[2]))
 
     async def heads(self, constellation: bytes, from_epoch: int = 0) -> dict[tuple[MemberId, int], int]:
         """Per author and epoch (from `from_epoch` on), the highest stored round: what a peer
