@@ -469,11 +469,11 @@ class Node:
         elif isinstance(msg, m.GetSnapshot):
             eng = self._engine_for_peer(link, msg.c)
             assert self.store is not None
-            snap = await self.store.latest_snapshot(eng.cid, msg.epoch)
-            if snap is None or msg.offset >= len(snap.raw):
+            found = await self.store.snapshot_part(eng.cid, msg.epoch, msg.offset, m.SNAPSHOT_CHUNK)
+            if found is None:
                 raise RemoteError("The peer asked for a snapshot part this node does not hold.")
-            part = snap.raw[msg.offset:msg.offset + m.SNAPSHOT_CHUNK]
-            await self._send(link, m.SnapshotPart(eng.cid, msg.epoch, msg.offset, part, len(snap.raw)))
+            part, total = found
+            await self._send(link, m.SnapshotPart(eng.cid, msg.epoch, msg.offset, part, total))
         elif isinstance(msg, m.SnapshotPart):
             parts = self._snapshot_parts.get(msg.c)
             if parts is None or parts[0] is not link:

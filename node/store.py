@@ -1664,6 +1664,23 @@ class Store:
         cps = await self.checkpoints(constellation)
         return cps[-1] if cps else None
 
+    async def snapshot_part(
+        self, constellation: bytes, epoch: int, offset: int, size: int
+    ) -> tuple[bytes, int] | None:
+        """`size` bytes of an epoch's kept snapshot from `offset`, and its whole length; None if
+        not kept or `offset` is past its end. Read as a slice, not decoded: a peer fetching a
+        large snapshot part by part would otherwise cost a full decode per part here (the
+        fetching node checks the whole against its certificate)."""
+        _check_position(epoch, offset)
+        _need(_is_uint(size) and 0 < size <= MAX_PAGE_BYTES, f"A snapshot part holds 1 to {MAX_PAGE_BYTES} bytes.")
+        rows = await self._rows(
+            "SELECT substr(raw, ? + 1, ?), length(raw) FROM snapshots WHERE constellation = ? AND epoch = ?",
+            (offset, size, constellation, epoch),
+        )
+        if not rows or offset >= int(rows[0][1]):
+            return None
+        return bytes(rows[0][0]), int(rows[0][1])
+
     async def latest_snapshot(self, constellation: bytes, epoch: int | None = None) -> Snapshot | None:
         """The newest kept ledger snapshot (of `epoch`, if given), checked against its stored
         hash; None if none."""

@@ -265,3 +265,25 @@ async def test_a_node_far_behind_skips_ahead_to_a_later_snapshot(tmp_path: Path)
         assert again.base == snap and again.ledger.state_hash() == a.ledger.state_hash()
     finally:
         await store_b.close()
+
+
+async def test_a_kept_snapshot_is_served_in_slices_without_decoding(tmp_path: Path) -> None:
+    store, eng = await _engine(tmp_path / "a.sqlite", replace(engine_mod.NODE_PARAMS, epoch_rounds=3))
+    try:
+        await _finalise(eng, 6)
+        snap = await store.latest_snapshot(eng.cid)
+        assert snap is not None
+        size = len(snap.raw) // 3 + 1
+        parts, offset = [], 0
+        while offset < len(snap.raw):  # bounded: each part advances by size > 0
+            got = await store.snapshot_part(eng.cid, snap.epoch, offset, size)
+            assert got is not None and got[1] == len(snap.raw)
+            parts.append(got[0])
+            offset += len(got[0])
+        assert b"".join(parts) == snap.raw and len(parts) == 3
+        assert await store.snapshot_part(eng.cid, snap.epoch, len(snap.raw), size) is None
+        assert await store.snapshot_part(eng.cid, snap.epoch + 5, 0, size) is None
+        with pytest.raises(LocalError):
+            await store.snapshot_part(eng.cid, snap.epoch, -1, size)
+    finally:
+        await store.close()
