@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nacl.bindings
@@ -32,6 +32,14 @@ _B32_ALPHABET = set("abcdefghijklmnopqrstuvwxyz234567")
 ID_TEXT_CACHE = 4096
 
 RandomBytes = Callable[[int], bytes]
+
+SignatureCheck = tuple["MemberId", bytes, bytes]
+"""One Ed25519 check: the signer, the signed message (domain tag included), the signature."""
+
+BatchVerifier = Callable[[Sequence[SignatureCheck]], "int | None"]
+"""Checks every signature of a batch and returns the index of the first one that does not
+verify, or None. `first_invalid` is the sequential one; a node may pass one that spreads a
+large batch over several cores (valuemesh.node.verify), which must return the same index."""
 
 
 def _checksum(key: bytes) -> bytes:
@@ -99,6 +107,24 @@ class MemberId:
             nacl.bindings.crypto_sign_open(signature + message, self.key)
         except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
             raise SignatureError(f"The signature of {self.short}… does not verify.") from None
+
+
+def first_invalid(checks: Sequence[SignatureCheck], start: int = 0, stop: int | None = None) -> int | None:
+    """The index of the first of `checks[start:stop]` whose signature does not verify, or None.
+
+    The binding directly, as in `MemberId.verify`: this is the loop every received record
+    and block goes through. PyNaCl releases the GIL inside the call, so slices of one batch
+    can run on several threads at once."""
+    open_signed = nacl.bindings.crypto_sign_open
+    for i in range(start, len(checks) if stop is None else stop):
+        signer, message, sig = checks[i]
+        if not isinstance(sig, bytes) or len(sig) != SIG_LEN:
+            return i
+        try:
+            open_signed(sig + message, signer.key)
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+            return i
+    return None
 
 
 class Identity:
