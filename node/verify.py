@@ -13,10 +13,11 @@ to a worker and waking it costs tens of microseconds, a quarter of one check.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from valuemesh.protocol.identity import SignatureCheck, first_invalid
 
@@ -47,24 +48,39 @@ class ParallelVerifier:
         self._lock = threading.Lock()
 
     def __call__(self, checks: Sequence[SignatureCheck]) -> int | None:
-        n = len(checks)
-        if self.threads == 1 or n < PARALLEL_MIN_CHECKS:
+        bounds = self._slices(len(checks))
+        if bounds is None:
             return first_invalid(checks)
         pool = self._workers()
-        parts = min(self.threads, n // (PARALLEL_MIN_CHECKS // 2))
-        bounds = [n * k // parts for k in range(parts + 1)]
-        futures: list[Future[int | None]] = [
-            pool.submit(first_invalid, checks, bounds[k], bounds[k + 1]) for k in range(1, parts)
-        ]
+        futures = [pool.submit(first_invalid, checks, lo, hi) for lo, hi in bounds[1:]]
         # The first slice here, on the caller's thread, while the workers check the others.
-        results = [first_invalid(checks, bounds[0], bounds[1])]
+        results = [first_invalid(checks, *bounds[0])]
         results.extend(f.result() for f in futures)
         return next((r for r in results if r is not None), None)
+
+    async def check(self, checks: Sequence[SignatureCheck]) -> int | None:
+        """The index of the first failing check, or None; a large batch is checked on the
+        worker threads while the event loop goes on."""
+        bounds = self._slices(len(checks))
+        if bounds is None:
+            return first_invalid(checks)
+        pool = self._workers()
+        results = await asyncio.gather(*(asyncio.wrap_future(pool.submit(first_invalid, checks, lo, hi))
+                                         for lo, hi in bounds))
+        return next((r for r in results if r is not None), None)
+
+    def _slices(self, n: int) -> list[tuple[int, int]] | None:
+        """Contiguous slices of a batch of n checks, one per thread; None: check it in place."""
+        if self.threads == 1 or n < PARALLEL_MIN_CHECKS:
+            return None
+        parts = min(self.threads, n // (PARALLEL_MIN_CHECKS // 2))
+        return [(n * k // parts, n * (k + 1) // parts) for k in range(parts)]
 
     def _workers(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="verify")
+                # As many workers as threads: `check` hands every slice to them.
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="verify")
             return self._pool
 
     def close(self) -> None:
@@ -72,3 +88,58 @@ class ParallelVerifier:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+class InHand:
+    """Raw blocks being decoded and verified by some batch, by digest, so that a second copy
+    (a restarted node gets its gap from every peer at once) is not verified again while the
+    first is: the second batch skips it and waits for the first batch to be done."""
+
+    def __init__(self) -> None:
+        self._futures: dict[bytes, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def claim(self, raws: Sequence[bytes], skip: Callable[[bytes], bool],
+              digest: Callable[[bytes], bytes]) -> Claim:
+        """Take the raws that are neither `skip`ped nor in hand (each once); the claim
+        names the batches in hand holding the others. Release the claim when done."""
+        claim = Claim(self)
+        loop = asyncio.get_running_loop()
+        for raw in raws:
+            if skip(raw):
+                continue
+            d = digest(raw)
+            other = self._futures.get(d)
+            if other is not None:
+                claim.earlier.add(other)
+            elif d not in claim.mine:
+                claim.mine[d] = loop.create_future()
+                claim.fresh.append(raw)
+        self._futures.update(claim.mine)
+        return claim
+
+    def _release(self, claim: Claim) -> None:
+        for d, fut in claim.mine.items():
+            if self._futures.get(d) is fut:
+                del self._futures[d]
+            if not fut.done():
+                fut.set_result(None)
+
+
+class Claim:
+    """What one batch took (`fresh`, in order) and the earlier batches it should let in first."""
+
+    def __init__(self, owner: InHand) -> None:
+        self._owner = owner
+        self.fresh: list[bytes] = []
+        self.mine: dict[bytes, asyncio.Future[None]] = {}
+        self.earlier: set[asyncio.Future[None]] = set()
+
+    async def wait_earlier(self) -> None:
+        if self.earlier:
+            await asyncio.wait(self.earlier)
+
+    def release(self) -> None:
+        self._owner._release(self)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from . import cbor
-from .errors import DecodeError, LocalError, SignatureError, ValidationError
+from .errors import DecodeError, LocalError, SignatureError, ValidationError, ValuemeshError
 from .identity import ID_PREFIX, BatchVerifier, Identity, MemberId, SignatureCheck, first_invalid
 
 HASH_LEN = 32
@@ -203,24 +203,58 @@ def decode_records(
     signatures before it are checked first, so the error raised is the one a loop would
     have met first.
     """
+    got = decode_records_unverified(raws)
+    if not verify:
+        got.checks.clear()
+    return got.finish((batch_verifier or first_invalid)(got.checks))
+
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Unverified(Generic[T]):
+    """Objects decoded with their signatures not yet checked: `checks`, in the order a loop
+    would check them, and `error`, the decoding error met after the last of `items` (raised
+    only if every check passes, as a loop would have). A caller runs the checks where it likes
+    (a node: on worker threads, while its event loop goes on) and calls `finish` with the
+    index of the first failing check."""
+
+    items: list[T]
+    checks: list[SignatureCheck]
+    error: Exception | None = None
+
+    def finish(self, first_bad: int | None) -> list[T]:
+        """The items, or the error a loop decoding and checking them one by one would raise."""
+        if first_bad is not None:
+            signer, message, sig = self.checks[first_bad]
+            signer.verify(message, sig)  # raises the error naming the signer
+            # The verifier and the check disagree: refuse rather than take unverified data.
+            raise SignatureError(f"The signature of {signer.short}… does not verify.")
+        if self.error is not None:
+            raise self.error
+        return self.items
+
+
+def decode_records_unverified(raws: Iterable[bytes]) -> Unverified[Record]:
+    """Decode records without checking signatures; see `Unverified`."""
     checks: list[SignatureCheck] = []
+    records: list[Record] = []
     try:
-        records = _decode_all_into(raws, checks)
-    except Exception:
-        if verify:
-            _verify_checks(checks, batch_verifier)
-        raise
-    if verify:
-        _verify_checks(checks, batch_verifier)
-    return records
+        _decode_all_into(raws, checks, out=records)
+    except ValuemeshError as exc:
+        return Unverified(records, checks, exc)
+    return Unverified(records, checks)
 
 
 def _decode_all_into(
     raws: Iterable[object], checks: list[SignatureCheck], check: Callable[[Record], None] | None = None,
-    not_bytes: str = "A record must be given as bytes.",
+    not_bytes: str = "A record must be given as bytes.", out: list[Record] | None = None,
 ) -> list[Record]:
-    """Decode every record (each passed to `check`), appending its signature check to `checks`."""
-    out: list[Record] = []
+    """Decode every record (each passed to `check`) into `out`, appending its signature
+    check to `checks`; on an error, what was decoded before it stays in both."""
+    if out is None:
+        out = []
     for raw in raws:
         _need(isinstance(raw, (bytes, bytearray, memoryview)), not_bytes)
         rec, payload = _decode_unverified(raw, native=True)  # type: ignore[arg-type]
@@ -229,16 +263,6 @@ def _decode_all_into(
         out.append(rec)
         checks.append((rec.author, RECORD_DOMAIN + payload, rec.sig))
     return out
-
-
-def _verify_checks(checks: Sequence[SignatureCheck], batch_verifier: BatchVerifier | None) -> None:
-    """Raise the SignatureError of the first check that fails, as a loop over them would."""
-    bad = (batch_verifier or first_invalid)(checks)
-    if bad is not None:
-        signer, message, sig = checks[bad]
-        signer.verify(message, sig)  # raises the error naming the signer
-        # The batch verifier and the check disagree: refuse rather than take unverified data.
-        raise SignatureError(f"The signature of {signer.short}… does not verify.")
 
 
 def _decode_record(data: bytes, verify: bool, native: bool) -> Record:
@@ -569,34 +593,31 @@ def decode_block(
     skip doing it twice. Otherwise the block's and its records' signatures are
     checked as one batch, by `batch_verifier` if given.
     """
-    checks: list[SignatureCheck] = []
     if record_verifier is not None:
-        block = _decode_block_into(data, checks, verify, record_verifier)
-        return block
-    try:
-        block = _decode_block_into(data, checks, False, None)
-    except Exception:
-        if verify:
-            _verify_checks(checks, batch_verifier)
-        raise
-    if verify:
-        _verify_checks(checks, batch_verifier)
-    return block
+        return _decode_block_into(data, [], verify, record_verifier)
+    got = decode_blocks_unverified([data])
+    if not verify:
+        got.checks.clear()
+    return got.finish((batch_verifier or first_invalid)(got.checks))[0]
 
 
 def decode_blocks(raws: Iterable[bytes], *, batch_verifier: BatchVerifier | None = None) -> list[Block]:
     """`decode_block` of each of `raws`, with every signature of all of them checked as one
     batch: the same blocks, or the same first error a loop would meet."""
+    got = decode_blocks_unverified(raws)
+    return got.finish((batch_verifier or first_invalid)(got.checks))
+
+
+def decode_blocks_unverified(raws: Iterable[bytes]) -> Unverified[Block]:
+    """Decode blocks and their records without checking signatures; see `Unverified`."""
     checks: list[SignatureCheck] = []
     blocks: list[Block] = []
     try:
         for raw in raws:
             blocks.append(_decode_block_into(raw, checks, False, None))
-    except Exception:
-        _verify_checks(checks, batch_verifier)
-        raise
-    _verify_checks(checks, batch_verifier)
-    return blocks
+    except ValuemeshError as exc:
+        return Unverified(blocks, checks, exc)
+    return Unverified(blocks, checks)
 
 
 def _decode_block_into(
@@ -730,13 +751,16 @@ __all__ = [
     "EquivocationProof",
     "Record",
     "SignatureError",
+    "Unverified",
     "blake2b256",
     "check_equivocation",
     "constellation_text",
     "decode_block",
     "decode_blocks",
+    "decode_blocks_unverified",
     "decode_record",
     "decode_record_reference",
     "decode_records",
+    "decode_records_unverified",
     "parse_constellation",
 ]
