@@ -17,7 +17,9 @@ def test_contributor_records_become_final_through_the_core(tmp_path: Path) -> No
         c.start()
         core, helper = c.daemons
         cid = c.found("garden", tier="contributor", roles=("customer",))
-        wait_until(lambda: len(core.cli_json("constellation", "show", cid)["member_list"]) == 2, 30, "the join")
+        # Both views: the contributor's node signs for it only once it has applied its own join.
+        wait_until(lambda: all(len(d.cli_json("constellation", "show", cid)["member_list"]) == 2 for d in c.daemons),
+                   30, "the join on both nodes")
         shown = core.cli_json("constellation", "show", cid)
         tiers = {m["member"]: (m["tier"], m["roles"]) for m in shown["member_list"]}
         assert tiers[helper.member] == ("contributor", ["customer"])
