@@ -55,9 +55,9 @@ from valuemesh.protocol.records import (
     EquivocationProof,
     Record,
     constellation_text,
-    decode_blocks_unverified,
+    decode_blocks,
     decode_record,
-    decode_records_unverified,
+    decode_records,
     parse_constellation,
 )
 from valuemesh.protocol.snapshot import Snapshot
@@ -409,9 +409,8 @@ class Node:
             for i in range(0, len(raws), SYNC_BATCH):
                 await self._send(link, m.Blocks(eng.cid, raws[i:i + SYNC_BATCH], 0))
         elif isinstance(msg, m.SubmitRecords):
-            # Decode all, then verify all on worker threads: faster, same first error.
-            got = decode_records_unverified(msg.records)
-            recs = got.finish(await self.verifier.check(got.checks))
+            # Decode all, then verify all on the node's cores: faster, same first error.
+            recs = decode_records(msg.records, batch_verifier=self.verifier)
             eng = self.engines.get(msg.c)
             known = eng is not None and eng.may_receive(link.remote)
             if eng is not None and not known and recs and all(
@@ -572,23 +571,15 @@ class Node:
 
     async def _receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
         t_rx = time.monotonic()
-        # A block taken already, or in hand from another peer's batch (a restarted node gets its
-        # gap from every peer), is neither decoded nor verified again. The signatures of the
-        # others are checked as one batch on worker threads while the loop goes on with other
-        # peers' batches.
-        claim = eng.in_hand.claim(raws, eng.seen_before, eng.raw_digest)
-        try:
-            got = decode_blocks_unverified(claim.fresh)
-            blocks = got.finish(await self.verifier.check(got.checks))
-            if any(b.constellation != eng.cid for b in blocks):
-                raise RemoteError("A block in the batch belongs to another constellation.")
-            tr = trace.tracer
-            if tr is not None:
-                tr.event("verified", rx=t_rx, rd=link.read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
-            await claim.wait_earlier()  # blocks another peer's batch holds are likely parents of ours
-            eff, errors = await eng.add_blocks(blocks, now_ms())
-        finally:
-            claim.release()
+        # A block taken already (from another peer's stream) is neither decoded nor verified again;
+        # the signatures of all the others go to the node's cores as one batch.
+        blocks = decode_blocks([raw for raw in raws if not eng.seen_before(raw)], batch_verifier=self.verifier)
+        if any(b.constellation != eng.cid for b in blocks):
+            raise RemoteError("A block in the batch belongs to another constellation.")
+        tr = trace.tracer
+        if tr is not None:
+            tr.event("verified", rx=t_rx, rd=link.read_at, b=[[b.author.key.hex()[:8], b.round] for b in blocks])
+        eff, errors = await eng.add_blocks(blocks, now_ms())
         eng.catchup["blocks_left"] = left
         if left and time.monotonic() - self._last_progress_log >= PROGRESS_LOG_S:
             self._last_progress_log = time.monotonic()

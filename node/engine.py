@@ -22,7 +22,6 @@ from valuemesh.node import trace
 from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
-from valuemesh.node.verify import InHand
 from valuemesh.protocol import cbor
 from valuemesh.protocol.consensus import (
     Checkpoint,
@@ -173,8 +172,6 @@ class Engine:
         self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
         self.unreachable: set[MemberId] = set()  # core members we have no link to
         self._seen_raw: OrderedDict[bytes, None] = OrderedDict()
-        # Blocks being decoded and verified for add_blocks (node/daemon.py `_receive_blocks`).
-        self.in_hand = InHand()
         self._note(first[0])
 
     @property
@@ -382,16 +379,16 @@ class Engine:
         return await self._handle(self.consensus.propose(records, now), now)
 
     @staticmethod
-    def raw_digest(raw: bytes) -> bytes:
+    def _raw_digest(raw: bytes) -> bytes:
         return hashlib.blake2b(raw, digest_size=16).digest()
 
     def seen_before(self, raw: bytes) -> bool:
         """Whether these exact bytes are a block this engine already took (see SEEN_BLOCKS)."""
-        return self.raw_digest(raw) in self._seen_raw
+        return self._raw_digest(raw) in self._seen_raw
 
     def _remember(self, blocks: Sequence[Block]) -> None:
         for b in blocks:
-            self._seen_raw[self.raw_digest(b.raw)] = None
+            self._seen_raw[self._raw_digest(b.raw)] = None
         while len(self._seen_raw) > SEEN_BLOCKS:
             self._seen_raw.popitem(last=False)
 

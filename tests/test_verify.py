@@ -4,12 +4,11 @@ answer is the first failing check, and decoding raises the error a loop would me
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import pytest
 
-from valuemesh.node.verify import PARALLEL_MIN_CHECKS, InHand, ParallelVerifier
+from valuemesh.node.verify import PARALLEL_MIN_CHECKS, ParallelVerifier
 from valuemesh.protocol.errors import DecodeError, SignatureError
 from valuemesh.protocol.identity import Identity, SignatureCheck, first_invalid
 from valuemesh.protocol.records import Block, Record, decode_block, decode_blocks, decode_record, decode_records
@@ -132,37 +131,3 @@ def test_a_verifier_that_names_a_good_check_is_refused_not_trusted() -> None:
     with pytest.raises(SignatureError):
         decode_records([r.raw], batch_verifier=lambda cs: 0)
 
-
-async def test_check_runs_on_workers_and_answers_as_the_loop() -> None:
-    v = ParallelVerifier(2)
-    try:
-        n = 4 * PARALLEL_MIN_CHECKS
-        base = checks(n)
-        assert await v.check(base) is None
-        assert await v.check(checks(n, {n - 2, 17})) == 17
-        assert await v.check(checks(3, {1})) == 1  # small: in place
-        # Two batches at once share the workers and keep their own answers.
-        a, b = await asyncio.gather(v.check(checks(n, {5})), v.check(checks(n)))
-        assert (a, b) == (5, None)
-    finally:
-        v.close()
-
-
-async def test_a_second_copy_waits_for_the_batch_that_holds_it() -> None:
-    hand = InHand()
-    seen = {b"taken"}
-    first = hand.claim([b"a", b"b", b"taken", b"a"], seen.__contains__, lambda r: r)
-    assert first.fresh == [b"a", b"b"] and not first.earlier  # each once, the taken one skipped
-    second = hand.claim([b"b", b"c"], seen.__contains__, lambda r: r)
-    assert second.fresh == [b"c"] and len(second.earlier) == 1
-    waiting = asyncio.ensure_future(second.wait_earlier())
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    first.release()  # done (taken or refused): whoever waited goes on
-    await asyncio.wait_for(waiting, 5)
-    assert len(hand) == 1  # only "c", still in the second batch's hands
-    third = hand.claim([b"a", b"b"], seen.__contains__, lambda r: r)
-    assert third.fresh == [b"a", b"b"]  # the first batch let go: a later copy is taken again
-    second.release()
-    third.release()
-    assert len(hand) == 0
