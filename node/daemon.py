@@ -19,7 +19,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points, version
 from typing import Any
 
@@ -404,10 +404,12 @@ class Node:
         elif isinstance(msg, m.GetBlocks):
             eng = self._engine_for_peer(link, msg.c)
             assert self.store is not None
-            found = await self.store.get_blocks(msg.ids)
-            raws = [b.raw for b in found.values() if b.constellation == eng.cid]
-            for i in range(0, len(raws), SYNC_BATCH):
-                await self._send(link, m.Blocks(eng.cid, raws[i:i + SYNC_BATCH], 0))
+            # Raw rows (the peer decodes and verifies what it takes), in messages of at most
+            # SYNC_BATCH blocks and SYNC_BATCH_BYTES: large blocks must not push one past the limit.
+            for chunk in _sync_chunks(await self.store.get_raw_blocks(eng.cid, msg.ids)):
+                await self._send(link, m.Blocks(eng.cid, chunk, 0))
+                if link.closed:
+                    return
         elif isinstance(msg, m.SubmitRecords):
             # Decode all, then verify all on the node's cores: faster, same first error.
             recs = decode_records(msg.records, batch_verifier=self.verifier)
@@ -1095,6 +1097,21 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_info:  # an internal error is useless to an operator without its traceback
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
+
+
+def _sync_chunks(raws: Sequence[bytes]) -> Iterator[list[bytes]]:
+    """Consecutive groups of at most SYNC_BATCH blocks and SYNC_BATCH_BYTES (a larger block
+    goes alone: any block fits one message)."""
+    chunk: list[bytes] = []
+    size = 0
+    for raw in raws:
+        if chunk and (len(chunk) == SYNC_BATCH or size + len(raw) > SYNC_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(raw)
+        size += len(raw)
+    if chunk:
+        yield chunk
 
 
 def _config_count(cfg: dict[str, Any], key: str, default: int) -> int:

@@ -416,6 +416,8 @@ async def test_bad_arguments_raise_before_anything_is_written(store: Store) -> N
         await store.final_records(C, start=-5)
     with pytest.raises(LocalError):
         await store.get_blocks([b"\x00" * 32] * (store_mod.MAX_PAGE + 1))
+    with pytest.raises(LocalError):
+        await store.get_raw_blocks(C, [b"\x00" * 32] * (store_mod.MAX_PAGE + 1))
     with pytest.raises(StoreError, match="stored in this constellation"):
         async with store.batch() as tx2:
             tx2.add_pending(C, [b"\x01" * 32], 1)
@@ -510,6 +512,11 @@ async def test_block_queries_heads_and_paging(store: Store, monkeypatch: pytest.
     assert await store.get_block(b"\x00" * 32) is None
     got = await store.get_blocks([want[0].id, b"\x00" * 32])
     assert list(got) == [want[0].id]
+    # Raw, for a peer's request by id: in the order asked, each once, unknown ids and other
+    # constellations' blocks left out.
+    asked = [want[4].id, b"\x00" * 32, want[1].id, want[4].id]
+    assert await store.get_raw_blocks(C, asked) == [want[4].raw, want[1].raw]
+    assert await store.get_raw_blocks(b"\x01" * 32, asked) == []
     recs = await store.get_records([b.records[0].id for b in want])
     assert len(recs) == len(want)
 

@@ -104,3 +104,28 @@ async def test_a_gap_streams_as_stored_bytes_in_bounded_messages(tmp_path: Path,
         assert lefts == sorted(lefts, reverse=True) and lefts[-1] == 0
     finally:
         await node.stop()
+
+
+@pytest.mark.parametrize("budget", [10**9, 3000])
+async def test_blocks_asked_by_id_come_as_stored_bytes_in_bounded_messages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    blocks = await _founder_blocks(tmp_path / "founder.sqlite")
+    node, eng = await _follower(tmp_path / "follower", blocks)
+    try:
+        monkeypatch.setattr(daemon_mod, "SYNC_BATCH", 10)
+        monkeypatch.setattr(daemon_mod, "SYNC_BATCH_BYTES", budget)
+        monkeypatch.setattr(eng, "may_receive", lambda key: True)
+        link = FakeLink()
+        asked = [b.id for b in reversed(blocks)] + [bytes(32)]  # an unknown id is left out
+        await node._dispatch(link, m.GetBlocks(eng.cid, asked))  # type: ignore[arg-type]
+        msgs = [m.decode_message(p) for p in link.sent]
+        assert all(isinstance(x, m.Blocks) and x.c == eng.cid and x.left == 0 for x in msgs)
+        got = [raw for x in msgs for raw in x.blocks]  # type: ignore[union-attr]
+        assert got == [b.raw for b in reversed(blocks)]  # the stored bytes, in the order asked
+        for x in msgs:
+            assert len(x.blocks) <= 10  # type: ignore[union-attr]
+            assert sum(len(r) for r in x.blocks) <= budget or len(x.blocks) == 1  # type: ignore[union-attr]
+        if budget < 10**9:
+            assert len(msgs) > -(-len(blocks) // 10)
+    finally:
+        await node.stop()
