@@ -15,7 +15,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from valuemesh.node import trace
@@ -412,37 +412,22 @@ class Engine:
         transaction, which is what makes catch-up cost per batch rather than per
         block, and keeps a hop to one transaction (one fsync at most).
         """
-        errors: list[str] = []
-        accepted: list[Block] = []
-        outs: list[Output] = []
         if self.loading:
-            return Effects(), errors
-        for b in blocks:
-            try:
-                outs.append(self.consensus.add_block(b, now))
-            except ValuemeshError as exc:
-                errors.append(exc.message)
-                continue
-            accepted.append(b)
+            return Effects(), []
+        out, refused = self.consensus.add_blocks(blocks, now)
+        errors = [exc.message for _, exc in refused]
+        skip = {i for i, _ in refused}
+        accepted = [b for i, b in enumerate(blocks) if i not in skip]
         self._remember(accepted)
         tr = trace.tracer
         if tr is not None:
             tr.event("inserted", b=[[b.author.key.hex()[:8], b.round, len(b.records)] for b in accepted])
-        if not outs:
+        if not accepted:
             return Effects(), errors
-        merged = Output(
-            blocks=tuple(b for o in outs for b in o.blocks),
-            missing=tuple(i for i in dict.fromkeys(i for o in outs for i in o.missing)
-                          if not self.consensus.has_block(i)),
-            committed=tuple(c for o in outs for c in o.committed),
-            proofs=tuple(p for o in outs for p in o.proofs),
-            rebroadcast=tuple(b for o in outs for b in o.rebroadcast),
-            request_sync=any(o.request_sync for o in outs),
-            next_tick_ms=outs[-1].next_tick_ms,
-            epoch_end=next((o.epoch_end for o in outs if o.epoch_end is not None), None),
-        )
+        # A parent asked for early in the batch may have come later in it.
+        out = replace(out, missing=tuple(i for i in out.missing if not self.consensus.has_block(i)))
         self.catchup["blocks_done"] += len(accepted)
-        return await self._handle(merged, now, accepted), errors
+        return await self._handle(out, now, accepted), errors
 
     @staticmethod
     def _merge(into: Effects, more: Effects) -> None:

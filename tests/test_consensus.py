@@ -623,3 +623,42 @@ def test_a_lagging_anchor_owner_is_not_waited_for() -> None:
     # Round 3's anchor owner has nothing since round 0: round 4 is signed at once, with no
     # time passing (the anchor wait is a full second here).
     assert node.last_own_round == 4
+
+
+# ---------------------------------------------------------------- batches
+
+def test_a_batch_orders_what_one_by_one_orders_and_signs_once() -> None:
+    """A node catching up through many rounds in one batch reaches the same DAG, decisions
+    and order as taking the blocks one by one; one by one it joined every round its peers had
+    signed (a block nobody builds on any more), in a batch only where the batch ends."""
+    w = World(4, crypto=False)
+    w.crash(3)
+    for wave in range(12):  # the other three go on without node 3
+        for i in range(3):
+            w.propose(i, body=wave)
+        assert w.settle()
+    gap = sorted(w.nodes[0].store.values(), key=lambda b: (b.round, b.id))
+    late = w.nodes[3].identity
+    one, batch = Consensus(CID, w.committee, late), Consensus(CID, w.committee, late)
+    one_outs = [one.add_block(b, w.now) for b in gap]
+    batch_out, refused = batch.add_blocks(gap, w.now)
+    assert refused == []
+    assert [c.block.id for o in one_outs for c in o.committed] == [c.block.id for c in batch_out.committed]
+    assert (one.decided_round, one.last_committed_round) == (batch.decided_round, batch.last_committed_round)
+    assert [c.block.id for c in batch_out.committed] == w.nodes[0].log  # what the live nodes ordered
+    rounds = gap[-1].round
+    assert sum(len(o.blocks) for o in one_outs) >= rounds // 2  # joined round after round
+    assert batch_out.blocks == ()  # the top is quiet: the others signed nothing after it to join
+
+
+def test_a_batch_refuses_bad_blocks_alone() -> None:
+    com_ids = ids(4)
+    com = Committee.of([i.member for i in com_ids])
+    node = Consensus(CID, com, None)
+    r0 = [block(i, 0, []) for i in com_ids]
+    stranger = ids(1, b"stranger")[0]
+    bad = [block(stranger, 0, []), block(com_ids[0], 1, r0[:2])]  # not a member; parents short of a quorum
+    _, refused = node.add_blocks([r0[0], bad[0], r0[1], r0[2], bad[1], r0[3]], 0)
+    assert [i for i, _ in refused] == [1, 4]
+    assert isinstance(refused[0][1], AuthorizationError) and isinstance(refused[1][1], ValidationError)
+    assert all(node.has_block(b.id) for b in r0) and not any(node.has_block(b.id) for b in bad)

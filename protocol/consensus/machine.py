@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import AuthorizationError, LocalError, ValidationError
+from ..errors import AuthorizationError, LocalError, ValidationError, ValuemeshError
 from ..identity import Identity, MemberId
 from ..records import Block, EquivocationProof, Record, check_equivocation
 from .committee import Committee
@@ -328,6 +328,28 @@ class Consensus:
         if self._admit(block, step):
             self._advance(step)
         return self._finish(step)
+
+    def add_blocks(self, blocks: Sequence[Block], now_ms: int) -> tuple[Output, list[tuple[int, ValuemeshError]]]:
+        """`add_block` of each of `blocks` in one step, deciding and creating our block once,
+        after all of them; also the refusals, as (index in `blocks`, error).
+
+        The DAG, the decisions and the order are those of adding them one by one (each
+        refused block changes nothing, and deciding depends on the DAG alone). Our own blocks
+        differ, as they may with any message timing: one by one, a node catching up through
+        many rounds in one batch joined every round its peers had signed, signing, storing
+        and sending a block for each though nobody would build on them any more; now it
+        signs only for the round the batch brings it to."""
+        step = _Step(now_ms)
+        errors: list[tuple[int, ValuemeshError]] = []
+        inserted = False
+        for i, block in enumerate(blocks):
+            try:
+                inserted = self._admit(block, step) or inserted
+            except ValuemeshError as exc:  # _admit refuses before it changes anything
+                errors.append((i, exc))
+        if inserted:
+            self._advance(step)
+        return self._finish(step), errors
 
     def propose(self, records: Sequence[Record], now_ms: int) -> Output:
         """Queue records for our next blocks and wake the constellation."""

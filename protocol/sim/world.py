@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..consensus import Committed, Committee, Consensus, Output, Params
-from ..errors import ValidationError
 from ..identity import Identity, MemberId
 from ..messages import SYNC_WINDOW_ROUNDS
 from ..records import Block, Record, decode_block
@@ -45,16 +44,18 @@ class UnsignedIdentity(Identity):
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """One message in flight: a block, a fetch request (ids) or a sync request (with the
-    asker's epoch and first undecided round, as a real node's Heads carry them)."""
+    """One message in flight: a block, a batch of blocks (an answer to a fetch or a sync, as
+    a real node's Blocks message carries many), a fetch request (ids) or a sync request
+    (with the asker's epoch and first undecided round, as a real node's Heads carry them)."""
 
     src: int
     dst: int
-    kind: str  # "block", "fetch" or "sync"
+    kind: str  # "block", "blocks", "fetch" or "sync"
     block: Block | None = None
     ids: tuple[bytes, ...] = ()
     epoch: int = 0
     since: int = 0
+    blocks: tuple[Block, ...] = ()
 
 
 @dataclass(slots=True)
@@ -142,6 +143,11 @@ class World:
             else:
                 self.outbox.append(Envelope(src, dst, kind, block, ids))
 
+    def send_blocks(self, src: int, dst: int, blocks: list[Block]) -> None:
+        """Blocks in one message, taken in one step as the real node takes a Blocks message."""
+        if src != dst and blocks:
+            self.outbox.append(Envelope(src, dst, "blocks", blocks=tuple(blocks)))
+
     def peers(self, i: int) -> list[int]:
         return [n.index for n in self.nodes if n.index != i]
 
@@ -151,24 +157,22 @@ class World:
         if not node.alive or not self.connected(env.src, env.dst):
             return
         if env.kind == "block" and env.block is not None:
-            self._receive_block(node, env.block)
+            self._receive_blocks(node, [env.block])
+        elif env.kind == "blocks":
+            self._receive_blocks(node, list(env.blocks))
         elif env.kind == "fetch":
-            for bid in env.ids:
-                b = node.store.get(bid) or node.twins.get(bid)
-                if b is not None:
-                    self.send(node.index, env.src, "block", b)
+            found = [node.store.get(bid) or node.twins.get(bid) for bid in env.ids]
+            self.send_blocks(node.index, env.src, [b for b in found if b is not None])
         elif env.kind == "sync":
             c = node.consensus
-            for b in self._sync_window(node, env.epoch, env.since):
-                self.send(node.index, env.src, "block", b)
+            reply = self._sync_window(node, env.epoch, env.since)
             if env.epoch < c.epoch:
                 # The asker still needs the end of an epoch we closed: our stored tail of it.
-                for b in self._epoch_tails(node, env.epoch, c.epoch):
-                    self.send(node.index, env.src, "block", b)
+                reply += self._epoch_tails(node, env.epoch, c.epoch)
             top = c.top_round
             for r in range(max(top - SYNC_ROUNDS + 1, 0), top + 1):
-                for b in c.blocks_at(r):
-                    self.send(node.index, env.src, "block", b)
+                reply += c.blocks_at(r)
+            self.send_blocks(node.index, env.src, reply)
 
     @staticmethod
     def _sync_window(node: SimNode, epoch: int, since: int) -> list[Block]:
@@ -190,20 +194,21 @@ class World:
             out += sorted((b for b in blocks if b.round > top - SYNC_ROUNDS), key=lambda b: (b.round, b.id))
         return out
 
-    def _receive_block(self, node: SimNode, block: Block) -> None:
-        if self.crypto and block.id not in self.verified:
-            decode_block(block.raw)  # a real node verifies every signature before consensus
-            self.verified.add(block.id)
-        try:
-            out = node.consensus.add_block(block, self.now)
-        except ValidationError as e:
-            author = self.by_member.get(block.author)
+    def _receive_blocks(self, node: SimNode, blocks: list[Block]) -> None:
+        if self.crypto:
+            for block in blocks:
+                if block.id not in self.verified:
+                    decode_block(block.raw)  # a real node verifies every signature before consensus
+                    self.verified.add(block.id)
+        out, errors = node.consensus.add_blocks(blocks, self.now)
+        for i, e in errors:
+            author = self.by_member.get(blocks[i].author)
             if author is not None and author.honest and "Too many" not in e.message:
-                self.violations.append(
-                    f"node {node.index} rejected honest block r{block.round}: {e.message}"
-                )
-            return
-        node.store[block.id] = block
+                self.violations.append(f"node {node.index} rejected honest block r{blocks[i].round}: {e.message}")
+        refused = {i for i, _ in errors}
+        for i, block in enumerate(blocks):
+            if i not in refused:
+                node.store[block.id] = block
         self.handle(node, out)
 
     # ------------------------------------------------------------------ node actions
