@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -1144,6 +1145,10 @@ def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: li
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await node.start()
+        # Everything so far (modules, the replayed ledger and DAG) lives as long as the process:
+        # keep it out of the cycle collector's scans. A full collection over it paused the loop
+        # for 36-76 ms at light load on 4 daemons, a latency spike on every node it hit.
+        gc.freeze()
         print(json.dumps({"ready": True, "member": str(identity.member), "listen": node.addresses()[0],
                           "api": f"{node.api_host}:{node.api_port}"}), flush=True)
         try:
