@@ -217,8 +217,8 @@ class Unverified(Generic[T]):
     """Objects decoded with their signatures not yet checked: `checks`, in the order a loop
     would check them, and `error`, the decoding error met after the last of `items` (raised
     only if every check passes, as a loop would have). A caller runs the checks where it likes
-    (a node: on worker threads, while its event loop goes on) and calls `finish` with the
-    index of the first failing check."""
+    (a node spreads a large batch over its cores) and calls `finish` with the index of the
+    first failing check."""
 
     items: list[T]
     checks: list[SignatureCheck]
