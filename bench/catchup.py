@@ -132,7 +132,7 @@ def main() -> int:
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
                     r = rejoin_profiled(c, cid, len(res.submitted), Path(args.profile) / f"rejoin-{k}.txt")
                 else:
-                    r = vc.rejoin(c, cid, len(res.submitted))
+                    r = vc.rejoin(c, cid, len(res.submitted), last=max(res.submitted, key=res.submitted.__getitem__))
                 os.environ.pop("VALUEMESH_TRACE", None)
                 runs.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
