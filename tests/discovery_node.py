@@ -13,6 +13,7 @@ import signal
 import sys
 
 from valuemesh.node.discovery import Discovery, Found
+from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import Identity, MemberId
 
 
@@ -38,7 +39,11 @@ async def main(args: argparse.Namespace) -> int:
         member, bytes.fromhex(args.network), args.port, found,
         interfaces=[args.interface], on_lost=lost,
     )
-    await disc.start()
+    try:
+        await disc.start()
+    except LocalError as e:
+        emit(event="refused", reason=str(e))
+        return 3
     emit(event="started", member=str(member), service=disc.service_name)
     try:
         await asyncio.wait_for(stop.wait(), args.max_seconds)
