@@ -763,6 +763,8 @@ class Consensus:
             for variants in self._rounds.get(target - 1, {}).values():
                 parents.append(variants[0].id)
         records = self._take_records()
+        if not records and committee.leader(target) == self._me:
+            records = self._carry(target)
         prev = self._last_own.id if self._last_own is not None else None
         block = Block.create(
             self._identity, constellation=self._cid, epoch=committee.epoch, round=target,
@@ -795,6 +797,30 @@ class Consensus:
             rec = self._pending.pop(rid)
             if rid not in self._ordered_records:
                 out.append(rec)
+        return out
+
+    def _carry(self, target: int) -> list[Record]:
+        """The records of the peers' round-`target` blocks we hold, for our anchor block of
+        `target` when we have nothing of our own to propose.
+
+        A record in a non-anchor block of round r is ordered only by the anchor of r+1, one
+        message delay after the anchor of r. In a quiet constellation the anchor owner of r
+        signs r because a peer's round-r block woke it (the join rule), so it holds that block;
+        carrying its records in the anchor block orders them at r, one delay sooner. The
+        order stays a function of the DAG (records are deduplicated by id when ordered), no
+        other node checks or needs this, and a record is carried at most once more: only by
+        the anchor owner of its own round, only from blocks it already holds."""
+        out: list[Record] = []
+        seen: set[bytes] = set()
+        room = self._p.max_records_per_block
+        peers = sorted((a for a in self._rounds.get(target, {}) if a != self._me), key=lambda a: a.key)
+        for author in peers:
+            for rec in self._rounds[target][author][0].records:
+                if len(out) >= room:
+                    return out
+                if rec.id not in self._ordered_records and rec.id not in seen:
+                    seen.add(rec.id)
+                    out.append(rec)
         return out
 
     # ------------------------------------------------------------------ deciding
