@@ -29,7 +29,7 @@ from valuemesh.protocol.errors import (
     ValidationError,
 )
 from valuemesh.protocol.identity import Identity
-from valuemesh.protocol.records import Block, Record
+from valuemesh.protocol.records import MAX_BLOCK_SIZE, Block, Record
 from valuemesh.protocol.sim import SIM_CONSTELLATION, World
 
 CID = SIM_CONSTELLATION
@@ -612,6 +612,23 @@ def test_a_record_in_a_quiet_constellation_is_ordered_by_its_own_rounds_anchor()
             assert first.author == n.consensus.committee_at(first.round).leader(first.round)
             carried += len(holding) > 1
     assert carried > 0  # some records were carried by another node's anchor block
+    assert w.check_liveness() == [] and w.check_safety() == []
+
+
+def test_a_block_takes_only_the_queued_records_that_fit_in_its_size_limit() -> None:
+    # 100 records of 60 kB are 6 MB, over a block's 4 MiB: the first block takes what fits,
+    # the rest stay queued in order and go into the next rounds; none is dropped.
+    w = World(4, crypto=False)
+    sent = [w.propose(0, data={"pad": "x" * 60_000, "n": k}) for k in range(100)]
+    assert all(r is not None for r in sent)
+    assert w.settle()
+    node = w.nodes[0]
+    mine = sorted((b for b in node.store.values() if b.author == node.identity.member and b.records),  # type: ignore[union-attr]
+                  key=lambda b: b.round)
+    assert len(mine) >= 2 and all(len(b.raw) <= MAX_BLOCK_SIZE for b in mine)
+    assert [r.id for b in mine for r in b.records] == [r.id for r in sent if r is not None]
+    for n in w.nodes:
+        assert set(n.log_records) == {r.id for r in sent if r is not None}
     assert w.check_liveness() == [] and w.check_safety() == []
 
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from ..errors import AuthorizationError, LocalError, ValidationError, ValuemeshError
 from ..identity import Identity, MemberId
-from ..records import Block, EquivocationProof, Record, check_equivocation
+from ..records import MAX_BLOCK_SIZE, Block, EquivocationProof, Record, check_equivocation
 from .committee import Committee
 
 # Virtual-ms a node waits for the anchor-slot block of a round once it holds a quorum.
@@ -75,6 +75,9 @@ RECONFIGURING_TYPES = frozenset({"membership"})
 REPROPOSE_AFTER_ROUNDS = 4
 MAX_PENDING_RECORDS = 10_000
 MAX_RECORDS_PER_BLOCK = 512
+# Bytes of a block left for everything but its records (header, signature, parent ids): the
+# records a block takes fit in MAX_BLOCK_SIZE less this and 40 bytes per committee member.
+BLOCK_HEADROOM = 16 * 1024
 MAX_BUFFERED_BLOCKS = 4_096
 MAX_BUFFERED_PER_AUTHOR = 1_024
 MAX_BLOCKS_PER_CALL = 16
@@ -762,7 +765,7 @@ class Consensus:
         if target > self._epoch_start:
             for variants in self._rounds.get(target - 1, {}).values():
                 parents.append(variants[0].id)
-        records = self._take_records()
+        records = self._take_records(target)
         if not records and committee.leader(target) == self._me:
             records = self._carry(target)
         prev = self._last_own.id if self._last_own is not None else None
@@ -789,14 +792,27 @@ class Consensus:
             return True
         return bool(self._rounds.get(round, {}).get(leader))
 
-    def _take_records(self) -> list[Record]:
+    def _record_budget(self, target: int) -> int:
+        """Bytes of records a block of round `target` may carry and stay within MAX_BLOCK_SIZE."""
+        return MAX_BLOCK_SIZE - BLOCK_HEADROOM - 40 * len(self.committee_at(target).members)
+
+    def _take_records(self, target: int) -> list[Record]:
+        """Queued records for our block of `target`, oldest first, as many as fit in count
+        and bytes; the rest stay queued, in order, for the next rounds."""
         out: list[Record] = []
+        budget = self._record_budget(target)
         for rid in list(self._pending):
             if len(out) >= self._p.max_records_per_block:
                 break
-            rec = self._pending.pop(rid)
-            if rid not in self._ordered_records:
-                out.append(rec)
+            rec = self._pending[rid]
+            if rid in self._ordered_records:
+                del self._pending[rid]
+                continue
+            if len(rec.raw) > budget:
+                break
+            budget -= len(rec.raw)
+            del self._pending[rid]
+            out.append(rec)
         return out
 
     def _carry(self, target: int) -> list[Record]:
@@ -813,13 +829,15 @@ class Consensus:
         out: list[Record] = []
         seen: set[bytes] = set()
         room = self._p.max_records_per_block
+        budget = self._record_budget(target)
         peers = sorted((a for a in self._rounds.get(target, {}) if a != self._me), key=lambda a: a.key)
         for author in peers:
             for rec in self._rounds[target][author][0].records:
-                if len(out) >= room:
+                if len(out) >= room or len(rec.raw) > budget:
                     return out
                 if rec.id not in self._ordered_records and rec.id not in seen:
                     seen.add(rec.id)
+                    budget -= len(rec.raw)
                     out.append(rec)
         return out
 
