@@ -172,6 +172,9 @@ class Engine:
         self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
         self.unreachable: set[MemberId] = set()  # core members we have no link to
         self._seen_raw: OrderedDict[bytes, None] = OrderedDict()
+        # Our blocks whose transaction has not committed (or failed): never handed out again
+        # (see _handle), since after a crash this node would not know it signed them.
+        self._undurable: set[bytes] = set()
         self._note(first[0])
 
     @property
@@ -479,6 +482,10 @@ class Engine:
                         self.recent_commit_latency_ms.append(max(0, now - r.created))
             steps += self._scheduled
             self._scheduled.clear()
+        if self._undurable:
+            # The machine re-sends its last block when stalled; one whose write failed must
+            # never leave: after a crash this node would sign that round again.
+            eff.rebroadcast = [b for b in eff.rebroadcast if b.id not in self._undurable]
         if not (own or entries or proofs or received):
             return eff
         if tr is not None and own:
@@ -490,17 +497,26 @@ class Engine:
         # (Consensus.restore), identically on every node; our next durable commit (one
         # round later) makes it durable anyway. Skipping it saves about a third of the
         # fsyncs at light load, each 2-7 ms on a disk shared by four daemons.
-        async with self.store.batch(durable=bool(own or proofs), urgent=bool(own)) as tx:
-            if received:
-                tx.put_blocks(list(received), now)  # stores each block's records too
-            if own:
-                tx.put_blocks(own, now)
-            if entries:
-                tx.append_commits(self.cid, entries)
-            if finished:
-                tx.remove_pending(self.cid, finished)
-            for p in proofs:
-                tx.put_equivocation(p, now)
+        self._undurable.update(b.id for b in own)
+        try:
+            async with self.store.batch(durable=bool(own or proofs), urgent=bool(own)) as tx:
+                if received:
+                    tx.put_blocks(list(received), now)  # stores each block's records too
+                if own:
+                    tx.put_blocks(own, now)
+                if entries:
+                    tx.append_commits(self.cid, entries)
+                if finished:
+                    tx.remove_pending(self.cid, finished)
+                for p in proofs:
+                    tx.put_equivocation(p, now)
+        except Exception as exc:
+            # Memory is now ahead of the store: a restart re-derives the order from the stored
+            # blocks, and the blocks of ours in this batch were never sent.
+            log.error("a step's write failed (%s); its blocks are not sent, a restart rebuilds "
+                      "the order from the store", exc, extra={"c": self.text_id})
+            raise
+        self._undurable.difference_update(b.id for b in own)
         if tr is not None:
             if received:
                 tr.event("persisted", n=len(received))

@@ -15,7 +15,7 @@ from valuemesh.node.daemon import installed_registry
 from valuemesh.node.engine import Engine
 from valuemesh.node.store import Store, StoreError
 from valuemesh.protocol.builtin.membership import make_genesis
-from valuemesh.protocol.consensus import CheckpointCertificate, Params, verify_chain
+from valuemesh.protocol.consensus import CheckpointCertificate, Output, Params, verify_chain
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite
@@ -78,6 +78,37 @@ async def test_blocks_taken_once_are_known_by_their_bytes(tmp_path: Path) -> Non
     finally:
         await store_a.close()
         await store_b.close()
+
+
+async def test_a_block_of_ours_whose_write_failed_is_never_sent(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After a crash this node would not know it signed a block whose transaction failed, and
+    could sign that round again: so the block must never leave, not even as the machine's
+    re-send of its last block when stalled."""
+    store, eng = await _engine(tmp_path / "a.sqlite")
+    try:
+        await _finalise(eng, 1)
+        me = FOUNDER.member
+        stored = next(b for b in eng.consensus.blocks_at(eng.consensus.last_own_round) if b.author == me)
+        real = store.batch
+
+        def refuse_our_blocks(*, durable: bool = True, urgent: bool = False):  # type: ignore[no-untyped-def]
+            if urgent:  # the batch holding our new blocks
+                raise StoreError("The store refused the batch and changed nothing: disk full.")
+            return real(durable=durable, urgent=urgent)
+
+        monkeypatch.setattr(store, "batch", refuse_our_blocks)
+        with pytest.raises(StoreError):
+            await eng.submit([_record(eng, 2)], T0 + 1_000)
+        lost = next(b for b in eng.consensus.blocks_at(eng.consensus.last_own_round) if b.author == me)
+        assert lost.round > stored.round
+        monkeypatch.setattr(store, "batch", real)
+        # The machine's stall guard re-sends its last block; only a stored one may go out.
+        monkeypatch.setattr(eng.consensus, "tick", lambda now: Output(rebroadcast=(stored, lost)))
+        eff = await eng.tick(T0 + 5_000)
+        assert [b.id for b in eff.rebroadcast] == [stored.id]
+        assert await store.get_block(lost.id) is None
+    finally:
+        await store.close()
 
 
 async def test_the_memory_of_taken_blocks_is_bounded(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
