@@ -75,9 +75,10 @@ RECONFIGURING_TYPES = frozenset({"membership"})
 REPROPOSE_AFTER_ROUNDS = 4
 MAX_PENDING_RECORDS = 10_000
 MAX_RECORDS_PER_BLOCK = 512
-# Bytes of a block left for everything but its records (header, signature, parent ids): the
-# records a block takes fit in MAX_BLOCK_SIZE less this and 40 bytes per committee member.
+# Bytes of a block left for everything but its records: the header and signature
+# (BLOCK_HEADROOM) and one parent id per committee member (PARENT_BYTES, with its CBOR head).
 BLOCK_HEADROOM = 16 * 1024
+PARENT_BYTES = 40
 MAX_BUFFERED_BLOCKS = 4_096
 MAX_BUFFERED_PER_AUTHOR = 1_024
 MAX_BLOCKS_PER_CALL = 16
@@ -794,7 +795,7 @@ class Consensus:
 
     def _record_budget(self, target: int) -> int:
         """Bytes of records a block of round `target` may carry and stay within MAX_BLOCK_SIZE."""
-        return MAX_BLOCK_SIZE - BLOCK_HEADROOM - 40 * len(self.committee_at(target).members)
+        return MAX_BLOCK_SIZE - BLOCK_HEADROOM - PARENT_BYTES * len(self.committee_at(target).members)
 
     def _take_records(self, target: int) -> list[Record]:
         """Queued records for our block of `target`, oldest first, as many as fit in count
