@@ -102,6 +102,11 @@ class Invite:
         return dataclasses.replace(unsigned, sig=sig)
 
 
+def _need(cond: bool) -> None:
+    if not cond:
+        raise DecodeError("The invite token is malformed.")
+
+
 def decode_invite(raw: bytes) -> Invite:
     """Decode and verify an invite's signature; raise a typed error."""
     m = cbor.decode(raw, max_size=MAX_TOKEN_SIZE)
@@ -110,28 +115,26 @@ def decode_invite(raw: bytes) -> Invite:
     p, sig = m["p"], m["sig"]
     if not isinstance(p, dict) or p.keys() != _KEYS or not isinstance(sig, bytes) or len(sig) != 64:
         raise DecodeError("The invite token is malformed.")
+    # Explicit checks, not `assert`: under `python -O` asserts vanish and nodes would diverge.
+    c, name, roles, addrs = p["c"], p["name"], p["roles"], p["addrs"]
+    _need(isinstance(c, bytes) and len(c) == 32)
+    _need(isinstance(name, str) and len(name) <= 128)
+    _need(p["tier"] in TIERS)
+    _need(isinstance(roles, list) and all(r in ROLES for r in roles) and roles == sorted(set(roles)))
+    # bool is an int in Python; true/false must not stand in for numbers.
+    _need(type(p["uses"]) is int and 1 <= p["uses"] <= 10_000)
+    _need(type(p["expires"]) is int and p["expires"] >= 0)
+    _need(isinstance(addrs, list) and len(addrs) <= MAX_ADDRS)
+    pairs = []
+    for a in addrs:
+        _need(isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and 0 < len(a[0]) <= 255
+              and type(a[1]) is int and 0 < a[1] < 65536)
+        pairs.append((a[0], a[1]))
+    _need(isinstance(p["approve"], bool))
+    _need(isinstance(p["nonce"], bytes) and len(p["nonce"]) == 16)
     try:
-        c, name, inviter = p["c"], p["name"], MemberId(p["inviter"])
-        assert isinstance(c, bytes) and len(c) == 32
-        assert isinstance(name, str) and len(name) <= 128
-        assert p["tier"] in TIERS
-        roles = p["roles"]
-        assert isinstance(roles, list) and all(r in ROLES for r in roles)
-        assert roles == sorted(set(roles))
-        # bool is an int in Python; true/false must not stand in for numbers.
-        assert type(p["uses"]) is int and 1 <= p["uses"] <= 10_000
-        assert type(p["expires"]) is int and p["expires"] >= 0
-        addrs = p["addrs"]
-        assert isinstance(addrs, list) and len(addrs) <= MAX_ADDRS
-        pairs = []
-        for a in addrs:
-            assert isinstance(a, list) and len(a) == 2
-            assert isinstance(a[0], str) and 0 < len(a[0]) <= 255
-            assert type(a[1]) is int and 0 < a[1] < 65536
-            pairs.append((a[0], a[1]))
-        assert isinstance(p["approve"], bool)
-        assert isinstance(p["nonce"], bytes) and len(p["nonce"]) == 16
-    except (AssertionError, DecodeError, TypeError):
+        inviter = MemberId(p["inviter"])
+    except (DecodeError, LocalError, TypeError):
         raise DecodeError("The invite token is malformed.") from None
     inv = Invite(c, name, inviter, p["tier"], tuple(roles), p["uses"], p["expires"], tuple(pairs),
                  p["approve"], p["nonce"], sig)

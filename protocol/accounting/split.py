@@ -132,43 +132,34 @@ class Distribution:
     @classmethod
     def from_map(cls, m: object) -> Distribution:
         """Rebuild a distribution from its map form; raise DecodeError if malformed."""
-        try:
-            assert isinstance(m, dict) and m.get("v") == DISTRIBUTION_FORMAT_VERSION
-            assert set(m) == {
-                "v",
-                "revenue",
-                "currency",
-                "exp",
-                "amount",
-                "policy",
-                "root",
-                "lines",
-            }
-            for k in ("revenue", "policy", "root"):
-                assert isinstance(m[k], bytes) and len(m[k]) == 32
-            assert isinstance(m["currency"], str) and isinstance(m["exp"], int)
-            assert isinstance(m["amount"], int) and m["amount"] > 0
-            assert isinstance(m["lines"], list) and len(m["lines"]) <= MAX_LINES
-            lines = []
-            for ln in m["lines"]:
-                assert isinstance(ln, dict) and set(ln) == _LINE_KEYS
-                to = ln["to"]
-                assert (isinstance(to, bytes) and len(to) == 32) or to == COMMONS
-                assert isinstance(ln["amount"], int) and ln["amount"] > 0
-                assert ln["kind"] in _LINE_KINDS
-                assert isinstance(ln["sources"], list)
-                assert all(isinstance(s, bytes) and len(s) == 32 for s in ln["sources"])
-                assert isinstance(ln["explain"], str) and len(ln["explain"]) <= MAX_EXPLAIN
-                term = ln["term"]
-                assert term is None or (isinstance(term, int) and 0 <= term < MAX_LINES)
-                lines.append(
-                    Line(to, ln["amount"], ln["kind"], tuple(ln["sources"]), ln["explain"], term)
-                )
-        except (AssertionError, KeyError, TypeError):
-            raise DecodeError("The distribution is malformed.") from None
+        # Explicit checks, not `assert`: under `python -O` asserts vanish and nodes would diverge.
+        _dist_ok(isinstance(m, dict) and m.get("v") == DISTRIBUTION_FORMAT_VERSION)
+        assert isinstance(m, dict)  # narrowing for the type checker; checked just above
+        _dist_ok(set(m) == {"v", "revenue", "currency", "exp", "amount", "policy", "root", "lines"})
+        for k in ("revenue", "policy", "root"):
+            _dist_ok(isinstance(m[k], bytes) and len(m[k]) == 32)
+        _dist_ok(isinstance(m["currency"], str) and isinstance(m["exp"], int))
+        _dist_ok(isinstance(m["amount"], int) and m["amount"] > 0)
+        _dist_ok(isinstance(m["lines"], list) and len(m["lines"]) <= MAX_LINES)
+        lines = []
+        for ln in m["lines"]:
+            _dist_ok(isinstance(ln, dict) and set(ln) == _LINE_KEYS)
+            to, term, sources = ln["to"], ln["term"], ln["sources"]
+            _dist_ok((isinstance(to, bytes) and len(to) == 32) or to == COMMONS)
+            _dist_ok(isinstance(ln["amount"], int) and ln["amount"] > 0)
+            _dist_ok(isinstance(ln["kind"], str) and ln["kind"] in _LINE_KINDS)
+            _dist_ok(isinstance(sources, list) and all(isinstance(s, bytes) and len(s) == 32 for s in sources))
+            _dist_ok(isinstance(ln["explain"], str) and len(ln["explain"]) <= MAX_EXPLAIN)
+            _dist_ok(term is None or (isinstance(term, int) and 0 <= term < MAX_LINES))
+            lines.append(Line(to, ln["amount"], ln["kind"], tuple(sources), ln["explain"], term))
         return cls(
             m["revenue"], m["currency"], m["exp"], m["amount"], m["policy"], m["root"], tuple(lines)
         )
+
+
+def _dist_ok(cond: bool) -> None:
+    if not cond:
+        raise DecodeError("The distribution is malformed.")
 
 
 @dataclass(frozen=True, slots=True)
