@@ -118,8 +118,6 @@ class ExchangeEntry:
             raise ValidationError("Peer exchange carries IP addresses only, never host names.")
 
 
-
-
 def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:
     """Parse `HOST:PORT`, `IPv4:PORT` or `[IPv6]:PORT` strictly; raises LocalError.
 

@@ -14,6 +14,8 @@ from valuemesh.protocol.identity import MemberId
 
 
 class State(enum.StrEnum):
+    """A member's liveness in our view (SWIM): dead is a proposal, never a removal."""
+
     ALIVE = "alive"
     SUSPECT = "suspect"
     DEAD = "dead"

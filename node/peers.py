@@ -140,7 +140,6 @@ def backoff_delay(failures: int, jitter: float, base: float, cap: float) -> floa
     return step / 2 + jitter * step / 2
 
 
-
 class PeerTable(AddressBook):
     """Membership view of one node: the address book plus SWIM liveness and dialing.
     Not thread-safe; one asyncio task drives it."""

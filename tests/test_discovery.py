@@ -307,7 +307,6 @@ def test_three_daemons_in_namespaces_connect_by_mdns_alone(tmp_path: Path) -> No
     assert lan.existing() == []
 
 
-
 def test_accepted_announcements_filter_addresses_and_throttle_reports() -> None:
     ifs = default_interfaces()
     if not ifs:
