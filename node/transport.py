@@ -1,8 +1,8 @@
-"""Authenticated, encrypted peer links over aiohttp websockets: the asyncio shell around
-`valuemesh.protocol.wire`, with limits, rate limiting, peer scores and back-off.
+"""Peer links over aiohttp websockets: `Transport` listens on `/vm/peer`, dials, runs the
+`valuemesh.protocol.wire` handshake, admits at most one live `PeerLink` per key, scores peers.
 
-A `Transport` listens on `/vm/peer`, dials peers, runs the handshake, keeps at most one
-live `PeerLink` per remote key and hands opaque payloads to a `LinkHandler`.
+What one link does once admitted is node/link.py; the bounds and errors are node/link_limits.py.
+A `LinkHandler` is what the node plugs in to receive opaque payloads and link events.
 """
 
 from __future__ import annotations
@@ -13,17 +13,21 @@ import logging
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from valuemesh.node import trace
-from valuemesh.node.ratelimit import Reputation, ReputationPolicy, TokenBucket
+from valuemesh.node.link import Abort, PeerLink
+from valuemesh.node.link_limits import (
+    BackedOffError,
+    Limits,
+    LinkClosedError,
+    PeerUnreachableError,
+)
+from valuemesh.node.ratelimit import Reputation
 from valuemesh.protocol import wire
 from valuemesh.protocol.errors import (
     AuthorizationError,
@@ -36,78 +40,9 @@ from valuemesh.protocol.identity import Identity, MemberId
 log = logging.getLogger("valuemesh.transport")
 
 PEER_PATH = "/vm/peer"
-MAX_PAYLOAD = 4 * 1024 * 1024
-HANDSHAKE_TIMEOUT = 10.0
-CONNECT_TIMEOUT = 15.0
-PING_INTERVAL = 15.0
-IDLE_TIMEOUT = 45.0
-SEND_TIMEOUT = 10.0
-CLOSE_TIMEOUT = 2.0
-DUPLICATE_PROBE_TIMEOUT = 3.0
-FLOOD_GRACE = 5.0
 SERVER_SHUTDOWN_TIMEOUT = 2.0
-# Control frames (pong, close) may exceed the data queue's bound, but only by this much.
-MAX_CONTROL_BACKLOG = 16
-MAX_PING_BODY = 32
 MAX_HANDSHAKE_WS_PINGS = 4
-_WS_MESSAGE_TOO_BIG = 1009
 _WS_POLICY_VIOLATION = 1008
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Every bound a link obeys; tests shorten the timers, operators tune the rates."""
-
-    max_payload: int = MAX_PAYLOAD
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
-    connect_timeout: float = CONNECT_TIMEOUT
-    ping_interval: float = PING_INTERVAL
-    idle_timeout: float = IDLE_TIMEOUT
-    send_timeout: float = SEND_TIMEOUT
-    close_timeout: float = CLOSE_TIMEOUT
-    duplicate_probe_timeout: float = DUPLICATE_PROBE_TIMEOUT
-    send_queue_frames: int = 256
-    send_queue_bytes: int = 16 * 1024 * 1024
-    max_links: int = 256
-    # Before authentication aiohttp may buffer one message of up to max_frame per
-    # socket, so these two bound what strangers can make us hold (16 x 4 MiB).
-    max_handshakes: int = 16
-    max_handshakes_per_ip: int = 4
-    rate_messages: float = 5_000.0
-    burst_messages: float = 10_000.0
-    rate_bytes: float = 64 * 1024 * 1024
-    burst_bytes: float = 128 * 1024 * 1024
-    flood_grace: float = FLOOD_GRACE
-    flood_penalty: float = 25.0
-    invalid_message_penalty: float = 20.0
-    handshake_failure_penalty: float = 25.0
-    handshake_abandon_penalty: float = 5.0
-    reputation: ReputationPolicy = field(default_factory=ReputationPolicy)
-
-    def __post_init__(self) -> None:
-        if self.max_payload < 1 or self.send_queue_frames < 1 or self.send_queue_bytes < 1:
-            raise LocalError("Transport limits must be positive.")
-        rates = (self.rate_messages, self.burst_messages, self.rate_bytes, self.burst_bytes)
-        if min(rates) <= 0:
-            raise LocalError("Transport rate limits must be positive.")
-        if self.idle_timeout <= self.ping_interval:
-            raise LocalError("The idle timeout must be longer than the ping interval.")
-
-    @property
-    def max_frame(self) -> int:
-        return self.max_payload + wire.FRAME_OVERHEAD
-
-
-class LinkClosedError(LocalError):
-    """Raised when sending on a link that is closed (or was closed because it stalled)."""
-
-
-class PeerUnreachableError(RemoteError):
-    """Raised when a peer cannot be reached or does not finish the handshake in time."""
-
-
-class BackedOffError(LocalError):
-    """Raised when dialling a key or address that this node is backing off from."""
 
 
 class LinkHandler(Protocol):
@@ -123,356 +58,6 @@ class LinkHandler(Protocol):
 
 
 Clock = Callable[[], float]
-_Abort = Callable[[], None]
-
-
-def _clean_reason(raw: bytes) -> str:
-    text = raw[: wire.MAX_CLOSE_REASON].decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else "?" for c in text) or "no reason given"
-
-
-class PeerLink:
-    """One established, authenticated link to `remote`; frames are encrypted both ways.
-
-    `send` queues a payload (bounded by frames and bytes; it waits up to
-    `send_timeout` for room, then the link is closed as stalled). Incoming frames
-    are decrypted, rate limited and handed to the handler in order, one at a time,
-    so a slow handler slows the peer down rather than growing a queue.
-    """
-
-    def __init__(
-        self,
-        transport: Transport,
-        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        channel: wire.SecureChannel,
-        addr: tuple[str, int],
-        inbound: bool,
-        abort: _Abort,
-    ) -> None:
-        self._t = transport
-        self._ws = ws
-        self._chan = channel
-        self._abort = abort
-        self.remote: MemberId = channel.remote
-        self.session_id: bytes = channel.session_id
-        self.addr = addr
-        self.inbound = inbound
-        lim = transport.limits
-        self._lim = lim
-        now = transport.clock()
-        self._msg_bucket = TokenBucket(lim.rate_messages, lim.burst_messages, now)
-        self._byte_bucket = TokenBucket(lim.rate_bytes, lim.burst_bytes, now)
-        self._throttled_since: float | None = None
-        self._queue: deque[tuple[int, bytes]] = deque()
-        self._queued_at: deque[float] = deque()  # enqueue times of data frames, while tracing
-        self.read_at = 0.0  # when the frame being handled was read, while tracing
-        self._queued_bytes = 0
-        self._data_frames = 0
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._pongs: dict[bytes, asyncio.Future[None]] = {}
-        self._reason: str | None = None
-        self._done = asyncio.Event()
-        self._notified = asyncio.Event()
-        self._admitted = False
-        # The reader waits here until admission decided, so on_connect precedes on_message.
-        self._gate = asyncio.Event()
-        self._writer_task: asyncio.Task[None] | None = None
-        self.frames_in = 0
-        self.frames_out = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.throttled = 0
-
-    def __repr__(self) -> str:
-        way = "in" if self.inbound else "out"
-        return f"PeerLink({self.remote.short}… {way} {self.addr[0]}:{self.addr[1]})"
-
-    @property
-    def closed(self) -> bool:
-        return self._reason is not None
-
-    @property
-    def close_reason(self) -> str | None:
-        return self._reason
-
-    @property
-    def score(self) -> float:
-        return self._t.reputation.score(self.remote, self._t.clock())
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued_bytes
-
-    # -- sending -------------------------------------------------------------
-
-    def _has_room(self, n: int) -> bool:
-        if self._data_frames >= self._lim.send_queue_frames:
-            return False
-        return self._data_frames == 0 or self._queued_bytes + n <= self._lim.send_queue_bytes
-
-    async def send(self, payload: bytes) -> None:
-        """Queue one payload; wait (bounded) for room; raise LinkClosedError if closed."""
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise LocalError("A payload must be bytes.")
-        data = bytes(payload)
-        if len(data) > self._lim.max_payload:
-            raise LocalError(
-                f"A payload of {len(data)} bytes exceeds the limit of {self._lim.max_payload}."
-            )
-        if not self._has_room(len(data)) and not self.closed:
-            try:
-                async with asyncio.timeout(self._lim.send_timeout):
-                    while not self._has_room(len(data)) and not self.closed:
-                        self._room.clear()
-                        await self._room.wait()
-            except TimeoutError:
-                self.close(f"the peer did not keep up: send queue full for {self._lim.send_timeout} s")
-        if self._reason is not None:
-            raise LinkClosedError(f"The link to {self.remote.short}… is closed: {self._reason}.")
-        self._enqueue(data)
-
-    def try_send(self, payload: bytes) -> bool:
-        """Queue one payload only if there is room now; False if full or closed.
-
-        For callers that must not wait, e.g. a handler replying from on_message,
-        where awaiting room could stall two peers that both wait on each other.
-        """
-        data = bytes(payload)
-        if len(data) > self._lim.max_payload:
-            raise LocalError(
-                f"A payload of {len(data)} bytes exceeds the limit of {self._lim.max_payload}."
-            )
-        if self.closed or not self._has_room(len(data)):
-            return False
-        self._enqueue(data)
-        return True
-
-    def _enqueue(self, data: bytes) -> None:
-        if trace.tracer is not None:
-            self._queued_at.append(time.monotonic())
-        self._queue.append((wire.FRAME_DATA, data))
-        self._queued_bytes += len(data)
-        self._data_frames += 1
-        self._wake.set()
-
-    def _send_control(self, kind: int, body: bytes) -> bool:
-        if len(self._queue) - self._data_frames >= MAX_CONTROL_BACKLOG:
-            return False
-        self._queue.append((kind, body))
-        self._wake.set()
-        return True
-
-    async def ping(self, timeout: float) -> float:
-        """Round-trip time of an encrypted ping; raise LinkClosedError or TimeoutError."""
-        if self.closed:
-            raise LinkClosedError(f"The link to {self.remote.short}… is closed: {self._reason}.")
-        token = os.urandom(8)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pongs[token] = fut
-        start = time.monotonic()
-        try:
-            if not self._send_control(wire.FRAME_PING, token):
-                raise TimeoutError
-            async with asyncio.timeout(timeout):
-                await fut
-        finally:
-            self._pongs.pop(token, None)
-        return time.monotonic() - start
-
-    async def _writer(self) -> None:
-        try:
-            while True:
-                if not self._queue:
-                    self._wake.clear()
-                    try:
-                        async with asyncio.timeout(self._lim.ping_interval):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        # Keep-alive: the peer's idle timer needs something from us.
-                        self._send_control(wire.FRAME_PING, os.urandom(8))
-                    continue
-                kind, body = self._queue.popleft()
-                if kind == wire.FRAME_DATA:
-                    self._queued_bytes -= len(body)
-                    self._data_frames -= 1
-                    self._room.set()
-                frame = self._chan.seal(kind, body)
-                await self._ws.send_bytes(frame)
-                if kind == wire.FRAME_DATA and trace.tracer is not None and self._queued_at:
-                    trace.tracer.event("wrote", q=self._queued_at.popleft(), n=len(frame))
-                self.frames_out += 1
-                self.bytes_out += len(frame)
-                if kind == wire.FRAME_CLOSE:
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if not self.closed:
-                self.close(f"connection lost while sending ({type(e).__name__})")
-
-    # -- receiving -----------------------------------------------------------
-
-    async def _run(self) -> None:
-        """Read frames until the link closes; then finish closing it."""
-        self._writer_task = asyncio.create_task(self._writer(), name=f"vm-writer-{self.remote.short}")
-        try:
-            await self._gate.wait()
-            while not self.closed:
-                try:
-                    msg = await self._ws.receive(timeout=self._lim.idle_timeout)
-                except TimeoutError:
-                    self.close(f"idle: nothing received for {self._lim.idle_timeout} s")
-                    break
-                if self.closed:
-                    break
-                if msg.type == WSMsgType.BINARY:
-                    if trace.tracer is not None:
-                        self.read_at = time.monotonic()
-                    await self._on_frame(msg.data)
-                elif msg.type == WSMsgType.PING:
-                    # Answered by hand so that WebSocket pings, too, pass the rate limiter.
-                    await self._throttle(len(msg.data))
-                    if not self.closed:
-                        await self._ws.pong(msg.data)
-                elif msg.type == WSMsgType.PONG:
-                    await self._throttle(len(msg.data))
-                elif msg.type == WSMsgType.TEXT:
-                    self._violation("the peer sent a text message instead of an encrypted frame")
-                elif msg.type == WSMsgType.ERROR:
-                    code = getattr(msg.data, "code", None)
-                    if code == _WS_MESSAGE_TOO_BIG:
-                        self._violation(
-                            f"the peer sent a frame larger than {self._lim.max_frame} bytes"
-                        )
-                    else:
-                        self._violation("the peer sent invalid websocket framing")
-                else:
-                    self.close("the connection was closed by the peer", notify=False)
-        except asyncio.CancelledError:
-            self.close("the link task was cancelled", notify=False)
-            raise
-        except Exception as e:
-            log.exception("link %r failed", self)
-            self.close(f"internal error ({type(e).__name__})", notify=False)
-        finally:
-            if self._reason is None:
-                self.close("the reader stopped", notify=False)
-            await self._done.wait()
-
-    async def _on_frame(self, data: bytes) -> None:
-        try:
-            frame = self._chan.open(data)
-        except wire.FrameError as e:
-            self._violation(e.message)
-            return
-        self.frames_in += 1
-        self.bytes_in += len(data)
-        await self._throttle(len(data))
-        if self.closed:
-            return
-        if frame.kind == wire.FRAME_DATA:
-            try:
-                await self._t.handler.on_message(self, frame.body)
-            except RemoteError as e:
-                self.penalize(self._lim.invalid_message_penalty, e.message)
-            except ValuemeshError as e:
-                log.warning("handler refused a message from %r: %s", self, e)
-            except Exception:
-                log.exception("handler failed on a message from %r", self)
-        elif frame.kind == wire.FRAME_PING:
-            if len(frame.body) > MAX_PING_BODY:
-                self._violation("the peer sent an oversized ping")
-            else:
-                self._send_control(wire.FRAME_PONG, frame.body)
-        elif frame.kind == wire.FRAME_PONG:
-            fut = self._pongs.get(frame.body)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-        elif frame.kind == wire.FRAME_CLOSE:
-            self.close(f"closed by the peer: {_clean_reason(frame.body)}", notify=False)
-
-    async def _throttle(self, size: int) -> None:
-        now = self._t.clock()
-        msg_wait = self._msg_bucket.charge(1, now)
-        wait = max(msg_wait, self._byte_bucket.charge(size, now))
-        if msg_wait <= 0:
-            self._throttled_since = None
-        elif self._throttled_since is None:
-            self._throttled_since = now
-        elif now - self._throttled_since >= self._lim.flood_grace:
-            # Only a sustained *message* rate counts as flooding: bulk catch-up sends
-            # few large messages and is slowed by the byte bucket, never punished.
-            self._throttled_since = now
-            self.penalize(self._lim.flood_penalty, "flooding beyond the rate limit")
-            if self.closed:
-                return
-        if wait > 0:
-            self.throttled += 1
-            # Not reading is the throttle: aiohttp stops reading the socket, TCP pushes back.
-            await asyncio.sleep(min(wait, self._lim.idle_timeout / 2))
-
-    # -- scoring and closing -------------------------------------------------
-
-    def penalize(self, points: float, reason: str) -> None:
-        """Lower the remote's score for invalid data; below the threshold it is cut off
-        and its key and address are backed off."""
-        self._t.penalize(self.remote, points, reason, ip=self.addr[0])
-
-    def _violation(self, reason: str) -> None:
-        # A broken frame leaves the channel unusable (counters desynchronised) and is
-        # never an honest mistake: cut the peer off and back off at once.
-        self._t.ban(self.remote, reason, ip=self.addr[0])
-
-    def close(self, reason: str, *, notify: bool = True) -> None:
-        """Close the link (idempotent); the handler's on_disconnect runs once."""
-        if self._reason is not None:
-            return
-        self._reason = reason
-        self._gate.set()
-        self._t._spawn(self._shutdown(notify))
-
-    async def wait_closed(self) -> None:
-        await self._done.wait()
-
-    async def _shutdown(self, notify: bool) -> None:
-        reason = self._reason or "closed"
-        self._room.set()
-        for fut in self._pongs.values():
-            if not fut.done():
-                fut.set_exception(LinkClosedError("The link closed before the ping was answered."))
-        self._t._forget(self)
-        try:
-            if self._admitted:
-                log.info("link down %r: %s", self, reason)
-                try:
-                    await self._t.handler.on_disconnect(self, reason)
-                except Exception:
-                    log.exception("on_disconnect failed for %r", self)
-            self._notified.set()
-            await self._close_ws(notify, reason)
-        finally:
-            self._notified.set()
-            self._done.set()
-
-    async def _close_ws(self, notify: bool, reason: str) -> None:
-        writer = self._writer_task
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._data_frames = 0
-        if notify and writer is not None and not writer.done():
-            self._queue.append((wire.FRAME_CLOSE, reason.encode("utf-8")[: wire.MAX_CLOSE_REASON]))
-            self._wake.set()
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(writer), self._lim.close_timeout)
-        if writer is not None and not writer.done():
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
-        try:
-            await asyncio.wait_for(self._ws.close(), self._lim.close_timeout)
-        except Exception:
-            self._abort()
 
 
 class Transport:
@@ -737,7 +322,7 @@ class Transport:
         return ws
 
     async def _respond(
-        self, ws: web.WebSocketResponse, request: web.Request, ip: str, abort: _Abort
+        self, ws: web.WebSocketResponse, request: web.Request, ip: str, abort: Abort
     ) -> PeerLink | None:
         responder = wire.Responder(self.identity, self.network_id, self._random(32))
         hello = await _recv_handshake(ws)
@@ -779,7 +364,7 @@ class Transport:
         return (wire.Refusal.ACCEPTED, 0) if allowed else (wire.Refusal.NOT_AUTHORISED, 0)
 
     async def _close_raw(
-        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, abort: _Abort
+        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, abort: Abort
     ) -> None:
         try:
             await asyncio.wait_for(ws.close(code=_WS_POLICY_VIOLATION), self.limits.close_timeout)
@@ -857,7 +442,7 @@ class Transport:
         host: str,
         port: int,
         expect: MemberId | None,
-        abort: _Abort,
+        abort: Abort,
     ) -> PeerLink:
         initiator = wire.Initiator(self.identity, self.network_id, self._random(32))
         await ws.send_bytes(initiator.start())
@@ -917,14 +502,3 @@ async def _recv_handshake(ws: web.WebSocketResponse | aiohttp.ClientWebSocketRes
 
 class _HandshakeAbandoned(wire.HandshakeError):
     """The peer hung up mid-handshake: often an honest dialler that declined us."""
-
-
-__all__ = [
-    "BackedOffError",
-    "Limits",
-    "LinkClosedError",
-    "LinkHandler",
-    "PeerLink",
-    "PeerUnreachableError",
-    "Transport",
-]

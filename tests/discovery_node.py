@@ -12,7 +12,8 @@ import json
 import signal
 import sys
 
-from valuemesh.node.discovery import Discovery, Found
+from valuemesh.node.announcement import Found
+from valuemesh.node.discovery import Discovery
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import Identity, MemberId
 

@@ -1,5 +1,5 @@
-"""Tests of LAN discovery: strict TXT and address parsing, an in-process loopback test with
-hostile announcements, and real mDNS between three network namespaces joined by a bridge.
+"""Tests of the zeroconf Discovery service: its configuration checks, an in-process loopback
+test with hostile announcements, and real mDNS between three network namespaces on a bridge.
 """
 
 from __future__ import annotations
@@ -8,45 +8,24 @@ import asyncio
 import json
 import os
 import queue
-import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import ifaddr
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from valuemesh.node.discovery import (
-    MAX_REPORTED,
-    MAX_TRACKED_SERVICES,
-    REREPORT_INTERVAL,
-    SERVICE_TYPE,
-    Discovery,
-    Found,
-    PeerManager,
-    add_bootstrap,
-    announcement_txt,
-    check_interfaces,
-    default_interfaces,
-    encode_txt,
-    instance_name,
-    parse_announcement,
-    parse_hostport,
-    parse_txt,
-)
-from valuemesh.node.peers import Address, Dial, Died, PeerTable, Revived, Source, State, Suspected, Timers
-from valuemesh.node.transport import PeerLink, Transport
-from valuemesh.protocol.errors import DecodeError, LocalError, RemoteError, ValuemeshError
+from valuemesh.node.announcement import SERVICE_TYPE, Found, announcement_txt, encode_txt, instance_name
+from valuemesh.node.discovery import MAX_REPORTED, MAX_TRACKED_SERVICES, REREPORT_INTERVAL, Discovery
+from valuemesh.node.interfaces import default_interfaces
+from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import Identity, MemberId
 
 sys.path.insert(0, str(Path(__file__).parent))
 import netns
+from polling import wait_for
 
 NODE_SCRIPT = str(Path(__file__).parent / "discovery_node.py")
 FIND_DEADLINE = 30.0
@@ -57,167 +36,6 @@ def member(i: int) -> MemberId:
 
 
 NET = bytes.fromhex("a1b2c3d4e5f60718")
-
-
-def good_txt(m: MemberId | None = None, net: bytes = NET, port: int = 7000) -> bytes:
-    return encode_txt(announcement_txt(m or member(1), net, port))
-
-
-# --- TXT parsing -----------------------------------------------------------------------------
-
-
-def test_good_announcement_round_trips() -> None:
-    ann = parse_announcement(good_txt(), 7000)
-    assert (ann.member, ann.network_id, ann.port, ann.version) == (member(1), NET, 7000, 1)
-    # Unknown keys are tolerated for forward compatibility (RFC 6763 §6.4); case is folded.
-    extra = good_txt() + encode_txt({"Future": "x"})
-    assert parse_announcement(extra, 7000).member == member(1)
-
-
-@pytest.mark.parametrize(
-    ("raw", "srv_port"),
-    [
-        (b"", 7000),  # nothing at all
-        (b"\x05id=x", 7000),  # truncated string
-        (b"\x00" + good_txt(), 7000),  # empty string
-        (good_txt() + b"\x04port", 7000),  # key without '='
-        (good_txt() + encode_txt({"id": str(member(2))}), 7000),  # duplicate key
-        (good_txt() + b"\x05\xffk=v", 7000),  # non-ASCII key
-        (good_txt(), 7001),  # TXT and SRV ports disagree
-        (good_txt(), None),
-        (good_txt().replace(b"pv=1", b"pv=2"), 7000),  # unknown version
-        (good_txt().replace(b"pv=1", b"pv=01"), 7000),  # non-canonical number
-        (good_txt(port=7000).replace(b"port=7000", b"port=+7000"), 7000),
-        (good_txt(port=7000).replace(b"port=7000", b"port=70000"), 70000),
-        (good_txt().replace(b"id=vm1", b"id=vm2"), 7000),  # not a member id
-        (encode_txt({**announcement_txt(member(1), NET, 7000),
-                     "id": str(member(1))[:-1] + ("a" if str(member(1))[-1] != "a" else "b")}),
-         7000),  # checksum mismatch
-        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": "xyz1"}), 7000),
-        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": "A1B2"}), 7000),
-        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": ""}), 7000),
-        (encode_txt({**announcement_txt(member(1), NET, 7000), "net": "ab" * 65}), 7000),
-        (b"".join(encode_txt({f"k{i}": "v"}) for i in range(20)) + good_txt(), 7000),
-        (good_txt() + b"\xff" + b"x" * 255 + (b"\xff" + b"y" * 255) * 5, 7000),  # oversized
-    ],
-)
-def test_bad_announcements_rejected(raw: bytes, srv_port: int | None) -> None:
-    with pytest.raises(RemoteError):
-        parse_announcement(raw, srv_port)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400), st.none() | st.integers(0, 70000))
-def test_any_bytes_parse_or_raise_typed_error(raw: bytes, port: int | None) -> None:
-    try:
-        parse_announcement(raw, port)
-    except ValuemeshError:
-        pass
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text("abcdefghijklmnop", min_size=1, max_size=9),
-                       st.text(min_size=0, max_size=40), max_size=10))
-def test_txt_encoding_round_trips(items: dict[str, str]) -> None:
-    assert parse_txt(encode_txt(items)) == {k: v.encode() for k, v in items.items()}
-
-
-def test_txt_limits() -> None:
-    with pytest.raises(DecodeError):
-        parse_txt(b"id=x")  # the first byte is read as a length, and the string is short
-    with pytest.raises(LocalError):
-        encode_txt({"k": "v" * 300})
-
-
-# --- host:port parsing -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("10.0.0.1:7000", ("10.0.0.1", 7000)),
-        ("  seed.example.org:443 ", ("seed.example.org", 443)),
-        ("Seed.Example.ORG.:1", ("seed.example.org", 1)),
-        ("[2001:db8::1]:7000", ("2001:db8::1", 7000)),
-        ("[::1]:65535", ("::1", 65535)),
-        ("[fe80::1%eth0]:7000", ("fe80::1%eth0", 7000)),
-        ("localhost:80", ("localhost", 80)),
-    ],
-)
-def test_parse_hostport_good(text: str, expected: tuple[str, int]) -> None:
-    assert parse_hostport(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "", "   ", "host", "host:", ":7000", "host:0", "host:65536", "host:-1", "host:+80",
-        "host:8o", "host:७०००", "2001:db8::1:7000", "[2001:db8::1]", "[2001:db8::1]7000",
-        "[10.0.0.1]:80", "[2001:db8::1:80", "bad_host:80", "-bad.example:80", "a..b:80",
-        "0.0.0.0:80", "224.0.0.251:5353", "1.2.3:80", "host:123456", "[fe80::1%a b]:80",
-        "[fe80::1%]:80", "[fe80::1%" + "x" * 16 + "]:80",
-    ],
-)
-def test_parse_hostport_bad(text: str) -> None:
-    with pytest.raises(LocalError) as e:
-        parse_hostport(text)
-    assert "\n" not in str(e.value) and str(e.value).endswith(".")
-
-
-def test_add_bootstrap_is_all_or_nothing_and_dials() -> None:
-    t = PeerTable(member(9), random.Random(0))
-    with pytest.raises(LocalError):
-        add_bootstrap(t, ["10.0.0.1:7000", "nonsense"], 0.0)
-    assert t.anonymous() == []
-    added = add_bootstrap(t, ["10.0.0.1:7000", "[2001:db8::1]:7001"], 0.0)
-    assert t.anonymous() == sorted(added)
-    dials = [a for a in t.tick(0.0) if isinstance(a, Dial)]
-    assert {d.target.address for d in dials} == set(added)
-    assert all(d.target.member is None and d.target.source is Source.BOOTSTRAP for d in dials)
-
-
-# --- interfaces ------------------------------------------------------------------------------
-
-
-def test_check_interfaces() -> None:
-    assert check_interfaces(["127.0.0.1", "127.0.0.1"]) == ["127.0.0.1"]
-    for bad in (["eth0"], ["0.0.0.0"], ["203.0.113.77"], [], "127.0.0.1"):
-        with pytest.raises(LocalError):
-            check_interfaces(bad)  # type: ignore[arg-type]
-
-
-def test_default_interfaces_skip_loopback_link_local_and_down_links(tmp_path: Path) -> None:
-    def adapter(name: str, *ips: str) -> ifaddr.Adapter:
-        return ifaddr.Adapter(name, name, [ifaddr.IP(ip, 24, name) for ip in ips])
-
-    # A fake /sys/class/net: flags as the kernel shows them there (no IFF_RUNNING), and
-    # operstate for whether the link is really running.
-    links = {
-        "eth0": ("0x1003", "up"),  # up, broadcast, multicast: used
-        "wlan0": ("0x1003", "unknown"),  # a driver that does not report state: used
-        "eth1": ("0x1002", "down"),  # administratively down
-        "eth2": ("0x1003", "down"),  # up but no carrier
-        "tun0": ("0x91", "unknown"),  # point-to-point without multicast
-        "lo": ("0x9", "unknown"),  # loopback, whatever address it carries
-    }
-    for name, (flags, oper) in links.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "flags").write_text(flags + "\n")
-        (tmp_path / name / "operstate").write_text(oper + "\n")
-    adapters = [
-        adapter("eth0", "192.0.2.10", "127.0.0.5", "169.254.1.1"),
-        adapter("wlan0", "198.51.100.7"),
-        adapter("eth1", "203.0.113.1"),
-        adapter("eth2", "203.0.113.2"),
-        adapter("tun0", "203.0.113.3"),
-        adapter("lo", "203.0.113.4"),
-        adapter("nosuch0", "203.0.113.5"),  # state unreadable (not Linux): address rules only
-        adapter("../../etc", "203.0.113.6"),  # a name that is not a plain file name
-    ]
-    assert default_interfaces(adapters, sysfs=str(tmp_path)) == [
-        "192.0.2.10", "198.51.100.7", "203.0.113.5", "203.0.113.6"]
-    for ip in default_interfaces():
-        assert not ip.startswith("127.") and not ip.startswith("169.254.")
 
 
 def test_discovery_rejects_bad_configuration() -> None:
@@ -234,17 +52,6 @@ def test_discovery_rejects_bad_configuration() -> None:
 
 
 # --- in-process, on loopback: hostile announcements are ignored ---------------------------------
-
-
-async def _wait_for(pred: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.05) + 1):
-        if pred():  # type: ignore[operator]
-            return True
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    return bool(pred())  # type: ignore[operator]
 
 
 async def test_loopback_discovery_ignores_hostile_announcements() -> None:
@@ -292,13 +99,13 @@ async def test_loopback_discovery_ignores_hostile_announcements() -> None:
         await asyncio.gather(*announced)
         await asyncio.gather(disc_a.start(), disc_b.start())
         wanted_b = {(a, 7101), (c, 7103)}
-        assert await _wait_for(lambda: {(f.member, f.port) for f in found_b} >= wanted_b,
+        assert await wait_for(lambda: {(f.member, f.port) for f in found_b} >= wanted_b,
                                FIND_DEADLINE), found_b
         hostile_names = {i.name for i in infos}
-        assert await _wait_for(
+        assert await wait_for(
             lambda: {n for n, _ in disc_b.rejections} >= hostile_names, FIND_DEADLINE
         ), list(disc_b.rejections)
-        assert await _wait_for(lambda: {f.member for f in found_a} >= {b, c}, FIND_DEADLINE)
+        assert await wait_for(lambda: {f.member for f in found_a} >= {b, c}, FIND_DEADLINE)
         # Only the two honest nodes were ever reported; never ourselves, never a hostile one.
         assert {(f.member, f.host, f.port) for f in found_b} == {
             (a, "127.0.0.1", 7101), (c, "127.0.0.1", 7103)}
@@ -309,7 +116,7 @@ async def test_loopback_discovery_ignores_hostile_announcements() -> None:
         assert "SRV port" in reasons[f"port-mismatch-{tag}.{SERVICE_TYPE}"]
         # A clean stop sends a goodbye: the other side forgets us at once, not after a TTL.
         await disc_a.stop()
-        assert await _wait_for(lambda: a in lost_b, FIND_DEADLINE)
+        assert await wait_for(lambda: a in lost_b, FIND_DEADLINE)
     finally:
         await disc_a.stop()
         await disc_b.stop()
@@ -442,145 +249,6 @@ def test_same_member_twice_on_one_network_is_a_clear_error() -> None:
     assert lan.existing() == []
 
 
-# --- PeerManager: the table driven against two real transports on loopback ---------------------
-
-
-class _Handler:
-    """The part of a node's LinkHandler that feeds the peer manager."""
-
-    def __init__(self) -> None:
-        self.manager: PeerManager | None = None
-
-    def authorize(self, remote: MemberId, inbound: bool) -> bool:
-        return True
-
-    async def on_connect(self, link: PeerLink) -> None:
-        if self.manager is not None:
-            self.manager.link_up(link)
-
-    async def on_message(self, link: PeerLink, payload: bytes) -> None:
-        if self.manager is not None:
-            self.manager.heard_from(link.remote)
-
-    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
-        if self.manager is not None:
-            self.manager.link_down(link)
-
-
-FAST = Timers(
-    probe_interval=0.2, probe_timeout=0.1, suspicion_alpha=1.0, suspicion_beta=2.0,
-    backoff_base=0.05, backoff_cap=0.4, reconnect_delay=0.05, dial_failures_to_suspect=2,
-)
-
-
-async def test_peer_manager_bootstraps_suspects_and_revives_over_real_links() -> None:
-    net = os.urandom(8)
-    id_a, id_b = Identity(bytes([31]) * 32), Identity(bytes([32]) * 32)
-    h_a, h_b = _Handler(), _Handler()
-    t_a, t_b = Transport(id_a, net, h_a), Transport(id_b, net, h_b)
-    t_b2: Transport | None = None
-    events: list[object] = []
-    table = PeerTable(id_a.member, random.Random(1), timers=FAST, now=time.monotonic())
-    mgr = PeerManager(table, t_a, rng=random.Random(2), on_event=events.append)
-    h_a.manager = mgr
-    b = id_b.member
-    try:
-        await t_a.start("127.0.0.1", 0)
-        _, port_b = await t_b.start("127.0.0.1", 0)
-        mgr.start()
-        mgr.add_bootstrap([f"127.0.0.1:{port_b}"])
-        assert await _wait_for(lambda: table.linked() == [b], FIND_DEADLINE)
-        # The bootstrap address now belongs to b; nothing anonymous is left to dial.
-        assert table.anonymous() == []
-        view = table.snapshot(time.monotonic())[0]
-        assert view.via is not None and view.via.source == "bootstrap"
-        # Probes are answered over the encrypted link: b stays alive, our health stays good.
-        await asyncio.sleep(1.0)
-        assert table.state(b) is State.ALIVE and table.local_health == 0
-        assert not any(isinstance(e, Suspected) for e in events)
-
-        await t_b.stop()  # b goes away: redials fail, b is suspected, then declared dead
-        assert await _wait_for(lambda: Died(b, 0) in events, FIND_DEADLINE), events
-        assert Suspected(b, 0) in events
-        assert b in table and table.state(b) is State.DEAD  # a proposal, not a removal
-
-        t_b2 = Transport(id_b, net, h_b)
-        await t_b2.start("127.0.0.1", port_b)  # b comes back where it was
-        assert await _wait_for(lambda: table.linked() == [b], FIND_DEADLINE), events
-        assert Revived(b, 0) in events and table.state(b) is State.ALIVE
-    finally:
-        await mgr.stop()
-        await t_a.stop()
-        await t_b.stop()
-        if t_b2 is not None:
-            await t_b2.stop()
-
-
-async def test_peer_manager_moves_an_address_that_proves_to_be_another_key() -> None:
-    net = os.urandom(8)
-    id_a, id_b = Identity(bytes([33]) * 32), Identity(bytes([34]) * 32)
-    h_a, h_b = _Handler(), _Handler()
-    t_a, t_b = Transport(id_a, net, h_a), Transport(id_b, net, h_b)
-    table = PeerTable(id_a.member, random.Random(3), timers=FAST, now=time.monotonic())
-    mgr = PeerManager(table, t_a, rng=random.Random(4))
-    h_a.manager = mgr
-    liar = member(35)
-    try:
-        await t_a.start("127.0.0.1", 0)
-        _, port_b = await t_b.start("127.0.0.1", 0)
-        mgr.start()
-        # A hostile announcement says b's address is `liar`'s. The handshake shows b's key
-        # there: the address moves to b (now linked) and `liar` keeps no address to dial.
-        mgr.found(Found(liar, "127.0.0.1", port_b))
-        assert await _wait_for(lambda: id_b.member in table.linked(), FIND_DEADLINE)
-        assert await _wait_for(lambda: table.addresses(liar) == {}, FIND_DEADLINE)
-        assert liar not in table.linked()
-        assert Address("127.0.0.1", port_b) in table.addresses(id_b.member)
-        # b did not hold the dial against us: no penalty for a completed handshake.
-        assert t_b.banned_for("127.0.0.1") == 0 and t_b.banned_for(id_a.member) == 0
-    finally:
-        await mgr.stop()
-        await t_a.stop()
-        await t_b.stop()
-
-
-async def test_peer_exchange_leads_to_a_new_link() -> None:
-    net = os.urandom(8)
-    ids = [Identity(bytes([36 + i]) * 32) for i in range(3)]
-    handlers = [_Handler() for _ in ids]
-    transports = [Transport(i, net, h) for i, h in zip(ids, handlers, strict=True)]
-    managers = []
-    for i, (ident, h, t) in enumerate(zip(ids, handlers, transports, strict=True)):
-        table = PeerTable(ident.member, random.Random(i), timers=FAST, now=time.monotonic())
-        h.manager = PeerManager(table, t, rng=random.Random(10 + i))
-        managers.append(h.manager)
-    a, b, c = (i.member for i in ids)
-    try:
-        ports = [(await t.start("127.0.0.1", 0))[1] for t in transports]
-        for mgr in managers:
-            mgr.start()
-        # a knows b and c; b knows only a.
-        managers[0].add_bootstrap([f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}"])
-        assert await _wait_for(lambda: managers[0].table.linked() == sorted([b, c]),
-                               FIND_DEADLINE)
-        assert await _wait_for(lambda: a in managers[1].table.linked(), FIND_DEADLINE)
-        offer = managers[0].exchange_offer(b)
-        assert {e.member for e in offer} == {c}  # never b itself
-        link_b_to_a = transports[1].link(a)
-        assert link_b_to_a is not None
-        report = managers[1].exchange_received(link_b_to_a, offer)
-        assert report.accepted == 1
-        assert await _wait_for(lambda: c in managers[1].table.linked(), FIND_DEADLINE)
-        assert managers[1].table.addresses(c) == {Address("127.0.0.1", ports[2]): Source.EXCHANGE}
-        with pytest.raises(RemoteError):
-            managers[1].exchange_received(link_b_to_a, offer * 65)
-    finally:
-        for mgr in managers:
-            await mgr.stop()
-        for t in transports:
-            await t.stop()
-
-
 @pytest.mark.netns
 @pytest.mark.slow
 def test_three_daemons_in_namespaces_connect_by_mdns_alone(tmp_path: Path) -> None:
@@ -637,7 +305,6 @@ def test_three_daemons_in_namespaces_connect_by_mdns_alone(tmp_path: Path) -> No
     finally:
         lan.destroy()
     assert lan.existing() == []
-
 
 
 def test_accepted_announcements_filter_addresses_and_throttle_reports() -> None:

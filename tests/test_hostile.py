@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from valuemesh.node.link import PeerLink
 from valuemesh.node.testing import Cluster, wait_until
-from valuemesh.node.transport import PeerLink, Transport
+from valuemesh.node.transport import Transport
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId

@@ -1,0 +1,77 @@
+"""The bounds every peer link obeys (`Limits`: sizes, timers, rates, penalties) and the
+errors the transport raises when a link closes, a peer is unreachable or backed off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from valuemesh.node.ratelimit import ReputationPolicy
+from valuemesh.protocol import wire
+from valuemesh.protocol.errors import LocalError, RemoteError
+
+MAX_PAYLOAD = 4 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 15.0
+PING_INTERVAL = 15.0
+IDLE_TIMEOUT = 45.0
+SEND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+DUPLICATE_PROBE_TIMEOUT = 3.0
+FLOOD_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every bound a link obeys; tests shorten the timers, operators tune the rates."""
+
+    max_payload: int = MAX_PAYLOAD
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+    ping_interval: float = PING_INTERVAL
+    idle_timeout: float = IDLE_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
+    close_timeout: float = CLOSE_TIMEOUT
+    duplicate_probe_timeout: float = DUPLICATE_PROBE_TIMEOUT
+    send_queue_frames: int = 256
+    send_queue_bytes: int = 16 * 1024 * 1024
+    max_links: int = 256
+    # Before authentication aiohttp may buffer one message of up to max_frame per
+    # socket, so these two bound what strangers can make us hold (16 x 4 MiB).
+    max_handshakes: int = 16
+    max_handshakes_per_ip: int = 4
+    rate_messages: float = 5_000.0
+    burst_messages: float = 10_000.0
+    rate_bytes: float = 64 * 1024 * 1024
+    burst_bytes: float = 128 * 1024 * 1024
+    flood_grace: float = FLOOD_GRACE
+    flood_penalty: float = 25.0
+    invalid_message_penalty: float = 20.0
+    handshake_failure_penalty: float = 25.0
+    handshake_abandon_penalty: float = 5.0
+    reputation: ReputationPolicy = field(default_factory=ReputationPolicy)
+
+    def __post_init__(self) -> None:
+        if self.max_payload < 1 or self.send_queue_frames < 1 or self.send_queue_bytes < 1:
+            raise LocalError("Transport limits must be positive.")
+        rates = (self.rate_messages, self.burst_messages, self.rate_bytes, self.burst_bytes)
+        if min(rates) <= 0:
+            raise LocalError("Transport rate limits must be positive.")
+        if self.idle_timeout <= self.ping_interval:
+            raise LocalError("The idle timeout must be longer than the ping interval.")
+
+    @property
+    def max_frame(self) -> int:
+        return self.max_payload + wire.FRAME_OVERHEAD
+
+
+class LinkClosedError(LocalError):
+    """Raised when sending on a link that is closed (or was closed because it stalled)."""
+
+
+class PeerUnreachableError(RemoteError):
+    """Raised when a peer cannot be reached or does not finish the handshake in time."""
+
+
+class BackedOffError(LocalError):
+    """Raised when dialling a key or address that this node is backing off from."""
