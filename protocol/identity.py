@@ -2,7 +2,7 @@
 member id, and passphrase sealing of a secret key for key files and backups.
 
 Pure: randomness for salts and nonces is passed in by the caller, and files are
-written by `valuemesh.node.keystore`, not here.
+written by `valuemesh.node.home` (`Home`, `write_private`), not here.
 """
 
 from __future__ import annotations
