@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from valuemesh.node.accounting_api import archive_csv, archive_jsonl, load_archive, read_archive, verify_archive
+from valuemesh.node.archive import archive_csv, archive_jsonl, load_archive, read_archive, verify_archive
 from valuemesh.node.daemon import installed_registry
 from valuemesh.node.home import Home
 from valuemesh.node.store import Store
