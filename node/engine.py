@@ -5,7 +5,7 @@ broadcast and applied effects.
 The engine never touches sockets; it returns what to send (`Effects`) and the
 node's gossip layer sends it. Everything it applies comes from committed
 blocks, in commit order, so a restart replays exactly the same ledger. It alone
-writes its constellation to the store; node/views.py renders it as JSON.
+writes its constellation to a running node's store; node/views.py renders it.
 """
 
 from __future__ import annotations
