@@ -511,7 +511,7 @@ def export(cid: str, fmt: str, output: str | None) -> None:
 
     With --output and --json, prints what was written; the archive itself is the output otherwise.
     """
-    from valuemesh.node.accounting_api import archive_csv, archive_jsonl
+    from valuemesh.node.archive import archive_csv, archive_jsonl
 
     items: list[dict[str, Any]] = []
     if fmt == "valueflows":
@@ -542,7 +542,7 @@ def import_(file: str, check: bool) -> None:
     replayed and must give the archive's state hash; anything altered is refused. The daemon
     then serves the constellation read-only at its next start.
     """
-    from valuemesh.node.accounting_api import read_archive, verify_archive
+    from valuemesh.node.archive import read_archive, verify_archive
     from valuemesh.node.daemon import installed_registry
 
     archive = verify_archive(read_archive(Path(file)), installed_registry())
@@ -566,7 +566,7 @@ def import_(file: str, check: bool) -> None:
 
 
 async def _load(db_file: Path, archive: Any, ident: Any) -> None:
-    from valuemesh.node.accounting_api import load_archive
+    from valuemesh.node.archive import load_archive
     from valuemesh.node.store import Store, StoreError
 
     try:

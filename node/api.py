@@ -1,6 +1,7 @@
 """The daemon's local HTTP/JSON API on 127.0.0.1, guarded by a bearer token
 kept in the home directory. The CLI is its first client; `/v1/openapi.json`
-describes every route. Errors are `{"error": "<one sentence>"}`.
+describes every route. Errors are `{"error": "<one sentence>"}`: 404 for a
+`NotFoundError`, 400 for any other local error, 422 for bad data from elsewhere.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
-
-if TYPE_CHECKING:
-    from valuemesh.node.daemon import Node
+from valuemesh.node import views
+from valuemesh.node.accounting_api import add_accounting_routes
+from valuemesh.node.facade import NodeFacade, json_ok, read_json_object
+from valuemesh.protocol.errors import LocalError, NotFoundError, RemoteError, ValuemeshError
 
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_BATCH_RECORDS = 256
@@ -24,33 +24,11 @@ API_VERSION = "1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class NotFound(LocalError):
-    """Raised when the API is asked for a constellation or record it does not have."""
-
-
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request's JSON body, which must be an object (empty body: {})."""
-    if not request.can_read_body:
-        return {}
-    try:
-        doc = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise LocalError("The request body is not valid JSON.") from None
-    if not isinstance(doc, dict):
-        raise LocalError("The request body must be a JSON object.")
-    return doc
-
-
-def json_ok(doc: Any, status: int = 200) -> web.Response:
-    """A JSON response with sorted keys, so equal documents are equal bytes."""
-    return web.json_response(doc, status=status, dumps=lambda d: json.dumps(d, sort_keys=True))
-
-
-def make_app(node: Node, token: str) -> web.Application:
+def make_app(node: NodeFacade, token: str) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/v1/health":
@@ -63,7 +41,7 @@ def make_app(node: Node, token: str) -> web.Application:
             return await handler(request)
         except web.HTTPException:
             raise
-        except NotFound as exc:
+        except NotFoundError as exc:
             return _error(404, exc.message)
         except LocalError as exc:
             return _error(400, exc.message)
@@ -126,11 +104,11 @@ def make_app(node: Node, token: str) -> web.Application:
 
     @routes.get("/v1/constellations/{cid}")
     async def show_c(request: web.Request) -> web.Response:
-        return ok(node.engine_for(request.match_info["cid"]).summary())
+        return ok(views.summary(node.engine_for(request.match_info["cid"])))
 
     @routes.get("/v1/constellations/{cid}/ledger")
     async def ledger(request: web.Request) -> web.Response:
-        return ok(node.engine_for(request.match_info["cid"]).ledger_view())
+        return ok(views.ledger_view(node.engine_for(request.match_info["cid"])))
 
     @routes.post("/v1/constellations/{cid}/invites")
     async def invite(request: web.Request) -> web.Response:
@@ -158,7 +136,8 @@ def make_app(node: Node, token: str) -> web.Application:
 
     @routes.get("/v1/constellations/{cid}/records/{rid}")
     async def get_record(request: web.Request) -> web.Response:
-        return ok(await node.engine_for(request.match_info["cid"]).record_view(request.match_info["rid"]))
+        eng = node.engine_for(request.match_info["cid"])
+        return ok(await views.record_view(eng, request.match_info["rid"]))
 
     @routes.get("/v1/openapi.json")
     async def openapi(request: web.Request) -> web.Response:
@@ -176,7 +155,6 @@ def make_app(node: Node, token: str) -> web.Application:
                 "summary": summary, "responses": {"200": {"description": "OK"}, "400": {"description": "error"}}}
         return ok(doc)
 
-    from valuemesh.node.accounting_api import add_accounting_routes
     add_accounting_routes(routes, node)
     app.add_routes(routes)
     for name, plugin_routes in node.plugin_routes().items():

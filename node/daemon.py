@@ -26,8 +26,8 @@ from typing import Any
 
 from aiohttp import web
 
-from valuemesh.node import trace
-from valuemesh.node.api import NotFound, make_app
+from valuemesh.node import trace, views
+from valuemesh.node.api import make_app
 from valuemesh.node.discovery import PeerManager
 from valuemesh.node.discovery import parse_hostport as parse_peer_address
 from valuemesh.node.engine import Effects, Engine
@@ -48,7 +48,7 @@ from valuemesh.protocol.consensus import (
     encode_committee,
     verify_chain,
 )
-from valuemesh.protocol.errors import LocalError, PluginError, RemoteError, ValuemeshError
+from valuemesh.protocol.errors import LocalError, NotFoundError, PluginError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Registry, load_entry_points
@@ -453,9 +453,7 @@ class Node:
         elif isinstance(msg, m.Proof):
             eng = self._engine_for_peer(link, msg.c)
             proof = EquivocationProof.decode(msg.proof)
-            assert self.store is not None
-            async with self.store.batch() as tx:
-                tx.put_equivocation(proof, now_ms())
+            await eng.store_proof(proof, now_ms())
             log.warning("equivocation by %s in %s", proof.author, eng.text_id)
         elif isinstance(msg, m.CheckpointSig):
             # Not only from peers we know as members yet: a node still catching up may not
@@ -676,11 +674,7 @@ class Node:
         except ValuemeshError:
             self._join_links.pop(inv.constellation, None)
             raise
-        eng.pending[record.id] = record
-        async with self.store.batch() as tx:
-            tx.put_constellation(eng.info(inv.tier))
-            tx.put_records([record], now_ms())
-            tx.add_pending(eng.cid, [record.id], now_ms())
+        await eng.register(now_ms(), inv.tier, join=record)
         self.engines[eng.cid] = eng
         welcomer = self._join_links.pop(inv.constellation, None)
         if welcomer is not None:
@@ -844,7 +838,7 @@ class Node:
         cid = parse_constellation(text)
         eng = self.engines.get(cid)
         if eng is None:
-            raise NotFound(f"This node does not follow constellation {text}.")
+            raise NotFoundError(f"This node does not follow constellation {text}.")
         if len(self._by_text) >= MAX_API_IDS:
             self._by_text.clear()
         self._by_text[text] = eng
@@ -877,7 +871,7 @@ class Node:
         return out
 
     def status(self) -> dict[str, Any]:
-        cons = [e.summary() for e in self.engines.values()]
+        cons = [views.summary(e) for e in self.engines.values()]
         health = "ok"
         if any(c["pending"] and c["core"] > 1 and not self.links for c in cons):
             health = "degraded: no peers connected, records cannot become final"
@@ -886,7 +880,7 @@ class Node:
 
     def constellation_list(self) -> list[dict[str, Any]]:
         return [{k: s[k] for k in ("id", "name", "members", "status", "my_tier", "guarantee")}
-                for s in (e.summary() for e in self.engines.values())]
+                for s in (views.summary(e) for e in self.engines.values())]
 
     async def add_peer(self, address: str) -> dict[str, Any]:
         host, port = parse_peer_address(address)
@@ -904,11 +898,9 @@ class Node:
         await self.store.reserve_seq(genesis.constellation, self.identity.member)
         eng = Engine(self.store, self.registry, self.identity, genesis)
         eng.retain_epochs = self.retain_epochs
-        async with self.store.batch() as tx:
-            tx.put_constellation(eng.info())
-            tx.put_records([genesis], now_ms())
+        await eng.register(now_ms())
         self.engines[eng.cid] = eng
-        return eng.summary()
+        return views.summary(eng)
 
     async def invite(self, cid: bytes, doc: dict[str, Any]) -> dict[str, Any]:
         eng = self.engines[cid]

@@ -4,7 +4,8 @@ broadcast and applied effects.
 
 The engine never touches sockets; it returns what to send (`Effects`) and the
 node's gossip layer sends it. Everything it applies comes from committed
-blocks, in commit order, so a restart replays exactly the same ledger.
+blocks, in commit order, so a restart replays exactly the same ledger. It alone
+writes its constellation to a running node's store; node/views.py renders it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from valuemesh.node import trace
-from valuemesh.node.jsonbody import body_to_json
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol import cbor
@@ -65,25 +65,6 @@ SEEN_BLOCKS = 16_384
 LOADING_TICK_MS = 20
 OWN_CHECKPOINTS_KEPT = 4  # our latest checkpoint signatures, re-sent to peers that sync
 CHAIN_BYTES = MAX_MESSAGE_SIZE // 2  # a checkpoint chain must fit one message with room to spare
-
-GUARANTEE_TEXT = {
-    "single-node": "1 core member: it finalises alone, and if this node is lost nothing else holds the data; "
-                   "add a core member.",
-    "no-fault-tolerance": "2 core members: both must be online to finalise, so losing either stops agreement; "
-                          "add a third core member (or a witness seat).",
-}
-
-
-def guarantee_text(committee: Committee) -> str:
-    g = committee.guarantee
-    if g in GUARANTEE_TEXT:
-        return GUARANTEE_TEXT[g]
-    n = len(committee.members)
-    if g.startswith("crash-tolerant"):
-        crash = committee.total - committee.quorum
-        return (f"{n} core members: survives {crash} member(s) going offline but cannot tolerate a dishonest "
-                f"member; add core members until there are 4 to tolerate one.")
-    return f"{n} core members: survives {committee.f} member(s) offline or dishonest."
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +119,14 @@ class Engine:
         # Where this node's own history starts: 0, or the snapshot it started from.
         self.base: Snapshot | None = None
         # The first FINAL_VIEW_LIMIT final records: (index, outcome) until someone reads them,
-        # then their JSON view (rendering every record as it becomes final cost about a
-        # tenth of a catch-up's CPU, for views most nodes never read).
-        self._final: list[dict[str, Any] | tuple[int, Outcome]] = []
+        # then their JSON view, which node/views.py renders once and keeps here (rendering
+        # every record as it becomes final cost about a tenth of a catch-up's CPU, for views
+        # most nodes never read). `final_pos` finds an entry by record id (hex).
+        self.final_log: list[dict[str, Any] | tuple[int, Outcome]] = []
         # When each of those became final on this node (wall-clock ms, rounded up): node-local,
-        # so kept apart from `final`, which is identical on every node that agrees.
+        # so kept apart from `final_log`, which is identical on every node that agrees.
         self.final_at: list[int] = []
-        self._final_pos: dict[str, int] = {}
+        self.final_pos: dict[str, int] = {}
         self.final_count = 0
         self.commit_index = 0
         self.clock = genesis.created
@@ -276,7 +258,7 @@ class Engine:
         self.clock = snap.clock
         self.commit_index = snap.index
         self.final_count = snap.final
-        self._final, self.final_at, self._final_pos = [], [], {}
+        self.final_log, self.final_at, self.final_pos = [], [], {}
         self.committee = Committee(snap.epoch + 1, members, snap.round + 1)
         self._committee_version = led.committee_version
         self._committees = {self.committee.epoch: self.committee}
@@ -294,10 +276,7 @@ class Engine:
         lead to it, then load as after a restart. Only on an engine that ordered nothing yet."""
         if self.commit_index or self.consensus.round > 0:
             raise LocalError("Only a node that holds nothing of the constellation yet can start from a snapshot.")
-        async with self.store.batch() as tx:
-            tx.put_snapshot(snap)
-            for c in certs:
-                tx.put_checkpoint(c)
+        await self._store_epoch_ends([snap], certs)
         return await self.load()
 
     async def fast_forward(self, snap: Snapshot, certs: Sequence[StoredCheckpoint]) -> Effects:
@@ -307,10 +286,7 @@ class Engine:
         records in between are final in the snapshot's state, not listed one by one."""
         if snap.epoch < self.committee.epoch or snap.index <= self.commit_index:
             raise LocalError("The snapshot is not ahead of this node.")
-        async with self.store.batch() as tx:
-            tx.put_snapshot(snap)
-            for c in certs:
-                tx.put_checkpoint(c)
+        await self._store_epoch_ends([snap], certs)
         self.certified.clear()
         self._closings.clear()
         self._scheduled.clear()
@@ -666,12 +642,15 @@ class Engine:
             snaps, self._snapshots_to_store = self._snapshots_to_store, []
             certs, self._certs_to_store = self._certs_to_store, []
             if snaps or certs:
-                async with self.store.batch() as tx:
-                    for snap in snaps:
-                        tx.put_snapshot(snap)
-                    for c in certs:
-                        tx.put_checkpoint(c)
+                await self._store_epoch_ends(snaps, certs)
         await self._prune()
+
+    async def _store_epoch_ends(self, snaps: Sequence[Snapshot], certs: Sequence[StoredCheckpoint]) -> None:
+        async with self.store.batch() as tx:
+            for snap in snaps:
+                tx.put_snapshot(snap)
+            for c in certs:
+                tx.put_checkpoint(c)
 
     async def _prune(self) -> None:
         """Drop the blocks of closed epochs beyond the retained ones, and the order below them.
@@ -693,119 +672,26 @@ class Engine:
     def _note(self, o: Outcome) -> None:
         if o.status in ("duplicate", "deferred"):
             return
-        if len(self._final) < FINAL_VIEW_LIMIT:
-            self._final_pos[o.record.id.hex()] = len(self._final)
-            self._final.append((self.final_count, o))
+        if len(self.final_log) < FINAL_VIEW_LIMIT:
+            self.final_pos[o.record.id.hex()] = len(self.final_log)
+            self.final_log.append((self.final_count, o))
             self.final_at.append(-(-time.time_ns() // 1_000_000))
         self.final_count += 1
 
-    def _final_entry(self, pos: int) -> dict[str, Any]:
-        item = self._final[pos]
-        if isinstance(item, dict):
-            return item
-        index, o = item
-        r = o.record
-        entry = {
-            "index": index,
-            "id": r.id.hex(),
-            "type": r.type,
-            "author": str(r.author),
-            "seq": r.seq,
-            "body": body_to_json(self.registry.plugins.get(r.type), r.body),
-            "created": r.created,
-            "status": o.status,
-        }
-        if o.reason:
-            entry["reason"] = o.reason
-        self._final[pos] = entry
-        return entry
+    async def register(self, now: int, tier: str | None = None, join: Record | None = None) -> None:
+        """Store the constellation as one this node follows: a new one with its genesis, or one
+        we are joining (`join`: our join record, pending until it is final)."""
+        async with self.store.batch() as tx:
+            tx.put_constellation(self.info(tier))
+            tx.put_records([self.genesis if join is None else join], now)
+            if join is not None:  # (if the write fails, the node drops this engine)
+                tx.add_pending(self.cid, [join.id], now)
+                self.pending[join.id] = join
 
-    @property
-    def final(self) -> list[dict[str, Any]]:
-        """The first FINAL_VIEW_LIMIT final records, as JSON."""
-        return [self._final_entry(i) for i in range(len(self._final))]
-
-    # -- views ---------------------------------------------------------------
-    def ledger_view(self) -> dict[str, Any]:
-        return {
-            "constellation": self.text_id,
-            "name": self.name,
-            "final": self.final,
-            "final_at": self.final_at,
-            "pending": [
-                {"id": r.id.hex(), "type": r.type, "author": str(r.author), "seq": r.seq,
-                 "body": body_to_json(self.registry.plugins.get(r.type), r.body), "created": r.created}
-                for r in sorted(self.pending.values(), key=lambda r: (r.author.key, r.seq))
-            ],
-            "state_hash": self.ledger.state_hash().hex(),
-            "final_count": self.final_count,
-        }
-
-    def members(self) -> list[dict[str, Any]]:
-        out = []
-        for key, m in self.ledger.reader.scan("membership", "m/"):
-            out.append({"member": str(MemberId(bytes.fromhex(key[2:]))), "name": m.get("name", ""),
-                        "roles": m.get("roles", []), "tier": m.get("tier"), "status": m.get("status"),
-                        "weight": m.get("weight", 1)})
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        meta = self.ledger.reader.read("membership", "meta") or {}
-        members = self.members()
-        active = [m for m in members if m["status"] == "active"]
-        lat = sorted(self.recent_commit_latency_ms)
-        return {
-            "id": self.text_id,
-            "name": meta.get("name", ""),
-            "purpose": meta.get("purpose", ""),
-            "status": "dissolved" if self.ledger.dissolved else "active",
-            "plugins": meta.get("plugins", {}),
-            "member_list": members,
-            "members": len(active),
-            "core": sum(1 for m in active if m["tier"] == "core"),
-            "my_tier": self.my_tier(),
-            "final": self.final_count,
-            "pending": len(self.pending),
-            "round": self.consensus.round,
-            "epoch": self.committee.epoch,
-            "guarantee": self.committee.guarantee,
-            "guarantee_text": guarantee_text(self.committee),
-            "state_hash": self.ledger.state_hash().hex(),
-            "catchup": dict(self.catchup),
-            "checkpoint": self._checkpoint_view(),
-            # A node that started from a checkpoint holds the state, not the history before it.
-            "started_from": None if self.base is None else {
-                "epoch": self.base.epoch, "round": self.base.round, "index": self.base.index,
-                "final": self.base.final},
-            "finality_ms_p50": lat[len(lat) // 2] if lat else None,
-        }
-
-    def _checkpoint_view(self) -> dict[str, Any] | None:
-        if not self.certified:
-            return None
-        c = self.certified[max(self.certified)]
-        return {"epoch": c.epoch, "round": c.round, "index": c.index, "state_hash": c.state_hash.hex(),
-                "snapshot_hash": c.snapshot_hash.hex(),
-                "signers": [str(MemberId(k)) for k in sorted(c.signatures)]}
-
-    async def record_view(self, rid: str) -> dict[str, Any]:
-        try:
-            key = bytes.fromhex(rid)
-        except ValueError:
-            raise LocalError(f"'{rid}' is not a record id (64 hex characters).") from None
-        pos = self._final_pos.get(key.hex())
-        if pos is not None:
-            return {**self._final_entry(pos), "final": True}
-        r = self.pending.get(key)
-        final = False
-        if r is None and await self.store.record_status(key) == "final":
-            # Beyond the in-memory view (FINAL_VIEW_LIMIT): the store still knows it.
-            r, final = await self.store.get_record(key), True
-        if r is not None and r.constellation == self.cid:
-            return {"id": rid, "type": r.type, "author": str(r.author), "seq": r.seq, "final": final,
-                    "body": body_to_json(self.registry.plugins.get(r.type), r.body)}
-        from valuemesh.node.api import NotFound
-        raise NotFound(f"No record {rid[:16]}… in this constellation.")
+    async def store_proof(self, proof: EquivocationProof, now: int) -> None:
+        """Keep a peer's proof that a member signed two blocks for one round."""
+        async with self.store.batch() as tx:
+            tx.put_equivocation(proof, now)
 
     def info(self, tier: str | None = None) -> ConstellationInfo:
         meta = self.ledger.reader.read("membership", "meta") or {}

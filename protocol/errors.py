@@ -47,6 +47,10 @@ class SequenceError(ValidationError):
     """Raised when a record's per-author sequence number is not the next one."""
 
 
+class NotFoundError(LocalError):
+    """Raised when a constellation, record or other named thing asked for is not held here."""
+
+
 class MemberIdError(LocalError):
     """Raised when a member id's text form is mistyped or malformed."""
 

@@ -4,9 +4,6 @@ fresh home, and bad input refused with one sentence and exit status 1."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import itertools
 import json
 import os
 import re
@@ -18,14 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_archive import a_member_cannot_import, tampering_is_refused
 
-from valuemesh.node.accounting_api import archive_csv, archive_jsonl, load_archive, read_archive, verify_archive
-from valuemesh.node.daemon import installed_registry
-from valuemesh.node.home import Home
-from valuemesh.node.store import Store
+from valuemesh.node.archive import read_archive
 from valuemesh.node.testing import Cluster, Daemon, free_port, wait_until
-from valuemesh.protocol.errors import ValuemeshError
-from valuemesh.protocol.records import decode_block
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 45
@@ -259,11 +252,11 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
     vf = json.loads(vf_file.read_text())
     claims = [n for n in vf["@graph"] if n["@type"] == "vf:Claim"]
     assert sorted(n["vf:resourceQuantity"]["om2:hasNumericalValue"] for n in claims) == sorted(a for *_, a in got)
-    altered = _tampering_is_refused(jsonl, vf_file, tmp)
+    altered = tampering_is_refused(jsonl, vf_file, tmp)
     checked, _ = together(lambda: fresh.cli_json("import", "--check", str(csv_file)),
                           lambda: refused(fresh, ["import", str(altered)], "signature"))
     assert checked["state_hash"] in hashes and checked["loaded"] is False
-    _a_member_cannot_import(read_archive(jsonl), ds[C], tmp)
+    a_member_cannot_import(read_archive(jsonl), ds[C], tmp)
     loaded = fresh.cli_json("import", str(jsonl))
     assert loaded["state_hash"] in hashes and loaded["distributions"]["ok"] is True
     assert [x["id"] for x in loaded["distributions"]["distributions"]] == [did]
@@ -280,105 +273,3 @@ def _scenario(c: Cluster, fresh: Daemon, tmp: Path) -> None:
 
 def _amounts(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(ln["kind"], ln["member"], ln["amount"]) for ln in doc["distribution"]["lines"]]
-
-
-def _records_in(block_item: dict[str, Any]) -> int:
-    return len(decode_block(base64.b64decode(block_item["raw"])).records)
-
-
-def _tampering_is_refused(jsonl: Path, vf_file: Path, tmp: Path) -> Path:
-    """An altered amount, a reordered commit list, a forged status or state, a cut archive, other
-    files: all refused with one sentence. Returns the altered archive for the CLI to refuse too."""
-    items = read_archive(jsonl)
-    registry = installed_registry()
-    assert verify_archive(items, registry).summary()["distributions"]["ok"] is True
-
-    def fails(changed: list[dict[str, Any]], words: str) -> None:
-        with pytest.raises(ValuemeshError) as info:
-            verify_archive(changed, registry)
-        assert re.search(words, info.value.message) and "\n" not in info.value.message, info.value.message
-
-    # The revenue's amount changed inside its signed block: the signature no longer holds.
-    altered = [dict(x) for x in items]
-    at = next(i for i, x in enumerate(altered) if x["kind"] == "block" and b"1200.00" in base64.b64decode(x["raw"]))
-    altered[at]["raw"] = base64.b64encode(base64.b64decode(altered[at]["raw"]).replace(b"1200.00", b"1900.00")).decode()
-    fails(altered, "signature")
-
-    # Two committed blocks swapped: every signature holds but the DAG decides another order.
-    blocks = [i for i, x in enumerate(items) if x["kind"] == "block" and x["commit"] is not None]
-    carrying = [(a, b) for a, b in itertools.pairwise(blocks) if _records_in(items[b])][:3]
-    assert carrying
-    for a, b in carrying:
-        swapped = [dict(x) for x in items]
-        swapped[a], swapped[b] = ({**items[b], "commit": items[a]["commit"]},
-                                  {**items[a], "commit": items[b]["commit"]})
-        fails(swapped, "commit order|differs|lists")
-    # A block left out, a stated status, a closing state hash changed, or the end cut off.
-    fails([x for i, x in enumerate(items) if i != blocks[-1]], "commit sequence|commit order|lists")
-    forged = [dict(x) for x in items]
-    idx = next(i for i, x in enumerate(forged) if x["kind"] == "record" and x["type"] == "revenue")
-    forged[idx]["status"] = "rejected"
-    fails(forged, "differs from what its block says")
-    forged = [dict(x) for x in items]
-    forged[-1]["state_hash"] = "00" * 32
-    fails(forged, "state hash")
-    fails(items[:-1], "cut short")
-    # The membership changes closed epochs whose quorum-signed checkpoints the archive carries.
-    cps = [i for i, x in enumerate(items) if x["kind"] == "checkpoint"]
-    assert cps and verify_archive(items, registry).checkpoints == sorted(items[i]["epoch"] for i in cps)
-    forged = [dict(x) for x in items]
-    forged[cps[0]]["state_hash"] = "11" * 32
-    fails(forged, "signature")
-    forged[cps[0]] = {**items[cps[0]], "sigs": []}
-    fails(forged, "lacks a quorum")
-    forged[cps[0]] = {**items[cps[0]], "epoch": items[cps[0]]["epoch"] + 50}
-    fails(forged, "never close")
-    fails([{**items[0], "constellation": "vc1" + "a" * 58}, *items[1:]], "constellation")
-    (tmp / "garbage.jsonl").write_text("{not json\n")
-    for path, words in ((tmp / "garbage.jsonl", "neither valuemesh JSONL nor CSV"), (vf_file, "ValueFlows view"),
-                        (tmp / "missing.jsonl", "Cannot read")):
-        with pytest.raises(ValuemeshError) as info:
-            read_archive(path)
-        assert re.search(words, info.value.message), info.value.message
-    path = tmp / "altered.jsonl"
-    path.write_text("".join(json.dumps(x) + "\n" for x in altered))
-    return path
-
-
-def _a_member_cannot_import(items: list[dict[str, Any]], member: Daemon, tmp: Path) -> None:
-    """A member's node restored from an archive could sign a round twice: refused, nothing written."""
-    archive = verify_archive(items, installed_registry())
-    identity = Home(member.home).load_identity()
-    (tmp / "member-copy").mkdir()
-
-    async def attempt() -> None:
-        store = await Store.open(tmp / "member-copy" / "node.db")
-        try:
-            with pytest.raises(ValuemeshError, match="belongs to that constellation"):
-                await load_archive(store, archive, identity)
-            assert await store.constellations() == []
-        finally:
-            await store.close()
-
-    asyncio.run(attempt())
-
-
-def test_csv_archives_round_trip_big_cells_and_defuse_formulas(tmp_path: Path) -> None:
-    items: list[dict[str, Any]] = [
-        {"kind": "archive", "format": "valuemesh-archive", "v": 1, "name": "=HYPERLINK(1)"},
-        {"kind": "record", "index": 3, "type": "=cmd|' /C calc'!A0", "op": "+1", "reason": "@x", "seq": 0,
-         "status": "rejected", "raw": "q" * 300_000, "body": {"note": "-2"}},
-        {"kind": "record", "index": 4, "type": "'quoted", "op": "", "reason": "", "seq": 7, "status": "applied",
-         "raw": "+AAAA", "block": None},
-        {"kind": "end", "state_hash": "00" * 32, "records": 2},
-    ]
-    text = archive_csv(items)
-    assert not any(cell.startswith(("=", "+", "@")) for line in text.splitlines() for cell in line.split(","))
-    (tmp_path / "a.csv").write_text(text)
-    back = read_archive(tmp_path / "a.csv")
-    assert back[1]["type"] == items[1]["type"] and back[1]["op"] == "+1" and back[1]["reason"] == "@x"
-    assert back[1]["raw"] == items[1]["raw"] and back[1]["body"] == {"note": "-2"} and back[1]["index"] == 3
-    assert back[2]["type"] == "'quoted" and back[2]["raw"] == "+AAAA" and back[2]["reason"] == ""
-    assert back[0]["name"] == "=HYPERLINK(1)" and back[3]["records"] == 2
-    (tmp_path / "a.jsonl").write_text("".join(archive_jsonl(items)))
-    assert read_archive(tmp_path / "a.jsonl") == items

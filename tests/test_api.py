@@ -7,11 +7,20 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from valuemesh.node.api import make_app
+from valuemesh.node.daemon import installed_registry
+from valuemesh.node.engine import Engine
 from valuemesh.node.home import Home
+from valuemesh.node.store import Store
 from valuemesh.node.testing import Daemon, free_port
+from valuemesh.protocol.errors import LocalError, NotFoundError
+from valuemesh.protocol.plugins import Registry
+from valuemesh.protocol.records import constellation_text
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +85,55 @@ def test_records_route_validates_type_and_body(node: Daemon) -> None:
         assert status == 400, (doc, out)
     assert _call(node, "GET", f"/v1/constellations/{cid}/ledger")[1] == ledger_before
     assert _call(node, "GET", f"/v1/constellations/{cid}/records/{'0' * 64}")[0] == 404
+
+
+class _FollowsNothing:
+    """Just enough of a node (NodeFacade) for the routes that look a constellation up."""
+
+    store: Store | None = None
+
+    def __init__(self) -> None:
+        self.registry: Registry = installed_registry()
+
+    def engine_for(self, text: str) -> Engine:
+        if text == "malformed":
+            raise LocalError("That is not a constellation id.")
+        raise NotFoundError(f"This node does not follow constellation {text}.")
+
+    def plugin_routes(self) -> dict[str, list[Any]]:
+        return {}
+
+
+async def test_not_found_errors_become_404_json_at_the_api() -> None:
+    app = make_app(_FollowsNothing(), "secret")  # type: ignore[arg-type]
+    auth = {"Authorization": "Bearer secret"}
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        for method, path in (("GET", "/v1/constellations/vc1x"), ("GET", "/v1/constellations/vc1x/ledger"),
+                             ("GET", f"/v1/constellations/vc1x/records/{'0' * 64}"),
+                             ("POST", "/v1/constellations/vc1x/accounting/split"),
+                             ("GET", "/v1/constellations/vc1x/accounting/revenues"),
+                             ("GET", "/v1/constellations/vc1x/export")):
+            resp = await client.request(method, path, headers=auth, json={})
+            assert resp.status == 404, (method, path)
+            assert resp.content_type == "application/json"
+            assert await resp.json() == {"error": "This node does not follow constellation vc1x."}
+        # Any other local error stays a bad request.
+        resp = await client.get("/v1/constellations/malformed", headers=auth)
+        assert resp.status == 400 and await resp.json() == {"error": "That is not a constellation id."}
+
+
+def test_an_unknown_constellation_or_record_is_a_404(node: Daemon) -> None:
+    unknown = constellation_text(bytes(32))
+    for path in (f"/v1/constellations/{unknown}", f"/v1/constellations/{unknown}/ledger",
+                 f"/v1/constellations/{unknown}/accounting/policies"):
+        status, doc = _call(node, "GET", path)
+        assert status == 404 and doc == {"error": f"This node does not follow constellation {unknown}."}
+    cid = _call(node, "POST", "/v1/constellations", b'{"name": "lookups"}')[1]["id"]
+    status, doc = _call(node, "GET", f"/v1/constellations/{cid}/records/{'ab' * 32}")
+    assert status == 404 and doc["error"].startswith("No record abababab")
+    status, doc = _call(node, "POST", f"/v1/constellations/{cid}/accounting/split", b'{"revenue": "' +
+                        b"cd" * 32 + b'"}')
+    assert status == 404 and "no final revenue" in doc["error"]
 
 
 def test_openapi_documents_every_route(node: Daemon) -> None:

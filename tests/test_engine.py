@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from valuemesh.node import engine as engine_mod
-from valuemesh.node.accounting_api import build_archive
+from valuemesh.node import views
+from valuemesh.node.archive import build_archive
 from valuemesh.node.daemon import installed_registry
 from valuemesh.node.engine import Engine
 from valuemesh.node.store import Store, StoreError
@@ -31,9 +32,7 @@ async def _engine(path: Path, params: Params = engine_mod.NODE_PARAMS) -> tuple[
                            plugins={n: str(p.version) for n, p in registry.plugins.items()})
     store = await Store.open(path)
     eng = Engine(store, registry, FOUNDER, genesis, params)
-    async with store.batch() as tx:
-        tx.put_constellation(eng.info())
-        tx.put_records([genesis], T0)
+    await eng.register(T0)
     return store, eng
 
 
@@ -172,7 +171,7 @@ async def test_a_newcomer_starts_from_the_checkpoint_and_restarts_from_it(tmp_pa
         again = Engine(store, founder.registry, FOUNDER, founder.genesis)
         await again.load()
         assert again.base is None and again.ledger.state_hash() == founder.ledger.state_hash()
-        assert again.committee == founder.committee and len(again.final) == founder.final_count
+        assert again.committee == founder.committee and len(views.final(again)) == founder.final_count
     finally:
         await store.close()
 
@@ -181,9 +180,7 @@ async def test_a_newcomer_starts_from_the_checkpoint_and_restarts_from_it(tmp_pa
     store2 = await Store.open(path)
     try:
         eng = Engine(store2, registry, NEWCOMER, founder.genesis)
-        async with store2.batch() as tx:
-            tx.put_constellation(eng.info())
-            tx.put_records([founder.genesis], T0)
+        await eng.register(T0)
         await eng.install_snapshot(snap, [cert])
         assert eng.base == snap and eng.ledger.state_hash() == founder.ledger.state_hash()
         assert eng.committee == founder.committee and eng.is_core()
@@ -264,9 +261,7 @@ async def test_a_node_far_behind_skips_ahead_to_a_later_snapshot(tmp_path: Path)
     store_b = await Store.open(tmp_path / "b.sqlite")
     try:
         b = Engine(store_b, a.registry, NEWCOMER, a.genesis, params)  # a follower of the founder
-        async with store_b.batch() as tx:
-            tx.put_constellation(b.info())
-            tx.put_records([a.genesis], T0)
+        await b.register(T0)
         await _finalise(a, 2)
         _, errors = await b.add_blocks([blk async for blk in store_a.iter_blocks(a.cid)], T0 + 500)
         assert errors == [] and b.final_count == a.final_count == 3
@@ -283,9 +278,9 @@ async def test_a_node_far_behind_skips_ahead_to_a_later_snapshot(tmp_path: Path)
         _, errors = await b.add_blocks(later, T0 + 10_000)
         assert errors == [] and b.ledger.state_hash() == a.ledger.state_hash() and b.final_count == a.final_count
         # Its record list begins at the snapshot, and from there is the founder's, entry for entry.
-        assert [(e["index"], e["id"], e["status"]) for e in b.final] == \
-            [(e["index"], e["id"], e["status"]) for e in a.final[snap.final:]]
-        assert more[-1].id.hex() in {e["id"] for e in a.final}
+        assert [(e["index"], e["id"], e["status"]) for e in views.final(b)] == \
+            [(e["index"], e["id"], e["status"]) for e in views.final(a)[snap.final:]]
+        assert more[-1].id.hex() in {e["id"] for e in views.final(a)}
     finally:
         await store_a.close()
         await store_b.close()
