@@ -36,6 +36,7 @@ Layout (one module per part, as Synapse splits `storage/databases/main/`)
 from __future__ import annotations
 
 from valuemesh.node.store.batch import Batch
+from valuemesh.node.store.blocks import BlockReads
 from valuemesh.node.store.checkpoints import CheckpointReads
 from valuemesh.node.store.constellations import ConstellationReads
 from valuemesh.node.store.errors import FinalOrderError, SchemaTooNewError, StoreError, StoreInUseError
@@ -55,7 +56,7 @@ from valuemesh.node.store.rows import (
 from valuemesh.node.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 
-class Store(ConstellationReads, OrderReads, RecordReads, CheckpointReads, PeerReads):
+class Store(ConstellationReads, OrderReads, BlockReads, RecordReads, CheckpointReads, PeerReads):
     """The node's database. Open with `await Store.open(path)`; close with `await close()`.
 
     Writes go through `batch()`; each read belongs to its domain's mixin (see the module docstring).

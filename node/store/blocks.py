@@ -168,6 +168,7 @@ class BlockReads(StoreCore):
         rows = await self._rows("SELECT COUNT(*) FROM blocks WHERE constellation = ?", (constellation,))
         return int(rows[0][0])
 
+
 def _budgeted(where: str, extra: str = "") -> str:
     """A page of blocks matching `where`, cut by count, then by bytes (parameters: limit, budget, budget);
     each row is (round, author, id, raw) and then the `extra` columns of `b`.

@@ -27,6 +27,7 @@ class ConstellationReads(StoreCore):
         rows = await self._rows(_CONSTELLATION_SELECT + " ORDER BY joined_at, id")
         return [_constellation_row(r) for r in rows]
 
+
 def _constellation_row(row: Any) -> ConstellationInfo:
     cid, genesis, joined_at, status, tier, plugins, name = row
     try:
