@@ -179,9 +179,6 @@ def make_app(node: Node, token: str) -> web.Application:
     from valuemesh.node.accounting_api import add_accounting_routes
     add_accounting_routes(routes, node)
     app.add_routes(routes)
-    for name, plugin_routes in node.plugin_routes().items():
-        sub = web.Application()
-        sub.add_routes(plugin_routes)
-        sub["node"] = node
-        app.add_subapp(f"/plugins/{name}/", sub)
+    from valuemesh.node.plugin_routes import mount_plugin_routes
+    mount_plugin_routes(app, node.registry, node.engine_for)
     return app

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import click
-from valuemesh.cli.plugins import api, emit, fail, json_option, submit
+from valuemesh.plugin import api, emit, fail, json_option, submit
 
 from .plugin import NAME
 
