@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol node cli tests bench scripts examples
+	$(VENV)/bin/ruff check protocol node cli plugin tests bench scripts examples
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy protocol

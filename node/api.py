@@ -16,6 +16,7 @@ from aiohttp import web
 from valuemesh.node import views
 from valuemesh.node.accounting_api import add_accounting_routes
 from valuemesh.node.facade import NodeFacade, json_ok, read_json_object
+from valuemesh.node.plugin_routes import mount_plugin_routes
 from valuemesh.protocol.errors import LocalError, NotFoundError, RemoteError, ValuemeshError
 
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -157,9 +158,5 @@ def make_app(node: NodeFacade, token: str) -> web.Application:
 
     add_accounting_routes(routes, node)
     app.add_routes(routes)
-    for name, plugin_routes in node.plugin_routes().items():
-        sub = web.Application()
-        sub.add_routes(plugin_routes)
-        sub["node"] = node
-        app.add_subapp(f"/plugins/{name}/", sub)
+    mount_plugin_routes(app, node.registry, node.engine_for)
     return app

@@ -1063,18 +1063,6 @@ class Node:
                 if key in core:
                     await self._send(link, msg)
 
-    def plugin_routes(self) -> dict[str, list[Any]]:
-        out = {}
-        for name, p in self.registry.plugins.items():
-            try:
-                routes = p.api_routes()
-            except Exception as exc:  # a plugin bug must not stop the daemon
-                log.error("plugin %s failed to give API routes: %s", name, exc)
-                continue
-            if routes:
-                out[name] = routes
-        return out
-
 
 # One API request waiting to be signed: its engine, its (type, body) items, its answer.
 _SubmitJob = tuple[Engine, list[tuple[str, dict[str, Any]]], "asyncio.Future[list[dict[str, Any]]]"]

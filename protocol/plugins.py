@@ -1,10 +1,11 @@
-"""The record-type plugin API (version 1) and the registry that loads plugins.
+"""The record-type plugin API (version 2) and the registry that loads plugins.
 
 Every record type, the built-in ones included, is a `Plugin`: a name and a
-version, a declarative body schema per operation, and `validate`/`apply`
-hooks over the ledger state. Hooks default to safe no-ops; the registry
-refuses name collisions and is filled from the `valuemesh.plugins`
-entry-point group.
+version, a declarative body schema per operation, `validate`/`apply` hooks
+over the ledger state, and optional commands and read-only API routes. Hooks
+default to safe no-ops; the registry refuses name collisions and is filled
+from the `valuemesh.plugins` entry-point group. Plugin authors import all of
+this from `valuemesh.plugin`, the one public front door.
 """
 
 from __future__ import annotations
@@ -12,21 +13,30 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from .errors import DecodeError, PluginError, ValidationError
+from .identity import MemberId
+from .records import constellation_text
 
 if TYPE_CHECKING:
-    from .ledger import ApplyContext, StateReader
+    # For annotations only: click is the command line's library, never loaded by protocol/.
+    import click
+
+    from .ledger import ApplyContext, Ledger, StateReader
     from .records import Record
 
-PLUGIN_API_VERSION = 1
+# 2: cli() and api_routes() are typed; routes are `Route`s over a `ConstellationView` (docs/plugins.md).
+PLUGIN_API_VERSION = 2
 ENTRY_POINT_GROUP = "valuemesh.plugins"
 # Always used with fullmatch: `$` would also accept a trailing newline.
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,14})(\.[0-9]{1,6})?")
 _VERSION_RE = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})")
 _KINDS = frozenset({"text", "int", "bytes", "hash", "member", "bool", "decimal", "list", "map"})
+# A route path below /plugins/<name>/{cid}: literal segments and {param} segments.
+_ROUTE_PATH_RE = re.compile(r"(/([A-Za-z0-9._~-]+|\{[a-z_][a-z0-9_]{0,31}\}))*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +157,78 @@ class Version:
         return self.major == required.major and self.minor >= required.minor
 
 
+# A JSON document, as a plugin route answers (dicts and lists, not other mappings or sequences).
+Json: TypeAlias = "bool | int | float | str | list[Json] | dict[str, Json] | None"
+
+
+@dataclass(frozen=True, slots=True)
+class ConstellationView:
+    """What a plugin route may see of one constellation (API 2): its final ledger state, read-only.
+
+    Build one with `ConstellationView.of(ledger)` (the daemon does; tests may, from
+    `TestConstellation.ledger`). `state` reads the ledger live: the view is
+    consistent for the duration of one synchronous handler call, not after it.
+    """
+
+    id: str  # the constellation's text id, `vc1…`
+    name: str
+    state: StateReader  # the final state: the same on every node once they agree
+    state_hash: bytes
+    members: tuple[MemberId, ...]  # active members, in key order
+    plugins: Mapping[str, Version]  # the plugins its genesis names, with their versions
+
+    @classmethod
+    def of(cls, ledger: Ledger) -> ConstellationView:
+        state = ledger.reader
+        meta = state.read("membership", "meta")
+        meta = meta if isinstance(meta, dict) else {}
+        active = tuple(MemberId(bytes.fromhex(k[2:])) for k, m in state.scan("membership", "m/")
+                       if isinstance(m, dict) and m.get("status") == "active")
+        plugins = {str(n): Version.parse(v) for n, v in meta.get("plugins", {}).items()}
+        return cls(constellation_text(ledger.constellation), str(meta.get("name", "")), state,
+                   ledger.state_hash(), active, MappingProxyType(plugins))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a plugin route's handler receives (API 2): one constellation, and the request's text arguments."""
+
+    constellation: ConstellationView
+    params: Mapping[str, str]  # the route path's {param} values
+    query: Mapping[str, str]  # the query string, first value of each name
+
+
+RouteHandler: TypeAlias = "Callable[[RouteRequest], Json]"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A read-only JSON route of a plugin (API 2), served as `GET /plugins/<name>/{cid}<path>`.
+
+    `path` is "" or `/`-separated literal and `{param}` segments; `handler` is a
+    plain (not async) function of the request that returns a JSON document and
+    may raise valuemesh errors, which the daemon answers as one-sentence JSON errors.
+    The handler's docstring is its summary in the API's OpenAPI document.
+    """
+
+    path: str
+    handler: RouteHandler
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not _ROUTE_PATH_RE.fullmatch(self.path):
+            raise PluginError(f"Route path '{self.path}' must be '' or '/'-separated names and {{params}}.")
+        if "{cid}" in self.path:
+            raise PluginError(f"Route path '{self.path}' must not name {{cid}}: the daemon puts it first.")
+        if not callable(self.handler):
+            raise PluginError(f"The handler of route '{self.path}' is not callable.")
+
+
 class Plugin:
-    """Base class of a record-type plugin (plugin API version 1).
+    """Base class of a record-type plugin (plugin API version 2).
 
     Subclasses set `name`, `version` and `ops` (operation name → body fields)
     and override `validate` and `apply`. Every record body has an `op` field
-    naming one of `ops`. Hooks added after API 1 say so in docs/plugins.md.
+    naming one of `ops`. Hooks added or changed after API 1 say so in docs/plugins.md.
     """
 
     name: ClassVar[str] = ""
@@ -186,12 +262,12 @@ class Plugin:
         """Valid example bodies, used by the conformance kit (API 1)."""
         return []
 
-    def cli(self) -> Any:
-        """An optional click group mounted as `valuemesh <name> …` (API 1)."""
+    def cli(self) -> click.Group | None:
+        """An optional click group mounted as `valuemesh <name> …` (API 1; typed since API 2)."""
         return None
 
-    def api_routes(self) -> list[Any]:
-        """Optional aiohttp RouteDefs mounted under /plugins/<name>/ (API 1)."""
+    def api_routes(self) -> list[Route]:
+        """Optional read-only routes served under /plugins/<name>/{cid} (API 2)."""
         return []
 
 

@@ -364,7 +364,7 @@ def check_plugin(
     examples: Sequence[Mapping[str, Any]] | None = None,
     members: int = 3,
 ) -> Report:
-    """Check a plugin against plugin API v1; raise AssertionError on the first failure.
+    """Check a plugin against the plugin API; raise AssertionError on the first failure.
 
     Uses `examples` (default: `plugin.examples()`) as valid bodies. The plugin
     is checked in a registry from `registry_factory` (default: the built-in

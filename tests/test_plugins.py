@@ -1,5 +1,5 @@
 """Tests of the plugin API: declarative fields, versions, the registry's
-refusals, and loading plugins from entry points.
+refusals, loading plugins from entry points, and serving plugin routes.
 """
 
 from __future__ import annotations
@@ -10,20 +10,27 @@ from typing import Any
 
 import pytest
 
-from valuemesh.protocol.builtin import builtin_registry, contribution, membership
-from valuemesh.protocol.errors import DecodeError, PluginError, ValidationError
-from valuemesh.protocol.plugins import (
+from valuemesh.plugin import (
     ENTRY_POINT_GROUP,
     PLUGIN_API_VERSION,
+    ConstellationView,
+    DecodeError,
     Field,
+    Json,
+    LocalError,
     Plugin,
-    Registry,
+    PluginError,
+    Route,
+    RouteRequest,
+    TestConstellation,
+    ValidationError,
     Version,
     integer,
-    load_entry_points,
     text,
 )
-from valuemesh.protocol.testing import TestConstellation
+from valuemesh.protocol.builtin import builtin_registry, contribution, membership
+from valuemesh.protocol.plugins import Registry, load_entry_points
+from valuemesh.protocol.records import constellation_text
 
 
 class Notes(Plugin):
@@ -106,8 +113,11 @@ def test_registry_refuses_collisions_and_bad_plugins() -> None:
     for name in ["", "Notes", "9lives", "a-b", "x" * 33, "notes\n"]:
         with pytest.raises(PluginError, match="lowercase"):
             reg.register(type("P", (Plugin,), {"name": name})())
-    with pytest.raises(PluginError, match="plugin API 2"):
+    with pytest.raises(PluginError, match=f"plugin API {PLUGIN_API_VERSION + 1}; this valuemesh supports"):
         reg.register(type("Future", (Plugin,), {"name": "future", "api_version": PLUGIN_API_VERSION + 1})())
+    # API 2 changed what api_routes() returns, so a plugin written for API 1 is refused by name.
+    with pytest.raises(PluginError, match="'old' targets plugin API 1; this valuemesh supports 2"):
+        reg.register(type("Old", (Plugin,), {"name": "old", "api_version": 1})())
     with pytest.raises(PluginError, match="must not declare a field named 'op'"):
         reg.register(type("OpField", (Plugin,), {"name": "opfield", "ops": {"x": {"op": text()}}})())
     assert reg.names() == ["notes"]
@@ -165,3 +175,110 @@ def test_installed_entry_points_provide_the_builtins() -> None:
     assert {"membership", "contribution"} <= set(reg.names())
     assert reg.get("membership") is membership.PLUGIN
     assert reg.get("contribution") is contribution.PLUGIN
+
+
+# -- read-only routes (plugin API 2) -----------------------------------------------------------
+
+
+def test_route_paths_are_checked() -> None:
+    for good in ["", "/items", "/items/{n}", "/a.b/{x_1}/c-d"]:
+        assert Route(good, lambda r: None).path == good
+    for bad in ["/", "items", "/items/", "/{N}", "/a b", "/{cid}", "//x"]:
+        with pytest.raises(PluginError):
+            Route(bad, lambda r: None)
+    with pytest.raises(PluginError, match="not callable"):
+        Route("", "nope")  # type: ignore[arg-type]
+
+
+def test_a_constellation_view_shows_the_final_state_read_only() -> None:
+    tc = TestConstellation(3, plugins=[Notes()])
+    view = ConstellationView.of(tc.ledger)
+    assert view.id == constellation_text(tc.ledger.constellation) and view.name == tc.ledger.reader.read(
+        "membership", "meta")["name"]
+    assert view.members == tuple(sorted((tc.member(i) for i in range(3)), key=lambda m: m.key))
+    assert view.plugins["notes"] == Version(2, 3) and view.state_hash == tc.state_hash()
+    assert not hasattr(view.state, "put") and not hasattr(view, "ledger")
+    with pytest.raises(TypeError):
+        view.plugins["x"] = Version(1, 0)  # type: ignore[index]
+
+
+def _item(request: RouteRequest) -> Json:
+    """One note, by number."""
+    n = request.params["n"]
+    if n == "gone":
+        raise ValidationError("There is no such note.")
+    if n == "bug":
+        raise KeyError("bug")
+    c = request.constellation
+    return {"constellation": c.id, "n": n, "query": dict(request.query), "hash": c.state_hash.hex(),
+            "members": [str(m) for m in c.members]}
+
+
+class Routed(Plugin):
+    name = "routed"
+    ops = {"add": {"text": text(10)}}
+
+    def api_routes(self) -> list[Route]:
+        return [Route("/items/{n}", _item), Route("", lambda r: {"ok": True})]
+
+
+class _Plugin(Plugin):
+    ops = {"add": {"text": text(10)}}
+
+
+def _bad_plugins() -> list[Plugin]:
+    def raising(self: Plugin) -> list[Route]:
+        raise RuntimeError("routes exploded")
+
+    return [type("Raises", (_Plugin,), {"name": "raises", "api_routes": raising})(),
+            type("Raw", (_Plugin,), {"name": "raw", "api_routes": lambda self: [("GET", "/x", print)]})(),
+            type("Twice", (_Plugin,), {"name": "twice", "api_routes": lambda self: [
+                Route("/x", lambda r: 1), Route("/x", lambda r: 2)]})()]
+
+
+async def test_the_daemon_serves_plugin_routes_over_a_constellation_view(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from valuemesh.node.api import make_app
+
+    with_it = TestConstellation(2, plugins=[Routed()])
+    without = TestConstellation(2)
+    ledgers = {ConstellationView.of(tc.ledger).id: tc.ledger for tc in (with_it, without)}
+
+    def engine_for(cid: str) -> SimpleNamespace:
+        if cid not in ledgers:
+            raise LocalError(f"This node does not follow constellation {cid}.")
+        return SimpleNamespace(ledger=ledgers[cid])
+
+    reg = builtin_registry()
+    for p in [Routed(), *_bad_plugins()]:
+        reg.register(p)
+    node: Any = SimpleNamespace(registry=reg, engine_for=engine_for)
+    cid, other = ConstellationView.of(with_it.ledger).id, ConstellationView.of(without.ledger).id
+    async with TestClient(TestServer(make_app(node, "tok"))) as client:
+        auth = {"Authorization": "Bearer tok"}
+
+        async def get(path: str) -> tuple[int, Any]:
+            resp = await client.get(path, headers=auth)
+            return resp.status, await resp.json()
+
+        status, doc = await get(f"/plugins/routed/{cid}/items/7?q=a&q=b")
+        assert status == 200
+        assert doc == {"constellation": cid, "n": "7", "query": {"q": "a"}, "hash": with_it.state_hash().hex(),
+                       "members": [str(m) for m in ConstellationView.of(with_it.ledger).members]}
+        assert await get(f"/plugins/routed/{cid}") == (200, {"ok": True})
+        assert await get(f"/plugins/routed/{cid}/items/gone") == (422, {"error": "There is no such note."})
+        assert await get(f"/plugins/routed/{cid}/items/bug") == (
+            500, {"error": "Plugin 'routed' failed in its route (KeyError: 'bug')."})
+        assert await get(f"/plugins/routed/{other}") == (
+            400, {"error": "This constellation does not use the routed plugin."})
+        assert (await get("/plugins/routed/vc1nothing"))[0] == 400
+        assert (await client.get(f"/plugins/routed/{cid}")).status == 401  # behind the token like every route
+        for name in ("raises", "raw", "twice"):  # left out whole, the daemon serves on
+            assert (await client.get(f"/plugins/{name}/{cid}/x", headers=auth)).status == 404
+        paths = (await get("/v1/openapi.json"))[1]["paths"]
+        assert paths["/plugins/routed/{cid}/items/{n}"]["get"]["summary"] == "One note, by number."
+    logged = caplog.text
+    assert "routes exploded" in logged and "not a list of valuemesh Routes" in logged and "twice" in logged

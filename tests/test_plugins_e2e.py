@@ -19,12 +19,18 @@ from typing import Any
 import pytest
 
 from valuemesh.node.home import Home
-from valuemesh.node.testing import Cluster, Daemon, wait_until
-from valuemesh.protocol.errors import LocalError
-from valuemesh.protocol.ledger import ApplyContext
-from valuemesh.protocol.plugins import Plugin, Version, text
-from valuemesh.protocol.records import Record
-from valuemesh.protocol.testing import check_plugin
+from valuemesh.plugin import (
+    ApplyContext,
+    Cluster,
+    Daemon,
+    LocalError,
+    Plugin,
+    Record,
+    Version,
+    check_plugin,
+    text,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 45
@@ -193,7 +199,7 @@ def test_the_kit_catches_a_non_deterministic_apply() -> None:
 
 BROKEN_MODULE = '''
 """A deliberately broken valuemesh plugin, installed only for one test."""
-from valuemesh.protocol.plugins import Plugin, Version, text
+from valuemesh.plugin import Plugin, Version, text
 
 
 class Broken(Plugin):
@@ -246,7 +252,7 @@ def _with_path(monkeypatch: pytest.MonkeyPatch, site: Path) -> None:
 
 
 TALLY_MODULE = '''
-from valuemesh.protocol.plugins import Plugin, Version, integer
+from valuemesh.plugin import Plugin, Version, integer
 
 
 class Tally(Plugin):
@@ -345,42 +351,6 @@ def test_plugin_info_names_what_is_missing(tmp_path: Path) -> None:
     assert doc["distribution"] == "valuemesh-sharing" and doc["constellations"] is None
     assert doc["ops"]["match"] == {"offer": "hash", "need": "hash"}
     assert Version.parse(doc["version"]).major == 1
-
-
-# -- the tutorial in docs/plugins.md runs as written -------------------------------------------
-
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
-
-
-def _python_blocks(section: str) -> list[str]:
-    """The ```python blocks of one `### section` of docs/plugins.md."""
-    text_ = DOCS.read_text()
-    start = text_.index(f"### {section}")
-    end = text_.find("\n### ", start + 1)
-    part = text_[start:end if end != -1 else len(text_)]
-    return [b.split("```", 1)[0] for b in part.split("```python\n")[1:]]
-
-
-def test_the_tutorial_plugin_passes_the_kit_and_its_own_tests(monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
-    [source] = _python_blocks("1.2 The plugin")
-    module = types.ModuleType("valuemesh_kudos")
-    exec(compile(source, "docs/plugins.md#1.2", "exec"), module.__dict__)
-    monkeypatch.setitem(sys.modules, "valuemesh_kudos", module)
-    [tests] = _python_blocks("1.3 Test it with the conformance kit")
-    ns: dict[str, Any] = {}
-    exec(compile(tests, "docs/plugins.md#1.3", "exec"), ns)
-    ns["test_kudos_passes_the_kit"]()
-    ns["test_kudos_counts_and_refuses"]()
-
-    [method] = _python_blocks("1.5 Give it a command")
-    cls_ns: dict[str, Any] = {"Any": Any}
-    exec(compile(f"class WithCli(Kudos):\n{method}", "docs/plugins.md#1.5", "exec"),
-         {**module.__dict__, **cls_ns}, cls_ns)
-    group = cls_ns["WithCli"]().cli()
-    res = CliRunner().invoke(group, ["give", "--help"])
-    assert res.exit_code == 0 and "Give kudos to MEMBER" in res.output
 
 
 # -- mounting plugin commands, in process --------------------------------------------------

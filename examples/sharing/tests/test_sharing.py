@@ -1,13 +1,14 @@
-"""Tests of the sharing plugin written only against valuemesh's public plugin kit:
-`check_plugin` and `TestConstellation` from valuemesh.protocol.testing.
+"""Tests of the sharing plugin written only against valuemesh's public plugin API,
+`valuemesh.plugin`: the kit (`check_plugin`, `TestConstellation`) and the route contract.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
-from valuemesh.protocol.testing import TestConstellation, check_plugin
+from valuemesh.plugin import ConstellationView, RouteRequest, TestConstellation, check_plugin
 
 from valuemesh_sharing import PLUGIN
 from valuemesh_sharing.plugin import DAY_MS, loan_days
@@ -134,3 +135,17 @@ def test_two_ledgers_replaying_the_same_cycle_agree() -> None:
     for step, rec in enumerate(a.log[1:], start=1):
         replay.apply(rec, now + step * 1_000)
     assert replay.state_hash() == a.state_hash()
+
+
+def test_the_api_route_answers_the_views_as_json(tc: TestConstellation) -> None:
+    offer = post_ok(tc, LENDER, DRILL)
+    [route] = PLUGIN.api_routes()
+    assert route.path == ""  # served as GET /plugins/sharing/{cid}
+    doc = route.handler(RouteRequest(ConstellationView.of(tc.ledger), {}, {}))
+    assert isinstance(doc, dict)
+    assert doc["constellation"] == ConstellationView.of(tc.ledger).id and doc["v"] == 1
+    assert doc["state_hash"] == tc.state_hash().hex()
+    assert doc["offers"] == [{"id": offer.hex(), "lender": str(tc.member(LENDER)), "title": "cordless drill",
+                              "note": "", "category": "tools", "at": doc["offers"][0]["at"],
+                              "status": "available", "loan": None, "loans": 0}]
+    assert json.loads(json.dumps(doc)) == doc

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import click
-from valuemesh.cli.plugins import api, emit, fail, json_option, submit
+from valuemesh.plugin import api, emit, fail, json_option, submit
 
 from .plugin import NAME
 
@@ -38,7 +38,7 @@ def _resolve(cid: str, given: str, *collections: str) -> str:
     if len(text) < MIN_PREFIX:
         fail(f"'{given}' is too short; give at least {MIN_PREFIX} hex characters of the id.")
     state = _state(cid)
-    hits = sorted({e["id"] for c in collections for e in state[c] if e["id"].startswith(text)})
+    hits: list[str] = sorted({e["id"] for c in collections for e in state[c] if e["id"].startswith(text)})
     if not hits:
         fail(f"No final {' or '.join(c.rstrip('s') for c in collections)} has an id starting with '{text}'.")
     if len(hits) > 1:

@@ -7,12 +7,23 @@ namespace, and takes time only from `ctx.now` (the consensus time of the block).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from valuemesh.protocol.errors import AuthorizationError, ValidationError
-from valuemesh.protocol.ledger import ApplyContext, StateReader
-from valuemesh.protocol.plugins import Field, Plugin, Version, text
-from valuemesh.protocol.records import Record
+from valuemesh.plugin import (
+    ApplyContext,
+    AuthorizationError,
+    Field,
+    Plugin,
+    Record,
+    Route,
+    StateReader,
+    ValidationError,
+    Version,
+    text,
+)
+
+if TYPE_CHECKING:
+    import click
 
 NAME = "sharing"
 DAY_MS = 86_400_000
@@ -56,7 +67,7 @@ def _posting() -> dict[str, Field]:
 
 
 class Sharing(Plugin):
-    """Offers, needs, loans and returns inside one constellation (plugin API 1)."""
+    """Offers, needs, loans and returns inside one constellation (plugin API 2)."""
 
     name = NAME
     version = Version(1, 0)
@@ -193,13 +204,15 @@ class Sharing(Plugin):
             {"op": "withdraw", "target": b"\x01" * 32},
         ]
 
-    def cli(self) -> Any:
+    # Commands and routes live in their own modules, imported only when asked for:
+    # the daemon never loads the commands, and a node applying records needs neither.
+    def cli(self) -> click.Group:
         from .cli import sharing
         return sharing
 
-    def api_routes(self) -> list[Any]:
-        from .api import routes
-        return routes()
+    def api_routes(self) -> list[Route]:
+        from .api import ROUTES
+        return ROUTES
 
 
 def _open_proposals(s: StateReader) -> list[dict[str, Any]]:
