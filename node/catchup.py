@@ -29,7 +29,7 @@ from valuemesh.protocol.errors import RemoteError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 from valuemesh.protocol.snapshot import Snapshot
 
-log = logging.getLogger("valuemesh.daemon")
+log = logging.getLogger("valuemesh.daemon")  # the daemon's logger, as before the split: log filters keep working
 # A newcomer starts from the latest certified checkpoint (docs/consensus.md §7) instead of
 # replaying every block since genesis when the checkpoint covers at least this many final
 # records (config key `checkpoint_start_min_records`; below it, the whole history is cheap).

@@ -66,13 +66,11 @@ def disabled_plugins() -> frozenset[str]:
     return names
 
 
-
 def installed_registry() -> Registry:
     """Every plugin installed in this Python environment (entry-point group), minus
     those switched off by the operator (a node without them refuses constellations that use them)."""
     off = disabled_plugins()
     return load_entry_points(ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in off)
-
 
 
 def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
@@ -85,8 +83,6 @@ def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
         raise LocalError(f"'{text}' is not an address; use HOST:PORT, like 127.0.0.1:7470.")
     return host or default_host, int(port_s)
-
-
 
 
 class Node:
@@ -151,7 +147,6 @@ class Node:
         # API constellation id text -> engine, for texts that parsed to a followed constellation.
         self._by_text: dict[str, Engine] = {}
         self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
         self.started_at = time.time()
 
     # -- lifecycle -------------------------------------------------------------
@@ -241,7 +236,6 @@ class Node:
             self.peers.found(found)
 
     async def stop(self) -> None:
-        self._stopping.set()
         for eng in self.engines.values():  # an epoch end being stored is finished, not cut off
             with contextlib.suppress(asyncio.TimeoutError, ValuemeshError):
                 await asyncio.wait_for(eng.settle(), STOP_SETTLE_S)

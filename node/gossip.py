@@ -26,7 +26,7 @@ from valuemesh.protocol.errors import RemoteError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 from valuemesh.protocol.records import EquivocationProof, Record, decode_blocks, decode_records
 
-log = logging.getLogger("valuemesh.daemon")
+log = logging.getLogger("valuemesh.daemon")  # the daemon's logger, as before the split: log filters keep working
 PROGRESS_LOG_S = 2.0
 SYNC_BATCH = 128
 # Bytes of blocks per Blocks message: well inside a message's limit (m.MAX_MESSAGE_SIZE), so

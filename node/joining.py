@@ -25,7 +25,7 @@ from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.invite import Invite, decode_invite, parse_token
 from valuemesh.protocol.records import Record, constellation_text, decode_record
 
-log = logging.getLogger("valuemesh.daemon")
+log = logging.getLogger("valuemesh.daemon")  # the daemon's logger, as before the split: log filters keep working
 JOIN_TIMEOUT_S = 15.0
 
 

@@ -18,7 +18,7 @@ from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import RemoteError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 
-log = logging.getLogger("valuemesh.daemon")
+log = logging.getLogger("valuemesh.daemon")  # the daemon's logger, as before the split: log filters keep working
 PENALTY_INVALID = 20  # penalty points of a link per invalid message or block
 
 # Sends one message to one link; a failed send is logged and dropped (the link's own

@@ -21,7 +21,7 @@ from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.plugins import Registry
 from valuemesh.protocol.records import Record
 
-log = logging.getLogger("valuemesh.daemon")
+log = logging.getLogger("valuemesh.daemon")  # the daemon's logger, as before the split: log filters keep working
 
 # One API request waiting to be signed: its engine, its (type, body) items, its answer.
 _SubmitJob = tuple[Engine, list[tuple[str, dict[str, Any]]], "asyncio.Future[list[dict[str, Any]]]"]
