@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from valuemesh.cli.client import ApiClient
 from valuemesh.cli.plugins import fail
+from valuemesh.node.client import ApiClient
 from valuemesh.node.home import Home, resolve_home
 from valuemesh.protocol.errors import ValuemeshError
 from valuemesh.protocol.identity import MemberId
@@ -139,7 +139,7 @@ def id_(c: Ctx) -> None:
 def daemon(c: Ctx, listen: str | None, api_addr: str | None, bootstrap: tuple[str, ...], mdns: bool,
            mdns_interface: tuple[str, ...], network: str | None, init_if_missing: bool) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM."""
-    from valuemesh.node.daemon import run_daemon
+    from valuemesh.node.run import run_daemon
     if init_if_missing and not c.home.initialised:
         ident = c.home.init("")
         click.echo(f"created identity {ident.member} in {c.home.path}", err=True)

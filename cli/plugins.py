@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import click
 
-from valuemesh.cli.client import ApiClient
+from valuemesh.node.client import ApiClient
 from valuemesh.node.home import Home, resolve_home
 from valuemesh.protocol.errors import LocalError, PluginError, ValuemeshError
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Plugin

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from valuemesh.cli.client import ApiClient
+from valuemesh.node.client import ApiClient
 from valuemesh.node.home import Home
 
 START_TIMEOUT_S = 20.0

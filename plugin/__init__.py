@@ -7,8 +7,8 @@ names not exported here are valuemesh's internals and may change without a new A
 
 from __future__ import annotations
 
-from valuemesh.cli.client import ApiClient
 from valuemesh.cli.plugins import api, emit, fail, json_option, submit
+from valuemesh.node.client import ApiClient
 from valuemesh.node.testing import Cluster, Daemon, cluster, wait_until
 from valuemesh.protocol.errors import (
     AuthorizationError,

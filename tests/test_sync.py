@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from valuemesh.node import daemon as daemon_mod
+from valuemesh.node import gossip as gossip_mod
 from valuemesh.node.daemon import Node, installed_registry
 from valuemesh.node.engine import Engine
 from valuemesh.node.home import Home
@@ -84,11 +84,11 @@ async def test_a_gap_streams_as_stored_bytes_in_bounded_messages(tmp_path: Path,
     blocks = await _founder_blocks(tmp_path / "founder.sqlite")
     node, eng = await _follower(tmp_path / "follower", blocks)
     try:
-        monkeypatch.setattr(daemon_mod, "SYNC_BATCH", 10)
-        monkeypatch.setattr(daemon_mod, "SYNC_BATCH_BYTES", budget)
+        monkeypatch.setattr(gossip_mod, "SYNC_BATCH", 10)
+        monkeypatch.setattr(gossip_mod, "SYNC_BATCH_BYTES", budget)
         link = FakeLink()
         # The peer has nothing: it gets every block.
-        await node._stream_gap(link, eng, 0, 0, {})  # type: ignore[arg-type]
+        await node.gossip.stream_gap(link, eng, 0, 0, {})  # type: ignore[arg-type]
         msgs = [m.decode_message(p) for p in link.sent]
         assert all(isinstance(x, m.Blocks) and x.c == eng.cid for x in msgs)
         got = [raw for x in msgs for raw in x.blocks]  # type: ignore[union-attr]
@@ -112,12 +112,12 @@ async def test_blocks_asked_by_id_come_as_stored_bytes_in_bounded_messages(
     blocks = await _founder_blocks(tmp_path / "founder.sqlite")
     node, eng = await _follower(tmp_path / "follower", blocks)
     try:
-        monkeypatch.setattr(daemon_mod, "SYNC_BATCH", 10)
-        monkeypatch.setattr(daemon_mod, "SYNC_BATCH_BYTES", budget)
+        monkeypatch.setattr(gossip_mod, "SYNC_BATCH", 10)
+        monkeypatch.setattr(gossip_mod, "SYNC_BATCH_BYTES", budget)
         monkeypatch.setattr(eng, "may_receive", lambda key: True)
         link = FakeLink()
         asked = [b.id for b in reversed(blocks)] + [bytes(32)]  # an unknown id is left out
-        await node._dispatch(link, m.GetBlocks(eng.cid, asked))  # type: ignore[arg-type]
+        await node.handlers.dispatch(link, m.GetBlocks(eng.cid, asked))  # type: ignore[arg-type]
         msgs = [m.decode_message(p) for p in link.sent]
         assert all(isinstance(x, m.Blocks) and x.c == eng.cid and x.left == 0 for x in msgs)
         got = [raw for x in msgs for raw in x.blocks]  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""A small synchronous client of the daemon's local API, for the CLI.
+"""A small synchronous client of the daemon's local API, for the CLI and the test harness.
 
 It reads the API address and token from the home directory and turns every
 failure into a LocalError with one plain sentence.
