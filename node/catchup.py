@@ -12,10 +12,10 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from valuemesh.node.engine import Effects, Engine
+from valuemesh.node.link import PeerLink
 from valuemesh.node.messaging import Handlers, Send, Spawn, engine_for_peer, members_links
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import Store
-from valuemesh.node.transport import PeerLink
 from valuemesh.protocol import cbor
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.consensus import (

@@ -22,21 +22,22 @@ from typing import Any
 from aiohttp import web
 
 from valuemesh.node import trace, views
+from valuemesh.node.addresses import Address, ExchangeEntry, Source, parse_hostport
 from valuemesh.node.api import make_app
 from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS, Catchup
 from valuemesh.node.clock import now_ms
-from valuemesh.node.discovery import PeerManager
-from valuemesh.node.discovery import parse_hostport as parse_peer_address
 from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.gossip import Gossip
 from valuemesh.node.home import Home
 from valuemesh.node.joining import Joining
 from valuemesh.node.jsonbody import body_from_json
+from valuemesh.node.link import PeerLink
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
-from valuemesh.node.peers import Address, ExchangeEntry, PeerTable, Source
+from valuemesh.node.peer_manager import PeerManager
+from valuemesh.node.peers import PeerTable
 from valuemesh.node.signer import Signer
 from valuemesh.node.store import PeerInfo, Store
-from valuemesh.node.transport import PeerLink, Transport
+from valuemesh.node.transport import Transport
 from valuemesh.node.verify import ParallelVerifier
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.builtin.membership import make_genesis
@@ -71,18 +72,6 @@ def installed_registry() -> Registry:
     those switched off by the operator (a node without them refuses constellations that use them)."""
     off = disabled_plugins()
     return load_entry_points(ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in off)
-
-
-def parse_hostport(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
-    t = text.strip()
-    if t.startswith("["):
-        host, _, rest = t[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port_s = t.rpartition(":")
-    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
-        raise LocalError(f"'{text}' is not an address; use HOST:PORT, like 127.0.0.1:7470.")
-    return host or default_host, int(port_s)
 
 
 class Node:
@@ -121,8 +110,8 @@ class Node:
             raise LocalError("retain_epochs must be 1 or more (or absent: keep every block).")
         self.retain_epochs = retain_epochs
         self.identity = identity
-        self.listen_host, self.listen_port = parse_hostport(listen)
-        self.api_host, self.api_port = parse_hostport(api, "127.0.0.1")
+        self.listen_host, self.listen_port = parse_hostport(listen, default_host="0.0.0.0")
+        self.api_host, self.api_port = parse_hostport(api, default_host="127.0.0.1")
         if self.api_host not in ("127.0.0.1", "::1", "localhost"):
             raise LocalError("The local API must listen on loopback (127.0.0.1 or ::1).")
         self.network = network
@@ -132,7 +121,7 @@ class Node:
         self.links: dict[MemberId, PeerLink] = {}
         self.peer_constellations: dict[MemberId, set[bytes]] = {}
         for b in bootstrap:
-            parse_peer_address(b)  # a mistyped address is the operator's error, at once
+            parse_hostport(b)  # a mistyped address is the operator's error, at once
         self.bootstrap = list(bootstrap)
         self.table = PeerTable(identity.member, random.Random(secrets.randbits(64)), now=time.monotonic())
         self.peers: PeerManager | None = None
@@ -395,11 +384,14 @@ class Node:
         self._by_text[text] = eng
         return eng
 
-    def addresses(self) -> list[str]:
+    def _own_address(self) -> tuple[str, int]:
         host = self.listen_host
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
-        return [f"{host}:{self.listen_port}"]
+        return host, self.listen_port
+
+    def addresses(self) -> list[str]:
+        return [str(Address(*self._own_address()))]
 
     def id_info(self) -> dict[str, Any]:
         return {"member": str(self.identity.member), "running": True, "addresses": self.addresses(),
@@ -434,7 +426,7 @@ class Node:
                 for s in (views.summary(e) for e in self.engines.values())]
 
     async def add_peer(self, address: str) -> dict[str, Any]:
-        host, port = parse_peer_address(address)
+        host, port = parse_hostport(address)
         if self.peers is not None:
             self.peers.add_bootstrap([address])
         return {"address": f"{host}:{port}"}
@@ -470,7 +462,7 @@ class Node:
                 "uses": inv.uses}
 
     def _invite_addrs(self, eng: Engine) -> tuple[tuple[str, int], ...]:
-        out = [parse_hostport(a) for a in self.addresses()]
+        out = [self._own_address()]
         for v in self.table.snapshot(time.monotonic()):
             if v.linked and v.via is not None and eng.may_receive(MemberId.parse(v.member)):
                 out.extend((a.host, a.port) for a in v.addresses if a.ok_ago is not None)

@@ -26,7 +26,7 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from valuemesh.node.addresses import ip_or_none, parse_hostport
+from valuemesh.node.addresses import ip_or_none
 from valuemesh.node.announcement import (
     MAX_NETWORK_ID,
     SERVICE_TYPE,
@@ -36,7 +36,6 @@ from valuemesh.node.announcement import (
     parse_announcement,
 )
 from valuemesh.node.interfaces import check_interfaces, default_interfaces
-from valuemesh.node.peer_manager import PeerManager
 from valuemesh.protocol.errors import LocalError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 
@@ -316,8 +315,3 @@ class Discovery:
             fn(arg)
         except Exception:
             log.exception("discovery callback failed")
-
-
-# node/daemon.py imports these two from here until it names their homes,
-# node/peer_manager.py and node/addresses.py.
-__all__ = ["Discovery", "PeerManager", "parse_hostport"]

@@ -52,8 +52,6 @@ class NodeFacade(Protocol):
 
     async def submit_json_many(self, cid: bytes, items: list[tuple[str, Any]]) -> list[dict[str, Any]]: ...
 
-    def plugin_routes(self) -> dict[str, list[Any]]: ...
-
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request's JSON body, which must be an object (empty body: {})."""

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from valuemesh.node import trace
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Effects, Engine
+from valuemesh.node.link import PeerLink
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, Send, Spawn, engine_for_peer, members_links
 from valuemesh.node.store import Store, StoredBlock
-from valuemesh.node.transport import PeerLink
 from valuemesh.node.verify import ParallelVerifier
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import RemoteError, ValuemeshError

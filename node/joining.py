@@ -16,9 +16,9 @@ from typing import Any
 
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Engine
+from valuemesh.node.link import PeerLink
 from valuemesh.node.messaging import Handlers, Send, Spawn
 from valuemesh.node.store import Store
-from valuemesh.node.transport import PeerLink
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId

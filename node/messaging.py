@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from valuemesh.node.engine import Engine
-from valuemesh.node.transport import PeerLink
+from valuemesh.node.link import PeerLink
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import RemoteError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
