@@ -16,9 +16,10 @@ $(STAMP): $(PY) pyproject.toml examples/sharing/pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The member's daemon, creating the identity on first run. Loopback and no
-# mDNS by default; for a LAN: make run RUN_ARGS="--listen 0.0.0.0:7470 --mdns"
-RUN_ARGS ?= --listen 127.0.0.1:7470 --no-mdns
+# The member's daemon, creating the identity on first run, with the documented defaults
+# (docs/operator.md): peer port 7470 on every interface, local API on loopback, mDNS on.
+# Other settings as flags, e.g. make run RUN_ARGS="--no-mdns --log-level debug".
+RUN_ARGS ?=
 run: $(STAMP)
 	$(VENV)/bin/valuemesh daemon --init-if-missing $(RUN_ARGS)
 
