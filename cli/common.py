@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -89,8 +89,8 @@ def json_option(f: F) -> F:
     def cb(ctx: click.Context, _p: Any, value: bool) -> None:
         if value:
             current().as_json = True
-    return cast(F, click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
-                                help="Print machine-readable JSON.")(f))
+    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
+                        help="Print machine-readable JSON.")(f)
 
 
 def wants_json() -> bool:
@@ -192,5 +192,5 @@ def wait_final(cid: str, doc: dict[str, Any]) -> dict[str, Any]:
 
 def wait_option(f: F) -> F:
     """A `--wait` flag: `submit` then returns only once the record is final."""
-    return cast(F, click.option("--wait", is_flag=True, help="Wait until the record is final; exit 1 with the "
-                                                             "ledger's reason if it is rejected.")(f))
+    return click.option("--wait", is_flag=True, help="Wait until the record is final; exit 1 with the "
+                                                     "ledger's reason if it is rejected.")(f)

@@ -82,7 +82,8 @@ def config_get(c: Ctx, key: str) -> None:
           s.text(value))
 
 
-@config_group.command("set")
+# A value may start with '-' (a wrong one, like -1, deserves the setting's own sentence).
+@config_group.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("key")
 @click.argument("value")
 @json_option

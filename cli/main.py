@@ -79,7 +79,7 @@ def id_(c: Ctx) -> None:
 @settings_options
 @click.option("--init-if-missing", is_flag=True, help="Create an identity first if there is none.")
 @pass_ctx
-def daemon(c: Ctx, init_if_missing: bool, **flags: Any) -> None:
+def daemon(c: Ctx, /, init_if_missing: bool, **flags: Any) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM.
 
     Each setting comes from its flag, else its VALUEMESH_* variable, else config.json in the

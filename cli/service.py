@@ -103,15 +103,15 @@ def service_for(platform: str, home: Path) -> Service:
                    units / "default.target.wants" / SYSTEMD_UNIT)
 
 
-def _platform_option(f: Any) -> Any:
+def _options(f: Any) -> Any:
+    """What install and uninstall both take: the service manager, --print, --json, the Ctx."""
+    f = pass_ctx(f)
+    f = json_option(f)
+    f = click.option("--dry-run", "--print", "dry_run", is_flag=True,
+                     help="Only print the file and where it would go; change nothing.")(f)
     return click.option("--platform", type=click.Choice(["systemd", "launchd"]),
                         default="launchd" if sys.platform == "darwin" else "systemd", show_default=True,
                         help="Which service manager.")(f)
-
-
-def _print_option(f: Any) -> Any:
-    return click.option("--dry-run", "--print", "dry_run", is_flag=True,
-                        help="Only print the file and where it would go; change nothing.")(f)
 
 
 @click.group("service", cls=Group)
@@ -120,10 +120,7 @@ def service_group() -> None:
 
 
 @service_group.command("install")
-@_platform_option
-@_print_option
-@json_option
-@pass_ctx
+@_options
 def service_install(c: Ctx, platform: str, dry_run: bool) -> None:
     """Write the service file for this home's daemon and print how to enable and start it."""
     svc = service_for(platform, c.home.path)
@@ -142,10 +139,7 @@ def service_install(c: Ctx, platform: str, dry_run: bool) -> None:
 
 
 @service_group.command("uninstall")
-@_platform_option
-@_print_option
-@json_option
-@pass_ctx
+@_options
 def service_uninstall(c: Ctx, platform: str, dry_run: bool) -> None:
     """Remove the service file (and its enabling link); print how to stop it if it still runs."""
     svc = service_for(platform, c.home.path)
