@@ -1,6 +1,6 @@
 """The `valuemesh` command line: every command a member needs, as a thin
-client of the daemon's local API (only `init`, `id` offline and `daemon`
-itself work without a running daemon).
+client of the daemon's local API (only `init`, `id` offline, `config`, `service`
+and `daemon` itself work without a running daemon).
 """
 
 from __future__ import annotations
