@@ -16,9 +16,10 @@ $(STAMP): $(PY) pyproject.toml examples/sharing/pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The member's daemon, creating the identity on first run. Loopback and no
-# mDNS by default; for a LAN: make run RUN_ARGS="--listen 0.0.0.0:7470 --mdns"
-RUN_ARGS ?= --listen 127.0.0.1:7470 --no-mdns
+# The member's daemon, creating the identity on first run, with the documented defaults
+# (docs/operator.md): peer port 7470 on every interface, local API on loopback, mDNS on.
+# Other settings as flags, e.g. make run RUN_ARGS="--no-mdns --log-level debug".
+RUN_ARGS ?=
 run: $(STAMP)
 	$(VENV)/bin/valuemesh daemon --init-if-missing $(RUN_ARGS)
 
@@ -28,8 +29,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check protocol node cli plugin tests bench scripts examples
 
+# mypy strict over every package and the example plugin. mypy cannot follow the editable
+# install's folder-to-namespace mapping, so namespace/valuemesh/* are symlinks to the folders
+# (pyproject's [tool.mypy] mypy_path), the same mapping package-dir gives setuptools.
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy protocol
+	$(VENV)/bin/mypy -p valuemesh.protocol -p valuemesh.node -p valuemesh.cli -p valuemesh.plugin -p valuemesh_sharing
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest tests examples/sharing/tests

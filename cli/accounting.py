@@ -9,105 +9,41 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from valuemesh.cli.plugins import json_option
+from valuemesh.cli.common import (
+    current,
+    emit,
+    fail,
+    json_option,
+    parse_cid,
+    parse_duration,
+    parse_hex_id,
+    parse_member,
+    submit,
+    wait_final,
+    wait_option,
+)
 from valuemesh.protocol.errors import LocalError
-from valuemesh.protocol.identity import MemberId
 
-_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _BPS = re.compile(r"^(\d{1,5})bps$")
 TERM_KINDS = ("reimbursement", "fee", "investor_return", "rebate")
 MAX_POLICY_FILE = 64 * 1024
-# `--wait` polls the daemon this often, for at most this long.
-WAIT_POLL_S = 0.2
-WAIT_S = 60.0
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _c() -> Any:
-    # The root context object is main's Ctx; it is looked up at run time rather than
-    # imported, because `python -m valuemesh.cli.main` runs main as __main__.
-    return click.get_current_context().find_root().obj
-
-
-
-def _cid(text: str) -> str:
-    from valuemesh.protocol.records import parse_constellation
-
-    parse_constellation(text)
-    return text.strip().lower()
-
-
-def _member(text: str) -> str:
-    return str(MemberId.parse(text))
-
-
-def _hex_id(text: str, what: str) -> str:
-    t = text.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", t):
-        raise LocalError(f"'{text}' is not {what} (64 hex characters).")
-    return t
-
-
 def _call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    return _c().api.call(method, path, body)
+    return current().api.call(method, path, body)
 
 
 def _acct(cid: str, rest: str) -> str:
-    return f"/v1/constellations/{_cid(cid)}/accounting/{rest}"
-
-
-def _submit(cid: str, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Post a record; with the command's --wait flag, return only once it is final."""
-    doc: dict[str, Any] = _call("POST", f"/v1/constellations/{_cid(cid)}/records", {"type": rtype, "body": body})
-    if click.get_current_context().params.get("wait"):
-        return _wait_final(cid, doc)
-    return doc
-
-
-def _wait_final(cid: str, doc: dict[str, Any]) -> dict[str, Any]:
-    """Poll until the record is ordered; the ledger's own sentence if it was rejected then.
-
-    Submission checks a record against the final state only; the ledger decides for good
-    when the record is ordered, after records others sent meanwhile (a vote cast twice from
-    two devices, a distribution whose inputs moved on).
-    """
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        rec = _call("GET", f"/v1/constellations/{_cid(cid)}/records/{doc['id']}")
-        if rec.get("final"):
-            if rec["status"] != "applied":
-                raise LocalError(rec.get("reason") or f"The ledger {rec['status']} the record.")
-            return {**doc, "status": "final"}
-        if time.monotonic() >= deadline:
-            raise LocalError(f"The record {doc['id'][:16]}… is still pending after {WAIT_S:.0f} s; "
-                             "check later with 'valuemesh ledger'.")
-        time.sleep(WAIT_POLL_S)
-
-
-def wait_option(f: Any) -> Any:
-    return click.option("--wait", is_flag=True,
-                        help="Wait until the record is final; exit 1 with the ledger's reason if it is rejected.")(f)
-
-
-def _out(doc: Any, text: str) -> None:
-    _c().out(doc, text)
-
-
-def _duration_s(text: str) -> int:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise LocalError(f"'{text}' is not a duration; use a number and s, m, h, d or w, like 7d.")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    return f"/v1/constellations/{parse_cid(cid)}/accounting/{rest}"
 
 
 def _name(w: dict[str, str]) -> str:
@@ -145,7 +81,7 @@ def _term(kind: str, text: str) -> dict[str, Any]:
     if not sep or not rest:
         raise LocalError(f"Write the {kind.replace('_', ' ')} term as MEMBER=AMOUNT or MEMBER=BPSbps[:cap=AMOUNT].")
     value, _, cap = rest.partition(":cap=")
-    term: dict[str, Any] = {"kind": kind, "to": _member(who)}
+    term: dict[str, Any] = {"kind": kind, "to": parse_member(who)}
     m = _BPS.match(value.strip())
     if m:
         term["bps"] = int(m.group(1))
@@ -207,23 +143,23 @@ def agreement_propose(cid: str, title: str, currency: str, exponent: int | None,
         raise LocalError("An agreement needs at least one term: --price, --fee, --reimbursement, "
                          "--investor-return or --rebate.")
     me = _call("GET", "/v1/id")["member"]
-    everyone = [me, *(_member(p) for p in parties)]
+    everyone = [me, *(parse_member(p) for p in parties)]
     if customer:
-        everyone.append(_member(customer))
+        everyone.append(parse_member(customer))
     everyone += [t["to"] for t in terms if "to" in t]
     body: dict[str, Any] = {"op": "propose", "title": title, "currency": currency.strip(),
                             "parties": list(dict.fromkeys(everyone)), "terms": terms}
     if exponent is not None:
         body["exponent"] = exponent
     if customer:
-        body["customer"] = _member(customer)
+        body["customer"] = parse_member(customer)
     if applies:
         body["applies"] = applies
     if note:
         body["note"] = note
-    doc = _submit(cid, "agreement", body)
+    doc = submit(cid, "agreement", body)
     others = len(body["parties"]) - 1
-    _out(doc, f"agreement {doc['id']} ({doc['status']}); {others} other part{'y' if others == 1 else 'ies'} "
+    emit(doc, f"agreement {doc['id']} ({doc['status']}); {others} other part{'y' if others == 1 else 'ies'} "
               f"must sign with 'valuemesh agreement sign {cid} {doc['id']}'")
 
 
@@ -234,8 +170,8 @@ def agreement_propose(cid: str, title: str, currency: str, exponent: int | None,
 @json_option
 def agreement_sign(cid: str, agreement_id: str, wait: bool) -> None:
     """Sign an agreement you are a party to."""
-    doc = _submit(cid, "agreement", {"op": "sign", "agreement": _hex_id(agreement_id, "an agreement id")})
-    _out(doc, f"signature {doc['id']} ({doc['status']})")
+    doc = submit(cid, "agreement", {"op": "sign", "agreement": parse_hex_id(agreement_id, "an agreement id")})
+    emit(doc, f"signature {doc['id']} ({doc['status']})")
 
 
 @agreement.command("list")
@@ -244,7 +180,7 @@ def agreement_sign(cid: str, agreement_id: str, wait: bool) -> None:
 def agreement_list(cid: str) -> None:
     """Final agreements, their terms and who still has to sign."""
     doc = _call("GET", _acct(cid, "agreements"))
-    _out(doc, "\n".join(_show_agreement(a) for a in doc["agreements"]) or "no agreements")
+    emit(doc, "\n".join(_show_agreement(a) for a in doc["agreements"]) or "no agreements")
 
 
 # --------------------------------------------------------------------------- revenue
@@ -267,13 +203,13 @@ def revenue(cid: str, amount: str, currency: str, exponent: int | None, customer
     if exponent is not None:
         body["exponent"] = exponent
     if customer:
-        body["customer"] = _member(customer)
+        body["customer"] = parse_member(customer)
     if agreement_id:
-        body["agreement"] = _hex_id(agreement_id, "an agreement id")
+        body["agreement"] = parse_hex_id(agreement_id, "an agreement id")
     if note:
         body["note"] = note
-    doc = _submit(cid, "revenue", body)
-    _out(doc, f"revenue {doc['id']} ({doc['status']})")
+    doc = submit(cid, "revenue", body)
+    emit(doc, f"revenue {doc['id']} ({doc['status']})")
 
 
 # --------------------------------------------------------------------------- policy
@@ -305,7 +241,7 @@ def policy_propose(cid: str, title: str, split_file: str | None, options: tuple[
                    voters: tuple[str, ...], block: bool, note: str, wait: bool) -> None:
     """Open a proposal for a vote."""
     now = int(time.time() * 1000)
-    body: dict[str, Any] = {"op": "propose", "title": title, "closes": now + _duration_s(closes) * 1000}
+    body: dict[str, Any] = {"op": "propose", "title": title, "closes": now + parse_duration(closes) * 1000}
     if split_file:
         from valuemesh.protocol.accounting import parse_policy
         from valuemesh.protocol.accounting.policy import encode_split
@@ -315,7 +251,7 @@ def policy_propose(cid: str, title: str, split_file: str | None, options: tuple[
     if options:
         body["options"] = list(options)
     if opens:
-        body["opens"] = now + _duration_s(opens) * 1000
+        body["opens"] = now + parse_duration(opens) * 1000
     for k, v in (("quorum_bps", quorum_bps), ("threshold_bps", threshold_bps)):
         if v is not None:
             body[k] = v
@@ -325,8 +261,8 @@ def policy_propose(cid: str, title: str, split_file: str | None, options: tuple[
         body["block"] = True
     if note:
         body["note"] = note
-    doc = _submit(cid, "policy", body)
-    _out(doc, f"proposal {doc['id']} ({doc['status']})")
+    doc = submit(cid, "policy", body)
+    emit(doc, f"proposal {doc['id']} ({doc['status']})")
 
 
 @policy.command("vote")
@@ -338,11 +274,11 @@ def policy_propose(cid: str, title: str, split_file: str | None, options: tuple[
 @json_option
 def policy_vote(cid: str, proposal: str, option: str, reason: str, wait: bool) -> None:
     """Vote once on an open proposal (agree, abstain, disagree, block, or a poll option)."""
-    body: dict[str, Any] = {"op": "vote", "proposal": _hex_id(proposal, "a proposal id"), "option": option}
+    body: dict[str, Any] = {"op": "vote", "proposal": parse_hex_id(proposal, "a proposal id"), "option": option}
     if reason:
         body["reason"] = reason
-    doc = _submit(cid, "policy", body)
-    _out(doc, f"vote {doc['id']} ({doc['status']})")
+    doc = submit(cid, "policy", body)
+    emit(doc, f"vote {doc['id']} ({doc['status']})")
 
 
 @policy.command("close")
@@ -352,8 +288,8 @@ def policy_vote(cid: str, proposal: str, option: str, reason: str, wait: bool) -
 @json_option
 def policy_close(cid: str, proposal: str, wait: bool) -> None:
     """Close a proposal at its closing time (or once all voted); an adopted split applies from then."""
-    doc = _submit(cid, "policy", {"op": "close", "proposal": _hex_id(proposal, "a proposal id")})
-    _out(doc, f"close {doc['id']} ({doc['status']})")
+    doc = submit(cid, "policy", {"op": "close", "proposal": parse_hex_id(proposal, "a proposal id")})
+    emit(doc, f"close {doc['id']} ({doc['status']})")
 
 
 @policy.command("show")
@@ -364,7 +300,7 @@ def policy_show(cid: str, proposal: str | None) -> None:
     """The adopted split policy and every proposal with its votes and outcome."""
     doc = _call("GET", _acct(cid, "policies"))
     if proposal:
-        pid = _hex_id(proposal, "a proposal id")
+        pid = parse_hex_id(proposal, "a proposal id")
         doc = {"proposals": [p for p in doc["proposals"] if p["id"] == pid], "current": doc["current"]}
         if not doc["proposals"]:
             raise LocalError(f"There is no final proposal {pid[:16]}… in this constellation.")
@@ -377,7 +313,7 @@ def policy_show(cid: str, proposal: str | None) -> None:
         lines.append(f"  votes {res['cast']}/{res['eligible']}: "
                      + (", ".join(f"{k} {v}" for k, v in res["tally"].items()) or "none")
                      + f" -> {res['result']}" + ("" if p["outcome"] else " so far"))
-    _out(doc, "\n".join(lines))
+    emit(doc, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------- split & distribution
@@ -406,11 +342,11 @@ def split(cid: str, revenue_id: str | None, policy_file: str | None, proposal: s
     """Compute how a revenue divides, under the adopted policy or one you want to try."""
     req: dict[str, Any] = {"explain": explain}
     if revenue_id:
-        req["revenue"] = _hex_id(revenue_id, "a revenue id")
+        req["revenue"] = parse_hex_id(revenue_id, "a revenue id")
     if policy_file:
         req["policy"] = _policy_file(policy_file)
     if proposal:
-        req["proposal"] = _hex_id(proposal, "a proposal id")
+        req["proposal"] = parse_hex_id(proposal, "a proposal id")
     doc = _call("POST", _acct(cid, "split"), req)
     pol = doc["policy"]
     head = {"adopted": "under the adopted policy", "default": "under the default policy (none adopted yet)",
@@ -424,7 +360,7 @@ def split(cid: str, revenue_id: str | None, policy_file: str | None, proposal: s
         lines.append("scores:")
         for s in doc["scores"]:
             lines.append(f"  {s['contribution'][:12]} {_name(s)}: {s['explain']}")
-    _out(doc, "\n".join(lines))
+    emit(doc, "\n".join(lines))
 
 
 @click.group()
@@ -439,13 +375,13 @@ def distribution() -> None:
 @json_option
 def distribution_propose(cid: str, revenue_id: str | None, wait: bool) -> None:
     """Propose the split every node computes under the adopted policy; it waits for ratification."""
-    req = {"revenue": _hex_id(revenue_id, "a revenue id")} if revenue_id else {}
+    req = {"revenue": parse_hex_id(revenue_id, "a revenue id")} if revenue_id else {}
     doc = _call("POST", _acct(cid, "distributions"), req)
     if wait:
-        doc = _wait_final(cid, doc)
+        doc = wait_final(cid, doc)
     lines = [f"distribution {doc['id']} ({doc['status']})", *_dist_text(doc["distribution"], False),
              "to be ratified by: " + ", ".join(_name(w) for w in doc["ratifiers"])]
-    _out(doc, "\n".join(lines))
+    emit(doc, "\n".join(lines))
 
 
 @distribution.command("ratify")
@@ -456,12 +392,12 @@ def distribution_propose(cid: str, revenue_id: str | None, wait: bool) -> None:
 @json_option
 def distribution_ratify(cid: str, distribution_id: str, expected: str | None, wait: bool) -> None:
     """Sign a proposed distribution; the last required signature makes it final."""
-    req = {"hash": _hex_id(expected, "a distribution hash")} if expected else {}
-    did = _hex_id(distribution_id, "a distribution id")
+    req = {"hash": parse_hex_id(expected, "a distribution hash")} if expected else {}
+    did = parse_hex_id(distribution_id, "a distribution id")
     doc = _call("POST", _acct(cid, f"distributions/{did}/ratify"), req)
     if wait:
-        doc = _wait_final(cid, doc)
-    _out(doc, f"ratification {doc['id']} of {did[:16]}… hash {doc['hash'][:16]}… ({doc['status']})")
+        doc = wait_final(cid, doc)
+    emit(doc, f"ratification {doc['id']} of {did[:16]}… hash {doc['hash'][:16]}… ({doc['status']})")
 
 
 @distribution.command("list")
@@ -475,7 +411,7 @@ def distribution_list(cid: str, explain: bool) -> None:
     for d in doc["distributions"]:
         lines.append(f"{d['id']}  [{d['status']}]  signed {len(d['signed'])}/{len(d['required'])}")
         lines += ["  " + x for x in _dist_text(d["distribution"], explain)]
-    _out(doc, "\n".join(lines) or "no distributions")
+    emit(doc, "\n".join(lines) or "no distributions")
 
 
 @distribution.command("verify")
@@ -484,17 +420,16 @@ def distribution_list(cid: str, explain: bool) -> None:
 @json_option
 def distribution_verify(cid: str, distribution_ids: tuple[str, ...]) -> None:
     """Recompute distributions from the inputs they carry; exit 1 if any does not verify."""
-    req = {"distributions": [_hex_id(d, "a distribution id") for d in distribution_ids]} if distribution_ids \
+    req = {"distributions": [parse_hex_id(d, "a distribution id") for d in distribution_ids]} if distribution_ids \
         else {}
     doc = _call("POST", _acct(cid, "verify"), req)
     lines = [f"{r['id'][:16]}…  {'ok' if r['ok'] else 'FAILED'}  [{r['status']}]  "
              + (f"{r['amount']} {r['currency']} in {r['lines']} lines" if r["ok"] else r["reason"])
              for r in doc["distributions"]]
-    _out(doc, "\n".join(lines))
+    emit(doc, "\n".join(lines))
     if not doc["ok"]:
         bad = next(r for r in doc["distributions"] if not r["ok"])
-        click.echo(f"error: Distribution {bad['id'][:16]}… does not verify: {bad['reason']}", err=True)
-        sys.exit(1)
+        fail(f"Distribution {bad['id'][:16]}… does not verify: {bad['reason']}")
 
 
 # --------------------------------------------------------------------------- archive
@@ -515,9 +450,10 @@ def export(cid: str, fmt: str, output: str | None) -> None:
 
     items: list[dict[str, Any]] = []
     if fmt == "valueflows":
-        text = json.dumps(_call("GET", f"/v1/constellations/{_cid(cid)}/valueflows"), indent=2, sort_keys=True) + "\n"
+        doc = _call("GET", f"/v1/constellations/{parse_cid(cid)}/valueflows")
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     else:
-        items = _call("GET", f"/v1/constellations/{_cid(cid)}/export")["items"]
+        items = _call("GET", f"/v1/constellations/{parse_cid(cid)}/export")["items"]
         text = "".join(archive_jsonl(items)) if fmt == "jsonl" else archive_csv(items)
     if output is None:
         click.echo(text, nl=False)
@@ -527,7 +463,7 @@ def export(cid: str, fmt: str, output: str | None) -> None:
     except OSError as exc:
         raise LocalError(f"Cannot write {output}: {exc.strerror or exc}.") from None
     end = items[-1] if items else {}
-    _out({"file": output, "format": fmt, "bytes": len(text.encode()), "state_hash": end.get("state_hash"),
+    emit({"file": output, "format": fmt, "bytes": len(text.encode()), "state_hash": end.get("state_hash"),
           "records": end.get("records")}, f"wrote {output}")
 
 
@@ -547,7 +483,7 @@ def import_(file: str, check: bool) -> None:
 
     archive = verify_archive(read_archive(Path(file)), installed_registry())
     summary = archive.summary()
-    c = _c()
+    c = current()
     if not check:
         import asyncio
 
@@ -562,7 +498,7 @@ def import_(file: str, check: bool) -> None:
             f"  quorum-signed epoch checkpoints matched: {len(summary['checkpoints'])}\n"
             f"  distributions re-verified: {sum(1 for d in ds if d['ok'])} of {len(ds)}\n"
             + ("  loaded: start the daemon to read it" if not check else "  (check only: nothing loaded)"))
-    _out(summary, text)
+    emit(summary, text)
 
 
 async def _load(db_file: Path, archive: Any, ident: Any) -> None:

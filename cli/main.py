@@ -1,86 +1,34 @@
 """The `valuemesh` command line: every command a member needs, as a thin
-client of the daemon's local API (only `init`, `id` offline and `daemon`
-itself work without a running daemon).
+client of the daemon's local API (only `init`, `id` offline, `config`, `service`
+and `daemon` itself work without a running daemon).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-from decimal import Decimal, InvalidOperation
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from valuemesh.cli.plugins import fail
-from valuemesh.node.client import ApiClient
-from valuemesh.node.home import Home, resolve_home
+from valuemesh.cli.common import (
+    Ctx,
+    Group,
+    fail,
+    json_option,
+    parse_cid,
+    parse_duration,
+    parse_hex_id,
+    parse_quantity,
+    pass_ctx,
+    submit,
+)
+from valuemesh.cli.config import config_group, given_flags, settings_options
+from valuemesh.cli.service import service_group
+from valuemesh.node.home import resolve_home
 from valuemesh.protocol.errors import ValuemeshError
 from valuemesh.protocol.identity import MemberId
-
-_DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class Ctx:
-    def __init__(self, home: Path, as_json: bool) -> None:
-        self.home = Home(home)
-        self.as_json = as_json
-
-    @property
-    def api(self) -> ApiClient:
-        return ApiClient(self.home)
-
-    def out(self, doc: Any, text: str) -> None:
-        if self.as_json:
-            click.echo(json.dumps(doc, indent=2, sort_keys=True))
-        else:
-            click.echo(text)
-
-
-def parse_duration(text: str) -> int:
-    m = _DURATION.match(text.strip())
-    if not m:
-        fail(f"'{text}' is not a duration; use a number and s, m, h, d or w, like 7d.")
-    return int(m.group(1)) * _UNITS[m.group(2)]
-
-
-def parse_quantity(text: str) -> str:
-    try:
-        q = Decimal(text)
-    except InvalidOperation:
-        fail(f"'{text}' is not a quantity; use a number like 3 or 2.5.")
-    if not q.is_finite() or q <= 0:
-        fail(f"'{text}' is not a positive quantity.")
-    s = format(q.normalize(), "f")
-    if "." in s and len(s.split(".")[1]) > 6:
-        fail(f"'{text}' has more than 6 decimals.")
-    return s
-
-
-class Group(click.Group):
-    """Turns any valuemesh error into one sentence on stderr and exit status 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ValuemeshError as exc:
-            fail(exc.message)
-        except KeyboardInterrupt:
-            fail("Interrupted.")
-
-
-pass_ctx = click.make_pass_decorator(Ctx)
-
-
-def json_option(f: Any) -> Any:
-    def cb(ctx: click.Context, _p: Any, value: bool) -> None:
-        if value:
-            ctx.find_object(Ctx).as_json = True  # type: ignore[union-attr]
-    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
-                        help="Print machine-readable JSON.")(f)
 
 
 @click.group(cls=Group)
@@ -128,23 +76,29 @@ def id_(c: Ctx) -> None:
 
 
 @cli.command()
-@click.option("--listen", default=None, help="Peer listen address HOST:PORT.")
-@click.option("--api", "api_addr", default=None, help="Local API address HOST:PORT (loopback only).")
-@click.option("--bootstrap", multiple=True, help="A peer to dial, HOST:PORT (repeatable).")
-@click.option("--mdns/--no-mdns", default=True, help="Announce and browse on the LAN.")
-@click.option("--mdns-interface", multiple=True, help="An interface IP for mDNS (repeatable).")
-@click.option("--network", default=None, help="Network id; nodes of different networks never mix.")
+@settings_options
 @click.option("--init-if-missing", is_flag=True, help="Create an identity first if there is none.")
 @pass_ctx
-def daemon(c: Ctx, listen: str | None, api_addr: str | None, bootstrap: tuple[str, ...], mdns: bool,
-           mdns_interface: tuple[str, ...], network: str | None, init_if_missing: bool) -> None:
-    """Run the node in the foreground until SIGINT/SIGTERM."""
+def daemon(c: Ctx, /, init_if_missing: bool, **flags: Any) -> None:
+    """Run the node in the foreground until SIGINT/SIGTERM.
+
+    Each setting comes from its flag, else its VALUEMESH_* variable, else config.json in the
+    home, else the default shown; 'valuemesh config list' shows them all.
+    """
     from valuemesh.node.run import run_daemon
+    from valuemesh.node.settings import ConfiguredHome, load
+
+    settings = load(c.home, given_flags(flags), os.environ)  # every bad value is refused before anything starts
     if init_if_missing and not c.home.initialised:
         ident = c.home.init("")
         click.echo(f"created identity {ident.member} in {c.home.path}", err=True)
-    run_daemon(c.home, listen=listen, api=api_addr, bootstrap=list(bootstrap), mdns=mdns,
-               mdns_interfaces=list(mdns_interface), network=network)
+    # run_daemon reads these two from the environment and the rest of the tuning from
+    # home.config(): hand it the resolved settings both ways until it takes a Settings.
+    os.environ["VALUEMESH_LOG"] = settings.log_level
+    os.environ["VALUEMESH_DISABLE_PLUGINS"] = ",".join(settings.disable_plugins)
+    run_daemon(ConfiguredHome(c.home.path, settings), listen=settings.listen, api=settings.api,
+               bootstrap=list(settings.bootstrap), mdns=settings.mdns,
+               mdns_interfaces=list(settings.mdns_interfaces), network=settings.network)
 
 
 @cli.command()
@@ -224,19 +178,13 @@ def c_list(c: Ctx) -> None:
                          for k in doc["constellations"]) or "no constellations")
 
 
-def _cid(c: Ctx, cid: str) -> str:
-    from valuemesh.protocol.records import parse_constellation
-    parse_constellation(cid)
-    return cid.strip().lower()
-
-
 @constellation.command("show")
 @click.argument("cid")
 @json_option
 @pass_ctx
 def c_show(c: Ctx, cid: str) -> None:
     """Members, roles, tiers and the agreement guarantee of one constellation."""
-    doc = c.api.call("GET", f"/v1/constellations/{_cid(c, cid)}")
+    doc = c.api.call("GET", f"/v1/constellations/{parse_cid(cid)}")
     lines = [f"{doc['name']}  {doc['id']}", f"purpose  {doc['purpose']}", f"status   {doc['status']}",
              f"guarantee {doc['guarantee_text']}", "members:"]
     for m in doc["member_list"]:
@@ -255,7 +203,7 @@ def c_show(c: Ctx, cid: str) -> None:
 @pass_ctx
 def c_invite(c: Ctx, cid: str, roles: tuple[str, ...], tier: str, uses: int, ttl: str) -> None:
     """Print an invite token for a new member."""
-    doc = c.api.call("POST", f"/v1/constellations/{_cid(c, cid)}/invites",
+    doc = c.api.call("POST", f"/v1/constellations/{parse_cid(cid)}/invites",
                      {"roles": list(roles), "tier": tier, "uses": uses, "ttl_s": parse_duration(ttl)})
     c.out(doc, doc["token"])
 
@@ -275,19 +223,13 @@ def c_join(c: Ctx, token: str) -> None:
     c.out(doc, f"joining {doc['name']} ({doc['id']}); the join is {doc['status']}")
 
 
-def _submit(c: Ctx, cid: str, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = c.api.call("POST", f"/v1/constellations/{_cid(c, cid)}/records",
-                                        {"type": rtype, "body": body})
-    return result
-
-
 @constellation.command("leave")
 @click.argument("cid")
 @json_option
 @pass_ctx
 def c_leave(c: Ctx, cid: str) -> None:
     """Leave a constellation (final once agreed)."""
-    doc = _submit(c, cid, "membership", {"op": "leave"})
+    doc = submit(cid, "membership", {"op": "leave"})
     c.out(doc, f"leave recorded as {doc['id']} ({doc['status']})")
 
 
@@ -301,7 +243,7 @@ def c_dissolve(c: Ctx, cid: str, reason: str) -> None:
     body: dict[str, Any] = {"op": "dissolve"}
     if reason:
         body["reason"] = reason
-    doc = _submit(c, cid, "membership", body)
+    doc = submit(cid, "membership", body)
     c.out(doc, f"dissolution recorded as {doc['id']} ({doc['status']})")
 
 
@@ -327,7 +269,7 @@ def contribute(c: Ctx, cid: str, action: str, quantity: str, unit: str, note: st
     if evidence:
         digest = hashlib.blake2b(Path(evidence).read_bytes(), digest_size=32).hexdigest()
         body["evidence"] = {"uri": Path(evidence).resolve().as_uri(), "hash": digest}
-    doc = _submit(c, cid, "contribution", body)
+    doc = submit(cid, "contribution", body)
     c.out(doc, f"contribution {doc['id']} ({doc['status']})")
 
 
@@ -339,12 +281,10 @@ def contribute(c: Ctx, cid: str, action: str, quantity: str, unit: str, note: st
 @pass_ctx
 def ack(c: Ctx, cid: str, record_id: str, reason: str | None) -> None:
     """Acknowledge (or dispute) another member's contribution."""
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", record_id.strip()):
-        fail(f"'{record_id}' is not a record id (64 hex characters).")
-    body: dict[str, Any] = {"op": "dispute" if reason else "ack", "target": record_id.strip().lower()}
+    body: dict[str, Any] = {"op": "dispute" if reason else "ack", "target": parse_hex_id(record_id)}
     if reason:
         body["reason"] = reason
-    doc = _submit(c, cid, "contribution", body)
+    doc = submit(cid, "contribution", body)
     c.out(doc, f"{body['op']} {doc['id']} ({doc['status']})")
 
 
@@ -354,7 +294,7 @@ def ack(c: Ctx, cid: str, record_id: str, reason: str | None) -> None:
 @pass_ctx
 def ledger(c: Ctx, cid: str) -> None:
     """The ledger: final records in consensus order, then pending ones."""
-    doc = c.api.call("GET", f"/v1/constellations/{_cid(c, cid)}/ledger")
+    doc = c.api.call("GET", f"/v1/constellations/{parse_cid(cid)}/ledger")
     lines = [f"{doc['name']}  {doc['constellation']}", f"state hash {doc['state_hash']}",
              f"final ({len(doc['final'])}):"]
     for r in doc["final"]:
@@ -374,6 +314,8 @@ def check_id(member: str) -> None:
     click.echo(str(MemberId.parse(member)))
 
 
+cli.add_command(config_group)
+cli.add_command(service_group)
 from valuemesh.cli.plugins import register as _register_plugins; _register_plugins(cli)  # noqa: E402, E702, I001
 from valuemesh.cli.accounting import register as _register_accounting; _register_accounting(cli)  # noqa: E402, E702, I001
 

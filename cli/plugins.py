@@ -1,5 +1,5 @@
 """`valuemesh plugin list|info` and the mounting of each installed plugin's own
-commands as `valuemesh <name> …`, plus the small helpers those commands use.
+commands as `valuemesh <name> …`; re-exports the helpers those commands use.
 
 A plugin's commands load only when invoked, so a broken plugin costs the other
 commands nothing; when it fails to load, it is skipped with one line on stderr.
@@ -7,17 +7,15 @@ commands nothing; when it fails to load, it is skipped with one line on stderr.
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any
 
 import click
 
-from valuemesh.node.client import ApiClient
-from valuemesh.node.home import Home, resolve_home
+# The helpers for plugin commands (public, plugin API 1) live in cli/common.py with the rest of
+# the CLI's; they are re-exported here, the module plugin authors import them from.
+from valuemesh.cli.common import api, emit, fail, json_option, submit
 from valuemesh.protocol.errors import LocalError, PluginError, ValuemeshError
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Plugin
 
@@ -25,65 +23,8 @@ from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Plugin
 BUILTIN_DISTRIBUTION = "valuemesh"
 # The shape of `plugin list --json` / `plugin info --json`; bumped when a field changes meaning.
 JSON_SHAPE_VERSION = 1
-F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["api", "emit", "fail", "json_option", "register", "submit"]
-
-
-# -- helpers for plugin commands (public, plugin API 1) ---------------------------------
-
-
-def _root_obj() -> Any:
-    ctx = click.get_current_context(silent=True)
-    return ctx.find_root().obj if ctx is not None else None
-
-
-def _home() -> Home:
-    obj = _root_obj()
-    home = getattr(obj, "home", None)
-    return home if isinstance(home, Home) else Home(resolve_home(None))
-
-
-def api() -> ApiClient:
-    """A client of the local daemon named by `valuemesh --home` (or $VALUEMESH_HOME)."""
-    return ApiClient(_home())
-
-
-def submit(cid: str, record_type: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Have the daemon sign and submit a record; returns {"id", "seq", "status": "pending"}."""
-    from valuemesh.protocol.records import parse_constellation
-    parse_constellation(cid)
-    doc: dict[str, Any] = api().call("POST", f"/v1/constellations/{cid.strip().lower()}/records",
-                                     {"type": record_type, "body": body})
-    return doc
-
-
-def wants_json() -> bool:
-    return bool(getattr(_root_obj(), "as_json", False))
-
-
-def emit(doc: Any, text: str) -> None:
-    """Print `doc` as JSON when --json was given, else `text`."""
-    if wants_json():
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        click.echo(text)
-
-
-def fail(message: str) -> NoReturn:
-    """One sentence on stderr and exit status 1, like every valuemesh error."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
-
-
-def json_option(f: F) -> F:
-    """A `--json` flag on a plugin's command, same as `valuemesh --json`."""
-    def cb(ctx: click.Context, _p: Any, value: bool) -> None:
-        obj = ctx.find_root().obj
-        if value and obj is not None and hasattr(obj, "as_json"):
-            obj.as_json = True
-    return cast(F, click.option("--json", "as_json", is_flag=True, expose_value=False, callback=cb,
-                                help="Print machine-readable JSON.")(f))
 
 
 # -- inspecting installed plugins --------------------------------------------------------
@@ -118,7 +59,7 @@ def _dist(ep: EntryPoint) -> tuple[str, str, str]:
     dist = ep.dist
     if dist is None:
         return "", "", ""
-    return dist.name, dist.version, dist.metadata.get("Summary", "") or ""
+    return dist.name, dist.version, (dist.metadata.get_all("Summary") or [""])[0]
 
 
 def _load_plugin(ep: EntryPoint) -> Plugin:

@@ -22,9 +22,6 @@ CONFIG_FILE = "config.json"
 TOKEN_FILE = "api.token"
 API_FILE = "api.json"
 DB_FILE = "node.db"
-DEFAULT_LISTEN = "0.0.0.0:7470"
-DEFAULT_API = "127.0.0.1:7471"
-DEFAULT_NETWORK = "valuemesh-main"
 
 
 def resolve_home(explicit: str | None = None) -> Path:
@@ -73,8 +70,12 @@ class Home:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = Identity.generate(secrets.token_bytes)
         write_private(self.key_file, encode_keyfile(ident, passphrase, secrets.token_bytes))
-        self.save_config({"name": name, "network": DEFAULT_NETWORK, "listen": DEFAULT_LISTEN,
-                          "api": DEFAULT_API})
+        # Only what the member chose (here or with `config set` before): every other setting
+        # keeps its documented default (node/settings.py), so a later default reaches this home.
+        cfg = self.config()
+        if name:
+            cfg["name"] = name
+        self.save_config(cfg)
         return ident
 
     def load_identity(self, passphrase: str | None = None) -> Identity:
@@ -89,9 +90,10 @@ class Home:
         return decode_keyfile(data, passphrase)
 
     def config(self) -> dict[str, Any]:
+        """The settings config.json sets, unchecked (node/settings.py checks them)."""
         p = self.path / CONFIG_FILE
         if not p.exists():
-            return {"name": "", "network": DEFAULT_NETWORK, "listen": DEFAULT_LISTEN, "api": DEFAULT_API}
+            return {}
         try:
             cfg = json.loads(p.read_text())
         except (OSError, ValueError):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,3 +122,61 @@ def test_mistyped_member_id(node: Daemon) -> None:
     typo = me[:10] + ("a" if me[10] != "a" else "b") + me[11:]
     assert "mistyped" in _one_sentence_error(node.cli("check-id", typo, check=False))
     assert "start with 'vm1'" in _one_sentence_error(node.cli("check-id", "alice", check=False))
+
+
+def _valuemesh(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VALUEMESH_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "valuemesh.cli.main", "--home", str(home), *args],
+                          capture_output=True, text=True, env=full, timeout=60)
+
+
+def test_config_set_get_list(tmp_path: Path) -> None:
+    d = Daemon("cfg", tmp_path / "home", free_port(), "valuemesh-test")
+    d.cli("init", "--name", "ana")
+    assert d.cli("config", "set", "bootstrap", "a.example:7470,10.0.0.5:7470").returncode == 0
+    assert d.cli_json("config", "set", "mdns", "off")["value"] is False
+    assert d.cli("config", "get", "bootstrap").stdout == "a.example:7470,10.0.0.5:7470\n"
+    assert json.loads((d.home / "config.json").read_text()) == {
+        "name": "ana", "bootstrap": ["a.example:7470", "10.0.0.5:7470"], "mdns": False}
+    assert (d.home / "config.json").stat().st_mode & 0o777 == 0o600
+    rows = {r["key"]: r for r in d.cli_json("config", "list")["settings"]}
+    assert (rows["mdns"]["value"], rows["mdns"]["source"]) == ("false", "file")
+    assert (rows["listen"]["value"], rows["listen"]["source"]) == ("0.0.0.0:7470", "default")
+    listed = _valuemesh(d.home, "--json", "config", "list", env={"VALUEMESH_LOG": "debug"})
+    assert {r["key"]: r["source"] for r in json.loads(listed.stdout)["settings"]}["log_level"] == "env"
+
+
+def test_config_refuses_bad_input_and_changes_nothing(tmp_path: Path) -> None:
+    d = Daemon("cfg", tmp_path / "home", free_port(), "valuemesh-test")
+    d.cli("init")
+    before = (d.home / "config.json").read_bytes()
+    for args, match in ((["set", "verify_thread", "2"], "did you mean 'verify_threads'?"),
+                        (["set", "api", "0.0.0.0:7471"], "must be a loopback address"),
+                        (["set", "retain_epochs", "-1"], "must be a whole number"),
+                        (["get", "listn"], "did you mean 'listen'?")):
+        assert match in _one_sentence_error(d.cli("config", *args, check=False))
+    assert (d.home / "config.json").read_bytes() == before
+
+
+def test_daemon_refuses_bad_settings_at_start(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    Home(home).init("")
+    (home / "config.json").write_text(json.dumps({"verify_thread": 2}))
+    err = _one_sentence_error(_valuemesh(home, "daemon", "--no-mdns"))
+    assert err.startswith("error: Unknown setting 'verify_thread' in ") and \
+        err.endswith("(did you mean 'verify_threads'?); 'valuemesh config list' shows every setting.")
+    (home / "config.json").write_text("{}")
+    assert _one_sentence_error(_valuemesh(home, "daemon", env={"VALUEMESH_LOG": "verbose"})) == \
+        'error: VALUEMESH_LOG must be one of debug, info, warning, error, not "verbose".'
+    assert "--listen must be an address" in _one_sentence_error(_valuemesh(home, "daemon", "--listen", "x"))
+    assert not (home / "api.json").exists()
+
+
+def test_daemon_help_shows_every_default(tmp_path: Path) -> None:
+    from valuemesh.node.settings import SETTINGS
+    out = " ".join(_valuemesh(tmp_path, "daemon", "--help").stdout.split())
+    for s in SETTINGS:
+        assert s.flag.split("/")[0] in out and s.env in out, s.key
+    for default in ("[default: 0.0.0.0:7470]", "[default: 127.0.0.1:7471]", "[default: no-mdns]",
+                    "[default: info]", "[default: 10000]"):
+        assert default in out, default

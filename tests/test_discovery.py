@@ -266,7 +266,7 @@ def test_three_daemons_in_namespaces_connect_by_mdns_alone(tmp_path: Path) -> No
         lan.create()
         procs = [
             lan.popen(h, [str(exe), "--home", str(home), "daemon", "--listen", f"{h.ip}:7470",
-                          "--api", "127.0.0.1:7471", "--mdns-interface", h.ip,
+                          "--api", "127.0.0.1:7471", "--mdns", "--mdns-interface", h.ip,
                           "--network", network, "--init-if-missing"],
                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             for h, home in zip(lan.hosts, homes, strict=True)
