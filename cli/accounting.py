@@ -8,6 +8,7 @@ daemon's accounting routes (node/accounting_api.py) except `import`, which works
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -480,10 +481,12 @@ def import_(file: str, check: bool) -> None:
     """
     from valuemesh.node.archive import read_archive, verify_archive
     from valuemesh.node.daemon import installed_registry
+    from valuemesh.node.settings import load
 
-    archive = verify_archive(read_archive(Path(file)), installed_registry())
-    summary = archive.summary()
     c = current()
+    disabled = load(c.home, {}, os.environ).disable_plugins
+    archive = verify_archive(read_archive(Path(file)), installed_registry(disabled))
+    summary = archive.summary()
     if not check:
         import asyncio
 

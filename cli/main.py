@@ -64,8 +64,9 @@ def id_(c: Ctx) -> None:
         doc = c.api.call("GET", "/v1/id")
     except ValuemeshError:
         from valuemesh.node.daemon import installed_registry
+        from valuemesh.node.settings import load
         ident = c.home.load_identity()
-        reg = installed_registry()
+        reg = installed_registry(load(c.home, {}, os.environ).disable_plugins)
         doc = {"member": str(ident.member), "running": False, "addresses": [],
                "plugins": {n: str(p.version) for n, p in reg.plugins.items()}}
     lines = [f"member   {doc['member']}", f"addresses {', '.join(doc.get('addresses', [])) or '(daemon not running)'}",
@@ -86,19 +87,13 @@ def daemon(c: Ctx, /, init_if_missing: bool, **flags: Any) -> None:
     home, else the default shown; 'valuemesh config list' shows them all.
     """
     from valuemesh.node.run import run_daemon
-    from valuemesh.node.settings import ConfiguredHome, load
+    from valuemesh.node.settings import load
 
     settings = load(c.home, given_flags(flags), os.environ)  # every bad value is refused before anything starts
     if init_if_missing and not c.home.initialised:
         ident = c.home.init("")
         click.echo(f"created identity {ident.member} in {c.home.path}", err=True)
-    # run_daemon reads these two from the environment and the rest of the tuning from
-    # home.config(): hand it the resolved settings both ways until it takes a Settings.
-    os.environ["VALUEMESH_LOG"] = settings.log_level
-    os.environ["VALUEMESH_DISABLE_PLUGINS"] = ",".join(settings.disable_plugins)
-    run_daemon(ConfiguredHome(c.home.path, settings), listen=settings.listen, api=settings.api,
-               bootstrap=list(settings.bootstrap), mdns=settings.mdns,
-               mdns_interfaces=list(settings.mdns_interfaces), network=settings.network)
+    run_daemon(c.home, settings)
 
 
 @cli.command()

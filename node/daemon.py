@@ -15,7 +15,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from importlib.metadata import entry_points, version
 from typing import Any
 
@@ -55,22 +55,14 @@ STOP_SETTLE_S = 5.0  # how long a stopping node waits for epoch ends still being
 MAX_API_IDS = 256  # constellation id texts remembered by engine_for
 
 
-DISABLE_PLUGINS_ENV = "VALUEMESH_DISABLE_PLUGINS"
-
-
-def disabled_plugins() -> frozenset[str]:
-    """Plugin names the operator switched off with VALUEMESH_DISABLE_PLUGINS=name1,name2."""
-    names = frozenset(n.strip() for n in os.environ.get(DISABLE_PLUGINS_ENV, "").split(",") if n.strip())
-    if "membership" in names:
+def installed_registry(disabled: Iterable[str] = ()) -> Registry:
+    """Every plugin installed in this Python environment (entry-point group), minus those the
+    operator switched off (setting `disable_plugins`; a node without them refuses constellations
+    that use them)."""
+    off = frozenset(disabled)
+    if "membership" in off:
         # Without it no genesis applies, so every constellation would fail in a confusing way.
         raise PluginError("The membership plugin cannot be disabled; every constellation needs it.")
-    return names
-
-
-def installed_registry() -> Registry:
-    """Every plugin installed in this Python environment (entry-point group), minus
-    those switched off by the operator (a node without them refuses constellations that use them)."""
-    off = disabled_plugins()
     return load_entry_points(ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in off)
 
 
@@ -101,8 +93,10 @@ class Node:
         checkpoint_start_min_records: int = CHECKPOINT_START_MIN_RECORDS,
         retain_epochs: int | None = None,
         verify_threads: int | None = None,
+        name: str = "",
     ) -> None:
         self.home = home
+        self.name = name  # what other members see when this node joins
         # Received blocks' and records' signatures, checked on up to this many cores at once.
         self.verifier = ParallelVerifier(verify_threads)
         self.checkpoint_start_min_records = checkpoint_start_min_records
@@ -469,7 +463,7 @@ class Node:
         return tuple(dict.fromkeys(out))[:8]
 
     async def join(self, token: str) -> dict[str, Any]:
-        return await self.joining.join(token, name=str(self.home.config().get("name", "")))
+        return await self.joining.join(token, name=self.name)
 
     async def submit_json(self, cid: bytes, rtype: str, body: Any) -> dict[str, Any]:
         return (await self.submit_json_many(cid, [(rtype, body)]))[0]

@@ -8,14 +8,12 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import signal
 import sys
-from typing import Any
 
-from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS
-from valuemesh.node.daemon import Node
+from valuemesh.node.daemon import Node, installed_registry
 from valuemesh.node.home import Home
+from valuemesh.node.settings import Settings
 from valuemesh.protocol.errors import LocalError
 
 
@@ -31,29 +29,19 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def _config_count(cfg: dict[str, Any], key: str, default: int) -> int:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise LocalError(f"The config value '{key}' must be a whole number of 0 or more.")
-    return v
-
-
-def run_daemon(home: Home, *, listen: str | None, api: str | None, bootstrap: list[str], mdns: bool,
-               mdns_interfaces: list[str], network: str | None) -> None:
-    """Run a node in the foreground until SIGINT or SIGTERM."""
+def run_daemon(home: Home, settings: Settings) -> None:
+    """Run a node with `settings` (checked already, node/settings.py) until SIGINT or SIGTERM."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=os.environ.get("VALUEMESH_LOG", "INFO").upper(), handlers=[handler])
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     identity = home.load_identity()
-    cfg = home.config()
-    node = Node(home, identity, listen=listen or cfg.get("listen", "0.0.0.0:7470"),
-                api=api or cfg.get("api", "127.0.0.1:7471"), network=network or cfg.get("network", "valuemesh-main"),
-                bootstrap=bootstrap or cfg.get("bootstrap", []), mdns=mdns, mdns_interfaces=mdns_interfaces,
-                checkpoint_start_min_records=_config_count(cfg, "checkpoint_start_min_records",
-                                                           CHECKPOINT_START_MIN_RECORDS),
-                retain_epochs=_config_count(cfg, "retain_epochs", 0) or None,
-                verify_threads=_config_count(cfg, "verify_threads", 0) or None)
+    node = Node(home, identity, listen=settings.listen, api=settings.api, network=settings.network,
+                bootstrap=settings.bootstrap, mdns=settings.mdns, mdns_interfaces=settings.mdns_interfaces,
+                registry=installed_registry(settings.disable_plugins),
+                checkpoint_start_min_records=settings.checkpoint_start_min_records,
+                retain_epochs=settings.retain_epochs or None,
+                verify_threads=settings.verify_threads or None, name=settings.name)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from typing import Any
 
 from valuemesh.node.addresses import parse_hostport
 from valuemesh.node.announcement import MAX_NETWORK_ID
+from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS
 from valuemesh.node.home import CONFIG_FILE, Home
 from valuemesh.protocol.errors import LocalError
 
@@ -58,8 +59,9 @@ class Settings:
                                                "cores, at most 4; 1: all on the event loop's thread).",
                                    flag="--verify-threads")
     checkpoint_start_min_records: int = _setting(
-        10_000, "count", "A joining node starts from a certified checkpoint covering at least this many "
-                         "final records (0: always) instead of replaying every block.",
+        CHECKPOINT_START_MIN_RECORDS, "count",
+        "A joining node starts from a certified checkpoint covering at least this many "
+        "final records (0: always) instead of replaying every block.",
         flag="--checkpoint-start-min-records")
     retain_epochs: int = _setting(0, "count", "Keep the blocks of only the last N closed epochs (0: keep every "
                                               "block; pruning nodes cannot export).", flag="--retain-epochs")
@@ -302,14 +304,3 @@ def set_in_file(home: Home, key: str, text: str) -> Any:
     raw[key] = list(value) if isinstance(value, tuple) else value
     home.save_config(raw)
     return value
-
-
-@dataclass
-class ConfiguredHome(Home):
-    """A home whose config() answers with resolved settings, so that a daemon reading
-    config() (node/daemon.py's run_daemon today) sees flags and environment too."""
-
-    settings: Settings = field(default_factory=Settings)
-
-    def config(self) -> dict[str, Any]:
-        return self.settings.to_config()

@@ -1,5 +1,6 @@
 """Running the daemon: one JSON object per log line (with the constellation and epoch when
-a line names them, the traceback of an internal error), and config counts checked."""
+a line names them, the traceback of an internal error). The settings it runs with are checked
+in node/settings.py (tests/test_settings.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ import json
 import logging
 import sys
 
-import pytest
-
-from valuemesh.node.run import _config_count, _JsonFormatter
-from valuemesh.protocol.errors import LocalError
+from valuemesh.node.run import _JsonFormatter
 
 
 def _record(msg: str, **extra: object) -> logging.LogRecord:
@@ -31,11 +29,3 @@ def test_a_log_line_is_one_json_object_with_its_context() -> None:
         rec = _record("internal error")
         rec.exc_info = sys.exc_info()
     assert "RuntimeError: a bug" in json.loads(_JsonFormatter().format(rec))["exc"]
-
-
-def test_config_counts_are_whole_numbers_of_zero_or_more() -> None:
-    assert _config_count({}, "retain_epochs", 0) == 0
-    assert _config_count({"retain_epochs": 4}, "retain_epochs", 0) == 4
-    for bad in (-1, True, "3", 2.5):
-        with pytest.raises(LocalError, match="retain_epochs"):
-            _config_count({"retain_epochs": bad}, "retain_epochs", 0)

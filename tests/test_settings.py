@@ -14,7 +14,6 @@ from valuemesh.node.home import Home
 from valuemesh.node.settings import (
     BY_KEY,
     SETTINGS,
-    ConfiguredHome,
     Settings,
     info,
     load,
@@ -148,13 +147,6 @@ def test_set_refuses_and_changes_nothing(tmp_path: Path, cfg: dict[str, object],
     with pytest.raises(LocalError, match=match):
         set_in_file(home, key, value)
     assert (home.path / "config.json").read_bytes() == before
-
-
-def test_configured_home_hands_the_resolved_settings_to_the_daemon(tmp_path: Path) -> None:
-    s = load(_home(tmp_path, {"retain_epochs": 2}), {"verify_threads": "3"}, {"VALUEMESH_NAME": "ana"})
-    cfg = ConfiguredHome(tmp_path / "home", s).config()
-    assert (cfg["retain_epochs"], cfg["verify_threads"], cfg["name"], cfg["bootstrap"]) == (2, 3, "ana", [])
-    assert json.loads(json.dumps(cfg)) == cfg  # plain JSON types, as config.json would hold them
 
 
 def test_info_of_an_unknown_key() -> None:
