@@ -506,15 +506,13 @@ def import_(file: str, check: bool) -> None:
 
 async def _load(db_file: Path, archive: Any, ident: Any) -> None:
     from valuemesh.node.archive import load_archive
-    from valuemesh.node.store import Store, StoreError
+    from valuemesh.node.store import Store, StoreInUseError
 
     try:
         store = await Store.open(db_file)
-    except StoreError as exc:
-        if "in use" in exc.message:
-            raise LocalError("This home's daemon is running; stop it to import "
-                             "(or use --check to only verify).") from None
-        raise
+    except StoreInUseError:
+        raise LocalError("This home's daemon is running; stop it to import "
+                         "(or use --check to only verify).") from None
     try:
         await load_archive(store, archive, ident)
     finally:
