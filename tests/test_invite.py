@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import subprocess
-import sys
-import textwrap
 
 import pytest
+
+from optimized import refused_under_dash_o
 
 from valuemesh.protocol import cbor
 from valuemesh.protocol.errors import DecodeError, LocalError, SignatureError
@@ -123,15 +122,5 @@ def test_checks_hold_under_python_dash_o() -> None:
     # A node run with -O must refuse the same tokens as one run without it: asserts would vanish.
     payload = {**make().payload(), "tier": "god", "uses": 0, "nonce": b"\x01"}
     raw = signed_raw(payload)
-    script = textwrap.dedent(f"""
-        from valuemesh.protocol.errors import DecodeError
-        from valuemesh.protocol.invite import decode_invite
-        try:
-            decode_invite(bytes.fromhex({raw.hex()!r}))
-        except DecodeError:
-            print("refused")
-        else:
-            print("accepted")
-    """)
-    out = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "refused"
+    assert refused_under_dash_o("from valuemesh.protocol.invite import decode_invite\n",
+                                f"decode_invite(bytes.fromhex({raw.hex()!r}))")
