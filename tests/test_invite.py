@@ -8,7 +8,6 @@ import base64
 import dataclasses
 
 import pytest
-
 from optimized import refused_under_dash_o
 
 from valuemesh.protocol import cbor
