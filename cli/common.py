@@ -10,10 +10,10 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypedDict, TypeVar
 
 import click
 
@@ -21,6 +21,7 @@ from valuemesh.node.client import ApiClient
 from valuemesh.node.home import Home, resolve_home
 from valuemesh.protocol.errors import LocalError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
+from valuemesh.protocol.plugins import Json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,8 +98,8 @@ def wants_json() -> bool:
     return current().as_json
 
 
-def emit(doc: Any, text: str) -> None:
-    """Print `doc` as JSON when --json was given, else `text`."""
+def emit(doc: object, text: str) -> None:
+    """Print `doc` (anything JSON can hold) as JSON when --json was given, else `text`."""
     current().out(doc, text)
 
 
@@ -156,21 +157,31 @@ def parse_quantity(text: str) -> str:
 # -- submitting records --------------------------------------------------------------------------
 
 
-def submit(cid: str, record_type: str, body: dict[str, Any]) -> dict[str, Any]:
+class Submitted(TypedDict):
+    """What `submit` answers: the new record's id (hex), its sequence number, and whether it
+    is "pending" (acknowledged: stored by this node) or, after `--wait`, "final" (ordered)."""
+
+    id: str
+    seq: int
+    status: str
+
+
+def submit(cid: str, record_type: str, body: Mapping[str, Json]) -> Submitted:
     """Have the daemon sign and submit a record; returns {"id", "seq", "status": "pending"}.
 
     When the running command has a true `--wait` (see `wait_option`), returns only once the
     record is final, with "status": "final", or raises the ledger's sentence if it was rejected.
     """
-    doc: dict[str, Any] = api().call("POST", f"/v1/constellations/{parse_cid(cid)}/records",
-                                     {"type": record_type, "body": body})
+    answer = api().call("POST", f"/v1/constellations/{parse_cid(cid)}/records",
+                        {"type": record_type, "body": dict(body)})
+    doc = Submitted(id=str(answer["id"]), seq=int(answer["seq"]), status=str(answer["status"]))
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.params.get("wait"):
         return wait_final(cid, doc)
     return doc
 
 
-def wait_final(cid: str, doc: dict[str, Any]) -> dict[str, Any]:
+def wait_final(cid: str, doc: Submitted) -> Submitted:
     """Poll until the record is ordered; the ledger's own sentence if it was rejected then.
 
     Submission checks a record against the final state only; the ledger decides for good
@@ -183,7 +194,7 @@ def wait_final(cid: str, doc: dict[str, Any]) -> dict[str, Any]:
         if rec.get("final"):
             if rec["status"] != "applied":
                 raise LocalError(rec.get("reason") or f"The ledger {rec['status']} the record.")
-            return {**doc, "status": "final"}
+            return Submitted(id=doc["id"], seq=doc["seq"], status="final")
         if time.monotonic() >= deadline:
             raise LocalError(f"The record {doc['id'][:16]}… is still pending after {WAIT_S:.0f} s; "
                              "check later with 'valuemesh ledger'.")

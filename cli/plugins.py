@@ -15,7 +15,7 @@ import click
 
 # The helpers for plugin commands (public, plugin API 1) live in cli/common.py with the rest of
 # the CLI's; they are re-exported here, the module plugin authors import them from.
-from valuemesh.cli.common import api, emit, fail, json_option, submit
+from valuemesh.cli.common import Submitted, api, emit, fail, json_option, submit
 from valuemesh.protocol.errors import LocalError, PluginError, ValuemeshError
 from valuemesh.protocol.plugins import ENTRY_POINT_GROUP, Plugin
 
@@ -24,7 +24,7 @@ BUILTIN_DISTRIBUTION = "valuemesh"
 # The shape of `plugin list --json` / `plugin info --json`; bumped when a field changes meaning.
 JSON_SHAPE_VERSION = 1
 
-__all__ = ["api", "emit", "fail", "json_option", "register", "submit"]
+__all__ = ["Submitted", "api", "emit", "fail", "json_option", "register", "submit"]
 
 
 # -- inspecting installed plugins --------------------------------------------------------

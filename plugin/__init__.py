@@ -7,7 +7,7 @@ names not exported here are valuemesh's internals and may change without a new A
 
 from __future__ import annotations
 
-from valuemesh.cli.plugins import api, emit, fail, json_option, submit
+from valuemesh.cli.plugins import Submitted, api, emit, fail, json_option, submit
 from valuemesh.node.client import ApiClient
 from valuemesh.node.testing import Cluster, Daemon, cluster, wait_until
 from valuemesh.protocol.errors import (
@@ -62,6 +62,7 @@ __all__ = [
     "RouteHandler",
     "RouteRequest",
     "StateReader",
+    "Submitted",
     "TestConstellation",
     "ValidationError",
     "ValuemeshError",

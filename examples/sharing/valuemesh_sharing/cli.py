@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import click
-from valuemesh.plugin import api, emit, fail, json_option, submit
+from valuemesh.plugin import Json, Submitted, api, emit, fail, json_option, submit
 
 from .plugin import NAME
 
@@ -110,7 +110,7 @@ def _wait_final(cid: str, rid: str, wait: float) -> dict[str, Any] | None:
         time.sleep(POLL_S)
 
 
-def _claim(cid: str, rid: str) -> dict[str, Any]:
+def _claim(cid: str, rid: str) -> Submitted:
     """Submit the contribution for the completed loan `rid`; refuse a second claim."""
     state = _state(cid)
     loan = next((c for c in state["completed"] if c["id"] == rid), None)
@@ -124,7 +124,7 @@ def _claim(cid: str, rid: str) -> dict[str, Any]:
         ev = r["body"].get("evidence") if r["type"] == "contribution" else None
         if isinstance(ev, dict) and ev.get("hash") == rid and r.get("status", "applied") == "applied":
             fail(f"This loan is already recorded as contribution {r['id'][:16]}….")
-    body = {"op": "record", "action": "use", "quantity": str(loan["days"]), "unit": "day",
+    body: dict[str, Json] = {"op": "record", "action": "use", "quantity": str(loan["days"]), "unit": "day",
             "note": f"lent '{loan['title']}' to {loan['borrower'][:16]}… ({NAME})"[:1000],
             "evidence": {"uri": EVIDENCE_URI + rid, "hash": rid}}
     return submit(cid, "contribution", body)
