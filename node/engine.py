@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from valuemesh.node import trace
+from valuemesh.node.epoch_ends import Closing, EarlyCheckpoints
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol import cbor
@@ -35,9 +36,9 @@ from valuemesh.protocol.consensus import (
     committee_hash,
     encode_committee,
 )
-from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
+from valuemesh.protocol.errors import AuthorizationError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
-from valuemesh.protocol.ledger import Ledger, LedgerParts, Outcome
+from valuemesh.protocol.ledger import Ledger, Outcome
 from valuemesh.protocol.messages import MAX_CHAIN_LINKS, MAX_MESSAGE_SIZE
 from valuemesh.protocol.plugins import Registry, Version
 from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
@@ -55,7 +56,6 @@ MIN_ANCHOR_WAIT_MS = 50
 EPOCH_ROUNDS = 10_000
 NODE_PARAMS = Params(min_round_timeout_ms=MIN_ANCHOR_WAIT_MS, epoch_rounds=EPOCH_ROUNDS)
 MAX_PENDING = 10_000
-MAX_EARLY_CHECKPOINTS = 512
 FINAL_VIEW_LIMIT = 100_000
 # Digests of the raw blocks taken lately: a block a second peer sends again (a restarted
 # node asks every peer for its gap, and each streams it) is skipped before it is decoded
@@ -65,24 +65,6 @@ SEEN_BLOCKS = 16_384
 LOADING_TICK_MS = 20
 OWN_CHECKPOINTS_KEPT = 4  # our latest checkpoint signatures, re-sent to peers that sync
 CHAIN_BYTES = MAX_MESSAGE_SIZE // 2  # a checkpoint chain must fit one message with room to spare
-
-
-@dataclass(frozen=True, slots=True)
-class _Closing:
-    """An epoch end whose snapshot is still to encode: the ledger's parts copied at the end."""
-
-    committee: Committee
-    round: int
-    index: int
-    clock: int
-    final: int
-    state_hash: bytes
-    next: Committee
-    parts: LedgerParts
-
-    def encode(self) -> Snapshot:
-        return Snapshot.encode(self.parts, epoch=self.committee.epoch, round=self.round, index=self.index,
-                               clock=self.clock, final=self.final)
 
 
 @dataclass
@@ -138,10 +120,10 @@ class Engine:
         self._scheduled: list[Output] = []
         self._committees: dict[int, Committee] = {0: self.committee}
         self._aggregators: dict[int, CheckpointAggregator] = {}
-        self._early_checkpoints: dict[int, list[Checkpoint]] = {}
+        self._early_checkpoints = EarlyCheckpoints()
         self._certs_to_store: list[StoredCheckpoint] = []
         self._snapshots_to_store: list[Snapshot] = []
-        self._closings: list[_Closing] = []  # epoch ends whose snapshot is not encoded yet
+        self._closings: list[Closing] = []  # epoch ends whose snapshot is not encoded yet
         # Pruning (opt-in): keep the blocks of this many closed epochs, drop older ones.
         self.retain_epochs: int | None = None
         self.loading = False
@@ -545,7 +527,7 @@ class Engine:
         if old.epoch not in self.certified:  # (a restart's replay: already signed and stored)
             # A copy of the ledger now (cheap); encoding it, hashing it and signing the
             # checkpoint wait for `flush_checkpoints`, off the event loop.
-            self._closings.append(_Closing(old, anchor_round, self.commit_index, self.clock, self.final_count,
+            self._closings.append(Closing(old, anchor_round, self.commit_index, self.clock, self.final_count,
                                            self.ledger.state_hash(), nxt, self.ledger.parts()))
         if self._replaying is not None:
             self._replaying.append(nxt)
@@ -556,11 +538,14 @@ class Engine:
         log.info("committee change scheduled", extra={"c": self.text_id, "epoch": nxt.epoch,
                                                       "start_round": nxt.start_round})
         agg = self._aggregators.setdefault(old.epoch, CheckpointAggregator(self.cid, old))
-        for early in self._early_checkpoints.pop(old.epoch, []):
-            self._take_checkpoint(agg, early)
+        for early in self._early_checkpoints.take(old.epoch):
+            try:  # held signatures are anyone's: one that does not fit must not stop the step
+                self._take_checkpoint(agg, early)
+            except ValuemeshError as exc:
+                log.info("dropped a held checkpoint signature by %s: %s", early.signer.short, exc.message)
         return True
 
-    def _finish_closing(self, job: _Closing, snap: Snapshot) -> None:
+    def _finish_closing(self, job: Closing, snap: Snapshot) -> None:
         """The encoded snapshot of an epoch end: what closes it, and our signature over it."""
         content = Content(self.cid, job.committee.epoch, job.round, job.index, job.state_hash, snap.hash,
                           committee_hash(job.next))
@@ -597,16 +582,20 @@ class Engine:
             log.info("checkpoint certified", extra={"c": self.text_id, "epoch": cert.epoch})
 
     async def add_checkpoint(self, cp: Checkpoint) -> None:
-        """A peer's checkpoint signature (decoded and verified by the caller)."""
+        """A peer's checkpoint signature, decoded but not verified: the signer is checked against
+        the epoch's committee first where it is known (a stranger's costs no signature check);
+        one for an epoch whose committee is not known yet is verified and held, bounded."""
         if cp.constellation != self.cid:
             raise ValidationError("The checkpoint is for another constellation.")
         committee = self._committees.get(cp.epoch)
-        if committee is None or cp.epoch not in self._aggregators:
-            if cp.epoch > self.committee.epoch + 1 or cp.epoch in self.certified:
-                return  # far ahead of us (we will sync first) or already certified
-            waiting = self._early_checkpoints.setdefault(cp.epoch, [])
-            if len(waiting) < MAX_EARLY_CHECKPOINTS:
-                waiting.append(cp)
+        if committee is not None and cp.signer not in committee:
+            raise AuthorizationError("The checkpoint's signer is not a core member of its epoch.")
+        if cp.epoch > self.committee.epoch + 1 or cp.epoch in self.certified:
+            return  # far ahead of us (we will sync first) or already certified
+        if cp.epoch not in self._aggregators:
+            cp.verify()
+            self._early_checkpoints.forget_before(self.committee.epoch)
+            self._early_checkpoints.hold(cp, {m for m, _ in self.ledger.committee()}.__contains__)
             return
         self._take_checkpoint(self._aggregators[cp.epoch], cp)
         await self.flush_checkpoints()

@@ -174,3 +174,23 @@ async def test_a_newcomer_without_a_welcomer_says_hello_and_asks_members_and_inv
         assert [lk for lk, _ in heads] == [member, inviter]
     finally:
         await store.close()
+
+
+async def test_a_strangers_checkpoint_signature_is_refused_before_it_is_checked(tmp_path: Path) -> None:
+    """The signer is checked against the epoch's committee first: a stranger's signature costs
+    no verification (this one is not even valid), and the refusal is the sender's fault."""
+    from dataclasses import replace
+
+    from valuemesh.protocol.consensus import Checkpoint, Content
+    from valuemesh.protocol.errors import AuthorizationError
+    from valuemesh.protocol.identity import Identity
+
+    store, eng = await founded(tmp_path / "s.sqlite")
+    try:
+        c, _ = _catchup(store, {eng.cid: eng}, {}, Sent())
+        content = Content(eng.cid, 0, 3, 3, b"\x01" * 32, b"\x02" * 32, b"\x03" * 32)
+        cp = replace(Checkpoint.create(Identity(b"\x09" * 32), content), sig=b"\x00" * 64)
+        with pytest.raises(AuthorizationError, match="not a core member"):
+            await c.on_checkpoint_sig(FakeLink(OTHER), m.CheckpointSig(eng.cid, cp.encode()))  # type: ignore[arg-type]
+    finally:
+        await store.close()

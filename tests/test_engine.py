@@ -313,3 +313,32 @@ async def test_a_kept_snapshot_is_served_in_slices_without_decoding(tmp_path: Pa
             await store.snapshot_part(eng.cid, snap.epoch, -1, size)
     finally:
         await store.close()
+
+
+STRANGER = Identity(bytes([9]) * 32)
+
+
+async def test_a_strangers_checkpoint_signatures_neither_stall_nor_abort_an_epoch_end(tmp_path: Path) -> None:
+    """A key outside the core signs checkpoints of the current and the next epoch (#16, the
+    epoch-change stall): the current one is refused before its signature is checked, the next
+    one is held and, when that epoch ends, dropped without aborting the step."""
+    from valuemesh.protocol.consensus import Checkpoint, Content
+    from valuemesh.protocol.errors import AuthorizationError
+
+    params = replace(engine_mod.NODE_PARAMS, epoch_rounds=3)
+    store, eng = await _engine(tmp_path / "a.sqlite", params)
+    try:
+        def forged(epoch: int) -> Checkpoint:
+            return Checkpoint.create(STRANGER, Content(eng.cid, epoch, 3, 3, b"\x01" * 32, b"\x02" * 32,
+                                                       b"\x03" * 32))
+        with pytest.raises(AuthorizationError):
+            await eng.add_checkpoint(forged(0))
+        await eng.add_checkpoint(forged(1))
+        assert eng._early_checkpoints.held(1) == 1
+        await _finalise(eng, 12)
+        assert eng.final_count == 13 and eng.committee.epoch >= 2
+        cps = await store.checkpoints(eng.cid)
+        assert [c.epoch for c in cps] == list(range(eng.committee.epoch))  # every epoch end certified
+        assert all(set(c.signatures) == {FOUNDER.member.key} for c in cps)
+    finally:
+        await store.close()
