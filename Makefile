@@ -17,8 +17,8 @@ $(STAMP): $(PY) pyproject.toml examples/sharing/pyproject.toml
 	touch $(STAMP)
 
 # The member's daemon, creating the identity on first run, with the documented defaults
-# (docs/operator.md): peer port 7470 on every interface, local API on loopback, mDNS on.
-# Other settings as flags, e.g. make run RUN_ARGS="--no-mdns --log-level debug".
+# (docs/operator.md): peer port 7470 on every interface, local API on loopback, mDNS off.
+# Other settings as flags, e.g. make run RUN_ARGS="--mdns --log-level debug".
 RUN_ARGS ?=
 run: $(STAMP)
 	$(VENV)/bin/valuemesh daemon --init-if-missing $(RUN_ARGS)

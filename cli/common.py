@@ -194,7 +194,9 @@ def wait_final(cid: str, doc: Submitted) -> Submitted:
         if rec.get("final"):
             if rec["status"] != "applied":
                 raise LocalError(rec.get("reason") or f"The ledger {rec['status']} the record.")
-            return Submitted(id=doc["id"], seq=doc["seq"], status="final")
+            done = doc.copy()  # keeps whatever else the answer carried (a hash, ratifiers)
+            done["status"] = "final"
+            return done
         if time.monotonic() >= deadline:
             raise LocalError(f"The record {doc['id'][:16]}… is still pending after {WAIT_S:.0f} s; "
                              "check later with 'valuemesh ledger'.")

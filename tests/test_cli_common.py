@@ -125,6 +125,14 @@ def test_wait_returns_once_final(fake_api: type[FakeApi]) -> None:
     assert [m for m, _, _ in fake_api.calls] == ["POST", "GET", "GET"]
 
 
+def test_waiting_keeps_what_else_the_answer_carried(fake_api: type[FakeApi]) -> None:
+    # A ratification's answer carries its hash; the CLI prints it after --wait.
+    answer = {"id": RID, "seq": 3, "status": "pending", "hash": "cd" * 32}
+    with click.Context(_app()):
+        done = common.wait_final(CID, answer)  # type: ignore[arg-type]
+    assert done == {**answer, "status": "final"} and answer["status"] == "pending"
+
+
 def test_wait_on_a_rejected_record_is_the_ledgers_sentence(fake_api: type[FakeApi]) -> None:
     fake_api.status = "rejected"
     res = CliRunner().invoke(_app(), ["record", CID, "--wait"])
