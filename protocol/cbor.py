@@ -473,9 +473,9 @@ def _plain(value: Any, depth: int) -> int:
     return -1 if m < 0 else 1 + len(value) + m
 
 
-# Key tuple of a map -> its keys in canonical order (or _NOT_PROVEN), for the small key sets
+# Key tuple of a map -> its keys in canonical order, for the small key sets
 # that recur on every record (plugin state values, record and block envelopes).
-_KEY_ORDERS: dict[tuple[Any, ...], Any] = {}
+_KEY_ORDERS: dict[tuple[Any, ...], tuple[str, ...]] = {}
 MAX_KEY_ORDERS = 1024
 MAX_CACHED_KEYS = 32
 _STR_ONLY = frozenset({str})
@@ -506,11 +506,13 @@ def _canonical(value: Any, depth: int) -> Any:
         order = _KEY_ORDERS.get(keys)
         if order is None:
             order = _text_key_order(keys)
-            if len(keys) <= MAX_CACHED_KEYS:
+            # Only proven orders are remembered: keys refused for their type (a str subclass)
+            # compare equal to plain text keys and must not refuse those later.
+            if order is not _NOT_PROVEN and len(keys) <= MAX_CACHED_KEYS:
                 if len(_KEY_ORDERS) >= MAX_KEY_ORDERS:
                     _KEY_ORDERS.clear()
                 _KEY_ORDERS[keys] = order
-        elif order is not _NOT_PROVEN and not _STR_ONLY.issuperset(map(type, keys)):
+        elif not _STR_ONLY.issuperset(map(type, keys)):
             return _NOT_PROVEN  # equal to remembered text keys but not of type str (a subclass)
         if order is _NOT_PROVEN:
             return _NOT_PROVEN

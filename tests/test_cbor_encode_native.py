@@ -135,6 +135,10 @@ def test_key_sets_seen_before_are_ordered_from_the_cache_and_stay_bounded() -> N
     loud = {Loud("a"): 1, Loud("b"): 2}
     assert cbor._canonical(loud, 0) is cbor._NOT_PROVEN
     assert cbor.encode(loud) == cbor.encode_reference(loud) == cbor.encode_reference({"A": 1, "B": 2})
+    # Nor does a subclass refused first make equal plain text keys refused later.
+    cbor._KEY_ORDERS.clear()
+    assert cbor._canonical({Loud("x"): 1}, 0) is cbor._NOT_PROVEN
+    assert cbor._canonical({"x": 1}, 0) == {"x": 1}
     # Equal key tuples of another type (1 == True) share an entry, and are refused either way.
     for m2 in ({1: "x"}, {True: "x"}, {1.0: "x"}):
         assert outcome(cbor.encode, m2) == outcome(cbor.encode_reference, m2)
