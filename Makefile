@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/sharing/pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck pytest soak demo bench bench-full clean
+.PHONY: run test lint typecheck pytest soak demo bench bench-full bench-soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,13 +40,18 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# One process, n = 4, every fault kind: about 27 ms of CPU per seed, so SEEDS=100000 takes
+# about 45 minutes (docs/consensus.md §9). bench-soak spreads 10^5 schedules over n = 4, 7, 10, 16.
 soak: $(STAMP)
-	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate,reconfigure
+	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate,reconfigure,rotate
 
 # Benchmarks (pysyncobj is a bench-only extra): quick < 5 min, full as the issue sizes them.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py
+
+bench-soak: $(STAMP)
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 bench-full: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
