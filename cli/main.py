@@ -112,6 +112,7 @@ def status(c: Ctx) -> None:
         lines.append(f"{k['name']}  {k['id']}")
         lines.append(f"  members {k['members']} (core {k['core']}), final {k['final']}, pending {k['pending']}, "
                      f"round {k['round']}, catch-up {k['catchup']}")
+        lines.append(f"  now: {k['reach']['text']}")
         lines.append(f"  guarantee: {k['guarantee_text']}")
         cp = k.get("checkpoint")
         if cp:

@@ -408,10 +408,17 @@ class Node:
         return out
 
     def status(self) -> dict[str, Any]:
-        cons = [views.summary(e) for e in self.engines.values()]
-        health = "ok"
-        if any(c["pending"] and c["core"] > 1 and not self.links for c in cons):
-            health = "degraded: no peers connected, records cannot become final"
+        """Health says *degraded* and why while any active constellation's records cannot
+        become final from here now (views.reach: too little of the core linked)."""
+        cons, short = [], []
+        linked = set(self.links)
+        for e in self.engines.values():
+            c = views.summary(e)
+            c["reach"] = views.reach(e.current_committee(), self.identity.member, linked)
+            if c["status"] == "active" and c["my_tier"] != "applicant" and not c["reach"]["enough"]:
+                short.append(f"{c['name'] or c['id'][:16]}: {c['reach']['text']}")
+            cons.append(c)
+        health = "degraded: " + "; ".join(short) if short else "ok"
         return {"health": health, "member": str(self.identity.member), "listen": self.addresses()[0],
                 "uptime_s": int(time.time() - self.started_at), "peers": self.peer_list(), "constellations": cons}
 

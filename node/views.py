@@ -7,6 +7,7 @@ one thing they write is the engine's memo of a final record's JSON, made on firs
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from valuemesh.node.engine import Engine
@@ -34,6 +35,39 @@ def guarantee_text(committee: Committee) -> str:
         return (f"{n} core members: survives {crash} member(s) going offline but cannot tolerate a dishonest "
                 f"member; add core members until there are 4 to tolerate one.")
     return f"{n} core members: survives {committee.f} member(s) offline or dishonest."
+
+
+def reach(committee: Committee, me: MemberId, linked: Collection[MemberId]) -> dict[str, Any]:
+    """What this node can reach of the core *now*: the core members it holds an open link to
+    (itself included when it is one), by head and by weight, and whether that is enough for
+    new records to become final: a quorum of the weight for a core member, at least one core
+    member for anyone else (who hands its records to the core to be ordered).
+
+    Direct links only: blocks do travel further through peers that fetch each other's
+    parents, so a node short of a quorum may still see records become final; what it cannot
+    promise is that they will, which is what a member needs to know."""
+    reachable = [m for m, _ in committee.members if m == me or m in linked]
+    weight = sum(committee.weight(m) for m in reachable)
+    n = len(committee.members)
+    need = committee.quorum if me in committee else 1
+    ok = weight >= need
+    text = f"reachable core: {len(reachable)} of {n}"
+    if n == 1 and me in committee:
+        text += " (this node) — new records become final here"
+    elif ok:
+        text += " — new records can become final"
+        if me in committee:
+            # How many of the others can drop off, the heaviest first, with a quorum left.
+            spare, left = 0, weight
+            for w in sorted((committee.weight(m) for m in reachable if m != me), reverse=True):
+                if left - w < need:
+                    break
+                spare, left = spare + 1, left - w
+            text += f"; {spare} more may go offline" if spare else "; losing one more stops it"
+    else:
+        text += " — new records cannot become final"
+    return {"core": n, "reachable": len(reachable), "weight": weight, "quorum": committee.quorum,
+            "enough": ok, "text": text}
 
 
 def final_entry(eng: Engine, pos: int) -> dict[str, Any]:

@@ -49,6 +49,19 @@ def test_four_daemons_agree_survive_a_kill_and_catch_up(tmp_path: Path) -> None:
             d.cli("contribute", cid, "--action", "produce", "--quantity", "1", "--unit", "loaf")
         wait_until(lambda: _agreed(c, cid, 16), DEADLINE_S, "the three survivors to keep finalising")
         survivors_hash = c.daemons[0].cli_json("ledger", cid)["state_hash"]
+        # Health speaks of now: with a second core member gone, 2 of 4 cannot finalise.
+        first = c.daemons[0]
+        now = first.cli_json("status")
+        assert now["health"] == "ok"
+        assert now["constellations"][0]["reach"]["text"] == (
+            "reachable core: 3 of 4 — new records can become final; losing one more stops it")
+        c.daemons[2].kill()
+        wait_until(lambda: first.cli_json("status")["health"] != "ok", DEADLINE_S, "health to say degraded")
+        assert first.cli_json("status")["health"] == (
+            "degraded: bakery: reachable core: 2 of 4 — new records cannot become final")
+        assert "now: reachable core: 2 of 4 — new records cannot become final" in first.cli("status").stdout
+        c.daemons[2].start()
+        wait_until(lambda: first.cli_json("status")["health"] == "ok", DEADLINE_S, "health to recover")
 
         victim.start()
         wait_until(lambda: _agreed(c, cid, 16), DEADLINE_S, "the restarted daemon to catch up")

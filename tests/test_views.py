@@ -108,3 +108,26 @@ def test_the_guarantee_text_says_what_each_core_size_survives() -> None:
     assert "survives 1 member(s) going offline but cannot tolerate a dishonest member" in text(3)
     assert text(4) == "4 core members: survives 1 member(s) offline or dishonest."
     assert text(7) == "7 core members: survives 2 member(s) offline or dishonest."
+
+
+def test_reach_says_whether_new_records_can_become_final_now() -> None:
+    ids = [Identity(bytes([i + 1]) * 32).member for i in range(7)]
+    four, seven = Committee.of(ids[:4]), Committee.of(ids)
+
+    def text(committee: Committee, me: int, linked: list[int]) -> str:
+        return str(views.reach(committee, ids[me], {ids[i] for i in linked})["text"])
+
+    assert text(four, 0, [1]) == "reachable core: 2 of 4 — new records cannot become final"
+    assert text(four, 0, [1, 2]) == "reachable core: 3 of 4 — new records can become final; losing one more stops it"
+    assert text(four, 0, [1, 2, 3]) == "reachable core: 4 of 4 — new records can become final; 1 more may go offline"
+    assert text(seven, 0, [1, 2, 3, 4, 5, 6]).endswith("7 of 7 — new records can become final; 2 more may go offline")
+    # A link to someone outside the committee counts for nothing.
+    assert not views.reach(four, ids[0], {ids[5], ids[6]})["enough"]
+    # Not in the committee: one core member reached is enough to hand records to the core.
+    assert text(four, 6, []) == "reachable core: 0 of 4 — new records cannot become final"
+    assert text(four, 6, [2]) == "reachable core: 1 of 4 — new records can become final"
+    assert text(Committee.of(ids[:1]), 0, []) == "reachable core: 1 of 1 (this node) — new records become final here"
+    # Weight, not heads: a heavy member away can stop finality that heads alone would promise.
+    heavy = Committee.of({ids[0]: 1, ids[1]: 1, ids[2]: 1, ids[3]: 3})
+    r = views.reach(heavy, ids[0], {ids[1], ids[2]})
+    assert r["reachable"] == 3 and r["weight"] == 3 and r["quorum"] > 3 and not r["enough"]
