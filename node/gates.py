@@ -67,7 +67,8 @@ class RecordGate:
         """The records new to this node that pass; the refusals of the others. Records held
         already (pending here, or their seq final) are neither: they cost nothing more."""
         b = self.budgets
-        if not eng.may_receive(sender):
+        stranger = not eng.may_receive(sender)
+        if stranger:
             if len(recs) > b.join_batch or not all(r.author == sender and is_join(r) for r in recs):
                 return [], [Refusal("A peer that is not a member may send only its own join record.", True)]
         keep: list[Record] = []
@@ -81,8 +82,8 @@ class RecordGate:
                 refused.append(Refusal("The record is for another constellation.", True))
                 continue
             final_next = eng.ledger.next_seq(r.author)
-            if r.id in eng.pending or r.seq < final_next:
-                continue
+            if r.seq < final_next or (r.id in eng.pending and not stranger):
+                continue  # (a stranger's join pending here still makes it an applicant again)
             if is_join(r):
                 why = self._join_refusal(eng, r, now_ms)
                 if why is not None:
