@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from valuemesh.node.budgets import Budgets
 from valuemesh.node.engine import Effects, Engine
+from valuemesh.node.gates import HistoryGate
 from valuemesh.node.link import PeerLink
 from valuemesh.node.messaging import Handlers, Send, Spawn, engine_for_peer, members_links
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
@@ -48,7 +51,8 @@ class Catchup:
                  send: Send, spawn: Spawn, hello: Callable[[], m.Hello],
                  send_heads: Callable[[PeerLink, Engine], Awaitable[None]],
                  effects: Callable[[Engine, Effects], Awaitable[None]],
-                 start_min_records: int = CHECKPOINT_START_MIN_RECORDS) -> None:
+                 start_min_records: int = CHECKPOINT_START_MIN_RECORDS,
+                 history: HistoryGate | None = None) -> None:
         self.store = store
         self.engines = engines
         self.links = links
@@ -58,6 +62,7 @@ class Catchup:
         self.send_heads = send_heads
         self.effects = effects
         self.start_min_records = start_min_records
+        self.history = history if history is not None else HistoryGate(Budgets())  # what we serve each peer
         # A pending checkpoint fetch: the link asked, and where its answers go.
         self._chain_waiters: dict[bytes, tuple[PeerLink, asyncio.Future[m.CheckpointChain]]] = {}
         self._snapshot_parts: dict[bytes, tuple[PeerLink, asyncio.Queue[m.SnapshotPart]]] = {}
@@ -98,10 +103,18 @@ class Catchup:
 
     async def on_get_snapshot(self, link: PeerLink, msg: m.GetSnapshot) -> None:
         eng = engine_for_peer(self.engines, link, msg.c)
+        # A part is history served: it waits for the peer's budget, or is refused past a bound.
+        if self.history.wait_for(link.remote, m.SNAPSHOT_CHUNK, time.monotonic()) > \
+                self.history.budgets.history_max_wait_s:
+            reason = "This node has served its budget of history to you for now."
+            await self.send(link, m.Refuse(reason))
+            link.penalize(self.history.budgets.over_budget_penalty, reason)
+            return
         found = await self.store.snapshot_part(eng.cid, msg.epoch, msg.offset, m.SNAPSHOT_CHUNK)
         if found is None:
             raise RemoteError("The peer asked for a snapshot part this node does not hold.")
         part, total = found
+        await asyncio.sleep(self.history.spend(link.remote, len(part), time.monotonic()))
         await self.send(link, m.SnapshotPart(eng.cid, msg.epoch, msg.offset, part, total))
 
     async def on_snapshot_part(self, link: PeerLink, msg: m.SnapshotPart) -> None:

@@ -24,6 +24,7 @@ from aiohttp import web
 from valuemesh.node import trace, views
 from valuemesh.node.addresses import Address, ExchangeEntry, Source, parse_hostport
 from valuemesh.node.api import make_app
+from valuemesh.node.budgets import Budgets
 from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS, Catchup
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Effects, Engine
@@ -131,6 +132,7 @@ class Node:
         self._by_text: dict[str, Engine] = {}
         self._wake = asyncio.Event()
         self.started_at = time.time()
+        self.budgets = Budgets()  # what a peer's data may cost this node (node/budgets.py)
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -176,14 +178,15 @@ class Node:
         """Build the collaborators around the open store and register their message handlers
         (before the transport listens: no message arrives before its handler)."""
         self.gossip = Gossip(self.store, self.engines, self.links, send=send, verifier=self.verifier,
-                             spawn=self._spawn, wake=self._wake, fetching=lambda cid: self.catchup.fetching(cid))
+                             spawn=self._spawn, wake=self._wake, fetching=lambda cid: self.catchup.fetching(cid),
+                             budgets=self.budgets)
         self.catchup = Catchup(self.store, self.engines, self.links, send=send, spawn=self._spawn,
                                hello=self._hello, send_heads=self.gossip.send_heads, effects=self.gossip.effects,
-                               start_min_records=self.checkpoint_start_min_records)
+                               start_min_records=self.checkpoint_start_min_records, history=self.gossip.gates.history)
         self.joining = Joining(self.identity, self.store, self.engines, self.links, send=send, spawn=self._spawn,
                                connect=self.transport.connect, new_engine=self._new_engine,
                                forward=self.gossip.forward, first_sync=self.catchup.first_sync,
-                               reached=self._inviter_reached)
+                               reached=self._inviter_reached, gates=self.gossip.gates)
         self.signer = Signer(self.identity, self.registry, self.store, self.engines, spawn=self._spawn,
                              effects=self.gossip.effects, forward=self.gossip.forward)
         self.handlers.add(m.Hello, self._on_hello)

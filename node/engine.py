@@ -21,6 +21,7 @@ from typing import Any
 
 from valuemesh.node import trace
 from valuemesh.node.epoch_ends import Closing, EarlyCheckpoints
+from valuemesh.node.pending_pool import PendingPool
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol import cbor
@@ -112,7 +113,7 @@ class Engine:
         self.final_count = 0
         self.commit_index = 0
         self.clock = genesis.created
-        self.pending: dict[bytes, Record] = {}
+        self.pending = PendingPool()  # counts each author's share (node/budgets.py)
         self.applicants: set[bytes] = set()
         self.recent_commit_latency_ms: deque[int] = deque(maxlen=1000)
         self.catchup: dict[str, int] = {"blocks_done": 0, "blocks_left": 0}

@@ -15,16 +15,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from valuemesh.node import trace
+from valuemesh.node.budgets import Budgets
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Effects, Engine
+from valuemesh.node.gates import Gates, Refusal
 from valuemesh.node.link import PeerLink
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, Send, Spawn, engine_for_peer, members_links
 from valuemesh.node.store import Store, StoredBlock
 from valuemesh.node.verify import ParallelVerifier
 from valuemesh.protocol import messages as m
-from valuemesh.protocol.errors import RemoteError, ValuemeshError
+from valuemesh.protocol.errors import RemoteError, SignatureError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
-from valuemesh.protocol.records import EquivocationProof, Record, decode_blocks, decode_records
+from valuemesh.protocol.invite import decode_invite
+from valuemesh.protocol.records import EquivocationProof, Record, decode_blocks, decode_records_unverified
 
 log = logging.getLogger("valuemesh.daemon")  # the daemon's logger, as before the split: log filters keep working
 PROGRESS_LOG_S = 2.0
@@ -39,7 +42,7 @@ class Gossip:
 
     def __init__(self, store: Store, engines: Mapping[bytes, Engine], links: Mapping[MemberId, PeerLink], *,
                  send: Send, verifier: ParallelVerifier, spawn: Spawn, wake: asyncio.Event,
-                 fetching: Callable[[bytes], bool]) -> None:
+                 fetching: Callable[[bytes], bool], budgets: Budgets | None = None) -> None:
         self.store = store
         self.engines = engines
         self.links = links
@@ -49,6 +52,8 @@ class Gossip:
         self.wake = wake  # set when an engine asks for a tick sooner than the loop sleeps
         self.fetching = fetching  # whether a constellation is starting from a checkpoint
         self.streams: dict[tuple[MemberId, bytes], asyncio.Task[None]] = {}
+        # What a peer's data must pass before costly work (shared with joining and catch-up).
+        self.gates = Gates(budgets or Budgets(), store.equivocation_count)
         self._last_progress_log = 0.0
 
     def register(self, handlers: Handlers) -> None:
@@ -77,39 +82,80 @@ class Gossip:
         # Raw rows (the peer decodes and verifies what it takes), in messages of at most
         # SYNC_BATCH blocks and SYNC_BATCH_BYTES: large blocks must not push one past the limit.
         for chunk in sync_chunks(await self.store.get_raw_blocks(eng.cid, msg.ids)):
+            size = sum(len(raw) for raw in chunk)
+            history = self.gates.history
+            if history.wait_for(link.remote, size, time.monotonic()) > history.budgets.history_max_wait_s:
+                await self.refuse(link, Refusal("This node has served its budget of history to you for now.",
+                                                False))
+                return
+            await asyncio.sleep(history.spend(link.remote, size, time.monotonic()))
             await self.send(link, m.Blocks(eng.cid, chunk, 0))
             if link.closed:
                 return
 
+    async def refuse(self, link: PeerLink, *refusals: Refusal) -> None:
+        """Tell the peer why, in one sentence, and lower its score: fully for invalid data,
+        a little for data over a budget (an honest burst may meet one)."""
+        first = refusals[0]
+        more = f" ({len(refusals) - 1} more refused)" if len(refusals) > 1 else ""
+        await self.send(link, m.Refuse((first.reason + more)[:500]))
+        invalid = any(r.invalid for r in refusals)
+        link.penalize(PENALTY_INVALID if invalid else self.gates.budgets.over_budget_penalty,
+                      next(r for r in refusals if r.invalid or not invalid).reason)
+
     async def on_submit_records(self, link: PeerLink, msg: m.SubmitRecords) -> None:
-        # Decode all, then verify all on the node's cores: faster, same first error.
-        recs = decode_records(msg.records, batch_verifier=self.verifier)
         eng = self.engines.get(msg.c)
-        known = eng is not None and eng.may_receive(link.remote)
-        if eng is not None and not known and recs and all(
-                r.author == link.remote and r.type == "membership" and r.body.get("op") == "join"
-                for r in recs):
-            # An invitee re-sending its join (e.g. after we restarted): the
-            # precheck below decides whether its invite is valid.
-            eng.applicants.add(link.remote.key)
-        eng = engine_for_peer(self.engines, link, msg.c)
+        if eng is None:
+            raise RemoteError("The peer sent records of a constellation this node does not follow.")
+        # Membership, constellation, seq window and budgets before any signature is checked.
+        got = decode_records_unverified(msg.records)
+        if got.error is not None:
+            raise got.error
+        stranger = not eng.may_receive(link.remote)
+        now = time.monotonic()
+        wanted, refused = self.gates.records.screen(eng, link.remote, got.items, now, now_ms())
         good = []
-        for r in recs:
+        for r in wanted:
             try:
                 eng.precheck(r)
                 good.append(r)
             except ValuemeshError as exc:
-                await self.send(link, m.Refuse(exc.message[:500]))
-        if not good and not known:
-            eng.applicants.discard(link.remote.key)
+                refused.append(Refusal(exc.message, False))
         if good:
-            await self.effects(eng, await eng.submit(good, now_ms()))
+            # Then the signatures of what is left, on the node's cores: one bad one refuses the lot.
+            ids = {id(r) for r in good}
+            checks = [c for r, c in zip(got.items, got.checks, strict=True) if id(r) in ids]
+            bad = self.verifier(checks)
+            if bad is not None:
+                raise SignatureError(f"The signature of {checks[bad][0].short}… does not verify.")
+        if refused:
+            await self.refuse(link, *refused)
+        if not good:
+            return
+        if stranger:
+            # An invitee sending its join (e.g. again, after we restarted): welcomed as an
+            # applicant, within the join attempts a peer and an invite may have under way.
+            inv = decode_invite(good[0].body["token"], verify=False)
+            self.gates.joins.expire(list(self.engines.values()), now)
+            why = self.gates.joins.refusal(eng, link.remote, inv)
+            if why is not None:
+                await self.refuse(link, why)
+                return
+            self.gates.joins.start(eng, link.remote, inv, now)
+        self.gates.records.charge(eng, good, now)
+        await self.effects(eng, await eng.submit(good, now_ms()))
 
     async def on_proof(self, link: PeerLink, msg: m.Proof) -> None:
         eng = engine_for_peer(self.engines, link, msg.c)
-        proof = EquivocationProof.decode(msg.proof)
+        proof = EquivocationProof.decode(msg.proof, verify=False)
+        refused = await self.gates.proofs.screen(eng, link.remote, proof)
+        if refused is not None:
+            await self.refuse(link, refused)
+            return
+        author = proof.verify()  # the signatures last
         await eng.store_proof(proof, now_ms())
-        log.warning("equivocation by %s in %s", proof.author, eng.text_id)
+        self.gates.proofs.stored(eng.cid, author)
+        log.warning("equivocation by %s in %s", author, eng.text_id)
 
     # -- sync ----------------------------------------------------------------------
     async def send_heads(self, link: PeerLink, eng: Engine) -> None:
@@ -134,12 +180,23 @@ class Gossip:
         old = self.streams.get(key)
         if old is not None and not old.done():
             old.cancel()
-        task = self.spawn(self.stream_gap(link, eng, floor, since, their))
+        task = self.spawn(self.stream_budgeted(link, eng, floor, since, their))
         self.streams[key] = task
         task.add_done_callback(lambda t: self.streams.pop(key, None) if self.streams.get(key) is t else None)
 
+    async def stream_budgeted(self, link: PeerLink, eng: Engine, floor: int, since: int,
+                              their: dict[tuple[bytes, int], int]) -> None:
+        """`stream_gap` in one of the peer's stream slots, each message within its history budget."""
+        async with self.gates.history.stream_slot(link.remote):
+            await self.stream_gap(link, eng, floor, since, their, budgeted=True)
+
+    async def _send_history(self, link: PeerLink, msg: m.Blocks, budgeted: bool) -> None:
+        if budgeted:
+            await asyncio.sleep(self.gates.history.spend(link.remote, sum(map(len, msg.blocks)), time.monotonic()))
+        await self.send(link, msg)
+
     async def stream_gap(self, link: PeerLink, eng: Engine, floor: int, since: int,
-                         their: dict[tuple[bytes, int], int]) -> None:
+                         their: dict[tuple[bytes, int], int], budgeted: bool = False) -> None:
         """Send every block the peer lacks from its epoch on, epoch by epoch and oldest rounds
         first, in bounded batches (so it can close each epoch before the next one arrives);
         the window of its epoch from its first undecided round on goes whole."""
@@ -171,7 +228,7 @@ class Gossip:
                     continue
                 if chunk and size + len(b.raw) > SYNC_BATCH_BYTES:
                     sent += len(chunk)
-                    await self.send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
+                    await self._send_history(link, m.Blocks(eng.cid, chunk, max(0, total - sent)), budgeted)
                     chunk, size = [], 0
                     if link.closed:
                         return
@@ -179,12 +236,12 @@ class Gossip:
                 size += len(b.raw)
                 if len(chunk) == SYNC_BATCH:
                     sent += len(chunk)
-                    await self.send(link, m.Blocks(eng.cid, chunk, max(0, total - sent)))
+                    await self._send_history(link, m.Blocks(eng.cid, chunk, max(0, total - sent)), budgeted)
                     chunk, size = [], 0
                     if link.closed:
                         return
         if chunk:
-            await self.send(link, m.Blocks(eng.cid, chunk, 0))
+            await self._send_history(link, m.Blocks(eng.cid, chunk, 0), budgeted)
 
     async def receive_blocks(self, link: PeerLink, eng: Engine, raws: list[bytes], left: int) -> None:
         t_rx = time.monotonic()

@@ -14,10 +14,12 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from typing import Any
 
+from valuemesh.node.budgets import Budgets
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Engine
+from valuemesh.node.gates import Gates, Refusal, invite_refusal
 from valuemesh.node.link import PeerLink
-from valuemesh.node.messaging import Handlers, Send, Spawn
+from valuemesh.node.messaging import PENALTY_INVALID, Handlers, Send, Spawn
 from valuemesh.node.store import Store
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
@@ -38,7 +40,8 @@ class Joining:
                  new_engine: Callable[[Record], Engine],
                  forward: Callable[[Engine, list[Record]], Awaitable[None]],
                  first_sync: Callable[[Engine, PeerLink | None, MemberId], Coroutine[Any, Any, None]],
-                 reached: Callable[[PeerLink, str, int], None] = lambda link, host, port: None) -> None:
+                 reached: Callable[[PeerLink, str, int], None] = lambda link, host, port: None,
+                 gates: Gates | None = None) -> None:
         self.identity = identity
         self.store = store
         self.engines = engines
@@ -50,6 +53,7 @@ class Joining:
         self.forward = forward
         self.first_sync = first_sync
         self.reached = reached  # told of an inviter's address that answered
+        self.gates = gates if gates is not None else Gates(Budgets(), store.equivocation_count)
         self._waiters: dict[bytes, asyncio.Future[Record]] = {}
         self._welcomers: dict[bytes, PeerLink] = {}
         self._asked: dict[bytes, PeerLink] = {}  # the member each pending join was sent to
@@ -61,27 +65,46 @@ class Joining:
 
     # -- a member's side -----------------------------------------------------------
     async def on_join_request(self, link: PeerLink, msg: m.JoinRequest) -> None:
-        inv = decode_invite(msg.token)
-        eng = self.engines.get(inv.constellation)
-        if eng is None:
-            await self.send(link, m.Refuse("This node does not follow that constellation."))
-            return
-        record = decode_record(msg.record)
-        reason = None
-        if record.author != link.remote:
-            reason = "The join record is not signed by the connecting member."
-        elif record.type != "membership" or record.body.get("op") != "join" or record.body.get("token") != msg.token:
-            reason = "The join record does not carry this invite."
-        else:
-            try:
+        # Everything cheap first (the invite's fields, expiry and uses, the record's shape, the
+        # attempts under way), the two signatures last; every refusal costs the peer points.
+        now = time.monotonic()
+        joins = self.gates.joins
+        joins.expire(list(self.engines.values()), now)
+        refusal: Refusal | None = None
+        eng: Engine | None = None
+        try:
+            inv = decode_invite(msg.token, verify=False)
+            eng = self.engines.get(inv.constellation)
+            if eng is None:
+                raise RemoteError("This node does not follow that constellation.")
+            record = decode_record(msg.record, verify=False)
+            reason = None
+            if record.author != link.remote:
+                reason = "The join record is not signed by the connecting member."
+            elif (record.type != "membership" or record.body.get("op") != "join"
+                  or record.body.get("token") != msg.token or record.constellation != eng.cid):
+                reason = "The join record does not carry this invite."
+            else:
+                reason = invite_refusal(eng, inv, link.remote, now_ms())
+            if reason is not None:
+                raise RemoteError(reason)
+            refusal = joins.refusal(eng, link.remote, inv)
+            if refusal is None:
+                decode_invite(msg.token)
+                decode_record(msg.record)
                 eng.precheck(record)
-            except ValuemeshError as exc:
-                reason = exc.message
-        if reason is not None:
-            await self.send(link, m.Refuse(reason))
+        except RemoteError as exc:
+            refusal = Refusal(exc.message, True)
+        except ValuemeshError as exc:
+            refusal = Refusal(exc.message, False)
+        if refusal is not None or eng is None:
+            refusal = refusal or Refusal("This node does not follow that constellation.", True)
+            await self.send(link, m.Refuse(refusal.reason[:500]))
+            link.penalize(PENALTY_INVALID if refusal.invalid else self.gates.budgets.over_budget_penalty,
+                          refusal.reason)
             return
         # Welcome first, take the join record only once the joiner sends it back.
-        eng.applicants.add(link.remote.key)
+        joins.start(eng, link.remote, inv, now)
         await self.send(link, m.JoinReply(eng.cid, eng.genesis.raw))
 
     # -- the invitee's side --------------------------------------------------------

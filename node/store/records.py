@@ -83,6 +83,12 @@ class RecordReads(StoreCore):
             out.append(Equivocation(str(kind), constellation, MemberId(bytes(author)), int(slot), p, int(found_at)))
         return out
 
+    async def equivocation_count(self, constellation: bytes, author: MemberId) -> int:
+        """How many equivocation proofs of `author` this node keeps (a per-author bound)."""
+        rows = await self._rows("SELECT COUNT(*) FROM equivocations WHERE constellation = ? AND author = ?",
+                                (constellation, author.key))
+        return int(rows[0][0])
+
     async def equivocators(self, constellation: bytes) -> set[MemberId]:
         rows = await self._rows("SELECT DISTINCT author FROM equivocations WHERE constellation = ?", (constellation,))
         return {MemberId(bytes(r[0])) for r in rows}
