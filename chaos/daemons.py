@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ class Node:
     member: str = ""
     skew_s: int = 0
     starts: int = 0
-    extra_env: dict[str, str] = field(default_factory=dict)
+    loop_device: str = ""  # the loop device under the home, for the slow-disk fault
 
     @property
     def name(self) -> str:
@@ -99,7 +99,7 @@ class Node:
                           "--network", NETWORK)
         for b in bootstrap or []:
             argv += ["--bootstrap", b]
-        env = dict(os.environ, **self.extra_env)
+        env = dict(os.environ)
         self.skew_s = skew_s
         if skew_s:
             lib = faketime_lib()
