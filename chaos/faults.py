@@ -109,7 +109,14 @@ def inject(f: Fault, bed: Bed, nodes: Sequence[Node], restart: Callable[[Node, i
         return lambda: restart(node, 0)
     elif f.kind == "disk-full":
         filler = fill(node.home)
-        return lambda: filler.unlink(missing_ok=True)
+
+        def unfill() -> None:
+            # A write refused for want of space wedges the node's order until a restart ("a
+            # restart rebuilds the order from the store", its log says): the operator's step.
+            filler.unlink(missing_ok=True)
+            restart(node, node.skew_s)
+
+        return unfill
     elif f.kind == "disk-slow":
         dev = node.loop_device
         bed.slow(dev, f.param)

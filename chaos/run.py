@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -127,13 +128,16 @@ class Runner:
             token = founder.cli("constellation", "invite", self.cid, "--tier", "core", "--role", "producer")
             node.start()  # knows no one: the token carries the inviter's address
             node.cli("constellation", "join", str(token["token"]))
-            if not wait_for(lambda nd=node: self.members_active(nd) >= nd.host.index + 1, FORM_TIMEOUT_S):
+            if not wait_for(partial(self.has_members, node, node.host.index + 1), FORM_TIMEOUT_S):
                 raise RuntimeError(f"{node.name} did not become an active member in {FORM_TIMEOUT_S:.0f} s")
             self.log(f"{node.name} joined")
         for node in self.nodes:
-            if not wait_for(lambda nd=node: self.members_active(nd) == len(self.nodes), FORM_TIMEOUT_S):
+            if not wait_for(partial(self.has_members, node, len(self.nodes)), FORM_TIMEOUT_S):
                 raise RuntimeError(f"{node.name} does not see all {len(self.nodes)} members")
         self.log(f"{len(self.nodes)} core members formed by invites")
+
+    def has_members(self, node: Node, n: int) -> bool:
+        return self.members_active(node) >= n
 
     def members_active(self, node: Node) -> int:
         doc = in_netns(node, lambda: node.call("GET", f"/v1/constellations/{self.cid}"))
@@ -261,7 +265,7 @@ class Runner:
             "writes": len(load.ops), "acknowledged": v.acknowledged, "refused": v.refused, "unknown": v.unknown,
             "final_records": v.final_len, "lagging": v.lagging, "snapshots": len(self.snapshots),
             "lost_acknowledged": sum(1 for a in v.anomalies if a.startswith("acknowledged write lost")),
-            "anomalies": v.anomalies, "findings": self.findings,
+            "anomalies": v.anomalies, "findings": self.findings, "events": self.events,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}",
         }
         (self.work / "report.json").write_text(json.dumps(summary, indent=2))
