@@ -58,6 +58,7 @@ class Node:
     skew_s: int = 0
     starts: int = 0
     loop_device: str = ""  # the loop device under the home, for the slow-disk fault
+    log_from: int = 0  # where this start's lines begin in the log
 
     @property
     def name(self) -> str:
@@ -107,7 +108,9 @@ class Node:
                 raise DaemonError("libfaketime is not installed")
             env.update(LD_PRELOAD=lib, FAKETIME=f"{skew_s:+d}s", FAKETIME_DONT_FAKE_MONOTONIC="1",
                        FAKETIME_NO_CACHE="1")
-        with open(self.home.parent / f"{self.name}.log", "ab") as log:
+        log_path = self.home.parent / f"{self.name}.log"
+        self.log_from = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
         self.starts += 1
         assert self.proc.stdout is not None
@@ -131,6 +134,16 @@ class Node:
             sel.close()
         self.kill()
         raise DaemonError(f"{self.name} did not start within {START_TIMEOUT_S:.0f} s; see its log")
+
+    def dropped_constellation(self) -> bool:
+        """Whether this start refused to follow the constellation it holds (its log says
+        'cannot follow constellation'): finding 1 of docs/reliability.md."""
+        try:
+            with open(self.home.parent / f"{self.name}.log", "rb") as log:
+                log.seek(self.log_from)
+                return b"cannot follow constellation" in log.read()
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL by PID: the crash."""

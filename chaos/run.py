@@ -97,6 +97,7 @@ class Runner:
         self.faults_done: dict[str, int] = {}
         self.rng = random.Random(args.seed ^ 0x5EED)
         self.integrity: dict[str, str] = {}
+        self.dropped: set[str] = set()
 
     def log(self, text: str) -> None:
         line = f"[{time.monotonic() - self.t0:7.1f} s] {text}"
@@ -169,11 +170,25 @@ class Runner:
                 self.findings.append(f"{node.name} exited during {why} (restarted)")
                 node.start()
 
+    def following(self) -> list[Node]:
+        """The nodes still following the constellation; one that dropped it after a restart is
+        recorded once and left out of recovery waits and of later faults."""
+        for node in self.nodes:
+            if node.name not in self.dropped and node.dropped_constellation():
+                self.dropped.add(node.name)
+                self.findings.append(f"{node.name} restarted and refused to follow the constellation: 'The stored "
+                                     f"blocks do not reproduce the stored commit order.' (seed {self.args.seed}, "
+                                     f"after {self.kills} kills)")
+                self.log(f"  FINDING: {node.name} dropped the constellation at restart")
+        return [nd for nd in self.nodes if nd.name not in self.dropped]
+
     def recover(self, label: str) -> None:
-        """Every node reaches the longest final order seen at heal time (bounded)."""
-        target = max(self.final_count(nd) for nd in self.nodes)
+        """Every following node reaches the longest final order seen at heal time (bounded)."""
+        time.sleep(POLL_S)  # a restarted node decides within its first ticks whether it follows
+        nodes = self.following()
+        target = max(self.final_count(nd) for nd in nodes)
         start = time.monotonic()
-        if wait_for(lambda: min(self.final_count(nd) for nd in self.nodes) >= target, RECOVER_TIMEOUT_S):
+        if wait_for(lambda: min(self.final_count(nd) for nd in self.following()) >= target, RECOVER_TIMEOUT_S):
             self.log(f"  recovered after {label} in {time.monotonic() - start:.1f} s (final ≥ {target})")
             return
         counts = {nd.name: self.final_count(nd) for nd in self.nodes}
@@ -183,6 +198,12 @@ class Runner:
 
     def run_fault(self, f: Fault) -> None:
         time.sleep(self.rng.uniform(0.2, 1.5))  # a random point under load
+        live = self.following()
+        if f.target < len(self.nodes) and self.nodes[f.target] not in live:
+            f = Fault(f.kind, live[f.target % len(live)].host.index, f.duration_s, f.param)
+            if f.kind in ("disk-full", "disk-slow"):
+                self.log(f"skip {f.kind}: its node dropped the constellation")
+                return
         if f.kind == "kill":
             node = self.nodes[f.target]
             node.kill()
@@ -219,7 +240,7 @@ class Runner:
                 self.restart(node, 0)
 
         def done() -> bool:
-            orders = [read_db(nd.db)[1] for nd in self.nodes]
+            orders = [read_db(nd.db)[1] for nd in self.following()]
             return len({len(o) for o in orders}) == 1 and all(acked <= set(o) for o in orders)
 
         start = time.monotonic()
