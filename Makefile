@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/sharing/pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck pytest soak demo bench bench-full bench-soak clean
+.PHONY: run test lint typecheck pytest soak demo bench bench-full bench-soak chaos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,14 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol node cli plugin tests bench scripts examples
+	$(VENV)/bin/ruff check protocol node cli plugin tests bench scripts examples chaos
 
 # mypy strict over every package and the example plugin. mypy cannot follow the editable
 # install's folder-to-namespace mapping, so namespace/valuemesh/* are symlinks to the folders
 # (pyproject's [tool.mypy] mypy_path), the same mapping package-dir gives setuptools.
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy -p valuemesh.protocol -p valuemesh.node -p valuemesh.cli -p valuemesh.plugin -p valuemesh_sharing
+	$(VENV)/bin/mypy -p chaos
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest tests examples/sharing/tests
@@ -44,6 +45,15 @@ test: lint typecheck pytest
 # about 45 minutes (docs/consensus.md §9). bench-soak spreads 10^5 schedules over n = 4, 7, 10, 16.
 soak: $(STAMP)
 	$(PY) -m valuemesh.protocol.sim --nodes 4 --seeds $${SEEDS:-5000} --faults crash,restart,partition,delay,drop,reorder,duplicate,equivocate,reconfigure,rotate
+
+# Real faults on real daemons (docs/reliability.md): 4 daemons in network namespaces, kill -9
+# under load plus one of each other fault, then the history check. Needs root (else it prints
+# SKIPPED and exits 0). The long run: make chaos CHAOS_KILLS=1000.
+CHAOS_KILLS ?= 20
+CHAOS_SEED ?= 1
+CHAOS_ARGS ?=
+chaos: $(STAMP)
+	$(PY) -m chaos.run --seed $(CHAOS_SEED) --kills $(CHAOS_KILLS) $(CHAOS_ARGS)
 
 # Benchmarks (pysyncobj is a bench-only extra): quick < 5 min, full as the issue sizes them.
 bench: $(STAMP)
