@@ -211,6 +211,8 @@ class Consensus:
         self._quorum_at_ms: dict[int, int] = {}
         self._round_ms: list[int] = []  # recent round durations, for the adaptive anchor wait
         self._horizon = start  # blocks below this round are gone from memory
+        # During `restore` only: the ids of every stored block (see `_unknown_links`).
+        self._stored: frozenset[bytes] | None = None
         # Blocks waiting for parents, and blocks of an epoch not yet scheduled.
         self._buffer: dict[bytes, Block] = {}
         self._buffer_per_author: dict[MemberId, int] = {}
@@ -530,6 +532,13 @@ class Consensus:
         starts = {c.start_round: c for c in committees}
         done = list(committed)
         queue = sorted(blocks, key=lambda b: (b.epoch, b.round, b.id))
+        self._stored = frozenset(b.id for b in blocks)
+        try:
+            return self._replay(queue, starts, done)
+        finally:
+            self._stored = None
+
+    def _replay(self, queue: list[Block], starts: dict[int, Committee], done: list[bytes]) -> Output:
         step = _Step(0)
         i = 0
         while True:
@@ -631,11 +640,21 @@ class Consensus:
         # horizon after a catch-up jump, and it is not part of the causal history.
         if block.round <= self._horizon:
             return []  # its parents are below what we keep; accepted as the boundary
-        return [p for p in block.parents if p not in self._blocks]
+        unknown = [p for p in block.parents if p not in self._blocks]
+        if self._stored is not None:
+            # Replaying our own store: a parent that was never stored lay below the memory
+            # horizon when this block was taken live (after a restart or a catch-up jump),
+            # and no anchor can still order it (it is under every later anchor's GC floor).
+            # Take the block as a boundary again, as then; waiting for that parent would
+            # leave every later block buffered and the stored order unreproduced.
+            unknown = [p for p in unknown if p in self._stored]
+        return unknown
 
     def _check_links(self, block: Block) -> None:
         if block.round <= self._horizon:
             return
+        if self._stored is not None and any(p not in self._blocks for p in block.parents):
+            return  # a boundary block of our own store (see `_unknown_links`), checked when taken
         prev_committee = self.committee_at(block.round - 1)
         seen: set[MemberId] = set()
         weight = 0
