@@ -40,6 +40,7 @@ CHECKPOINT_START_MIN_RECORDS = 10_000
 CHECKPOINT_TIMEOUT_S = 10.0  # for the chain and for each snapshot part
 # A node holding blocks this many epochs ahead of its own that orders nothing for this long
 # is stuck behind blocks its peers pruned: it skips ahead to a checkpoint.
+CHAIN_BYTES = m.MAX_MESSAGE_SIZE // 2  # a checkpoint chain must fit one message with room to spare
 SKIP_AHEAD_EPOCHS = 2
 SKIP_AHEAD_STALL_S = 5.0
 
@@ -91,7 +92,7 @@ class Catchup:
 
     async def on_get_checkpoint(self, link: PeerLink, msg: m.GetCheckpoint) -> None:
         eng = engine_for_peer(self.engines, link, msg.c)
-        links, snap = await eng.checkpoint_chain()
+        links, snap = await checkpoint_chain(self.store, eng.cid)
         await self.send(link, m.CheckpointChain(eng.cid, links, len(snap.raw) if snap else 0,
                                                 snap.final if snap else 0))
 
@@ -237,3 +238,26 @@ class Catchup:
         if len(got) != size:
             raise RemoteError("The peer's snapshot is not the size it announced.")
         return bytes(got)
+
+
+async def checkpoint_chain(store: Store, cid: bytes) -> tuple[list[list[bytes]], Snapshot | None]:
+    """What a newcomer needs to start from our latest certified epoch end: one link per
+    closed epoch from 0 ([certificate, the committee it attests], canonical CBOR), and the
+    snapshot of the last link. ([], None) if we cannot offer a complete chain."""
+    links: list[list[bytes]] = []
+    size = 0
+    for i, c in enumerate(await store.checkpoints(cid)):
+        if c.epoch != i or not c.next_members:
+            break
+        cert = CheckpointCertificate(c.content, tuple((MemberId(k), v) for k, v in sorted(c.signatures.items())))
+        link = [cbor.encode(cert.to_map()), c.next_members]
+        size += len(link[0]) + len(link[1])
+        if size > CHAIN_BYTES or len(links) >= m.MAX_CHAIN_LINKS:
+            return [], None  # would not fit in one message: the newcomer syncs from genesis
+        links.append(link)
+    while links:
+        snap = await store.latest_snapshot(cid, len(links) - 1)
+        if snap is not None:
+            return links, snap
+        links.pop()
+    return [], None

@@ -24,11 +24,9 @@ from valuemesh.node.epoch_ends import Closing, EarlyCheckpoints
 from valuemesh.node.pending_pool import PendingPool
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
-from valuemesh.protocol import cbor
 from valuemesh.protocol.consensus import (
     Checkpoint,
     CheckpointAggregator,
-    CheckpointCertificate,
     Committee,
     Consensus,
     Content,
@@ -40,7 +38,6 @@ from valuemesh.protocol.consensus import (
 from valuemesh.protocol.errors import AuthorizationError, LocalError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import Identity, MemberId
 from valuemesh.protocol.ledger import Ledger, Outcome
-from valuemesh.protocol.messages import MAX_CHAIN_LINKS, MAX_MESSAGE_SIZE
 from valuemesh.protocol.plugins import Registry, Version
 from valuemesh.protocol.records import Block, EquivocationProof, Record, constellation_text
 from valuemesh.protocol.snapshot import Snapshot
@@ -65,7 +62,8 @@ FINAL_VIEW_LIMIT = 100_000
 SEEN_BLOCKS = 16_384
 LOADING_TICK_MS = 20
 OWN_CHECKPOINTS_KEPT = 4  # our latest checkpoint signatures, re-sent to peers that sync
-CHAIN_BYTES = MAX_MESSAGE_SIZE // 2  # a checkpoint chain must fit one message with room to spare
+# After a failed write, how often the engine tries to rebuild from the store (`recover`).
+RECOVER_RETRY_MS = 5_000
 
 
 @dataclass
@@ -89,8 +87,18 @@ class Engine:
         self.identity = identity
         self.genesis = genesis
         self.cid = genesis.constellation
-        self.ledger = Ledger(registry, self.cid)
-        first = self.ledger.apply(genesis, genesis.created)
+        # Pruning (opt-in): keep the blocks of this many closed epochs, drop older ones.
+        self.retain_epochs: int | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Everything the engine holds in memory, as before `load`; see `recover`."""
+        # Set when a step's write failed: memory is ahead of the store until `recover`.
+        self.failed: str | None = None
+        self._retry_at = 0
+        self.ledger = Ledger(self.registry, self.cid)
+        first = self.ledger.apply(self.genesis, self.genesis.created)
         if not first[0].applied:
             raise ValidationError(f"The genesis record is invalid: {first[0].reason}")
         plugins = self.ledger.reader.read("membership", "meta")["plugins"]
@@ -98,7 +106,7 @@ class Engine:
         self.committee = Committee(0, self.ledger.committee(), 0)
         self.genesis_committee = self.committee
         self._committee_version = self.ledger.committee_version
-        self.consensus = Consensus(self.cid, self.committee, identity, params)
+        self.consensus = Consensus(self.cid, self.committee, self.identity, self.consensus_params)
         # Where this node's own history starts: 0, or the snapshot it started from.
         self.base: Snapshot | None = None
         # The first FINAL_VIEW_LIMIT final records: (index, outcome) until someone reads them,
@@ -112,7 +120,7 @@ class Engine:
         self.final_pos: dict[str, int] = {}
         self.final_count = 0
         self.commit_index = 0
-        self.clock = genesis.created
+        self.clock = self.genesis.created
         self.pending = PendingPool()  # counts each author's share (node/budgets.py)
         self.applicants: set[bytes] = set()
         self.recent_commit_latency_ms: deque[int] = deque(maxlen=1000)
@@ -125,16 +133,13 @@ class Engine:
         self._certs_to_store: list[StoredCheckpoint] = []
         self._snapshots_to_store: list[Snapshot] = []
         self._closings: list[Closing] = []  # epoch ends whose snapshot is not encoded yet
-        # Pruning (opt-in): keep the blocks of this many closed epochs, drop older ones.
-        self.retain_epochs: int | None = None
         self.loading = False
         self._pruned_below = 0
-        self._flusher: asyncio.Task[None] | None = None
         self._own_checkpoints: dict[int, Checkpoint] = {}
         self.checkpoints_out: list[Checkpoint] = []
         self.certified: dict[int, StoredCheckpoint] = {}
         self.closed: dict[int, Content] = {}  # what each epoch closed with, as its checkpoint says
-        self.next_tick: int | None = genesis.created  # when consensus next needs a tick (ms)
+        self.next_tick: int | None = self.genesis.created  # when consensus next needs a tick (ms)
         self.unreachable: set[MemberId] = set()  # core members we have no link to
         self._seen_raw: OrderedDict[bytes, None] = OrderedDict()
         # Our blocks whose transaction has not committed (or failed): never handed out again
@@ -228,6 +233,29 @@ class Engine:
         await self.flush_checkpoints()  # epoch ends the replay met that were not certified yet
         return eff
 
+    async def recover(self, now: int) -> Effects:
+        """After a failed write: rebuild memory from the store as a restart would, in place (every
+        collaborator keeps this engine); while the store still refuses (a full disk), again every
+        RECOVER_RETRY_MS. Blocks refused meanwhile come again with the next sync."""
+        if now < self._retry_at:
+            self.next_tick = self._retry_at
+            return Effects()
+        cause, flusher, self._flusher = self.failed, self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+        self._reset()
+        try:
+            eff = await self.load()
+        except Exception as exc:
+            self.failed, self.loading = f"{type(exc).__name__}: {exc}", True
+            self._retry_at = self.next_tick = now + RECOVER_RETRY_MS
+            log.error("could not rebuild from the store yet (%s); trying again in %d s", self.failed,
+                      RECOVER_RETRY_MS // 1000, extra={"c": self.text_id})
+            return Effects()
+        log.warning("rebuilt from the store after a failed write (%s); taking blocks and records again",
+                    cause, extra={"c": self.text_id})
+        return eff
+
     def _start_from(self, snap: Snapshot) -> None:
         """Take the ledger and counters of a snapshot and start consensus at the next epoch.
 
@@ -278,28 +306,6 @@ class Engine:
         if self.unreachable:
             self._merge(eff, await self.set_unreachable(self.unreachable, self.clock))
         return eff
-
-    async def checkpoint_chain(self) -> tuple[list[list[bytes]], Snapshot | None]:
-        """What a newcomer needs to start from our latest certified epoch end: one link per
-        closed epoch from 0 ([certificate, the committee it attests], canonical CBOR), and the
-        snapshot of the last link. ([], None) if we cannot offer a complete chain."""
-        links: list[list[bytes]] = []
-        size = 0
-        for i, c in enumerate(await self.store.checkpoints(self.cid)):
-            if c.epoch != i or not c.next_members:
-                break
-            cert = CheckpointCertificate(c.content, tuple((MemberId(k), v) for k, v in sorted(c.signatures.items())))
-            link = [cbor.encode(cert.to_map()), c.next_members]
-            size += len(link[0]) + len(link[1])
-            if size > CHAIN_BYTES or len(links) >= MAX_CHAIN_LINKS:
-                return [], None  # would not fit in one message: the newcomer syncs from genesis
-            links.append(link)
-        while links:
-            snap = await self.store.latest_snapshot(self.cid, len(links) - 1)
-            if snap is not None:
-                return links, snap
-            links.pop()
-        return [], None
 
     # -- steps ---------------------------------------------------------------
     def precheck(self, record: Record, queued: int = 0) -> None:
@@ -355,6 +361,8 @@ class Engine:
             self._seen_raw.popitem(last=False)
 
     async def tick(self, now: int) -> Effects:
+        if self.failed is not None:
+            return await self.recover(now)
         if self.loading:
             self.next_tick = now + LOADING_TICK_MS  # the machine is being rebuilt: ask again soon
             return Effects()
@@ -470,10 +478,12 @@ class Engine:
                 for p in proofs:
                     tx.put_equivocation(p, now)
         except Exception as exc:
-            # Memory is now ahead of the store: a restart re-derives the order from the stored
-            # blocks, and the blocks of ours in this batch were never sent.
-            log.error("a step's write failed (%s); its blocks are not sent, a restart rebuilds "
-                      "the order from the store", exc, extra={"c": self.text_id})
+            # Memory is now ahead of the store and our blocks in this batch were never sent.
+            # Take nothing until `recover` (the next tick) rebuilt memory from the store:
+            # going on would store commits after a gap for ever (a full disk, say).
+            self.failed, self.loading, self.next_tick = f"{type(exc).__name__}: {exc}", True, now
+            log.error("a step's write failed (%s); taking nothing until memory is rebuilt from the "
+                      "store", self.failed, extra={"c": self.text_id})
             raise
         self._undurable.difference_update(b.id for b in own)
         if tr is not None:

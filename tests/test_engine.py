@@ -4,8 +4,10 @@ their bytes, so a second peer streaming the same gap costs no second decode and 
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +15,7 @@ from valuemesh.node import engine as engine_mod
 from valuemesh.node import views
 from valuemesh.node.archive import build_archive
 from valuemesh.node.daemon import installed_registry
-from valuemesh.node.engine import Engine
+from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.store import Store, StoreError
 from valuemesh.protocol.builtin.membership import make_genesis
 from valuemesh.protocol.consensus import CheckpointCertificate, Output, Params, verify_chain
@@ -100,11 +102,17 @@ async def test_a_block_of_ours_whose_write_failed_is_never_sent(tmp_path: Path, 
             await eng.submit([_record(eng, 2)], T0 + 1_000)
         lost = next(b for b in eng.consensus.blocks_at(eng.consensus.last_own_round) if b.author == me)
         assert lost.round > stored.round
-        monkeypatch.setattr(store, "batch", real)
-        # The machine's stall guard re-sends its last block; only a stored one may go out.
+        # While the engine waits to be rebuilt, the machine's stall guard re-sends nothing.
         monkeypatch.setattr(eng.consensus, "tick", lambda now: Output(rebroadcast=(stored, lost)))
-        eff = await eng.tick(T0 + 5_000)
-        assert [b.id for b in eff.rebroadcast] == [stored.id]
+        monkeypatch.setattr(eng, "_retry_at", T0 + 10_000)
+        assert await eng.tick(T0 + 5_000) == Effects()
+        monkeypatch.setattr(store, "batch", real)
+        # Rebuilt from the store, the machine knows only the stored block of ours: the lost
+        # one never left and is forgotten, so its round is free to sign again.
+        eff = await eng.tick(T0 + 10_000)
+        assert eng.failed is None and lost.id not in {b.id for b in eff.blocks + eff.rebroadcast}
+        assert lost.id not in {b.id for b in eng.consensus.blocks_at(lost.round)}
+        assert stored.id in {b.id for b in eng.consensus.blocks_at(stored.round)}
         assert await store.get_block(lost.id) is None
     finally:
         await store.close()
@@ -340,5 +348,63 @@ async def test_a_strangers_checkpoint_signatures_neither_stall_nor_abort_an_epoc
         cps = await store.checkpoints(eng.cid)
         assert [c.epoch for c in cps] == list(range(eng.committee.epoch))  # every epoch end certified
         assert all(set(c.signatures) == {FOUNDER.member.key} for c in cps)
+    finally:
+        await store.close()
+
+
+class _FullDisk:
+    """Stands in for a store whose disk is full: every transaction fails at commit."""
+
+    def __init__(self, store: Store) -> None:
+        self.real = store.batch
+        self.full = True
+
+    def batch(self, **kwargs: bool) -> Any:
+        return _Refused() if self.full else self.real(**kwargs)
+
+
+class _Refused:
+    async def __aenter__(self) -> Any:
+        return _Sink()
+
+    async def __aexit__(self, *exc: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+class _Sink:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+async def test_a_failed_write_stops_the_engine_until_memory_is_rebuilt_from_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, eng = await _engine(tmp_path / "n.sqlite")
+    try:
+        await _finalise(eng, 2)
+        final = eng.final_count
+        rec = _record(eng, 3)
+        await eng.store_pending([rec], T0 + 1_000)  # acknowledged: stored as pending
+        disk = _FullDisk(store)
+        monkeypatch.setattr(store, "batch", disk.batch)
+        with pytest.raises(sqlite3.OperationalError):
+            await eng.propose([rec], T0 + 1_010)  # the step orders it, but its write fails
+        assert eng.failed is not None and "disk is full" in eng.failed
+        # Nothing is taken meanwhile, and the memory that ran ahead is not trusted.
+        assert await eng.propose([rec], T0 + 1_020) == Effects()
+        now = T0 + 1_030
+        await eng.tick(now)  # tries to rebuild; the disk is still full if it must write
+        disk.full = False
+        for _ in range(20):  # bounded: a retry, then the record is ordered again
+            now += engine_mod.RECOVER_RETRY_MS if eng.failed else 50
+            await eng.tick(now)
+            if eng.failed is None and eng.ledger.next_seq(FOUNDER.member) == 4:
+                break
+        assert eng.failed is None and eng.final_count == final + 1
+        await eng.settle()
+        # The store holds the same order: a restart finds exactly this.
+        again = Engine(store, eng.registry, FOUNDER, eng.genesis)
+        await again.load()
+        assert (again.commit_index, again.final_count) == (eng.commit_index, eng.final_count)
+        assert again.ledger.state_hash() == eng.ledger.state_hash()
     finally:
         await store.close()
