@@ -32,6 +32,7 @@ from valuemesh.node.home import Home
 from valuemesh.node.joining import Joining
 from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.link import PeerLink
+from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
@@ -158,7 +159,8 @@ class Node:
         self.peers.add_bootstrap(self.bootstrap)
         self.peers.start()
         token = self.home.new_api_token()
-        self._runner = web.AppRunner(make_app(self, token), access_log=None)
+        # A connection that has not sent a whole request's headers in time is closed.
+        self._runner = web.AppRunner(make_app(self, token), access_log=None, keepalive_timeout=HEADER_TIMEOUT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.api_host, self.api_port)
         await site.start()
