@@ -155,7 +155,8 @@ class Node:
         self.transport = Transport(self.identity, self.network_id, self)
         self._wire()
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
-        self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)))
+        self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)),
+                                 groups=self.shared_with)
         self.peers.add_bootstrap(self.bootstrap)
         self.peers.start()
         token = self.home.new_api_token()
@@ -179,7 +180,7 @@ class Node:
         (before the transport listens: no message arrives before its handler)."""
         self.gossip = Gossip(self.store, self.engines, self.links, send=send, verifier=self.verifier,
                              spawn=self._spawn, wake=self._wake, fetching=lambda cid: self.catchup.fetching(cid))
-        self.catchup = Catchup(self.store, self.engines, self.links, send=send, spawn=self._spawn,
+        self.catchup = Catchup(self.store, self.engines, self.links, send=self._send_private, spawn=self._spawn,
                                hello=self._hello, send_heads=self.gossip.send_heads, effects=self.gossip.effects,
                                start_min_records=self.checkpoint_start_min_records)
         self.joining = Joining(self.identity, self.store, self.engines, self.links, send=send, spawn=self._spawn,
@@ -205,8 +206,18 @@ class Node:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _hello(self) -> m.Hello:
-        return m.Hello(sorted(self.engines), self.listen_port, version("valuemesh"))
+    def _hello(self, to: MemberId | None = None) -> m.Hello:
+        """What we tell a peer of ourselves: only the constellations it is a member of, so a
+        stranger learns no constellation id (a joiner names its own, in its token)."""
+        return m.Hello(self.shared_with(to) if to is not None else [], self.listen_port, version("valuemesh"))
+
+    def shared_with(self, key: MemberId) -> list[bytes]:
+        """The constellations `key` may receive data of (members, applicants, those who left)."""
+        return sorted(cid for cid, eng in self.engines.items() if eng.may_receive(key))
+
+    async def _send_private(self, link: PeerLink, msg: m.Message) -> None:
+        # Whoever sends a Hello, the receiving key hears only of what it shares with us.
+        await send(link, self._hello(link.remote) if isinstance(msg, m.Hello) else msg)
 
     async def _start_mdns(self) -> None:
         from valuemesh.node.discovery import Discovery
@@ -304,7 +315,7 @@ class Node:
 
     async def on_connect(self, link: PeerLink) -> None:
         self.links[link.remote] = link
-        await send(link, self._hello())
+        await send(link, self._hello(link.remote))
         await self._links_changed()
         if self.peers is not None:
             offer = self.peers.exchange_offer(link.remote)[: m.MAX_PEERS_PER_EXCHANGE]
