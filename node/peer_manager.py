@@ -95,6 +95,7 @@ class PeerManager:
         self._exchanged: dict[MemberId, tuple[float, int]] = {}  # sender -> (window start, merged)
         self._dial_budget = TokenBucket(DIAL_RATE, DIAL_BURST, clock())
         self._targets: dict[Address, tuple[int, float]] = {}  # address -> (failures, next dial)
+        self._inflight: set[Address] = set()  # one dial per address at a time
         self._stranger_log = LogLimiter(log)
         self.dials_started = 0
         self._on_event = on_event
@@ -247,8 +248,8 @@ class PeerManager:
             self._emit(self.table.dial_failed(target, now, self._rng.random()))
             return
         not_before = self._targets.get(target.address, (0, 0.0))[1]
-        if now < not_before:
-            self.table.dial_deferred(target, not_before)
+        if now < not_before or target.address in self._inflight:
+            self.table.dial_deferred(target, max(not_before, now + TARGET_BACKOFF_BASE))
             return
         wait = self._dial_budget.charge(1.0, now)
         if wait > 0:
@@ -256,9 +257,11 @@ class PeerManager:
             self.table.dial_deferred(target, now + wait)
             return
         self.dials_started += 1
+        self._inflight.add(target.address)
         self._spawn(self._dial(target))
 
     def _target_result(self, address: Address, ok: bool) -> None:
+        self._inflight.discard(address)
         if ok:
             self._targets.pop(address, None)
             return
@@ -290,6 +293,8 @@ class PeerManager:
                          link.remote.short)
                 self.table.forget_address(target.member, a)
                 self._emit(self.table.dial_failed(target, now, self._rng.random()))
+        finally:
+            self._inflight.discard(a)  # also when cancelled or failing otherwise
         self._wake.set()
 
     async def _ping(self, member: MemberId) -> None:
