@@ -184,11 +184,17 @@ class AddressBook:
         return True
 
     def saved(self, now: float) -> list[SavedAddress]:
-        """Every address worth keeping across a restart, for the node to write to its store."""
+        """Every address worth keeping across a restart, for the node to write to its store.
+
+        An address only heard of in peer exchange is kept only once a handshake over it
+        proved the named key there: a peer's word alone does not outlive this process.
+        """
         out = []
         for m in sorted(self._peers, key=by_key):
             p = self._peers[m]
             for a, i in sorted(p.addresses.items()):
+                if i.source is Source.EXCHANGE and i.last_ok is None:
+                    continue
                 out.append(SavedAddress(
                     m, a, i.source, max(0.0, now - i.observed), i.last_ok is not None,
                     p.dial_failures,

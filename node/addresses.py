@@ -176,3 +176,25 @@ def _listen_address(text: str, host: str, port: int) -> tuple[str, int]:
     if ip.is_multicast:
         raise LocalError(f"'{text}' is a multicast address; a node cannot listen on it.")
     return ip.compressed, port
+
+
+# How many leading bits of a source address name its owner: a hoster or ISP hands out IPv4
+# addresses by the /24 at the least, and IPv6 by the /48 (a free tunnel broker gives anyone a
+# /48, so a finer grouping would hand one attacker 256 or 65 536 "owners").
+IPV4_RANGE_BITS = 24
+IPV6_RANGE_BITS = 48
+
+
+def address_range(ip: str) -> str:
+    """The address range (IPv4 /24, IPv6 /48) that pre-authentication limits count `ip` in.
+
+    An IPv4-mapped IPv6 address counts as its IPv4 address; text that is not an IP address
+    (a test transport, a Unix socket) is its own range.
+    """
+    parsed = ip_or_none(ip.split("%", 1)[0])
+    if parsed is None:
+        return ip
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    bits = IPV4_RANGE_BITS if parsed.version == 4 else IPV6_RANGE_BITS
+    return ipaddress.ip_network(f"{parsed}/{bits}", strict=False).compressed

@@ -33,6 +33,7 @@ from valuemesh.node.home import Home
 from valuemesh.node.joining import Joining
 from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.link import PeerLink
+from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
@@ -156,11 +157,13 @@ class Node:
         self.transport = Transport(self.identity, self.network_id, self)
         self._wire()
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
-        self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)))
+        self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)),
+                                 groups=self.shared_with)
         self.peers.add_bootstrap(self.bootstrap)
         self.peers.start()
         token = self.home.new_api_token()
-        self._runner = web.AppRunner(make_app(self, token), access_log=None)
+        # A connection that has not sent a whole request's headers in time is closed.
+        self._runner = web.AppRunner(make_app(self, token), access_log=None, keepalive_timeout=HEADER_TIMEOUT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.api_host, self.api_port)
         await site.start()
@@ -180,7 +183,7 @@ class Node:
         self.gossip = Gossip(self.store, self.engines, self.links, send=send, verifier=self.verifier,
                              spawn=self._spawn, wake=self._wake, fetching=lambda cid: self.catchup.fetching(cid),
                              budgets=self.budgets)
-        self.catchup = Catchup(self.store, self.engines, self.links, send=send, spawn=self._spawn,
+        self.catchup = Catchup(self.store, self.engines, self.links, send=self._send_private, spawn=self._spawn,
                                hello=self._hello, send_heads=self.gossip.send_heads, effects=self.gossip.effects,
                                start_min_records=self.checkpoint_start_min_records, history=self.gossip.gates.history)
         self.joining = Joining(self.identity, self.store, self.engines, self.links, send=send, spawn=self._spawn,
@@ -206,8 +209,18 @@ class Node:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _hello(self) -> m.Hello:
-        return m.Hello(sorted(self.engines), self.listen_port, version("valuemesh"))
+    def _hello(self, to: MemberId | None = None) -> m.Hello:
+        """What we tell a peer of ourselves: only the constellations it is a member of, so a
+        stranger learns no constellation id (a joiner names its own, in its token)."""
+        return m.Hello(self.shared_with(to) if to is not None else [], self.listen_port, version("valuemesh"))
+
+    def shared_with(self, key: MemberId) -> list[bytes]:
+        """The constellations `key` may receive data of (members, applicants, those who left)."""
+        return sorted(cid for cid, eng in self.engines.items() if eng.may_receive(key))
+
+    async def _send_private(self, link: PeerLink, msg: m.Message) -> None:
+        # Whoever sends a Hello, the receiving key hears only of what it shares with us.
+        await send(link, self._hello(link.remote) if isinstance(msg, m.Hello) else msg)
 
     async def _start_mdns(self) -> None:
         from valuemesh.node.discovery import Discovery
@@ -305,7 +318,7 @@ class Node:
 
     async def on_connect(self, link: PeerLink) -> None:
         self.links[link.remote] = link
-        await send(link, self._hello())
+        await send(link, self._hello(link.remote))
         await self._links_changed()
         if self.peers is not None:
             offer = self.peers.exchange_offer(link.remote)[: m.MAX_PEERS_PER_EXCHANGE]

@@ -12,6 +12,7 @@ from valuemesh.protocol.errors import LocalError, RemoteError
 
 MAX_PAYLOAD = 4 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+HEADER_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 15.0
 PING_INTERVAL = 15.0
 IDLE_TIMEOUT = 45.0
@@ -36,10 +37,15 @@ class Limits:
     send_queue_frames: int = 256
     send_queue_bytes: int = 16 * 1024 * 1024
     max_links: int = 256
+    # Inbound links from one address range (IPv4 /24, IPv6 /48: node/addresses.py).
+    max_links_per_range: int = 64
     # Before authentication aiohttp may buffer one message of up to max_frame per
-    # socket, so these two bound what strangers can make us hold (16 x 4 MiB).
+    # socket, so these two bound what strangers can make us hold (16 x 4 MiB); a
+    # newcomer evicts the handshake that made no progress for longest (node/admission.py).
     max_handshakes: int = 16
-    max_handshakes_per_ip: int = 4
+    max_handshakes_per_range: int = 4
+    # A connection must finish its HTTP request's headers within this many seconds.
+    header_timeout: float = HEADER_TIMEOUT
     rate_messages: float = 5_000.0
     burst_messages: float = 10_000.0
     rate_bytes: float = 64 * 1024 * 1024
@@ -57,6 +63,10 @@ class Limits:
         rates = (self.rate_messages, self.burst_messages, self.rate_bytes, self.burst_bytes)
         if min(rates) <= 0:
             raise LocalError("Transport rate limits must be positive.")
+        if not 1 <= self.max_handshakes_per_range <= self.max_handshakes or self.max_links_per_range < 1:
+            raise LocalError("Handshake and link limits must be at least 1, and a range's share no more than all.")
+        if self.header_timeout <= 0:
+            raise LocalError("The header timeout must be positive.")
         if self.idle_timeout <= self.ping_interval:
             raise LocalError("The idle timeout must be longer than the ping interval.")
 

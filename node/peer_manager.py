@@ -12,12 +12,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
+from valuemesh.node.addressbook import MAX_EXCHANGE_ENTRIES
 from valuemesh.node.addresses import Address, ExchangeEntry, Source, parse_hostport
 from valuemesh.node.announcement import Found
 from valuemesh.node.link import PeerLink
+from valuemesh.node.loglimit import LogLimiter
 from valuemesh.node.peer_actions import (
     Action,
     Dial,
@@ -28,9 +30,10 @@ from valuemesh.node.peer_actions import (
     Revived,
     Suspected,
 )
-from valuemesh.node.peers import PeerTable
+from valuemesh.node.peers import PeerTable, backoff_delay
+from valuemesh.node.ratelimit import TokenBucket
 from valuemesh.node.transport import Transport
-from valuemesh.protocol.errors import LocalError, ValidationError, ValuemeshError
+from valuemesh.protocol.errors import LocalError, RemoteError, ValidationError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 
 # The discovery logger: finding peers and linking to them read as one story.
@@ -41,6 +44,19 @@ MAX_LOOP_SLEEP = 1.0
 MAX_CONCURRENT_DIALS = 16
 MAX_PENDING_DIALS = 256
 STOP_TIMEOUT = 5.0
+# Peer exchange: entries one member may have merged per window, whatever it sends.
+EXCHANGE_WINDOW = 60.0
+MAX_EXCHANGE_PER_WINDOW = 64
+# Dials: at most this many started per second (after a burst), and an address whose dials
+# fail is backed off whichever member it was named for (many fake members, one victim).
+DIAL_RATE = 8.0
+DIAL_BURST = 32.0
+TARGET_BACKOFF_BASE = 1.0
+TARGET_BACKOFF_CAP = 300.0
+MAX_TARGETS = 4096
+
+# Which constellations (that we take part in) a key is a member of.
+Groups = Callable[[MemberId], Collection[bytes]]
 
 
 def add_bootstrap(table: PeerTable, texts: Sequence[str], now: float) -> list[Address]:
@@ -70,10 +86,18 @@ class PeerManager:
         rng: random.Random,
         on_event: Callable[[Action], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        groups: Groups = lambda member: (),
     ) -> None:
         self.table = table
         self.transport = transport
         self._rng = rng
+        self._groups = groups
+        self._exchanged: dict[MemberId, tuple[float, int]] = {}  # sender -> (window start, merged)
+        self._dial_budget = TokenBucket(DIAL_RATE, DIAL_BURST, clock())
+        self._targets: dict[Address, tuple[int, float]] = {}  # address -> (failures, next dial)
+        self._inflight: set[Address] = set()  # one dial per address at a time
+        self._stranger_log = LogLimiter(log)
+        self.dials_started = 0
         self._on_event = on_event
         self._clock = clock
         self._wake = asyncio.Event()
@@ -100,18 +124,47 @@ class PeerManager:
         return ok
 
     def exchange_received(self, link: PeerLink, entries: Sequence[ExchangeEntry]) -> MergeReport:
-        """Merge a peer-exchange message from `link`; RemoteError (no change) if oversized."""
+        """Merge a peer-exchange message from `link`; RemoteError (no change) if oversized.
+
+        Only a member of a constellation we take part in is heard, only about members of
+        such a constellation that it shares with us, and only `MAX_EXCHANGE_PER_WINDOW`
+        entries per `EXCHANGE_WINDOW`; the rest is ignored.
+        """
+        if len(entries) > MAX_EXCHANGE_ENTRIES:
+            raise RemoteError(
+                f"A peer-exchange message carried {len(entries)} entries; the limit is {MAX_EXCHANGE_ENTRIES}."
+            )
+        shared = set(self._groups(link.remote))
+        if not shared:
+            self._stranger_log.log(logging.INFO, "ignored peer exchange from %s: it shares no constellation with us",
+                                   link.remote.short)
+            return MergeReport(0, len(entries))
+        now = self._clock()
+        kept = [e for e in entries if not shared.isdisjoint(self._groups(e.member))]
+        start, merged = self._exchanged.get(link.remote, (now, 0))
+        if now - start >= EXCHANGE_WINDOW:
+            start, merged = now, 0
+        kept = kept[: max(0, MAX_EXCHANGE_PER_WINDOW - merged)]
+        if len(self._exchanged) >= MAX_TARGETS and link.remote not in self._exchanged:
+            self._exchanged.clear()  # bounded; only members get here, so this is rare
+        self._exchanged[link.remote] = (start, merged + len(kept))
         try:
             sender: Address | None = Address(*link.addr)
         except ValidationError:
             sender = None
-        report = self.table.merge_exchange(link.remote, sender, entries, self._clock())
+        report = self.table.merge_exchange(link.remote, sender, kept, now)
         if report.accepted:
             self._wake.set()
-        return report
+        return MergeReport(report.accepted, report.ignored + len(entries) - len(kept))
 
     def exchange_offer(self, to: MemberId) -> list[ExchangeEntry]:
-        return self.table.exchange_offer(to, self._clock())
+        """What `to` may hear from us: nothing unless it is a member of a constellation we
+        take part in, then only members of the constellations we share with it."""
+        shared = set(self._groups(to))
+        if not shared:
+            return []
+        return [e for e in self.table.exchange_offer(to, self._clock())
+                if not shared.isdisjoint(self._groups(e.member))]
 
     def link_up(self, link: PeerLink, *, listen_port: int | None = None) -> None:
         """A link opened (either way); `listen_port` is the port the peer said it serves on."""
@@ -189,11 +242,34 @@ class PeerManager:
         task.add_done_callback(self._tasks.discard)
 
     def _spawn_dial(self, target: DialTarget) -> None:
+        now = self._clock()
         if len(self._tasks) >= MAX_PENDING_DIALS:
             # Too much in flight: count it as a failure so the table backs off and retries.
-            self._emit(self.table.dial_failed(target, self._clock(), self._rng.random()))
+            self._emit(self.table.dial_failed(target, now, self._rng.random()))
             return
+        not_before = self._targets.get(target.address, (0, 0.0))[1]
+        if now < not_before or target.address in self._inflight:
+            self.table.dial_deferred(target, max(not_before, now + TARGET_BACKOFF_BASE))
+            return
+        wait = self._dial_budget.charge(1.0, now)
+        if wait > 0:
+            self._dial_budget.charge(-1.0, now)  # not spent: nothing was dialled
+            self.table.dial_deferred(target, now + wait)
+            return
+        self.dials_started += 1
+        self._inflight.add(target.address)
         self._spawn(self._dial(target))
+
+    def _target_result(self, address: Address, ok: bool) -> None:
+        self._inflight.discard(address)
+        if ok:
+            self._targets.pop(address, None)
+            return
+        failures = self._targets.get(address, (0, 0.0))[0] + 1
+        if len(self._targets) >= MAX_TARGETS and address not in self._targets:
+            self._targets.pop(next(iter(self._targets)))  # the oldest entry
+        delay = backoff_delay(failures, self._rng.random(), TARGET_BACKOFF_BASE, TARGET_BACKOFF_CAP)
+        self._targets[address] = (failures, self._clock() + delay)
 
     async def _dial(self, target: DialTarget) -> None:
         a = target.address
@@ -205,8 +281,10 @@ class PeerManager:
                 link = await self.transport.connect(a.host, a.port)
         except (ValuemeshError, OSError, TimeoutError) as e:
             log.debug("dial %s failed: %s", a, e)
+            self._target_result(a, ok=False)
             self._emit(self.table.dial_failed(target, self._clock(), self._rng.random()))
         else:
+            self._target_result(a, ok=True)
             now = self._clock()
             real = DialTarget(a, link.remote, target.source)
             self._emit(self.table.linked_up(link.remote, a, target.source, now, dialed=real))
@@ -215,6 +293,8 @@ class PeerManager:
                          link.remote.short)
                 self.table.forget_address(target.member, a)
                 self._emit(self.table.dial_failed(target, now, self._rng.random()))
+        finally:
+            self._inflight.discard(a)  # also when cancelled or failing otherwise
         self._wake.set()
 
     async def _ping(self, member: MemberId) -> None:

@@ -232,6 +232,20 @@ class PeerTable(AddressBook):
             return self._suspect(p, p.incarnation, None, now)
         return []
 
+    def dial_deferred(self, target: DialTarget, until: float) -> None:
+        """A dial the node did not carry out (over its dial rate): try again at `until`,
+        without counting a failure against the member."""
+        if target.member is None:
+            anon = self._anonymous.get(target.address)
+            if anon is not None:
+                anon.dialing = False
+                anon.next_dial = max(anon.next_dial, until)
+            return
+        p = self._peers.get(target.member)
+        if p is not None:
+            p.dialing = False
+            p.next_dial = max(p.next_dial, until)
+
     def linked_up(
         self,
         member: MemberId,

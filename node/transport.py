@@ -20,6 +20,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
+from valuemesh.node.addresses import address_range
+from valuemesh.node.admission import HandshakeSlots, Slot
 from valuemesh.node.link import Abort, PeerLink
 from valuemesh.node.link_limits import (
     BackedOffError,
@@ -27,6 +29,7 @@ from valuemesh.node.link_limits import (
     LinkClosedError,
     PeerUnreachableError,
 )
+from valuemesh.node.loglimit import LogLimiter, limit_accept_errors
 from valuemesh.node.ratelimit import Reputation
 from valuemesh.protocol import wire
 from valuemesh.protocol.errors import (
@@ -87,8 +90,10 @@ class Transport:
         self._all: set[PeerLink] = set()
         self._admit_locks: dict[MemberId, tuple[asyncio.Lock, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._handshakes = 0
-        self._handshakes_by_ip: dict[str, int] = {}
+        self.handshakes = HandshakeSlots(limits.max_handshakes, limits.max_handshakes_per_range)
+        # What strangers can make us log, one line per interval each.
+        self._failed_log = LogLimiter(log)
+        self._busy_log = LogLimiter(log)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -119,9 +124,13 @@ class Transport:
             raise LocalError("The transport is already listening.")
         app = web.Application(client_max_size=4096)
         app.router.add_get(PEER_PATH, self._serve)
+        # keepalive_timeout also closes a connection that has not finished a request's
+        # headers in that time (a half-sent request holds nothing for long).
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SERVER_SHUTDOWN_TIMEOUT
+            app, access_log=None, handle_signals=False, shutdown_timeout=SERVER_SHUTDOWN_TIMEOUT,
+            keepalive_timeout=self.limits.header_timeout,
         )
+        limit_accept_errors(asyncio.get_running_loop(), log)
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)
@@ -271,11 +280,8 @@ class Transport:
                 text="This address is backed off after misbehaviour.\n",
             )
         lim = self.limits
-        if (
-            self._handshakes >= lim.max_handshakes
-            or self._handshakes_by_ip.get(ip, 0) >= lim.max_handshakes_per_ip
-            or len(self._all) >= lim.max_links
-        ):
+        if len(self._all) >= lim.max_links or self._inbound_links(ip) >= lim.max_links_per_range:
+            self._busy_log.log(logging.INFO, "refused a connection from %s: no room for more links", ip)
             return web.Response(status=503, headers={"Retry-After": "5"}, text="Busy.\n")
         ws = web.WebSocketResponse(
             max_msg_size=lim.max_frame,
@@ -291,28 +297,30 @@ class Transport:
             if transport is not None:
                 transport.abort()
 
-        self._handshakes += 1
-        self._handshakes_by_ip[ip] = self._handshakes_by_ip.get(ip, 0) + 1
+        # There is always a slot: if none is free, the stalest handshake gives up its own.
+        slot = self.handshakes.take(ip, self.clock(), abort)
         link: PeerLink | None = None
         try:
             async with asyncio.timeout(lim.handshake_timeout):
-                link = await self._respond(ws, request, ip, abort)
+                link = await self._respond(ws, request, ip, abort, slot)
         except (TimeoutError, RemoteError, ConnectionError, aiohttp.ClientError) as e:
             reason = "the handshake timed out" if isinstance(e, TimeoutError) else str(e)
-            log.info("inbound handshake from %s failed: %s", ip, reason)
-            if isinstance(e, _HandshakeAbandoned):
-                # Still costs something: every HELLO makes us sign.
+            if slot.evicted:
+                reason = "it made no progress and a newcomer needed its slot"
+            self._failed_log.log(logging.INFO, "inbound handshake from %s failed: %s", ip, reason)
+            # An evicted handshake that sent nothing is an idler (an honest peer sends HELLO
+            # at once); one that was under way is not blamed: a slow honest peer looks the same.
+            # A dialler that hangs up still costs something: every HELLO makes us sign.
+            abandoned = not slot.messages if slot.evicted else isinstance(e, _HandshakeAbandoned)
+            if abandoned:
                 self.ip_reputation.penalize(ip, lim.handshake_abandon_penalty, self.clock())
-            elif not isinstance(e, (wire.PeerRefusedError, ConnectionError, aiohttp.ClientError)):
+            elif not slot.evicted and not isinstance(
+                e, (wire.PeerRefusedError, ConnectionError, aiohttp.ClientError)
+            ):
                 self.ip_reputation.penalize(ip, lim.handshake_failure_penalty, self.clock())
             await self._close_raw(ws, abort)
         finally:
-            self._handshakes -= 1
-            left = self._handshakes_by_ip.get(ip, 1) - 1
-            if left:
-                self._handshakes_by_ip[ip] = left
-            else:
-                self._handshakes_by_ip.pop(ip, None)
+            self.handshakes.release(slot)
         if link is None:
             return ws
         run = self._spawn(link._run())
@@ -321,11 +329,16 @@ class Transport:
         await run
         return ws
 
+    def _inbound_links(self, ip: str) -> int:
+        rng = address_range(ip)
+        return sum(1 for lk in self._all if lk.inbound and address_range(lk.addr[0]) == rng)
+
     async def _respond(
-        self, ws: web.WebSocketResponse, request: web.Request, ip: str, abort: Abort
+        self, ws: web.WebSocketResponse, request: web.Request, ip: str, abort: Abort, slot: Slot
     ) -> PeerLink | None:
         responder = wire.Responder(self.identity, self.network_id, self._random(32))
         hello = await _recv_handshake(ws)
+        self.handshakes.moved(slot, self.clock())
         if wire.peek_hello_version(hello) not in (None, wire.VERSION):
             await ws.send_bytes(wire.encode_reject(wire.Refusal.UNSUPPORTED_VERSION))
             raise wire.PeerRefusedError(wire.Refusal.UNSUPPORTED_VERSION)
@@ -335,7 +348,9 @@ class Transport:
             await ws.send_bytes(wire.encode_reject(wire.Refusal.NETWORK_MISMATCH))
             raise
         await ws.send_bytes(response)
-        remote = responder.read_auth(await _recv_handshake(ws))
+        auth = await _recv_handshake(ws)
+        self.handshakes.moved(slot, self.clock())
+        remote = responder.read_auth(auth)
         code, retry = self._admission(remote, inbound=True, ip=ip)
         verdict, channel = responder.verdict(code, retry)
         await ws.send_bytes(verdict)
@@ -355,6 +370,8 @@ class Transport:
         if banned:
             return wire.Refusal.BACKED_OFF, math.ceil(banned)
         if self._stopping or (len(self._all) >= self.limits.max_links and remote not in self._links):
+            return wire.Refusal.BUSY, 5
+        if inbound and self._inbound_links(ip) >= self.limits.max_links_per_range and remote not in self._links:
             return wire.Refusal.BUSY, 5
         try:
             allowed = self.handler.authorize(remote, inbound)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -155,7 +156,8 @@ async def test_peer_exchange_leads_to_a_new_link() -> None:
     managers = []
     for i, (ident, h, t) in enumerate(zip(ids, handlers, transports, strict=True)):
         table = PeerTable(ident.member, random.Random(i), timers=FAST, now=time.monotonic())
-        h.manager = PeerManager(table, t, rng=random.Random(10 + i))
+        # All three are members of one constellation: exchange is only ever between members.
+        h.manager = PeerManager(table, t, rng=random.Random(10 + i), groups=lambda member: (b"c" * 32,))
         managers.append(h.manager)
     a, b, c = (i.member for i in ids)
     try:
@@ -182,3 +184,26 @@ async def test_peer_exchange_leads_to_a_new_link() -> None:
             await mgr.stop()
         for t in transports:
             await t.stop()
+
+
+async def test_many_members_named_at_one_dead_address_cost_one_dial_per_back_off_step() -> None:
+    ident = Identity(bytes([60]) * 32)
+    t = Transport(ident, os.urandom(8), _Handler())
+    frozen = time.monotonic()
+    table = PeerTable(ident.member, random.Random(1), timers=FAST, now=frozen)
+    mgr = PeerManager(table, t, rng=random.Random(2), clock=lambda: frozen)  # time stands still
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = Address("127.0.0.1", s.getsockname()[1])  # nothing listens once closed
+    fakes = [Identity(bytes([61 + i]) * 32).member for i in range(100)]
+    for f in fakes:  # e.g. fake members a peer pointed at one victim's address
+        mgr.add_known(f, dead, Source.MDNS)
+    try:
+        await t.start("127.0.0.1", 0)
+        mgr.start()
+        assert await wait_for(lambda: dead in mgr._targets, DEADLINE)  # the first dial failed
+        await asyncio.sleep(0.2)  # several loop turns: nothing else is due on the frozen clock
+        assert mgr.dials_started == 1
+    finally:
+        await mgr.stop()
+        await t.stop()

@@ -515,12 +515,16 @@ def test_saved_addresses_restore_after_restart() -> None:
     t = table()
     link(t, mid(1), now=10.0)
     t.add_address(mid(2), Address("10.0.0.2", 2), Source.BOOTSTRAP, 5.0)
-    t.merge_exchange(mid(1), None, [ExchangeEntry(mid(3), Address("10.0.0.3", 3), 4.0)], 20.0)
+    t.merge_exchange(mid(1), None, [ExchangeEntry(mid(3), Address("10.0.0.3", 3), 4.0),
+                                    ExchangeEntry(mid(4), Address("10.0.0.4", 4), 4.0)], 20.0)
+    # A handshake over mid(4)'s exchanged address proved the key there; mid(3)'s is hearsay.
+    e4 = Address("10.0.0.4", 4)
+    t.linked_up(mid(4), e4, Source.EXCHANGE, 22.0, dialed=DialTarget(e4, mid(4), Source.EXCHANGE))
     saved = t.saved(30.0)
     assert {(s.member, s.source, s.age, s.reached) for s in saved} == {
         (mid(1), Source.MDNS, 20.0, True),
         (mid(2), Source.BOOTSTRAP, 25.0, False),
-        (mid(3), Source.EXCHANGE, 14.0, False),
+        (mid(4), Source.EXCHANGE, 8.0, True),
     }
     # A fresh table (a restarted node, a new monotonic clock) gets the same view back.
     u = table()
@@ -531,7 +535,7 @@ def test_saved_addresses_restore_after_restart() -> None:
         (x.member, x.address, x.source, x.age, x.reached) for x in saved]
     # Restored members are dialed right away, most recently successful address first.
     dials = {a.target.member for a in u.tick(1000.0) if isinstance(a, Dial)}
-    assert dials == {mid(1), mid(2), mid(3)}
+    assert dials == {mid(1), mid(2), mid(4)}
 
 
 def test_snapshot_json_is_versioned() -> None:
