@@ -7,6 +7,7 @@ directory (`$XDG_DATA_HOME/valuemesh`, default `~/.local/share/valuemesh`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -35,17 +36,36 @@ def resolve_home(explicit: str | None = None) -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by its owner only, atomically (tmp + fsync + rename)."""
+    """Write a file readable by its owner only, atomically: a fresh temporary file beside it
+    (a random name, O_EXCL and O_NOFOLLOW, so nothing planted at a guessable name is followed
+    or reused), fsync, rename over `path`, fsync the directory (so the rename survives a power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, flags, 0o600)
     try:
-        os.write(fd, data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 @dataclass
