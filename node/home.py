@@ -23,6 +23,8 @@ CONFIG_FILE = "config.json"
 TOKEN_FILE = "api.token"
 API_FILE = "api.json"
 DB_FILE = "node.db"
+# What the home followed and how far its own seqs went (node/held.py); init writes it empty.
+HELD_FILE = "held.json"
 
 
 def resolve_home(explicit: str | None = None) -> Path:
@@ -89,6 +91,9 @@ class Home:
             raise LocalError(f"{self.path} already holds an identity; use another --home to make a new one.")
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = Identity.generate(secrets.token_bytes)
+        # A new member has followed nothing yet: a later start without a database is a first
+        # start. Written before the key, so a home with a key always has it.
+        write_private(self.path / HELD_FILE, b'{"v": 1, "constellations": {}}\n')
         write_private(self.key_file, encode_keyfile(ident, passphrase, secrets.token_bytes))
         # Only what the member chose (here or with `config set` before): every other setting
         # keeps its documented default (node/settings.py), so a later default reaches this home.

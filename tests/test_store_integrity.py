@@ -71,7 +71,7 @@ async def test_garbage_in_the_middle_refuses_to_open_and_changes_nothing(tmp_pat
     with pytest.raises(StoreDamagedError) as info_:
         await Store.open(path)
     msg = info_.value.message
-    assert "is damaged" in msg and "valuemesh import" in msg and "constellation join" in msg
+    assert "is damaged" in msg and "valuemesh import" in msg and "--recover" in msg and "constellation join" in msg
     assert msg.count(". ") == 0 and msg.endswith(".")  # one sentence
     assert path.read_bytes() == before
 

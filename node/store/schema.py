@@ -302,10 +302,11 @@ async def migrate(db: Db, path: Path, now_ms: int) -> None:
 
 
 # What the operator can do about a damaged database: the commands that really exist
-# (cli/accounting.py import, cli/main.py constellation join).
+# (cli/accounting.py import, cli/main.py daemon --recover and constellation join).
 RECOVERY_HINT: Final = (
     "move node.db, node.db-wal and node.db-shm aside, load each constellation you hold an archive of "
-    "with 'valuemesh import FILE' and join the others again from peers with 'valuemesh constellation join TOKEN'"
+    "with 'valuemesh import FILE', start with 'valuemesh daemon --recover' and join the others again "
+    "from peers with 'valuemesh constellation join TOKEN'"
 )
 
 
