@@ -79,8 +79,10 @@ def id_(c: Ctx) -> None:
 @cli.command()
 @settings_options
 @click.option("--init-if-missing", is_flag=True, help="Create an identity first if there is none.")
+@click.option("--recover", is_flag=True,
+              help="Start even if node.db holds less than this home followed (lost, emptied or restored).")
 @pass_ctx
-def daemon(c: Ctx, /, init_if_missing: bool, **flags: Any) -> None:
+def daemon(c: Ctx, /, init_if_missing: bool, recover: bool, **flags: Any) -> None:
     """Run the node in the foreground until SIGINT/SIGTERM.
 
     Each setting comes from its flag, else its VALUEMESH_* variable, else config.json in the
@@ -93,7 +95,7 @@ def daemon(c: Ctx, /, init_if_missing: bool, **flags: Any) -> None:
     if init_if_missing and not c.home.initialised:
         ident = c.home.init("")
         click.echo(f"created identity {ident.member} in {c.home.path}", err=True)
-    run_daemon(c.home, settings)
+    run_daemon(c.home, settings, recover=recover)
 
 
 @cli.command()

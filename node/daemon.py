@@ -29,6 +29,7 @@ from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS, Catchup
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.gossip import Gossip
+from valuemesh.node.held import Held, open_home_store
 from valuemesh.node.home import Home
 from valuemesh.node.joining import Joining
 from valuemesh.node.jsonbody import body_from_json
@@ -79,6 +80,7 @@ class Node:
     catchup: Catchup
     joining: Joining
     signer: Signer
+    held: Held
 
     def __init__(
         self,
@@ -96,8 +98,11 @@ class Node:
         retain_epochs: int | None = None,
         verify_threads: int | None = None,
         name: str = "",
+        recover: bool = False,
     ) -> None:
         self.home = home
+        # Start even if the database holds less than the home remembers (node/held.py).
+        self.recover = recover
         self.name = name  # what other members see when this node joins
         # Received blocks' and records' signatures, checked on up to this many cores at once.
         self.verifier = ParallelVerifier(verify_threads)
@@ -138,7 +143,7 @@ class Node:
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         trace.start(self.identity.member.key.hex()[:8])
-        self.store = await Store.open(self.home.db_file)
+        self.store, self.held = await open_home_store(self.home, self.identity.member, recover=self.recover)
         self._opened = True
         for info in await self.store.constellations():
             try:
@@ -191,7 +196,7 @@ class Node:
                                forward=self.gossip.forward, first_sync=self.catchup.first_sync,
                                reached=self._inviter_reached, gates=self.gossip.gates)
         self.signer = Signer(self.identity, self.registry, self.store, self.engines, spawn=self._spawn,
-                             effects=self.gossip.effects, forward=self.gossip.forward)
+                             effects=self.gossip.effects, forward=self.gossip.forward, held=self.held)
         self.handlers.add(m.Hello, self._on_hello)
         self.handlers.add(m.PeerExchange, self._on_peer_exchange)
         for part in (self.gossip, self.catchup, self.joining):
@@ -258,7 +263,14 @@ class Node:
             await self._runner.cleanup()
         self.home.clear_api_address()
         if self._opened:
+            # Constellations joined since start enter the home's record here at the latest.
+            with contextlib.suppress(ValuemeshError):
+                for cid in list(self.engines):
+                    self.held.raise_to(cid, await self.store.next_seq(cid, self.identity.member))
             await self.store.close()
+            if self.held.dirty:  # the signer's last floors, if its write was cut off
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self.held.save)
         self.verifier.close()
         trace.stop()
         log.info("stopped")
@@ -458,6 +470,7 @@ class Node:
         eng = self._new_engine(genesis)
         await eng.register(now_ms())
         self.engines[eng.cid] = eng
+        self.signer.remember(eng.cid, genesis.seq + 1)
         return views.summary(eng)
 
     async def invite(self, cid: bytes, doc: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ directory (`$XDG_DATA_HOME/valuemesh`, default `~/.local/share/valuemesh`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -22,6 +23,8 @@ CONFIG_FILE = "config.json"
 TOKEN_FILE = "api.token"
 API_FILE = "api.json"
 DB_FILE = "node.db"
+# What the home followed and how far its own seqs went (node/held.py); init writes it empty.
+HELD_FILE = "held.json"
 
 
 def resolve_home(explicit: str | None = None) -> Path:
@@ -35,17 +38,36 @@ def resolve_home(explicit: str | None = None) -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by its owner only, atomically (tmp + fsync + rename)."""
+    """Write a file readable by its owner only, atomically: a fresh temporary file beside it
+    (a random name, O_EXCL and O_NOFOLLOW, so nothing planted at a guessable name is followed
+    or reused), fsync, rename over `path`, fsync the directory (so the rename survives a power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, flags, 0o600)
     try:
-        os.write(fd, data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -69,6 +91,9 @@ class Home:
             raise LocalError(f"{self.path} already holds an identity; use another --home to make a new one.")
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         ident = Identity.generate(secrets.token_bytes)
+        # A new member has followed nothing yet: a later start without a database is a first
+        # start. Written before the key, so a home with a key always has it.
+        write_private(self.path / HELD_FILE, b'{"v": 1, "constellations": {}}\n')
         write_private(self.key_file, encode_keyfile(ident, passphrase, secrets.token_bytes))
         # Only what the member chose (here or with `config set` before): every other setting
         # keeps its documented default (node/settings.py), so a later default reaches this home.

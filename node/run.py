@@ -29,8 +29,9 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def run_daemon(home: Home, settings: Settings) -> None:
-    """Run a node with `settings` (checked already, node/settings.py) until SIGINT or SIGTERM."""
+def run_daemon(home: Home, settings: Settings, *, recover: bool = False) -> None:
+    """Run a node with `settings` (checked already, node/settings.py) until SIGINT or SIGTERM;
+    `recover`: start even if the database holds less than the home remembers (node/held.py)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
@@ -41,7 +42,7 @@ def run_daemon(home: Home, settings: Settings) -> None:
                 registry=installed_registry(settings.disable_plugins),
                 checkpoint_start_min_records=settings.checkpoint_start_min_records,
                 retain_epochs=settings.retain_epochs or None,
-                verify_threads=settings.verify_threads or None, name=settings.name)
+                verify_threads=settings.verify_threads or None, name=settings.name, recover=recover)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

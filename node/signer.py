@@ -14,6 +14,7 @@ from typing import Any
 from valuemesh.node import trace
 from valuemesh.node.clock import now_ms
 from valuemesh.node.engine import Effects, Engine
+from valuemesh.node.held import Held
 from valuemesh.node.messaging import Spawn
 from valuemesh.node.store import Store
 from valuemesh.protocol.errors import LocalError, ValuemeshError
@@ -32,7 +33,7 @@ class Signer:
 
     def __init__(self, identity: Identity, registry: Registry, store: Store, engines: Mapping[bytes, Engine], *,
                  spawn: Spawn, effects: Callable[[Engine, Effects], Awaitable[None]],
-                 forward: Callable[[Engine, list[Record]], Awaitable[None]]) -> None:
+                 forward: Callable[[Engine, list[Record]], Awaitable[None]], held: Held | None = None) -> None:
         self.identity = identity
         self.registry = registry
         self.store = store
@@ -48,6 +49,9 @@ class Signer:
         # so the store is read once per engine rather than once per group of requests (a
         # query on the reader's thread, two thread hops, per group).
         self._own_next: dict[bytes, tuple[Engine, int]] = {}
+        # The home's record of how far our seqs went (node/held.py), written behind the signer.
+        self.held = held
+        self._saver: asyncio.Task[None] | None = None
 
     async def submit(self, eng: Engine, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
         return (await self.submit_many(eng, [(rtype, body)]))[0]
@@ -98,6 +102,40 @@ class Signer:
                 except Exception:
                     log.exception("internal error while proposing new records in %s", eng.text_id)
 
+    async def first_seq(self, eng: Engine) -> int:
+        """The seq our next record in `eng` takes: after everything of ours the store holds or the
+        ledger made final, and never below what the home remembers (the store's floor).
+
+        A floor above both means records we signed are missing here (the database was lost,
+        emptied or restored): signing now would leave a gap, or reuse a seq if the floor is
+        stale, so we refuse until catch-up from peers has brought those records back.
+        """
+        me = self.identity.member
+        held, floor = await self.store.own_seq(eng.cid, me)
+        base = max(held, eng.ledger.next_seq(me))
+        if floor > base:
+            raise LocalError(f"This member signed records up to seq {floor - 1} in {eng.text_id} that this "
+                             f"node's database no longer holds (it holds those below {base}); it signs there "
+                             f"again once catch-up from peers has brought them back.")
+        return base
+
+    def remember(self, cid: bytes, next_seq: int) -> None:
+        """Note in the home's record that our seqs in `cid` reached `next_seq`, written soon after
+        on a thread (a lag of one write: docs/storage.md, Sequence numbers)."""
+        if self.held is None or not self.held.raise_to(cid, next_seq):
+            return
+        if self._saver is None or self._saver.done():
+            self._saver = self.spawn(self._save_held())
+
+    async def _save_held(self) -> None:
+        held = self.held
+        while held is not None and held.dirty:
+            try:
+                await asyncio.to_thread(held.save)
+            except OSError as exc:
+                log.warning("could not write %s: %s", held.path, exc.strerror or exc)
+                return
+
     async def sign_and_store(self, jobs: list[_SubmitJob]) -> dict[bytes, tuple[list[Record], list[Record]]]:
         """Sign the queued requests with consecutive seqs and store them all in one durable
         transaction, then answer each. Returns, per constellation, the new records to
@@ -113,9 +151,8 @@ class Signer:
             try:
                 if eng.cid not in next_seq:
                     known = self._own_next.get(eng.cid)
-                    stored = known[1] if known is not None and known[0] is eng else \
-                        await self.store.next_seq(eng.cid, self.identity.member)
-                    next_seq[eng.cid] = max(stored, eng.ledger.next_seq(self.identity.member))
+                    next_seq[eng.cid] = max(known[1], eng.ledger.next_seq(self.identity.member)) \
+                        if known is not None and known[0] is eng else await self.first_seq(eng)
                 taken = by_engine.get(eng.cid, [])
                 recs = []
                 for i, (rtype, body) in enumerate(items):
@@ -143,6 +180,7 @@ class Signer:
             try:
                 out[cid] = (await self.engines[cid].store_pending(recs, now_ms()), recs)
                 self._own_next[cid] = (self.engines[cid], next_seq[cid])
+                self.remember(cid, next_seq[cid])
             except Exception as exc:
                 # Nothing of a failed transaction is stored and none of its records has
                 # left this process; only its requests are refused.

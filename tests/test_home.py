@@ -82,3 +82,27 @@ def test_api_token_and_address_live_only_while_the_daemon_runs(tmp_path: Path) -
     home.clear_api_address()  # twice is fine: a second stop after a crash
     with pytest.raises(LocalError, match="not running"):
         home.api_address()
+
+
+def test_write_private_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    """A symlink at the old fixed temporary name (config.json.tmp) pointing at a file of the
+    member's is neither followed nor replaced: the target keeps its bytes."""
+    home = tmp_path / "h"
+    home.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (home / "config.json.tmp").symlink_to(victim)
+    write_private(home / "config.json", b"{}\n")
+    assert victim.read_bytes() == b"keep me"
+    assert (home / "config.json").read_bytes() == b"{}\n"
+    assert not (home / "config.json").is_symlink()
+    assert (home / "config.json").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in home.iterdir()) == ["config.json", "config.json.tmp"]
+
+
+def test_write_private_leaves_no_temporary_file_when_it_fails(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    (home / "config.json").mkdir(parents=True)  # a directory where the file should go: rename fails
+    with pytest.raises(OSError):
+        write_private(home / "config.json", b"{}")
+    assert [p.name for p in home.iterdir()] == ["config.json"]

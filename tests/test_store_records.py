@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from store_kit import (
     ALICE,
     BOB,
+    OTHER_C,
     C,
     blk,
     info,
@@ -18,6 +20,7 @@ from store_kit import (
 )
 
 from valuemesh.node.store import CommitEntry, Store
+from valuemesh.protocol.errors import LocalError
 
 
 async def test_pending_records_become_final_with_their_block(store: Store) -> None:
@@ -60,3 +63,21 @@ async def test_reserved_seqs_never_repeat_even_across_restarts(tmp_path: Path) -
         assert sorted(concurrent) == [10, 11, 12, 13, 14]
     async with await Store.open(path) as s:
         assert await s.reserve_seq(C, ALICE.member) == 15
+
+
+async def test_a_seq_floor_only_rises_and_no_seq_is_given_out_below_it(store: Store) -> None:
+    """The home's floor (node/held.py) for a store that holds less than the member signed."""
+    async with store.batch() as tx:
+        tx.put_records([rec(ALICE, 0), rec(ALICE, 1)], 1)
+    assert await store.own_seq(C, ALICE.member) == (2, 0)
+    await store.raise_seq_floor(C, ALICE.member, 7)
+    await store.raise_seq_floor(C, ALICE.member, 5)  # never lowered
+    assert await store.own_seq(C, ALICE.member) == (2, 7)
+    assert await store.next_seq(C, ALICE.member) == 7
+    assert await store.reserve_seq(C, ALICE.member) == 7
+    assert await store.own_seq(C, ALICE.member) == (8, 7)  # the reservation is held now
+    assert await store.next_seq(C, BOB.member) == 0
+    await store.raise_seq_floor(OTHER_C, ALICE.member, 3)  # a constellation not (yet) followed again
+    assert await store.next_seq(OTHER_C, ALICE.member) == 3
+    with pytest.raises(LocalError):
+        await store.raise_seq_floor(C, ALICE.member, -1)

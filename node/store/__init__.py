@@ -39,7 +39,14 @@ from valuemesh.node.store.batch import Batch
 from valuemesh.node.store.blocks import BlockReads
 from valuemesh.node.store.checkpoints import CheckpointReads
 from valuemesh.node.store.constellations import ConstellationReads
-from valuemesh.node.store.errors import FinalOrderError, SchemaTooNewError, StoreError, StoreInUseError
+from valuemesh.node.store.errors import (
+    FinalOrderError,
+    NotOurDatabaseError,
+    SchemaTooNewError,
+    StoreDamagedError,
+    StoreError,
+    StoreInUseError,
+)
 from valuemesh.node.store.order import OrderReads
 from valuemesh.node.store.peers import PeerReads
 from valuemesh.node.store.records import RecordReads
@@ -74,9 +81,11 @@ __all__ = [
     "Equivocation",
     "FinalOrderError",
     "FinalRecord",
+    "NotOurDatabaseError",
     "PeerInfo",
     "SchemaTooNewError",
     "Store",
+    "StoreDamagedError",
     "StoreError",
     "StoreInUseError",
     "StoredBlock",

@@ -17,11 +17,22 @@ from typing import IO, Any, Self
 from valuemesh.node.store.apply import Op
 from valuemesh.node.store.batch import Batch
 from valuemesh.node.store.checks import is_uint, need
-from valuemesh.node.store.connection import BUSY_TIMEOUT_MS, SYNCHRONOUS_MODES, Db, connect, lock_file, rollback
+from valuemesh.node.store.connection import (
+    BUSY_TIMEOUT_MS,
+    SYNCHRONOUS_MODES,
+    Db,
+    connect,
+    create_private,
+    lock_file,
+    rollback,
+    tighten_modes,
+    tune,
+    use_wal,
+)
 from valuemesh.node.store.errors import StoreError, plain_sqlite_error, store_error
 from valuemesh.node.store.groupcommit import INLINE_MAX_ITEMS, MAX_GROUP, Queued, commit_group_now, fail_all
 from valuemesh.node.store.rows import BatchResult
-from valuemesh.node.store.schema import migrate
+from valuemesh.node.store.schema import check_file, migrate
 
 
 class StoreCore:
@@ -50,6 +61,9 @@ class StoreCore:
     ) -> Self:
         """Open (creating or migrating) the database at `path`.
 
+        Another program's SQLite file, or a damaged one (`PRAGMA quick_check`), is refused
+        before anything writes to it (NotOurDatabaseError, StoreDamagedError).
+
         `synchronous="FULL"` (the default) makes every committed batch survive power loss;
         "NORMAL" survives process crashes only (see docs/storage.md). `now_ms` stamps applied
         migrations and defaults to the wall clock.
@@ -62,14 +76,26 @@ class StoreCore:
             raise StoreError(f"The database must be a file in an existing directory, not '{path}'.")
         lock = lock_file(p)
         try:
-            writer = await connect(p, mode, busy_timeout_ms, query_only=False)
+            create_private(p)
+            writer = await connect(p, busy_timeout_ms)
         except BaseException:
             lock.close()
             raise
         try:
+            await check_file(writer, p)
+            tighten_modes(p)
+            await use_wal(writer, p)
+            await tune(writer, p, mode)
             await migrate(writer, p, now_ms if now_ms is not None else int(time.time() * 1000))
-            reader = await connect(p, mode, busy_timeout_ms, query_only=True)
+            reader = await connect(p, busy_timeout_ms)
         except BaseException:
+            await writer.close()
+            lock.close()
+            raise
+        try:
+            await tune(reader, p, mode)
+        except BaseException:
+            await reader.close()
             await writer.close()
             lock.close()
             raise

@@ -22,6 +22,14 @@ class SchemaTooNewError(StoreError):
     """Raised when the database was written by a newer valuemesh with a newer schema."""
 
 
+class NotOurDatabaseError(StoreError):
+    """Raised when the file is another program's SQLite database (refused before anything is written)."""
+
+
+class StoreDamagedError(StoreError):
+    """Raised when SQLite's quick check finds the database damaged (refused before anything is written)."""
+
+
 class FinalOrderError(StoreError):
     """Raised when a commit would leave a gap in, or rewrite, a constellation's final order."""
 

@@ -1,12 +1,13 @@
-"""Reads of records and their state: by id, pending here or final, per-author seqs (and the
-durable seq reservation), and the equivocation evidence kept instead of a twin record.
+"""Reads of records and their state: by id, pending here or final, per-author seqs (the
+durable seq reservation and the floor a restored store must not go below), and the
+equivocation evidence kept instead of a twin record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from valuemesh.node.store.checks import MAX_PAGE, check_hash, check_ids, check_limit, chunks
+from valuemesh.node.store.checks import MAX_PAGE, check_hash, check_ids, check_limit, chunks, is_uint, need
 from valuemesh.node.store.codec import decode_proof, decode_stored_record
 from valuemesh.node.store.connection import Db
 from valuemesh.node.store.core import StoreCore
@@ -69,7 +70,28 @@ class RecordReads(StoreCore):
     async def next_seq(self, constellation: bytes, author: MemberId) -> int:
         """The seq `reserve_seq` would hand out next (a read; reserves nothing)."""
         self._check_open()
-        return await _next_seq(self._reader, constellation, author)
+        return max(await _held_seq(self._reader, constellation, author))
+
+    async def own_seq(self, constellation: bytes, author: MemberId) -> tuple[int, int]:
+        """(what this store holds: the seq after the highest stored or reserved one; the floor).
+
+        The floor is what the home remembers beyond the store (`raise_seq_floor`); while it is
+        above what the store holds, records this member signed are missing here.
+        """
+        self._check_open()
+        return await _held_seq(self._reader, constellation, author)
+
+    async def raise_seq_floor(self, constellation: bytes, author: MemberId, floor: int) -> None:
+        """Durably make `next_seq` and `reserve_seq` never hand out less than `floor` (used when
+        the home knows this member signed more than the store holds: docs/storage.md)."""
+        check_hash(constellation, "A constellation id")
+        need(is_uint(floor), "A seq floor must be a non-negative integer.")
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                "max(value, excluded.value)",
+                (_floor_key(constellation, author), floor.to_bytes(8, "big")),
+            )
 
     async def equivocations(self, constellation: bytes) -> list[Equivocation]:
         rows = await self._rows(
@@ -95,16 +117,26 @@ class RecordReads(StoreCore):
 
 
 async def _next_seq(db: Db, constellation: bytes, author: MemberId) -> int:
+    return max(await _held_seq(db, constellation, author))
+
+
+async def _held_seq(db: Db, constellation: bytes, author: MemberId) -> tuple[int, int]:
+    # Floors are 8-byte big-endian like the reservation, so max() over the blobs is numeric.
     rows = list(
         await db.execute_fetchall(
-            "SELECT (SELECT value FROM kv WHERE key = ?), "
+            "SELECT (SELECT value FROM kv WHERE key = ?), (SELECT value FROM kv WHERE key = ?), "
             "(SELECT MAX(seq) + 1 FROM records WHERE constellation = ? AND author = ?)",
-            (_seq_key(constellation, author), constellation, author.key),
+            (_seq_key(constellation, author), _floor_key(constellation, author), constellation, author.key),
         )
     )
-    reserved, stored = rows[0]
-    return max(int.from_bytes(reserved, "big") if reserved is not None else 0, stored or 0)
+    reserved, floor, stored = rows[0]
+    held = max(int.from_bytes(reserved, "big") if reserved is not None else 0, stored or 0)
+    return held, int.from_bytes(floor, "big") if floor is not None else 0
 
 
 def _seq_key(constellation: bytes, author: MemberId) -> str:
     return f"next-seq/{constellation.hex()}/{author.key.hex()}"
+
+
+def _floor_key(constellation: bytes, author: MemberId) -> str:
+    return f"seq-floor/{constellation.hex()}/{author.key.hex()}"

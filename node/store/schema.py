@@ -12,7 +12,7 @@ from typing import Final
 
 from valuemesh.node.store.codec import decode_stored_block
 from valuemesh.node.store.connection import Db, rollback
-from valuemesh.node.store.errors import SchemaTooNewError, StoreError
+from valuemesh.node.store.errors import NotOurDatabaseError, SchemaTooNewError, StoreDamagedError, StoreError
 
 # "vmsh": marks the file as a valuemesh database so we never migrate someone else's SQLite file.
 APPLICATION_ID: Final = 0x766D7368
@@ -301,12 +301,49 @@ async def migrate(db: Db, path: Path, now_ms: int) -> None:
         raise StoreError(f"The database {path} could not be prepared: {e}.") from None
 
 
+# What the operator can do about a damaged database: the commands that really exist
+# (cli/accounting.py import, cli/main.py daemon --recover and constellation join).
+RECOVERY_HINT: Final = (
+    "move node.db, node.db-wal and node.db-shm aside, load each constellation you hold an archive of "
+    "with 'valuemesh import FILE', start with 'valuemesh daemon --recover' and join the others again "
+    "from peers with 'valuemesh constellation join TOKEN'"
+)
+
+
+async def check_file(db: Db, path: Path) -> None:
+    """Refuse a file that is not ours or is damaged, before anything writes to it.
+
+    Run on the writer while it is still query-only (connection.connect). A file with no
+    tables and no other program's marks is new; one with tables must carry our application
+    id and schema_version table; ours must pass `PRAGMA quick_check` (docs/storage.md, Opening).
+    """
+    try:
+        app_id = int(next(iter(await db.execute_fetchall("PRAGMA application_id")))[0])
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"The file {path} is not a usable database: {e}.") from None
+    try:
+        user_version = int(next(iter(await db.execute_fetchall("PRAGMA user_version")))[0])
+        tables = {str(r[0]) for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and app_id in (0, APPLICATION_ID) and user_version == 0:
+            return  # new (or empty): nothing to check
+        if app_id != APPLICATION_ID or "schema_version" not in tables:
+            raise NotOurDatabaseError(
+                f"The file {path} is an SQLite database of another program, not valuemesh's.")
+        problems = [str(r[0]) for r in await db.execute_fetchall("PRAGMA quick_check(1)")]
+    except sqlite3.DatabaseError as e:
+        if app_id != APPLICATION_ID:
+            raise StoreError(f"The file {path} is not a usable database: {e}.") from None
+        problems = [str(e)]  # ours (the header says so) but its schema cannot be read
+    if problems != ["ok"]:
+        raise StoreDamagedError(f"The database {path} is damaged ({problems[0].rstrip('.')}); {RECOVERY_HINT}.")
+
+
 async def _current_version(db: Db, path: Path) -> int:
     app_id = int(next(iter(await db.execute_fetchall("PRAGMA application_id")))[0])
     tables = {str(r[0]) for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not tables:
         return 0
     if app_id != APPLICATION_ID or "schema_version" not in tables:
-        raise StoreError(f"The file {path} is an SQLite database of another program, not valuemesh's.")
+        raise NotOurDatabaseError(f"The file {path} is an SQLite database of another program, not valuemesh's.")
     rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
     return int(rows[0][0] or 0)
