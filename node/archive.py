@@ -13,7 +13,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ MAX_ARCHIVE_BYTES = 1 << 30
 MAX_ARCHIVE_ITEMS = 5_000_000
 # Blocks and commits are written to a store in chunks so one import never builds a huge batch.
 LOAD_CHUNK = 256
+# An export reads and replays committed blocks this many at a time (a block may hold hundreds of records).
+EXPORT_PAGE = 32
 # Fixed CSV columns; other fields of an item travel as JSON in the `data` column.
 CSV_COLUMNS = ("kind", "index", "id", "type", "op", "author", "seq", "round", "commit",
                "anchor_round", "created", "status", "reason", "raw", "data")
@@ -173,8 +175,13 @@ class Replayer:
     def feed(self, items: list[tuple[Block, int]]) -> list[dict[str, Any]]:
         """Apply committed blocks, whole anchors only (an epoch closes after its anchor's last
         block); return the final record items they make."""
-        self._eng._apply_committed(items)
-        self._eng.finish_closings_now()
+        eng = self._eng
+        eng._apply_committed(items)
+        eng.finish_closings_now()
+        # The engine's final view would keep up to FINAL_VIEW_LIMIT records; a replay lists its own.
+        eng.final_log.clear()
+        eng.final_at.clear()
+        eng.final_pos.clear()
         return self.take()
 
     def finish(self, records: list[dict[str, Any]] | None = None) -> Replay:
@@ -205,7 +212,7 @@ def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, i
     return rp.finish(records)
 
 
-async def export_archive(store: Store, eng: Engine, registry: Registry) -> AsyncIterator[dict[str, Any]]:
+async def export_archive(store: Store, eng: Engine, registry: Registry) -> AsyncGenerator[dict[str, Any], None]:
     """Every block of the constellation with its commit order, the records they make final,
     the certified checkpoints and the closing line, item by item: memory holds a page of
     blocks and the replayed ledger, never the archive.
@@ -226,17 +233,19 @@ async def export_archive(store: Store, eng: Engine, registry: Registry) -> Async
 
     async def committed() -> AsyncIterator[list[tuple[Block, int]]]:
         entries: list[CommitEntry] = []
-        async for e in store.iter_commits(cid, page=LOAD_CHUNK):
+        async for e in store.iter_commits(cid, page=EXPORT_PAGE):
             if e.index >= commits:
                 break
             entries.append(e)
-            if len(entries) == LOAD_CHUNK:
+            if len(entries) == EXPORT_PAGE:
                 yield await _blocks_of(store, entries)
                 entries = []
         if entries:
             yield await _blocks_of(store, entries)
 
     ordered: set[bytes] = set()
+    page: list[tuple[Block, int]] = []
+    b: Block | None = None
     async for page in committed():
         for b, anchor in page:
             yield _block_item(b, len(ordered), anchor)
@@ -244,23 +253,26 @@ async def export_archive(store: Store, eng: Engine, registry: Registry) -> Async
     if len(ordered) != commits:
         raise LocalError("The database lacks a committed block; the archive cannot be complete.")
     count = len(ordered)
-    async for b in store.iter_blocks(cid):
+    async for b in store.iter_blocks(cid, page=EXPORT_PAGE):
         if b.id not in ordered:
             count += 1
             yield _block_item(b, None, None)
+    page, b, ordered = [], None, set()  # (loop variables would keep the last page alive through the replay)
     rp = Replayer(registry, eng.genesis)
     for it in rp.take():
         yield it
     pending: list[tuple[Block, int]] = []
     async for page in committed():
         pending += page
-        chunks = list(by_anchor(pending))
+        chunks = list(by_anchor(pending, EXPORT_PAGE))
         pending = chunks.pop() if chunks else []  # the last anchor may go on in the next page
         for chunk in chunks:
             for it in await asyncio.to_thread(rp.feed, chunk):
                 yield it
+        del page, chunks
     for it in await asyncio.to_thread(rp.feed, pending):
         yield it
+    del pending
     rep = rp.finish()
     for cp in stored_checkpoints:
         cert = CheckpointCertificate(cp.content, tuple((MemberId(k), v) for k, v in cp.signatures.items()))
@@ -314,9 +326,13 @@ def _checkpoint_item(cid: bytes, it: Mapping[str, Any], n: int) -> CheckpointCer
     return CheckpointCertificate(content, tuple(pairs))
 
 
+def archive_line(item: Mapping[str, Any]) -> str:
+    """One item as a line of a JSONL archive."""
+    return json.dumps(item, sort_keys=True, separators=(",", ":")) + "\n"
+
+
 def archive_jsonl(items: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    for it in items:
-        yield json.dumps(it, sort_keys=True, separators=(",", ":")) + "\n"
+    return map(archive_line, items)
 
 
 def _cell(v: str) -> str:
