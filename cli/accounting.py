@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -447,25 +449,66 @@ def export(cid: str, fmt: str, output: str | None) -> None:
 
     With --output and --json, prints what was written; the archive itself is the output otherwise.
     """
-    from valuemesh.node.archive import archive_csv, archive_jsonl
-
-    items: list[dict[str, Any]] = []
     if fmt == "valueflows":
         doc = _call("GET", f"/v1/constellations/{parse_cid(cid)}/valueflows")
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    else:
-        items = _call("GET", f"/v1/constellations/{parse_cid(cid)}/export")["items"]
-        text = "".join(archive_jsonl(items)) if fmt == "jsonl" else archive_csv(items)
-    if output is None:
-        click.echo(text, nl=False)
+        if output is None:
+            click.echo(text, nl=False)
+            return
+        _write_whole(Path(output), text)
+        emit({"file": output, "format": fmt, "bytes": len(text.encode()), "state_hash": None, "records": None},
+             f"wrote {output}")
         return
+    if output is None:
+        _export_to(parse_cid(cid), fmt, sys.stdout.buffer)
+        return
+    target = Path(output)
+    # Written beside the target and renamed at the end, so a failed export leaves no half archive.
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        Path(output).write_text(text, encoding="utf-8")
+        with part.open("wb") as f:
+            end = _export_to(parse_cid(cid), fmt, f)
+        os.replace(part, target)
     except OSError as exc:
         raise LocalError(f"Cannot write {output}: {exc.strerror or exc}.") from None
-    end = items[-1] if items else {}
-    emit({"file": output, "format": fmt, "bytes": len(text.encode()), "state_hash": end.get("state_hash"),
+    finally:
+        part.unlink(missing_ok=True)
+    emit({"file": output, "format": fmt, "bytes": target.stat().st_size, "state_hash": end.get("state_hash"),
           "records": end.get("records")}, f"wrote {output}")
+
+
+def _export_to(cid: str, fmt: str, out: Any) -> dict[str, Any]:
+    """Stream the daemon's archive into `out` line by line as it arrives; return its end line."""
+    from valuemesh.node.archive import archive_csv_lines
+
+    end: dict[str, Any] = {}
+
+    def checked(lines: Iterable[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        nonlocal end
+        for line in lines:
+            it = json.loads(line)
+            if it.get("kind") == "error":
+                raise LocalError(str(it.get("error")))
+            end = it if it.get("kind") == "end" else {}
+            yield line, it
+
+    with current().api.stream(f"/v1/constellations/{cid}/export") as resp:
+        if fmt == "jsonl":
+            for line, _ in checked(resp):
+                out.write(line)
+        else:
+            for text in archive_csv_lines(it for _, it in checked(resp)):
+                out.write(text.encode())
+    if not end:
+        raise LocalError("The daemon's archive was cut short; export again.")
+    return end
+
+
+def _write_whole(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise LocalError(f"Cannot write {path}: {exc.strerror or exc}.") from None
 
 
 @click.command("import")

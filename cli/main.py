@@ -9,6 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 
@@ -27,8 +28,10 @@ from valuemesh.cli.common import (
 from valuemesh.cli.config import config_group, given_flags, settings_options
 from valuemesh.cli.service import service_group
 from valuemesh.node.home import resolve_home
-from valuemesh.protocol.errors import ValuemeshError
+from valuemesh.protocol.errors import LocalError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
+
+EVIDENCE_URI_MAX = 512  # the contribution schema's limit of `evidence.uri`
 
 
 @click.group(cls=Group)
@@ -245,6 +248,19 @@ def c_dissolve(c: Ctx, cid: str, reason: str) -> None:
     c.out(doc, f"dissolution recorded as {doc['id']} ({doc['status']})")
 
 
+def evidence_of(path: Path) -> dict[str, str]:
+    """A file as a contribution's evidence: its BLAKE2b-256 hash and its base name as a relative
+    URI. Never its directory: the ledger is signed and kept forever (docs/decisions.md, 21)."""
+    try:
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=32).hexdigest()
+    except OSError as exc:
+        raise LocalError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    name = path.name
+    while len(quote(name)) > EVIDENCE_URI_MAX:  # (shortened by whole characters, never mid-escape)
+        name = name[:-1]
+    return {"uri": quote(name), "hash": digest}
+
+
 @cli.command()
 @click.argument("cid")
 @click.option("--action", required=True,
@@ -252,7 +268,8 @@ def c_dissolve(c: Ctx, cid: str, reason: str) -> None:
 @click.option("--quantity", required=True, help="A positive number, e.g. 3 or 2.5.")
 @click.option("--unit", required=True, help="hour, EUR, kg, …")
 @click.option("--note", default="", help="What was done.")
-@click.option("--evidence", type=click.Path(exists=True, dir_okay=False), help="A file whose hash is recorded.")
+@click.option("--evidence", type=click.Path(exists=True, dir_okay=False),
+              help="A file whose hash and base name (never its folder) are recorded.")
 @click.option("--payback", type=click.Choice(["once", "debt-like", "equity-like", "gift"]), default=None)
 @json_option
 @pass_ctx
@@ -265,8 +282,7 @@ def contribute(c: Ctx, cid: str, action: str, quantity: str, unit: str, note: st
     if payback:
         body["payback"] = payback
     if evidence:
-        digest = hashlib.blake2b(Path(evidence).read_bytes(), digest_size=32).hexdigest()
-        body["evidence"] = {"uri": Path(evidence).resolve().as_uri(), "hash": digest}
+        body["evidence"] = evidence_of(Path(evidence))
     doc = submit(cid, "contribution", body)
     c.out(doc, f"contribution {doc['id']} ({doc['status']})")
 

@@ -22,12 +22,15 @@ from valuemesh.node.accounting_views import (
     verify_view,
     who,
 )
-from valuemesh.node.archive import build_archive
+from valuemesh.node.archive import archive_line, export_archive
 from valuemesh.node.engine import Engine
 from valuemesh.node.facade import NodeFacade, json_ok, read_json_object
 from valuemesh.protocol.accounting import current_policy, ratifiers, try_policy
 from valuemesh.protocol.accounting.inputs import DISTRIBUTION_NS
-from valuemesh.protocol.errors import LocalError, NotFoundError
+from valuemesh.protocol.errors import LocalError, NotFoundError, ValuemeshError
+
+# The export route writes its lines in pieces of about this size, waiting while the client is behind.
+STREAM_BYTES = 256 * 1024
 
 
 def add_accounting_routes(routes: web.RouteTableDef, node: NodeFacade) -> None:
@@ -116,11 +119,30 @@ def add_accounting_routes(routes: web.RouteTableDef, node: NodeFacade) -> None:
         return ok(verify_view(state, ids))
 
     @routes.get("/v1/constellations/{cid}/export")
-    async def export(request: web.Request) -> web.Response:
-        """The signed archive: every block and final record in consensus order."""
+    async def export(request: web.Request) -> web.StreamResponse:
+        """The signed archive as JSONL, streamed: every block and final record in consensus order."""
         eng = engine(request)
         assert node.store is not None
-        return ok({"items": await build_archive(node.store, eng, node.registry)})
+        items = export_archive(node.store, eng, node.registry)
+        head = await anext(items)  # what a node can know is wrong answers 400 before anything is sent
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        buf, size = [archive_line(head)], 0
+        try:
+            async for it in items:
+                buf.append(archive_line(it))
+                size += len(buf[-1])
+                if size >= STREAM_BYTES:
+                    await resp.write("".join(buf).encode())  # waits while the client is behind
+                    buf, size = [], 0
+        except ValuemeshError as exc:
+            # Too late for a status: a last line says what went wrong, and the archive has no end.
+            buf.append(archive_line({"kind": "error", "error": exc.message}))
+        finally:
+            await items.aclose()
+        await resp.write("".join(buf).encode())
+        await resp.write_eof()
+        return resp
 
     @routes.get("/v1/constellations/{cid}/valueflows")
     async def valueflows(request: web.Request) -> web.Response:

@@ -1,5 +1,6 @@
 """The daemon's local HTTP/JSON API on 127.0.0.1, guarded by a bearer token
-kept in the home directory. The CLI is its first client; `/v1/openapi.json`
+kept in the home directory, and against web pages (Host, Origin and Content-Type
+checks; docs/security.md). The CLI is its first client; `/v1/openapi.json`
 describes every route. Errors are `{"error": "<one sentence>"}`: 404 for a
 `NotFoundError`, 400 for any other local error, 422 for bad data from elsewhere.
 """
@@ -20,6 +21,8 @@ from valuemesh.node.plugin_routes import mount_plugin_routes
 from valuemesh.protocol.errors import LocalError, NotFoundError, RemoteError, ValuemeshError
 
 MAX_REQUEST_BYTES = 1024 * 1024
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_BATCH_RECORDS = 256
 API_VERSION = "1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,17 +32,44 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _own_hosts(request: web.Request) -> frozenset[str]:
+    """The Host values that name this API: its loopback address and port under each of its names."""
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    port = sock[1] if isinstance(sock, tuple) and len(sock) >= 2 else None
+    return frozenset() if port is None else frozenset(f"{h}:{port}" for h in LOOPBACK_NAMES)
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    """The answer to a request a web page (or a DNS-rebinding name) could have sent, or None."""
+    hosts = _own_hosts(request)
+    if request.headers.get("Host", "").lower() not in hosts:
+        # A page on evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example.
+        return _error(421, "The API answers only requests addressed to its own loopback address and port.")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() not in {f"http://{h}" for h in hosts}:
+        return _error(403, "The API refuses requests from web pages; use the CLI or a local program.")
+    return None
+
+
 def make_app(node: NodeFacade, token: str) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = _refusal(request)
+        if refused is not None:
+            return refused
         if request.path != "/v1/health":
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _error(401, "The API token is missing or wrong; the CLI reads it from the home directory.")
+        if request.method not in SAFE_METHODS and request.content_type != "application/json":
+            # A browser sends a form or text/plain without asking first; JSON it must ask for, and is refused.
+            return _error(415, "A request that changes something must have Content-Type application/json.")
         if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
             return _error(413, "The request body is too large.")
         try:
             return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "The request body is too large.")
         except web.HTTPException:
             raise
         except NotFoundError as exc:

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,23 @@ MAX_ARCHIVE_BYTES = 1 << 30
 MAX_ARCHIVE_ITEMS = 5_000_000
 # Blocks and commits are written to a store in chunks so one import never builds a huge batch.
 LOAD_CHUNK = 256
+# An export reads and replays committed blocks this many at a time (a block may hold hundreds of records).
+EXPORT_PAGE = 32
 # Fixed CSV columns; other fields of an item travel as JSON in the `data` column.
 CSV_COLUMNS = ("kind", "index", "id", "type", "op", "author", "seq", "round", "commit",
                "anchor_round", "created", "status", "reason", "raw", "data")
 _INT_FIELDS = frozenset({"index", "seq", "round", "commit", "anchor_round", "created"})
+_NULLABLE = frozenset({"commit", "anchor_round"})  # an empty CSV cell of these is null; of others, ""
+# The fields of each kind of item, all of them; an item with another field is refused.
+ITEM_FIELDS: dict[str, frozenset[str]] = {
+    "archive": frozenset({"kind", "format", "v", "constellation", "name", "genesis", "exported_at", "exported_by"}),
+    "block": frozenset({"kind", "commit", "anchor_round", "id", "round", "author", "created", "raw"}),
+    "record": frozenset({"kind", "index", "id", "type", "op", "author", "seq", "created", "status", "reason",
+                         "block", "body", "raw"}),
+    "checkpoint": frozenset({"kind", "epoch", "round", "index", "state_hash", "snapshot_hash", "next_committee",
+                             "sigs"}),
+    "end": frozenset({"kind", "state_hash", "records", "commits", "blocks"}),
+}
 _FORMULA_START = frozenset("=+-@\t\r'")
 
 
@@ -82,89 +95,185 @@ class Replay:
         return next((c for c in [self.first, *self.committees] if c.epoch == epoch), None)
 
 
-def _note(o: Outcome, registry: Registry, block: bytes | None, position: int) -> dict[str, Any] | None:
-    # The same rule as the engine's final view: duplicates and deferrals are not listed.
-    if o.status in ("duplicate", "deferred"):
-        return None
+def _note(o: Outcome, registry: Registry, block: bytes | None, position: int) -> dict[str, Any]:
+    """A final record's archive item: every field derived from its signed bytes and its outcome."""
     r = o.record
-    item: dict[str, Any] = {
-        "kind": "record", "index": position, "id": r.id.hex(), "type": r.type,
-        "op": str(r.body.get("op", "")), "author": str(r.author), "seq": r.seq, "created": r.created,
-        "status": o.status, "reason": o.reason, "block": block.hex() if block else None,
-        "body": body_to_json(registry.plugins.get(r.type), r.body), "raw": _b64(r.raw),
-    }
-    return item
+    return {"kind": "record", "index": position, "id": r.id.hex(), "type": r.type,
+            "op": str(r.body.get("op", "")), "author": str(r.author), "seq": r.seq, "created": r.created,
+            "status": o.status, "reason": o.reason, "block": block.hex() if block else None,
+            "body": body_to_json(registry.plugins.get(r.type), r.body), "raw": _b64(r.raw)}
 
 
-def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, int]]) -> Replay:
-    """Apply the genesis and committed blocks in order, exactly as a node's engine does on restart.
+def _block_item(b: Block, commit: int | None, anchor_round: int | None) -> dict[str, Any]:
+    """A block's archive item: every field but the commit position derived from its signed bytes."""
+    return {"kind": "block", "commit": commit, "anchor_round": anchor_round, "id": b.id.hex(),
+            "round": b.round, "author": str(b.author), "created": b.created, "raw": _b64(b.raw)}
+
+
+def _checkpoint_json(content: Content, sigs: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """A certified checkpoint's archive item: what its signatures cover, and the signatures."""
+    return {"kind": "checkpoint", "epoch": content.epoch, "round": content.round, "index": content.index,
+            "state_hash": content.state_hash.hex(), "snapshot_hash": content.snapshot_hash.hex(),
+            "next_committee": content.next_committee.hex(),
+            "sigs": [[str(MemberId(k)), _b64(v)] for k, v in sorted(sigs)]}
+
+
+def _header(genesis: Record, exported_at: int, exported_by: str) -> dict[str, Any]:
+    # The name is the genesis's own; when and by whom it was exported is the exporter's word.
+    return {"kind": "archive", "format": ARCHIVE_FORMAT, "v": ARCHIVE_VERSION,
+            "constellation": constellation_text(genesis.constellation), "name": str(genesis.body.get("name", "")),
+            "genesis": _b64(genesis.raw), "exported_at": exported_at, "exported_by": exported_by}
+
+
+class Replayer:
+    """The engine's own replay of a constellation, fed its committed blocks in order a chunk
+    at a time; it hands back each chunk's final record items, so an export never holds the
+    whole list.
 
     The replay runs the engine's own code (its clock rule, and when a membership change closes
     an epoch), so an archive is judged by the rules the node itself follows. The engine gets a
     fresh identity that is no member, so it signs nothing, and it never touches a store here.
     """
-    items = list(commits)
-    carried: dict[bytes, bytes] = {}
-    for b, _ in items:
-        for r in b.records:
-            carried.setdefault(r.id, b.id)
-    eng = Engine(None, registry, Identity.generate(os.urandom), genesis)  # type: ignore[arg-type]
-    first = eng.committee
-    outcomes: list[Outcome] = [Outcome("applied", genesis)]
-    # Every outcome, not the engine's bounded final view: an archive lists all of them.
-    note = eng._note
 
-    def noting(o: Outcome) -> None:
-        outcomes.append(o)
-        note(o)  # the engine's count goes into the snapshot its checkpoints sign
+    def __init__(self, registry: Registry, genesis: Record) -> None:
+        self._registry = registry
+        self._eng = eng = Engine(None, registry, Identity.generate(os.urandom), genesis)  # type: ignore[arg-type]
+        self.first = eng.committee
+        self.count = 0
+        # A record's first carrying block, kept only until the record's outcome is known.
+        self._carried: dict[bytes, bytes] = {}
+        self._out: list[dict[str, Any]] = []
+        self._take(Outcome("applied", genesis))
+        note, apply = eng._note, eng._apply_block
 
-    eng._note = noting  # type: ignore[method-assign]
-    eng._replaying = []
-    eng._apply_committed(items)
-    eng.finish_closings_now()
-    committees = list(eng._replaying)
-    records: list[dict[str, Any]] = []
-    for o in outcomes:
-        item = _note(o, registry, carried.get(o.record.id), len(records))
-        if item is not None:
-            records.append(item)
-    # What each epoch closed with is what its committee signs as a checkpoint.
-    return Replay(eng.ledger, records, committees, first, dict(eng.closed))
+        def noting(o: Outcome) -> None:
+            self._take(o)
+            note(o)  # the engine's count goes into the snapshot its checkpoints sign
+
+        def applying(block: Block) -> None:
+            for r in block.records:
+                self._carried.setdefault(r.id, block.id)
+            apply(block)
+
+        eng._note = noting  # type: ignore[method-assign]
+        eng._apply_block = applying  # type: ignore[method-assign]
+        eng._replaying = []
+
+    def _take(self, o: Outcome) -> None:
+        if o.status == "deferred":
+            return  # (its outcome comes later; duplicates and deferrals are not listed)
+        block = self._carried.pop(o.record.id, None)
+        if o.status != "duplicate":
+            self._out.append(_note(o, self._registry, block, self.count))
+            self.count += 1
+
+    def take(self) -> list[dict[str, Any]]:
+        """The final record items made since the last call."""
+        out, self._out = self._out, []
+        return out
+
+    def feed(self, items: list[tuple[Block, int]]) -> list[dict[str, Any]]:
+        """Apply committed blocks, whole anchors only (an epoch closes after its anchor's last
+        block); return the final record items they make."""
+        eng = self._eng
+        eng._apply_committed(items)
+        eng.finish_closings_now()
+        # The engine's final view would keep up to FINAL_VIEW_LIMIT records; a replay lists its own.
+        eng.final_log.clear()
+        eng.final_at.clear()
+        eng.final_pos.clear()
+        return self.take()
+
+    def finish(self, records: list[dict[str, Any]] | None = None) -> Replay:
+        eng = self._eng
+        assert eng._replaying is not None
+        # What each epoch closed with is what its committee signs as a checkpoint.
+        return Replay(eng.ledger, records or [], list(eng._replaying), self.first, dict(eng.closed))
 
 
-async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[dict[str, Any]]:
-    """Every block of the constellation with its commit order, and the records they make final.
+def by_anchor(items: Iterable[tuple[Block, int]], size: int = LOAD_CHUNK) -> Iterator[list[tuple[Block, int]]]:
+    """Committed blocks in chunks of about `size` that never split an anchor's blocks."""
+    chunk: list[tuple[Block, int]] = []
+    for item in items:
+        if len(chunk) >= size and chunk[-1][1] != item[1]:
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
-    Commits are read before blocks: a commit is stored only after the blocks that decide it,
-    so the blocks read afterwards always reproduce every commit in the archive.
+
+def replay(registry: Registry, genesis: Record, commits: Iterable[tuple[Block, int]]) -> Replay:
+    """Apply the genesis and committed blocks in order, exactly as a node's engine does on restart."""
+    rp = Replayer(registry, genesis)
+    records = rp.take()
+    for chunk in by_anchor(commits):
+        records += rp.feed(chunk)
+    return rp.finish(records)
+
+
+async def export_archive(store: Store, eng: Engine, registry: Registry) -> AsyncGenerator[dict[str, Any], None]:
+    """Every block of the constellation with its commit order, the records they make final,
+    the certified checkpoints and the closing line, item by item: memory holds a page of
+    blocks and the replayed ledger, never the archive.
+
+    Commits are counted before blocks are read: a commit is stored only after the blocks that
+    decide it, so the blocks read afterwards always reproduce every commit in the archive.
+    The faults a node can know beforehand are raised before the first item.
     """
-    first = await store.first_commit_index(eng.cid)
+    cid = eng.cid
+    first = await store.first_commit_index(cid)
     if first not in (0, None):
         raise LocalError("This node holds the ledger from a checkpoint on (it started from one, or prunes old "
                          "blocks); export the archive from a node that keeps the whole history.")
     # Checkpoints first: one is stored only after the commit that closed its epoch.
-    stored_checkpoints = await store.checkpoints(eng.cid)
-    entries = [e async for e in store.iter_commits(eng.cid)]
-    blocks = {b.id: b async for b in store.iter_blocks(eng.cid)}
-    missing = [e.block_id for e in entries if e.block_id not in blocks]
-    if missing:
-        blocks.update(await store.get_blocks(missing))
-    if any(e.block_id not in blocks for e in entries):
+    stored_checkpoints = await store.checkpoints(cid)
+    commits = await store.commit_count(cid)
+    yield _header(eng.genesis, int(time.time() * 1000), str(eng.identity.member))
+
+    async def committed() -> AsyncIterator[list[tuple[Block, int]]]:
+        entries: list[CommitEntry] = []
+        async for e in store.iter_commits(cid, page=EXPORT_PAGE):
+            if e.index >= commits:
+                break
+            entries.append(e)
+            if len(entries) == EXPORT_PAGE:
+                yield await _blocks_of(store, entries)
+                entries = []
+        if entries:
+            yield await _blocks_of(store, entries)
+
+    ordered: set[bytes] = set()
+    page: list[tuple[Block, int]] = []
+    b: Block | None = None
+    async for page in committed():
+        for b, anchor in page:
+            yield _block_item(b, len(ordered), anchor)
+            ordered.add(b.id)
+    if len(ordered) != commits:
         raise LocalError("The database lacks a committed block; the archive cannot be complete.")
-    committed = [(blocks[e.block_id], e.anchor_round) for e in entries]
-    rep = await asyncio.to_thread(replay, registry, eng.genesis, committed)
-    head = {"kind": "archive", "format": ARCHIVE_FORMAT, "v": ARCHIVE_VERSION,
-            "constellation": eng.text_id, "name": eng.name, "genesis": _b64(eng.genesis.raw),
-            "exported_at": int(time.time() * 1000), "exported_by": str(eng.identity.member)}
-    items: list[dict[str, Any]] = [head]
-    ordered = {b.id for b, _ in committed}
-    for i, (b, anchor) in enumerate(committed):
-        items.append({"kind": "block", "commit": i, "anchor_round": anchor, "id": b.id.hex(),
-                      "round": b.round, "author": str(b.author), "created": b.created, "raw": _b64(b.raw)})
-    for b in sorted((b for b in blocks.values() if b.id not in ordered), key=lambda b: (b.round, b.id)):
-        items.append({"kind": "block", "commit": None, "anchor_round": None, "id": b.id.hex(),
-                      "round": b.round, "author": str(b.author), "created": b.created, "raw": _b64(b.raw)})
-    items.extend(rep.records)
+    count = len(ordered)
+    async for b in store.iter_blocks(cid, page=EXPORT_PAGE):
+        if b.id not in ordered:
+            count += 1
+            yield _block_item(b, None, None)
+    page, b, ordered = [], None, set()  # (loop variables would keep the last page alive through the replay)
+    rp = Replayer(registry, eng.genesis)
+    for it in rp.take():
+        yield it
+    pending: list[tuple[Block, int]] = []
+    async for page in committed():
+        pending += page
+        chunks = list(by_anchor(pending, EXPORT_PAGE))
+        pending = chunks.pop() if chunks else []  # the last anchor may go on in the next page
+        for chunk in chunks:
+            for it in await asyncio.to_thread(rp.feed, chunk):
+                yield it
+        del page, chunks
+    for it in await asyncio.to_thread(rp.feed, pending):
+        yield it
+    del pending
+    rep = rp.finish()
     for cp in stored_checkpoints:
         cert = CheckpointCertificate(cp.content, tuple((MemberId(k), v) for k, v in cp.signatures.items()))
         committee = rep.committee_of(cp.epoch)
@@ -174,13 +283,21 @@ async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[d
             cert.verify(committee)
         except ValuemeshError:
             continue  # signatures still being gathered: not yet a certificate
-        items.append({"kind": "checkpoint", "epoch": cp.epoch, "round": cp.round, "index": cp.index,
-                      "state_hash": cp.state_hash.hex(), "snapshot_hash": cp.snapshot_hash.hex(),
-                      "next_committee": cp.next_committee.hex(),
-                      "sigs": [[str(MemberId(k)), _b64(v)] for k, v in sorted(cp.signatures.items())]})
-    items.append({"kind": "end", "state_hash": rep.ledger.state_hash().hex(), "records": len(rep.records),
-                  "commits": len(committed), "blocks": len(blocks)})
-    return items
+        yield _checkpoint_json(cp.content, cp.signatures.items())
+    yield {"kind": "end", "state_hash": rep.ledger.state_hash().hex(), "records": rp.count,
+           "commits": commits, "blocks": count}
+
+
+async def _blocks_of(store: Store, entries: list[CommitEntry]) -> list[tuple[Block, int]]:
+    got = await store.get_blocks([e.block_id for e in entries])
+    if any(e.block_id not in got for e in entries):
+        raise LocalError("The database lacks a committed block; the archive cannot be complete.")
+    return [(got[e.block_id], e.anchor_round) for e in entries]
+
+
+async def build_archive(store: Store, eng: Engine, registry: Registry) -> list[dict[str, Any]]:
+    """The whole archive as a list (tests and small ledgers; the export route streams it)."""
+    return [it async for it in export_archive(store, eng, registry)]
 
 
 def _checkpoint_hash(it: Mapping[str, Any], key: str, n: int) -> bytes:
@@ -209,9 +326,13 @@ def _checkpoint_item(cid: bytes, it: Mapping[str, Any], n: int) -> CheckpointCer
     return CheckpointCertificate(content, tuple(pairs))
 
 
+def archive_line(item: Mapping[str, Any]) -> str:
+    """One item as a line of a JSONL archive."""
+    return json.dumps(item, sort_keys=True, separators=(",", ":")) + "\n"
+
+
 def archive_jsonl(items: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    for it in items:
-        yield json.dumps(it, sort_keys=True, separators=(",", ":")) + "\n"
+    return map(archive_line, items)
 
 
 def _cell(v: str) -> str:
@@ -224,7 +345,8 @@ def _uncell(v: str) -> str:
     return v[1:] if v.startswith("'") else v
 
 
-def archive_csv(items: Iterable[Mapping[str, Any]]) -> str:
+def archive_csv_lines(items: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """The CSV archive line by line (the header row first), for writing as items arrive."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
@@ -238,7 +360,14 @@ def archive_csv(items: Iterable[Mapping[str, Any]]) -> str:
                 v = it.get(col)
                 row.append("" if v is None else _cell(str(v)))
         w.writerow(row)
-    return buf.getvalue()
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+    yield buf.getvalue()
+
+
+def archive_csv(items: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(archive_csv_lines(items))
 
 
 def _items_from_csv(text: str) -> list[dict[str, Any]]:
@@ -252,16 +381,23 @@ def _items_from_csv(text: str) -> list[dict[str, Any]]:
     for n, row in enumerate(rows, start=2):
         if len(row) != len(CSV_COLUMNS):
             raise DecodeError(f"Line {n} of the CSV archive has {len(row)} columns, not {len(CSV_COLUMNS)}.")
+        fields = ITEM_FIELDS.get(_uncell(row[0]))
+        if fields is None:
+            raise DecodeError(f"Line {n} of the CSV archive is of an unknown kind.")
         it: dict[str, Any] = {}
         for col, v in zip(CSV_COLUMNS, row, strict=True):
             if col == "data":
                 if v:
                     extra = json.loads(v)
-                    if not isinstance(extra, dict):
+                    if not isinstance(extra, dict) or any(k in CSV_COLUMNS for k in extra):
                         raise DecodeError(f"Line {n} of the CSV archive has a malformed data column.")
                     it.update(extra)
+            elif col not in fields:
+                # A column this kind of item does not have stays empty, so nothing unread hides there.
+                if v != "":
+                    raise DecodeError(f"Line {n} of the CSV archive has a {col} cell, which its kind has not.")
             elif v == "":
-                it[col] = "" if col == "reason" else None
+                it[col] = None if col in _NULLABLE else ""
             elif (v := _uncell(v)) == "":
                 raise DecodeError(f"Line {n} of the CSV archive has a malformed {col}.")
             elif col in _INT_FIELDS:
@@ -341,12 +477,52 @@ class VerifiedArchive:
                 "distributions": verify_view(state, dists)}
 
 
+def difference(got: Any, want: Any, path: str = "") -> str | None:
+    """The first field (a dotted path, `[i]` for a list position) where `got` is not exactly
+    `want`, or None: same keys, same list lengths, same types (1 is not true, nor 1.0)."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return path or "(the whole item)"
+        for k in sorted(set(want) | set(got), key=str):
+            if k not in want or k not in got:
+                return f"{path}.{k}" if path else str(k)
+            found = difference(got[k], want[k], f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+        return None
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            found = difference(g, w, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if type(got) is type(want) and got == want else path
+
+
+def _readable(it: Mapping[str, Any], want: Mapping[str, Any], what: str) -> None:
+    """Refuse an item whose readable fields are not exactly those derived from its signed bytes."""
+    field = difference(it, want)
+    if field is not None:
+        raise ValidationError(f"{what} differs from what its signed bytes say (field '{field}').")
+
+
+def _exporter_fields(head: Mapping[str, Any]) -> None:
+    # When and by whom an archive was exported is the exporter's own word; it is shown as such.
+    at, by = head.get("exported_at"), head.get("exported_by")
+    if not (isinstance(at, int) and not isinstance(at, bool) and at >= 0 and isinstance(by, str) and len(by) <= 100):
+        raise DecodeError("The archive's header is malformed (exported_at, exported_by).")
+
+
 def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedArchive:
     """Check an archive offline; raise a typed one-sentence error at the first fault.
 
     Every block and record signature is verified; the commit order is re-derived from the
     blocks by the consensus rule (never trusted); the ledger is replayed, and the record
-    list and state hash must be exactly those the archive states.
+    list and state hash must be exactly those the archive states. Every readable field of
+    every item (a record's body, a block's round, …) must be exactly the one derived from
+    the signed bytes, so what anyone reads in the file is what its authors signed.
     """
     if not items or items[0].get("kind") != "archive" or items[0].get("format") != ARCHIVE_FORMAT:
         raise DecodeError("The file is not a valuemesh archive (its first line is not the archive header).")
@@ -361,6 +537,9 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
     named = head.get("constellation")
     if not isinstance(named, str) or parse_constellation(named) != cid:
         raise ValidationError("The archive's header names another constellation than its genesis.")
+    _exporter_fields(head)
+    _readable(head, {**_header(genesis, head["exported_at"], head["exported_by"]), "v": version},
+              "The archive's header")
     if items[-1].get("kind") != "end":
         raise DecodeError("The archive is cut short (it has no closing line).")
     end = items[-1]
@@ -380,34 +559,45 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
                 raise ValidationError(f"The block on line {n} appears twice.")
             blocks[b.id] = b
             c, ar = it.get("commit"), it.get("anchor_round")
+            position = None
             if c is not None:
                 if c != len(commits) or not isinstance(ar, int) or isinstance(ar, bool) or ar < 0:
                     raise ValidationError(f"The block on line {n} breaks the archive's commit sequence.")
-                commits.append(CommitEntry(c, b.id, ar))
+                position = len(commits)
+                commits.append(CommitEntry(position, b.id, ar))
+            _readable(it, _block_item(b, position, ar if position is not None else None),
+                      f"The block on line {n} ({b.id.hex()[:12]})")
         elif kind == "record":
             stated.append(it)
         elif kind == "checkpoint":
-            if version != 1:
-                certs.append(_checkpoint_item(cid, it, n))
+            if version != 1:  # (a version 1 checkpoint is neither checked nor shown)
+                cert = _checkpoint_item(cid, it, n)
+                _readable(it, _checkpoint_json(cert.content, ((m.key, s) for m, s in cert.signatures)),
+                          f"The checkpoint on line {n}")
+                certs.append(cert)
         else:
             raise DecodeError(f"Line {n} of the archive is of an unknown kind.")
     rep = replay(registry, genesis, [(blocks[e.block_id], e.anchor_round) for e in commits])
     # The order is derived from the DAG, so a reordered or forged commit list fails here.
     cons = Consensus(cid, rep.first, None)
     try:
-        cons.restore(list(blocks.values()), [e.block_id for e in commits], rep.committees)
+        cons.restore(list(blocks.values()), [e.block_id for e in commits], rep.committees,
+                     [e.anchor_round for e in commits])
     except LocalError:
-        raise ValidationError("The archive's commit order is not the one its blocks decide.") from None
+        raise ValidationError("The archive's commit order or anchor rounds are not the ones its blocks "
+                              "decide.") from None
     if len(stated) != len(rep.records):
         raise ValidationError(f"The archive lists {len(stated)} final records; its blocks make "
                               f"{len(rep.records)} final.")
     for got, want in zip(stated, rep.records, strict=True):
-        for k in ("id", "status", "reason", "raw", "index", "type", "author", "seq"):
-            if got.get(k) != want[k]:
-                raise ValidationError(f"Final record {want['index']} ({want['id'][:12]}) differs from what "
-                                      f"its block says (field '{k}').")
+        field = difference(got, want)
+        if field is not None:
+            raise ValidationError(f"Final record {want['index']} ({want['id'][:12]}) differs from what "
+                                  f"its block says (field '{field}').")
     if end.get("state_hash") != rep.ledger.state_hash().hex():
         raise ValidationError("The archive's state hash is not the one its records produce.")
+    _readable(end, {"kind": "end", "state_hash": rep.ledger.state_hash().hex(), "records": len(rep.records),
+                    "commits": len(commits), "blocks": len(blocks)}, "The archive's closing line")
     for cert in certs:
         # A quorum of the epoch's own committee signed the state its blocks close the epoch with.
         committee = rep.committee_of(cert.epoch)
@@ -418,7 +608,7 @@ def verify_archive(items: list[dict[str, Any]], registry: Registry) -> VerifiedA
         if rep.closes[cert.epoch] != cert.content:
             raise ValidationError(f"The archive's checkpoint of epoch {cert.epoch} is not the state its blocks "
                                   "close that epoch with.")
-    return VerifiedArchive(genesis, list(blocks.values()), commits, rep, str(head.get("name", ""))[:200],
+    return VerifiedArchive(genesis, list(blocks.values()), commits, rep, str(genesis.body.get("name", "")),
                            sorted(c.epoch for c in certs))
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from valuemesh.node.jsonbody import check_json_depth
 from valuemesh.protocol.errors import LocalError
 
 if TYPE_CHECKING:
@@ -57,8 +58,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The request's JSON body, which must be an object (empty body: {})."""
     if not request.can_read_body:
         return {}
+    raw = await request.read()
+    check_json_depth(raw)  # before the parser recurses into it
     try:
-        doc = await request.json()
+        doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise LocalError("The request body is not valid JSON.") from None
     if not isinstance(doc, dict):

@@ -8,12 +8,35 @@ from hex), then checked by the plugin's schema; anything else is refused.
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from valuemesh.protocol.errors import LocalError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 from valuemesh.protocol.plugins import Field, Plugin
+
+# A request body may nest arrays and objects this deep; the deepest real one (a batch of
+# agreements with their terms) is 5. Deeper JSON is refused before it is parsed.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(data: bytes) -> int:
+    """How deep arrays and objects nest in JSON text, counted without recursion (brackets
+    inside strings do not count), so any depth is measured in bounded stack."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKET)
+    return max(itertools.accumulate(_STEP[b] for b in brackets), default=0)
+
+
+def check_json_depth(data: bytes) -> None:
+    """Refuse (LocalError, one sentence) a request body that nests deeper than MAX_JSON_DEPTH,
+    before any parser recurses into it."""
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise LocalError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
 
 
 def to_json(value: Any, field: Field | None = None) -> Any:

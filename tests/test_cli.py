@@ -180,3 +180,37 @@ def test_daemon_help_shows_every_default(tmp_path: Path) -> None:
     for default in ("[default: 0.0.0.0:7470]", "[default: 127.0.0.1:7471]", "[default: no-mdns]",
                     "[default: info]", "[default: 10000]"):
         assert default in out, default
+
+
+def test_evidence_records_the_hash_and_base_name_never_the_folder(node: Daemon, tmp_path: Path) -> None:
+    """#16 finding 9: the signed ledger is kept forever, so a local path in it (a user name, a
+    folder layout) could never be erased; only the file's hash and base name go in."""
+    import hashlib
+
+    folder = tmp_path / "alice-private" / "tax 2026"
+    folder.mkdir(parents=True)
+    receipt = folder / "receipt march.pdf"
+    receipt.write_bytes(b"%PDF-1.7 a receipt")
+    cid = node.cli_json("constellation", "create", "Evidence")["id"]
+    rec = node.cli_json("contribute", cid, "--action", "work", "--quantity", "1", "--unit", "hour",
+                        "--evidence", str(receipt))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and node.cli_json("ledger", cid)["pending"]:
+        time.sleep(0.2)
+    shown = node.api("GET", f"/v1/constellations/{cid}/records/{rec['id']}")
+    assert shown["body"]["evidence"] == {"uri": "receipt%20march.pdf",
+                                         "hash": hashlib.blake2b(receipt.read_bytes(), digest_size=32).hexdigest()}
+    ledger = json.dumps(node.cli_json("ledger", cid))
+    assert "alice-private" not in ledger and "tax" not in ledger and str(tmp_path) not in ledger
+    # A file that cannot be read is one sentence, and nothing is signed.
+    unreadable = folder / "locked.pdf"
+    unreadable.write_bytes(b"x")
+    unreadable.chmod(0)
+    try:
+        if os.geteuid() != 0:  # (root reads any file)
+            res = node.cli("contribute", cid, "--action", "work", "--quantity", "1", "--unit", "hour",
+                           "--evidence", str(unreadable), check=False)
+            assert "Cannot read" in _one_sentence_error(res)
+    finally:
+        unreadable.chmod(0o600)
+    assert node.cli_json("ledger", cid)["pending"] == []

@@ -516,6 +516,7 @@ class Consensus:
         blocks: Iterable[Block],
         committed: Sequence[bytes],
         committees: Sequence[Committee] = (),
+        anchors: Sequence[int] | None = None,
     ) -> Output:
         """Rebuild after a restart from stored blocks and the block ids already handed out.
 
@@ -523,7 +524,8 @@ class Consensus:
         epoch; an epoch end inside `committed` switches to the listed committee starting
         right after its anchor, or keeps the committee if none is listed. The commit
         sequence is re-derived from the DAG and must start with `committed` (else
-        LocalError: the store is inconsistent); only commits beyond it are returned, with
+        LocalError: the store is inconsistent), and with `anchors` given (an archive's),
+        each of them committed by the anchor of that round; only commits beyond it are returned, with
         `epoch_end` if they end an epoch. Our own stored blocks are re-added, so this node
         never signs a round twice.
         """
@@ -566,7 +568,8 @@ class Consensus:
             except ValidationError:
                 continue
         got = [c.block.id for c in step.committed[: len(done)]]
-        if got != done:
+        if got != done or (anchors is not None
+                           and [c.anchor_round for c in step.committed[: len(done)]] != list(anchors)):
             raise LocalError("The stored blocks do not reproduce the stored commit order.")
         for rid in [rid for rid in self._pending if rid in self._ordered_records]:
             del self._pending[rid]
