@@ -536,11 +536,12 @@ class Consensus:
         queue = sorted(blocks, key=lambda b: (b.epoch, b.round, b.id))
         self._stored = frozenset(b.id for b in blocks)
         try:
-            return self._replay(queue, starts, done)
+            return self._replay(queue, starts, done, anchors)
         finally:
             self._stored = None
 
-    def _replay(self, queue: list[Block], starts: dict[int, Committee], done: list[bytes]) -> Output:
+    def _replay(self, queue: list[Block], starts: dict[int, Committee], done: list[bytes],
+                anchors: Sequence[int] | None) -> Output:
         step = _Step(0)
         i = 0
         while True:
