@@ -6,7 +6,7 @@ one schedule costs (median and p99), then the machine it ran on.
 The full run is 10^5 schedules, 25 000 per size (about 1.5 h on 2 cores; see
 docs/consensus.md §9): `make bench-soak`. A sample: `.venv/bin/python bench/soak.py
 --seeds 200`. Every run is bounded: `--max-seconds` stops handing out seeds when it is
-reached and the report says how many ran.
+reached, and Ctrl-C or SIGTERM stops it the same way; the report says how many ran.
 
 Run: .venv/bin/python bench/soak.py [--sizes 4,7,10,16] [--seeds 25000] [--seed-start 0]
      [--rounds 20] [--workers N] [--max-seconds S] [--out FILE.json]
@@ -18,6 +18,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import time
@@ -74,6 +75,15 @@ def one(job: tuple[int, int, int]) -> Outcome:
     return Outcome(nodes, seed, tuple(res.violations), res.replay(), time.process_time() - t0)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _quiet_worker() -> None:
+    """Ctrl-C reaches the whole process group: only the parent answers it (and stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def jobs(sizes: list[int], seeds: int, start: int, rounds: int) -> Iterator[tuple[int, int, int]]:
     # Sizes interleaved, so a run stopped by --max-seconds has sampled every size alike.
     for seed in range(start, start + seeds):
@@ -101,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     reports = {n: SizeReport(n) for n in sizes}
     began = time.monotonic()
-    stopped_early = False
-    with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+    stop = ""
+    pool = multiprocessing.get_context("fork").Pool(args.workers, initializer=_quiet_worker)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # after the fork: workers keep the default
+    try:
         for out in pool.imap_unordered(one, jobs(sizes, args.seeds, args.seed_start, args.rounds),
                                        chunksize=4):
-            now = time.monotonic() - began
             r = reports[out.nodes]
             r.seeds += 1
             r.cpu.append(out.cpu_s)
@@ -113,10 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                 r.failures.append(out)
                 print(f"VIOLATION n={out.nodes} seed={out.seed}: {'; '.join(out.violations)}\n"
                       f"  replay: {out.replay}", flush=True)
-            if now > args.max_seconds:
-                stopped_early = True
-                pool.terminate()
+            if time.monotonic() - began > args.max_seconds:
+                stop = "stopped at --max-seconds"
                 break
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what ran so far
+        stop = "interrupted"
+    finally:
+        pool.terminate()
+        pool.join()
+        signal.signal(signal.SIGTERM, previous)
+    stopped_early = bool(stop)
     wall = time.monotonic() - began
 
     total = sum(r.seeds for r in reports.values())
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.nodes:>3} {r.seeds:>7} {len(r.failures):>10} {j['cpu_s_per_seed_p50']!s:>15} "
               f"{j['cpu_s_per_seed_p99']!s:>7} {j['cpu_s_total']!s:>8}")
     print(f"all {total} schedules in {wall:.0f} s ({total / max(wall, 1e-9):.1f}/s), {bad} with a violation"
-          + ("; stopped at --max-seconds" if stopped_early else ""))
+          + (f"; {stop}" if stop else ""))
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
           f"commit {info['commit']}, load at start {info['load_average_at_start']}")
     if args.out:

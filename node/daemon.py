@@ -132,6 +132,7 @@ class Node:
         self.handlers = Handlers()
         self._opened = False
         self._runner: web.AppRunner | None = None
+        self._saved_shape: tuple[object, ...] = ()  # what _save_peers last wrote, by identity
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         # API constellation id text -> engine, for texts that parsed to a followed constellation.
@@ -311,12 +312,24 @@ class Node:
                         await self.gossip.effects(eng, Effects())
                 except ValuemeshError as exc:
                     log.warning("tick failed for %s: %s", eng.text_id, exc.message)
+                except Exception:  # never let one engine's fault stop the loop for all
+                    log.exception("tick failed for %s", eng.text_id)
+            if forward:
+                try:
+                    await self._save_peers(only_if_changed=True)
+                except ValuemeshError as exc:
+                    log.warning("could not save the peer list: %s", exc.message)
 
-    async def _save_peers(self) -> None:
+    async def _save_peers(self, *, only_if_changed: bool = False) -> None:
+        """Write the addresses worth keeping (AddressBook.saved) to the store. The tick loop
+        calls it every RESUBMIT_S with `only_if_changed`: a new or newly proven address is on
+        disk within seconds, so a node killed -9 finds its peers again without a bootstrap."""
         now, wall = time.monotonic(), now_ms()
         saved = self.table.saved(now)
-        if not saved:
+        shape = tuple((a.member, a.address, a.source, a.reached) for a in saved)
+        if not saved or (only_if_changed and shape == self._saved_shape):
             return
+        self._saved_shape = shape
         async with self.store.batch() as tx:
             for a in saved:
                 tx.put_peer(PeerInfo(a.member, a.address.host, a.address.port, str(a.source),

@@ -128,3 +128,24 @@ async def test_strangers_and_members_cannot_make_the_node_dial_or_remember_fake_
         assert node.table.addresses(other_member) == {}
     finally:
         await node.stop()
+
+
+async def test_a_proven_address_is_on_disk_while_the_node_runs(tmp_path: Path) -> None:
+    # A node killed -9 must find its peers again without a bootstrap flag: what it learned is
+    # written when it changes, not only at a clean stop (which a kill never reaches).
+    a_home, b_home = Home(tmp_path / "a"), Home(tmp_path / "b")
+    async with asyncio.timeout(DEADLINE):
+        a = await start(a_home, a_home.init("a"))
+        b = await start(b_home, b_home.init("b"))
+        try:
+            await a.add_peer(f"{b.listen_host}:{b.listen_port}")
+            saved: list[tuple[MemberId, str, int]] = []
+            for _ in range(100):  # bounded: the tick loop writes within RESUBMIT_S of a change
+                saved = [(p.member, p.host, p.port) for p in await a.store.peers()]
+                if (b.identity.member, b.listen_host, b.listen_port) in saved:
+                    break
+                await asyncio.sleep(0.1)
+            assert (b.identity.member, b.listen_host, b.listen_port) in saved
+        finally:
+            await b.stop()
+            await a.stop()
