@@ -133,6 +133,7 @@ class Node:
         self._opened = False
         self._runner: web.AppRunner | None = None
         self._saved_shape: tuple[object, ...] = ()  # what _save_peers last wrote, by identity
+        self._told: dict[MemberId, frozenset[tuple[MemberId, Any]]] = {}  # the last offer per linked key
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         # API constellation id text -> engine, for texts that parsed to a followed constellation.
@@ -315,6 +316,8 @@ class Node:
                 except Exception:  # never let one engine's fault stop the loop for all
                     log.exception("tick failed for %s", eng.text_id)
             if forward:
+                for link in list(self.links.values()):
+                    await self._offer_peers(link)
                 try:
                     await self._save_peers(only_if_changed=True)
                 except ValuemeshError as exc:
@@ -345,16 +348,27 @@ class Node:
         self.links[link.remote] = link
         await send(link, self._hello(link.remote))
         await self._links_changed()
-        if self.peers is not None:
-            offer = self.peers.exchange_offer(link.remote)[: m.MAX_PEERS_PER_EXCHANGE]
-            if offer:
-                await send(link, m.PeerExchange(
-                    [[e.member.key, e.address.host, e.address.port, int(e.age)] for e in offer]))
+        await self._offer_peers(link)
+
+    async def _offer_peers(self, link: PeerLink) -> None:
+        """Tell `link`'s member the addresses of the members we share with it, when what we
+        would tell differs from what we told it last: at link-up, and on the tick loop's
+        RESUBMIT_S beat, so a joiner hears of the others once its join is final, and the
+        others of it, with nothing sent while nothing changes."""
+        if self.peers is None:
+            return
+        offer = self.peers.exchange_offer(link.remote)[: m.MAX_PEERS_PER_EXCHANGE]
+        told = frozenset((e.member, e.address) for e in offer)
+        if not offer or self._told.get(link.remote) == told:
+            return
+        self._told[link.remote] = told
+        await send(link, m.PeerExchange([[e.member.key, e.address.host, e.address.port, int(e.age)] for e in offer]))
 
     async def on_disconnect(self, link: PeerLink, reason: str) -> None:
         if self.links.get(link.remote) is link:
             del self.links[link.remote]
             self.peer_constellations.pop(link.remote, None)
+            self._told.pop(link.remote, None)
         if self.peers is not None:
             self.peers.link_down(link)
         await self._links_changed()

@@ -193,10 +193,14 @@ class PeerTable(AddressBook):
     def exchange_offer(
         self, to: MemberId, now: float, limit: int = MAX_EXCHANGE_ENTRIES
     ) -> list[ExchangeEntry]:
-        """Addresses worth telling `to` about: alive members, at addresses we linked over.
+        """Addresses worth telling `to` about: alive members, at addresses we linked over, and
+        the listen address a member linked to us *now* gave for the very IP its link comes
+        from (a member that dialed us: we never dialed it, but its key is proven on the link,
+        the IP is the one we see, and only the port is its own word; whoever dials it does so
+        expecting that key, and keeps it only once a handshake proved it).
 
-        Only what our own handshakes proved is passed on (an mDNS claim or a second-hand
-        address is not), so neither a liar's addresses nor its key claims spread through us.
+        An mDNS claim or a second-hand address is not passed on, so neither a liar's
+        addresses nor its key claims spread through us.
         """
         offer: list[ExchangeEntry] = []
         for m in sorted(self._peers, key=by_key):
@@ -204,8 +208,13 @@ class PeerTable(AddressBook):
             if m == to or p.state is not State.ALIVE:
                 continue
             for a, i in p.addresses.items():
-                if i.last_ok is not None and a.is_ip:
+                if not a.is_ip:
+                    continue
+                if i.last_ok is not None:
                     offer.append(ExchangeEntry(m, a, max(0.0, now - i.last_ok)))
+                elif (p.link is not None and p.link_source is Source.INBOUND and i.source is Source.INBOUND
+                      and a.host == p.link.host and a != p.link):
+                    offer.append(ExchangeEntry(m, a, 0.0))
         offer.sort(key=lambda e: (e.age, e.member.key, e.address))
         return offer[: max(0, min(limit, MAX_EXCHANGE_ENTRIES))]
 

@@ -184,6 +184,21 @@ def test_exchange_offer_does_not_launder_unverified_addresses() -> None:
     assert {e.member for e in t.exchange_offer(mid(1), 2.0)} == {mid(3)}
 
 
+
+def test_a_member_linked_to_us_is_offered_at_the_port_it_listens_on_while_linked() -> None:
+    # A member that dialed us (we never dialed it) is passed on at the listen port its Hello
+    # gave for the IP its link comes from, so members who joined through us find each other;
+    # only while that link is open, and never a claim for another IP.
+    t = table()
+    link(t, mid(1))
+    t.linked_up(mid(4), Address("10.0.0.4", 50123), Source.INBOUND, 1.0, listen=Address("10.0.0.4", 7470))
+    offered = {(e.member, e.address, e.age) for e in t.exchange_offer(mid(1), 2.0)}
+    assert (mid(4), Address("10.0.0.4", 7470), 0.0) in offered
+    assert all(e.address.port != 50123 for e in t.exchange_offer(mid(1), 2.0))  # never the ephemeral port
+    t.linked_down(mid(4), 3.0)
+    assert mid(4) not in {e.member for e in t.exchange_offer(mid(1), 3.0)}
+
+
 # --- dialing ----------------------------------------------------------------------------------
 
 
