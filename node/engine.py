@@ -64,6 +64,7 @@ LOADING_TICK_MS = 20
 OWN_CHECKPOINTS_KEPT = 4  # our latest checkpoint signatures, re-sent to peers that sync
 # After a failed write, how often the engine tries to rebuild from the store (`recover`).
 RECOVER_RETRY_MS = 5_000
+RECOVER_RETRY_MAX_MS = 300_000
 
 
 @dataclass
@@ -81,22 +82,14 @@ class Effects:
 class Engine:
     def __init__(self, store: Store, registry: Registry, identity: Identity, genesis: Record,
                  params: Params = NODE_PARAMS) -> None:
-        self.consensus_params = params
-        self.store = store
-        self.registry = registry
-        self.identity = identity
-        self.genesis = genesis
-        self.cid = genesis.constellation
+        self.consensus_params, self.store, self.registry, self.identity = params, store, registry, identity
+        self.genesis, self.cid = genesis, genesis.constellation
         # Pruning (opt-in): keep the blocks of this many closed epochs, drop older ones.
         self.retain_epochs: int | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        """Everything the engine holds in memory, as before `load`; see `recover`."""
         # Set when a step's write failed: memory is ahead of the store until `recover`.
         self.failed: str | None = None
-        self._retry_at = 0
+        self._retry_at = self._retries = 0
         self.ledger = Ledger(self.registry, self.cid)
         first = self.ledger.apply(self.genesis, self.genesis.created)
         if not first[0].applied:
@@ -234,24 +227,29 @@ class Engine:
         return eff
 
     async def recover(self, now: int) -> Effects:
-        """After a failed write: rebuild memory from the store as a restart would, in place (every
-        collaborator keeps this engine); while the store still refuses (a full disk), again every
-        RECOVER_RETRY_MS. Blocks refused meanwhile come again with the next sync."""
+        """After a failed write: rebuild from the store as a restart would, in a fresh engine
+        whose state then replaces ours (collaborators keep this object; until then ours, ahead
+        of the store, still answers who is a member). While the store refuses (a full disk),
+        again after RECOVER_RETRY_MS, doubling up to RECOVER_RETRY_MAX_MS."""
         if now < self._retry_at:
             self.next_tick = self._retry_at
             return Effects()
-        cause, flusher, self._flusher = self.failed, self._flusher, None
-        if flusher is not None:
-            flusher.cancel()
-        self._reset()
+        fresh = Engine(self.store, self.registry, self.identity, self.genesis, self.consensus_params)
+        fresh.retain_epochs = self.retain_epochs
         try:
-            eff = await self.load()
+            eff = await fresh.load()
         except Exception as exc:
-            self.failed, self.loading = f"{type(exc).__name__}: {exc}", True
-            self._retry_at = self.next_tick = now + RECOVER_RETRY_MS
-            log.error("could not rebuild from the store yet (%s); trying again in %d s", self.failed,
-                      RECOVER_RETRY_MS // 1000, extra={"c": self.text_id})
+            if fresh._flusher is not None:
+                fresh._flusher.cancel()
+            wait = min(RECOVER_RETRY_MS << min(self._retries, 16), RECOVER_RETRY_MAX_MS)
+            self._retries += 1
+            self._retry_at = self.next_tick = now + wait
+            log.error("could not rebuild from the store yet (%s: %s); trying again in %d s", type(exc).__name__,
+                      exc, wait // 1000, extra={"c": self.text_id})
             return Effects()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        cause, self.__dict__ = self.failed, fresh.__dict__
         log.warning("rebuilt from the store after a failed write (%s); taking blocks and records again",
                     cause, extra={"c": self.text_id})
         return eff

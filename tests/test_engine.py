@@ -392,7 +392,10 @@ async def test_a_failed_write_stops_the_engine_until_memory_is_rebuilt_from_the_
         # Nothing is taken meanwhile, and the memory that ran ahead is not trusted.
         assert await eng.propose([rec], T0 + 1_020) == Effects()
         now = T0 + 1_030
-        await eng.tick(now)  # tries to rebuild; the disk is still full if it must write
+        await eng.tick(now)  # tries to rebuild; the disk is still full, so the rebuild fails
+        # Until a rebuild succeeds, the engine keeps what it had (who is a member, above all):
+        # a half-rebuilt one would take its peers for strangers and cut them off.
+        assert eng.failed is not None and eng.final_count == final + 1
         disk.full = False
         for _ in range(20):  # bounded: a retry, then the record is ordered again
             now += engine_mod.RECOVER_RETRY_MS if eng.failed else 50
