@@ -211,8 +211,10 @@ class Consensus:
         self._quorum_at_ms: dict[int, int] = {}
         self._round_ms: list[int] = []  # recent round durations, for the adaptive anchor wait
         self._horizon = start  # blocks below this round are gone from memory
-        # During `restore` only: the ids of every stored block (see `_unknown_links`).
+        # During `restore` only: the ids of every stored block, and per epoch the highest round
+        # at which a stored block may lack a parent that was never stored (`_unknown_links`).
         self._stored: frozenset[bytes] | None = None
+        self._boundary: dict[int, int] = {}
         # Blocks waiting for parents, and blocks of an epoch not yet scheduled.
         self._buffer: dict[bytes, Block] = {}
         self._buffer_per_author: dict[MemberId, int] = {}
@@ -534,11 +536,19 @@ class Consensus:
         starts = {c.start_round: c for c in committees}
         done = list(committed)
         queue = sorted(blocks, key=lambda b: (b.epoch, b.round, b.id))
-        self._stored = frozenset(b.id for b in blocks)
+        self._stored = frozenset(b.id for b in queue)
+        # Per epoch, the memory horizon the node had at its last stored commit: the rounds at
+        # or below it are where a live boundary block can have been taken (`_unknown_links`).
+        rounds = {b.id: (b.epoch, b.round) for b in queue}
+        self._boundary = {}
+        for bid in done:
+            if bid in rounds:
+                epoch, rnd = rounds[bid]
+                self._boundary[epoch] = max(self._boundary.get(epoch, -1), rnd - GC_DEPTH_ROUNDS - 1)
         try:
             return self._replay(queue, starts, done, anchors)
         finally:
-            self._stored = None
+            self._stored, self._boundary = None, {}
 
     def _replay(self, queue: list[Block], starts: dict[int, Committee], done: list[bytes],
                 anchors: Sequence[int] | None) -> Output:
@@ -645,19 +655,21 @@ class Consensus:
         if block.round <= self._horizon:
             return []  # its parents are below what we keep; accepted as the boundary
         unknown = [p for p in block.parents if p not in self._blocks]
-        if self._stored is not None:
-            # Replaying our own store: a parent that was never stored lay below the memory
-            # horizon when this block was taken live (after a restart or a catch-up jump),
-            # and no anchor can still order it (it is under every later anchor's GC floor).
-            # Take the block as a boundary again, as then; waiting for that parent would
-            # leave every later block buffered and the stored order unreproduced.
+        if self._stored is not None and block.round <= self._boundary.get(block.epoch, -1):
+            # Replaying our own store, at or below the horizon the node had reached: a parent
+            # that was never stored lay below the memory horizon when this block was taken live
+            # (after a restart or a catch-up jump), and no anchor can still order it. Take the
+            # block as a boundary again, as then; waiting for that parent would leave every
+            # later block buffered and the stored order unreproduced. Above that horizon a
+            # block whose parent never came was still waiting for it live, and waits again.
             unknown = [p for p in unknown if p in self._stored]
         return unknown
 
     def _check_links(self, block: Block) -> None:
         if block.round <= self._horizon:
             return
-        if self._stored is not None and any(p not in self._blocks for p in block.parents):
+        if self._stored is not None and block.round <= self._boundary.get(block.epoch, -1) and \
+                any(p not in self._blocks for p in block.parents):
             return  # a boundary block of our own store (see `_unknown_links`), checked when taken
         prev_committee = self.committee_at(block.round - 1)
         seen: set[MemberId] = set()
