@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from valuemesh.node.store import Store
+from valuemesh.node.store.checks import MAX_PAGE
 
 WRITER = Path(__file__).with_name("store_writer.py")
 KILLS = 15
@@ -135,13 +136,21 @@ async def test_sigkill_at_random_instants_loses_nothing_committed(tmp_path: Path
             assert block == want
             stored = await s.get_records([r.id for r in want.records])
             assert len(stored) == len(want.records)
-        finals = 0
-        while page := await s.final_records(store_writer.CONSTELLATION, start=finals // 12):
-            assert page[0].commit_index == finals // 12
-            finals += len(page)
-            if page[-1].commit_index == n - 1:
+        # Page through every final record. A full page may end inside a block (MAX_PAGE is not
+        # a multiple of a block's records), so the next page starts at that block again and
+        # each record is counted once by its (commit index, position).
+        finals: set[tuple[int, int]] = set()
+        start = 0
+        for _ in range(n + 1):  # bounded: a full page moves `start` on by many blocks
+            page = await s.final_records(store_writer.CONSTELLATION, start=start)
+            if not page:
                 break
-        assert finals == n * store_writer.RECORDS_PER_BLOCK
+            assert page[0].commit_index == start
+            finals.update((f.commit_index, f.position) for f in page)
+            if len(page) < MAX_PAGE:
+                break
+            start = page[-1].commit_index
+        assert len(finals) == n * store_writer.RECORDS_PER_BLOCK
         # Records carried by committed blocks left `pending`; only the writer's own remain.
         pending = await s.pending(store_writer.CONSTELLATION)
         assert pending and {r.author for r in pending} == {store_writer.LOCAL.member}
