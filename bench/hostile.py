@@ -48,12 +48,12 @@ from machine import machine_info, median
 
 from valuemesh.node.home import Home
 from valuemesh.node.link import PeerLink
-from valuemesh.node.testing import Cluster, Daemon, wait_until
+from valuemesh.node.testing import Cluster, Daemon, QuietHandler, wait_until
 from valuemesh.node.transport import Transport
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.consensus.checkpoint import Checkpoint, Content
 from valuemesh.protocol.errors import ValuemeshError
-from valuemesh.protocol.identity import Identity, MemberId
+from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.invite import Invite
 from valuemesh.protocol.records import Block, EquivocationProof, Record, parse_constellation
 
@@ -74,25 +74,6 @@ MAX_FLOOD_S = 120.0
 
 
 # -- the attacker process ---------------------------------------------------------------------
-
-class _Quiet:
-    """The attacker's link handler: takes nothing, notes when it is cut off."""
-
-    def __init__(self) -> None:
-        self.closed = 0
-
-    def authorize(self, remote: MemberId, inbound: bool) -> bool:
-        return True
-
-    async def on_connect(self, link: PeerLink) -> None:
-        pass
-
-    async def on_message(self, link: PeerLink, payload: bytes) -> None:
-        pass
-
-    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
-        self.closed += 1
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -146,7 +127,7 @@ async def _link_flood(kind: str, args: argparse.Namespace, stats: dict[str, int]
     ident = (Home(Path(args.key_home)).load_identity() if kind in MEMBER_FLOODS
              else Identity.generate(os.urandom))
     cid = parse_constellation(args.cid)
-    handler = _Quiet()
+    handler = QuietHandler()
     t = Transport(ident, args.network.encode(), handler)
     # Each flood dials from its own loopback address (--source), so one flood's address ban
     # does not shut the next one out; the transport's session is made here for that alone.
@@ -179,7 +160,7 @@ async def _link_flood(kind: str, args: argparse.Namespace, stats: dict[str, int]
             i += 1
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - t0)))
     finally:
-        stats["cut_off"] = handler.closed
+        stats["cut_off"] = len(handler.reasons)
         await t.stop()
 
 

@@ -8,6 +8,7 @@ running when `Cluster` exits.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,9 +24,33 @@ from typing import Any
 
 from valuemesh.node.client import ApiClient
 from valuemesh.node.home import Home
+from valuemesh.node.link import PeerLink
+from valuemesh.protocol.identity import MemberId
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+
+
+class QuietHandler:
+    """A transport link handler for tests and benchmarks that play a peer: it takes every key,
+    ignores what it hears, and notes when and why its links closed (`closed`, `reasons`)."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.reasons: list[str] = []
+
+    def authorize(self, remote: MemberId, inbound: bool) -> bool:
+        return True
+
+    async def on_connect(self, link: PeerLink) -> None:
+        pass
+
+    async def on_message(self, link: PeerLink, payload: bytes) -> None:
+        pass
+
+    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
+        self.reasons.append(reason)
+        self.closed.set()
 
 
 def free_port() -> int:

@@ -26,33 +26,17 @@ from valuemesh.node import daemon
 from valuemesh.node.addresses import address_range
 from valuemesh.node.admission import HandshakeSlots
 from valuemesh.node.home import Home
-from valuemesh.node.link import PeerLink
 from valuemesh.node.link_limits import Limits
 from valuemesh.node.loglimit import LogLimiter
+from valuemesh.node.testing import QuietHandler
 from valuemesh.node.transport import PEER_PATH, Transport
 from valuemesh.protocol import wire
-from valuemesh.protocol.identity import Identity, MemberId
+from valuemesh.protocol.identity import Identity
 
 NET = b"valuemesh-test"
 FAST = Limits(handshake_timeout=3.0, connect_timeout=5.0, ping_interval=0.5, idle_timeout=5.0,
               send_timeout=2.0, close_timeout=1.0, duplicate_probe_timeout=1.0)
 DEADLINE = 60.0
-
-
-class Quiet:
-    """A LinkHandler that takes every key and ignores what it hears."""
-
-    def authorize(self, remote: MemberId, inbound: bool) -> bool:
-        return True
-
-    async def on_connect(self, link: PeerLink) -> None:
-        pass
-
-    async def on_message(self, link: PeerLink, payload: bytes) -> None:
-        pass
-
-    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
-        pass
 
 
 @pytest.fixture
@@ -67,7 +51,7 @@ async def transports() -> AsyncIterator[list[Transport]]:
 
 
 async def listening(made: list[Transport], limits: Limits = FAST) -> Transport:
-    t = Transport(Identity(os.urandom(32)), NET, Quiet(), limits=limits)
+    t = Transport(Identity(os.urandom(32)), NET, QuietHandler(), limits=limits)
     await t.start("127.0.0.1", 0)
     made.append(t)
     return t
@@ -315,18 +299,13 @@ async def test_half_sent_requests_are_closed_within_the_header_timeout(transport
 
 _FD_STARVED = """
 import asyncio, logging, os, resource, sys
+from valuemesh.node.testing import QuietHandler
 from valuemesh.node.transport import Transport
 from valuemesh.protocol.identity import Identity
 
-class Quiet:
-    def authorize(self, remote, inbound): return True
-    async def on_connect(self, link): pass
-    async def on_message(self, link, payload): pass
-    async def on_disconnect(self, link, reason): pass
-
 async def main():
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    t = Transport(Identity(os.urandom(32)), b"valuemesh-test", Quiet())
+    t = Transport(Identity(os.urandom(32)), b"valuemesh-test", QuietHandler())
     host, port = await t.start("127.0.0.1", 0)
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     print(port, flush=True)

@@ -12,34 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from valuemesh.node.link import PeerLink
-from valuemesh.node.testing import Cluster, wait_until
+from valuemesh.node.testing import Cluster, QuietHandler, wait_until
 from valuemesh.node.transport import Transport
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import ValuemeshError
-from valuemesh.protocol.identity import Identity, MemberId
+from valuemesh.protocol.identity import Identity
 from valuemesh.protocol.records import Block, Record, parse_constellation
 
 pytestmark = pytest.mark.slow
-
-
-class Attacker:
-    def __init__(self) -> None:
-        self.closed = asyncio.Event()
-        self.reason = ""
-
-    def authorize(self, remote: MemberId, inbound: bool) -> bool:
-        return True
-
-    async def on_connect(self, link: PeerLink) -> None:
-        pass
-
-    async def on_message(self, link: PeerLink, payload: bytes) -> None:
-        pass
-
-    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
-        self.reason = reason
-        self.closed.set()
 
 
 def _agreed(c: Cluster, cid: str, n: int) -> bool:
@@ -57,7 +37,7 @@ async def test_hostile_peer_is_refused_and_cut_off(tmp_path: Path) -> None:
         raw_cid = parse_constellation(cid)
 
         evil = Identity.generate(os.urandom)
-        handler = Attacker()
+        handler = QuietHandler()
         t = Transport(evil, c.network.encode(), handler)
         await t.start("127.0.0.1", 0)
         try:
