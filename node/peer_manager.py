@@ -163,8 +163,7 @@ class PeerManager:
         shared = set(self._groups(to))
         if not shared:
             return []
-        return [e for e in self.table.exchange_offer(to, self._clock())
-                if not shared.isdisjoint(self._groups(e.member))]
+        return self.table.exchange_offer(to, self._clock(), about=lambda m: not shared.isdisjoint(self._groups(m)))
 
     def link_up(self, link: PeerLink, *, listen_port: int | None = None) -> None:
         """A link opened (either way); `listen_port` is the port the peer said it serves on."""

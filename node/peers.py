@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from valuemesh.node.addressbook import (
@@ -191,7 +192,8 @@ class PeerTable(AddressBook):
     # -- peer exchange ---------------------------------------------------------------------------
 
     def exchange_offer(
-        self, to: MemberId, now: float, limit: int = MAX_EXCHANGE_ENTRIES
+        self, to: MemberId, now: float, limit: int = MAX_EXCHANGE_ENTRIES,
+        about: Callable[[MemberId], bool] | None = None,
     ) -> list[ExchangeEntry]:
         """Addresses worth telling `to` about: alive members, at addresses we linked over, and
         the listen address a member linked to us *now* gave for the very IP its link comes
@@ -200,12 +202,14 @@ class PeerTable(AddressBook):
         expecting that key, and keeps it only once a handshake proved it).
 
         An mDNS claim or a second-hand address is not passed on, so neither a liar's
-        addresses nor its key claims spread through us.
+        addresses nor its key claims spread through us. `about`, if given, says which members
+        `to` may hear of; it is applied before the offer is cut to `limit`, so linked keys it
+        may not hear of (strangers, say) never crowd out the ones it may.
         """
         offer: list[ExchangeEntry] = []
         for m in sorted(self._peers, key=by_key):
             p = self._peers[m]
-            if m == to or p.state is not State.ALIVE:
+            if m == to or p.state is not State.ALIVE or (about is not None and not about(m)):
                 continue
             for a, i in p.addresses.items():
                 if not a.is_ip:

@@ -199,6 +199,20 @@ def test_a_member_linked_to_us_is_offered_at_the_port_it_listens_on_while_linked
     assert mid(4) not in {e.member for e in t.exchange_offer(mid(1), 3.0)}
 
 
+
+def test_keys_the_receiver_may_not_hear_of_never_crowd_out_members() -> None:
+    # 70 linked keys (more than one offer holds) that `about` rejects, and one member: the
+    # member is offered; cutting to the limit before asking `about` offered nobody.
+    t = table()
+    for i in range(10, 80):
+        t.linked_up(mid(i), Address(f"10.0.1.{i}", 50000 + i), Source.INBOUND, 1.0,
+                    listen=Address(f"10.0.1.{i}", 7470))
+    t.linked_up(mid(5), Address("10.0.0.5", 5), Source.MDNS, 1.0,
+                dialed=DialTarget(Address("10.0.0.5", 5), mid(5), Source.MDNS))
+    offered = t.exchange_offer(mid(1), 10.0, about=lambda m: m in (mid(1), mid(5)))
+    assert [e.member for e in offered] == [mid(5)]
+
+
 # --- dialing ----------------------------------------------------------------------------------
 
 
