@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from . import cbor
+from .addressrec import MAX_RECORD_SIZE
 from .errors import DecodeError
 from .records import MAX_BLOCK_SIZE
 from .snapshot import MAX_SNAPSHOT_SIZE
@@ -20,6 +21,11 @@ MAX_BATCH = 256
 MAX_IDS = 1024
 MAX_CONSTELLATIONS = 256
 MAX_PEERS_PER_EXCHANGE = 32
+# Address records (protocol/addressrec.py) per message, and addresses per dial-back request.
+MAX_RECORDS_PER_MESSAGE = 32
+MAX_DIALBACK_ADDRESSES = 4
+DIALBACK_NONCE_LEN = 16
+DIALBACK_RESULTS = ("reachable", "unreachable", "refused")
 # One entry per (author, epoch) from the asker's epoch on: ample for any core size.
 MAX_HEADS = 4096
 # From the asker's first undecided round (`Heads.since`) on, this many rounds of its epoch
@@ -256,20 +262,70 @@ class PeerExchange:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AddressRecords:
+    """Signed address records (protocol/addressrec.py), each its canonical CBOR bytes."""
+
+    t: ClassVar[str] = "arec"
+    records: list[bytes]
+
+    def valid(self) -> bool:
+        return 0 < len(self.records) <= MAX_RECORDS_PER_MESSAGE and _bytes_list(self.records, MAX_RECORDS_PER_MESSAGE) \
+            and all(len(r) <= MAX_RECORD_SIZE for r in self.records)
+
+
+def _hostport(v: object) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and 0 < len(v[0]) <= 45 \
+        and type(v[1]) is int and 0 < v[1] < 65536
+
+
+@dataclass(frozen=True, slots=True)
+class DialBackAsk:
+    """Dial me back at these [host, port] addresses (only ones at the IP you see me from)."""
+
+    t: ClassVar[str] = "dbask"
+    nonce: bytes
+    addrs: list[list[Any]]
+
+    def valid(self) -> bool:
+        return len(self.nonce) == DIALBACK_NONCE_LEN and 0 < len(self.addrs) <= MAX_DIALBACK_ADDRESSES \
+            and all(_hostport(a) for a in self.addrs)
+
+
+@dataclass(frozen=True, slots=True)
+class DialBackReply:
+    """The answer to DialBackAsk `nonce`: [host, port, result] per address asked, and the
+    [host, port] the asker's link is seen from."""
+
+    t: ClassVar[str] = "dbrep"
+    nonce: bytes
+    results: list[list[Any]]
+    observed: list[Any]
+
+    def valid(self) -> bool:
+        return len(self.nonce) == DIALBACK_NONCE_LEN and len(self.results) <= MAX_DIALBACK_ADDRESSES and all(
+            isinstance(r, list) and len(r) == 3 and _hostport(r[:2]) and r[2] in DIALBACK_RESULTS
+            for r in self.results
+        ) and _hostport(self.observed)
+
+
 Message = (
     Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | CheckpointSig
-    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange
+    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange | AddressRecords | DialBackAsk
+    | DialBackReply
 )
 _TYPES: dict[str, type[Any]] = {
     cls.t: cls
     for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, CheckpointSig,
-                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange)
+                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange, AddressRecords, DialBackAsk,
+                DialBackReply)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,
     "blocks": list, "left": int, "ids": list, "records": list, "token": bytes, "record": bytes,
     "genesis": bytes, "reason": str, "proof": bytes, "peers": list, "cp": bytes, "epoch": int,
     "since": int, "links": list, "size": int, "final": int, "offset": int, "data": bytes, "total": int,
+    "nonce": bytes, "addrs": list, "results": list, "observed": list,
 }
 
 
