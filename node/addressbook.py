@@ -26,6 +26,7 @@ MAX_EXCHANGE_AGE = 3600.0
 
 # Preference when choosing which address to dial first (lower is tried first).
 SOURCE_RANK = {
+    Source.RECORD: -1,  # the member's own signed word, and the newest it gave
     Source.BOOTSTRAP: 0,
     Source.INVITE: 1,
     Source.MDNS: 2,
@@ -193,8 +194,8 @@ class AddressBook:
         for m in sorted(self._peers, key=by_key):
             p = self._peers[m]
             for a, i in sorted(p.addresses.items()):
-                if i.source is Source.EXCHANGE and i.last_ok is None:
-                    continue
+                if i.source in (Source.EXCHANGE, Source.RECORD) and i.last_ok is None:
+                    continue  # a record's addresses are kept with the record itself
                 out.append(SavedAddress(
                     m, a, i.source, max(0.0, now - i.observed), i.last_ok is not None,
                     p.dial_failures,
@@ -254,6 +255,31 @@ class AddressBook:
             peer.addresses[e.address] = AddressRecord(Source.EXCHANGE, observed)
             accepted += 1
         return MergeReport(accepted, ignored)
+
+    def set_record(self, member: MemberId, addresses: Sequence[Address], now: float) -> bool:
+        """Make `addresses` (from `member`'s newest signed address record) the member's record
+        addresses: those of an older record that this one drops go, except the open link's;
+        addresses learnt otherwise stay. False if the member has no room in the book."""
+        if member == self.me:
+            return False
+        peer = self._peers.get(member) or self._admit(member, now, evict=True)
+        if peer is None:
+            return False
+        keep = set(addresses)
+        for a, i in list(peer.addresses.items()):
+            if i.source is Source.RECORD and a not in keep and a != peer.link:
+                del peer.addresses[a]
+        for a in addresses:
+            info = peer.addresses.get(a)
+            if info is not None:
+                info.observed = max(info.observed, now)
+                continue
+            if not self._make_room(peer, first_hand=True):
+                break
+            peer.addresses[a] = AddressRecord(Source.RECORD, now)
+            if peer.link is None and not peer.dialing:
+                peer.next_dial = min(peer.next_dial, now)
+        return True
 
     def forget_address(self, member: MemberId, address: Address) -> bool:
         """Drop an address that proved to belong to someone else (the handshake showed

@@ -26,6 +26,7 @@ class Source(enum.StrEnum):
     INVITE = "invite"
     INBOUND = "inbound"
     EXCHANGE = "exchange"
+    RECORD = "record"  # the member's own signed address record (protocol/addressrec.py)
 
 
 _HOST_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from valuemesh.node import trace, views
 from valuemesh.node.addresses import Address, ExchangeEntry, Source, parse_hostport
+from valuemesh.node.addrspread import AddressSpread
 from valuemesh.node.api import make_app
 from valuemesh.node.budgets import Budgets
 from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS, Catchup
@@ -81,6 +82,7 @@ class Node:
     joining: Joining
     signer: Signer
     held: Held
+    addrs: AddressSpread
 
     def __init__(
         self,
@@ -166,6 +168,7 @@ class Node:
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
         self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)),
                                  groups=self.shared_with)
+        await self._start_addresses(self.peers)
         self.peers.add_bootstrap(self.bootstrap)
         self.peers.start()
         token = self.home.new_api_token()
@@ -203,6 +206,7 @@ class Node:
         self.handlers.add(m.PeerExchange, self._on_peer_exchange)
         for part in (self.gossip, self.catchup, self.joining):
             part.register(self.handlers)
+        self._wire_addresses()
 
     def _new_engine(self, genesis: Record) -> Engine:
         eng = Engine(self.store, self.registry, self.identity, genesis)
@@ -316,6 +320,7 @@ class Node:
                 except Exception:  # never let one engine's fault stop the loop for all
                     log.exception("tick failed for %s", eng.text_id)
             if forward:
+                await self.addrs.beat()
                 for link in list(self.links.values()):
                     await self._offer_peers(link)
                 try:
@@ -348,6 +353,7 @@ class Node:
         self.links[link.remote] = link
         await send(link, self._hello(link.remote))
         await self._links_changed()
+        await self.addrs.link_up(link)
         await self._offer_peers(link)
 
     async def _offer_peers(self, link: PeerLink) -> None:
@@ -369,6 +375,7 @@ class Node:
             del self.links[link.remote]
             self.peer_constellations.pop(link.remote, None)
             self._told.pop(link.remote, None)
+        self.addrs.link_down(link)
         if self.peers is not None:
             self.peers.link_down(link)
         await self._links_changed()
@@ -418,6 +425,26 @@ class Node:
     def _inviter_reached(self, link: PeerLink, host: str, port: int) -> None:
         if self.peers is not None:
             self.peers.add_known(link.remote, Address(host, port), Source.INVITE)
+
+    # -- address records and dial-back (node/addrspread.py, node/dialback.py) -------
+    def _wire_addresses(self) -> None:
+        self.addrs = AddressSpread(
+            self.identity, self.store, self.links, send=send, groups=self.shared_with, feed=self._feed_record,
+            penalize=lambda k, points, why: self.transport.penalize(k, points, why),
+            listen=lambda: (self.listen_host, self.listen_port))
+        self.addrs.register(self.handlers)
+
+    async def _start_addresses(self, peers: PeerManager) -> None:
+        peers.signed = self.addrs.has_record
+        peers.on_misclaim = self.addrs.misclaimed
+        await self.addrs.load()  # before any dial: a restarted node dials its peers' last records
+        await self.addrs.refresh_own()
+
+    def _feed_record(self, member: MemberId, addresses: Sequence[Address]) -> None:
+        if self.peers is not None:
+            self.peers.set_record(member, addresses)
+        else:
+            self.table.set_record(member, addresses, time.monotonic())
 
     # -- API services --------------------------------------------------------------
     def engine_for(self, text: str) -> Engine:

@@ -99,6 +99,11 @@ class PeerManager:
         self._stranger_log = LogLimiter(log)
         self.dials_started = 0
         self._on_event = on_event
+        # Address records (node/addrspread.py): whether a member's signed record is held (its
+        # addresses then come from the record, not from unsigned exchange), and who to tell
+        # when a record's address proved to be another key's.
+        self.signed: Callable[[MemberId], bool] = lambda member: False
+        self.on_misclaim: Callable[[MemberId, Address], None] | None = None
         self._clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -140,7 +145,7 @@ class PeerManager:
                                    link.remote.short)
             return MergeReport(0, len(entries))
         now = self._clock()
-        kept = [e for e in entries if not shared.isdisjoint(self._groups(e.member))]
+        kept = [e for e in entries if not shared.isdisjoint(self._groups(e.member)) and not self.signed(e.member)]
         start, merged = self._exchanged.get(link.remote, (now, 0))
         if now - start >= EXCHANGE_WINDOW:
             start, merged = now, 0
@@ -163,7 +168,13 @@ class PeerManager:
         shared = set(self._groups(to))
         if not shared:
             return []
-        return self.table.exchange_offer(to, self._clock(), about=lambda m: not shared.isdisjoint(self._groups(m)))
+        return self.table.exchange_offer(
+            to, self._clock(), about=lambda m: not self.signed(m) and not shared.isdisjoint(self._groups(m)))
+
+    def set_record(self, member: MemberId, addresses: Sequence[Address]) -> None:
+        """`member`'s newest signed record names these (usable) addresses: dial them first."""
+        if self.table.set_record(member, addresses, self._clock()):
+            self._wake.set()
 
     def link_up(self, link: PeerLink, *, listen_port: int | None = None) -> None:
         """A link opened (either way); `listen_port` is the port the peer said it serves on."""
@@ -292,6 +303,8 @@ class PeerManager:
                          link.remote.short)
                 self.table.forget_address(target.member, a)
                 self._emit(self.table.dial_failed(target, now, self._rng.random()))
+                if target.source is Source.RECORD and self.on_misclaim is not None:
+                    self.on_misclaim(target.member, a)
         finally:
             self._inflight.discard(a)  # also when cancelled or failing otherwise
         self._wake.set()

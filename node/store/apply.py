@@ -18,6 +18,7 @@ from valuemesh.protocol.records import Block, EquivocationProof, Record, decode_
 from valuemesh.protocol.snapshot import Snapshot
 
 MAX_PEERS: Final = 10_000
+MAX_ADDRESS_RECORDS: Final = 4096  # rows kept; the least recently stored go first
 # Ledger snapshots kept per constellation: the latest to restart from, and one before it in
 # case the latest's epoch is still being decided on by peers that lag.
 SNAPSHOTS_KEPT: Final = 2
@@ -327,6 +328,19 @@ class Apply:
 
     async def op_peer_forget(self, member: bytes, host: str, port: int) -> None:
         await self.db.execute("DELETE FROM peers WHERE member = ? AND host = ? AND port = ?", (member, host, port))
+
+    async def op_address_record(self, member: bytes, seq: int, raw: bytes, stored_at: int) -> None:
+        await self.db.execute(
+            "INSERT INTO address_records (member, seq, raw, stored_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (member) DO UPDATE SET seq = excluded.seq, raw = excluded.raw, "
+            "stored_at = excluded.stored_at WHERE excluded.seq > address_records.seq",
+            (member, seq, raw, stored_at),
+        )
+        await self.db.execute(
+            "DELETE FROM address_records WHERE member IN (SELECT member FROM address_records "
+            "ORDER BY stored_at, member LIMIT MAX(0, (SELECT COUNT(*) FROM address_records) - ?))",
+            (MAX_ADDRESS_RECORDS,),
+        )
 
     async def op_kv(self, key: str, value: bytes) -> None:
         await self.db.execute(

@@ -23,12 +23,13 @@ MAX_BATCH_ITEMS: Final = 100_000
 MAX_KV_KEY: Final = 200
 MAX_KV_VALUE: Final = 64 * 1024
 MAX_HOST_LEN: Final = 255
+MAX_ADDRESS_RECORD: Final = 1024  # protocol/addressrec.py MAX_RECORD_SIZE
 MAX_GENESIS_SIZE: Final = 1024 * 1024
 
 CONSTELLATION_STATUSES: Final = frozenset({"joining", "active", "left", "dissolved"})
 # "applicant": this node asked to join and its join record is not final yet.
 TIERS: Final = frozenset({"core", "contributor", "applicant"})
-PEER_SOURCES: Final = frozenset({"mdns", "bootstrap", "invite", "exchange", "inbound", "manual"})
+PEER_SOURCES: Final = frozenset({"mdns", "bootstrap", "invite", "exchange", "inbound", "manual", "record"})
 
 # The store's group commit (StoreCore._apply): ops, durable, item count, urgent -> what changed.
 Commit = Callable[[list[Op], bool, int, bool], Awaitable[BatchResult]]
@@ -193,6 +194,14 @@ class Batch:
     def forget_peer(self, member: MemberId, host: str, port: int) -> None:
         need(isinstance(member, MemberId), "A peer must be named by its member id.")
         self._queue("peer_forget", member.key, str(host), int(port))
+
+    def put_address_record(self, member: MemberId, seq: int, raw: bytes, stored_at: int) -> None:
+        """Keep `member`'s signed address record unless one with a higher seq is stored."""
+        need(isinstance(member, MemberId), "An address record must be named by its member id.")
+        need(is_uint(seq) and seq < 1 << 63, "An address record's seq must be 0 to 2**63-1.")
+        need(isinstance(raw, bytes) and 0 < len(raw) <= MAX_ADDRESS_RECORD, "An address record is empty or too large.")
+        check_time(stored_at, "A stored-at time")
+        self._queue("address_record", member.key, seq, raw, stored_at)
 
     def put_kv(self, key: str, value: bytes) -> None:
         need(isinstance(key, str) and 0 < len(key) <= MAX_KV_KEY, "A setting name is empty or too long.")

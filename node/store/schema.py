@@ -16,7 +16,7 @@ from valuemesh.node.store.errors import NotOurDatabaseError, SchemaTooNewError, 
 
 # "vmsh": marks the file as a valuemesh database so we never migrate someone else's SQLite file.
 APPLICATION_ID: Final = 0x766D7368
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 SCHEMA_V1: Final = """
 CREATE TABLE constellations (
@@ -260,12 +260,29 @@ async def _migrate_4(db: Db) -> None:
     await _run_script(db, SCHEMA_V4)
 
 
+# Version 5: the latest signed address record per member (protocol/addressrec.py), written
+# when it changes and read at start, so a node killed -9 dials its peers' last signed addresses.
+SCHEMA_V5: Final = """
+CREATE TABLE address_records (
+    member    BLOB PRIMARY KEY CHECK (length(member) = 32),
+    seq       INTEGER NOT NULL CHECK (seq >= 0),
+    raw       BLOB NOT NULL CHECK (length(raw) <= 1024),
+    stored_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+async def _migrate_5(db: Db) -> None:
+    await _run_script(db, SCHEMA_V5)
+
+
 Migration = Callable[[Db], Awaitable[None]]
 MIGRATIONS: Final[tuple[tuple[int, str, Migration], ...]] = (
     (1, "blocks, records, final order, peers, checkpoints, node state", _migrate_1),
     (2, "index records by block and by finality", _migrate_2),
     (3, "index blocks by epoch, for per-epoch sync heads", _migrate_3),
     (4, "checkpoints v2 (commit index, snapshot and next-committee hashes); ledger snapshots", _migrate_4),
+    (5, "the latest signed address record per member", _migrate_5),
 )
 
 
