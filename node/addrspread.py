@@ -18,7 +18,7 @@ from valuemesh.node.budgets import OVER_BUDGET_PENALTY
 from valuemesh.node.clock import now_ms
 from valuemesh.node.interfaces import local_addresses
 from valuemesh.node.link import PeerLink
-from valuemesh.node.loglimit import LogLimiter
+from valuemesh.node.loglimit import LogKinds
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, Send
 from valuemesh.node.store import Store
 from valuemesh.protocol import messages as m
@@ -114,7 +114,7 @@ class AddressSpread:
         self._mapped: Address | None = None
         self._relays: tuple[MemberId, ...] = ()
         self.reach: dict[Address, str] = {}  # dial-back results (node/dialback.py)
-        self._logs: dict[Outcome | str, LogLimiter] = {}
+        self._log = LogKinds(log).log
 
     def register(self, handlers: Handlers) -> None:
         handlers.add(m.AddressRecords, self._on_records)
@@ -138,6 +138,10 @@ class AddressSpread:
 
     def own(self) -> AddressRecord | None:
         return self._own
+
+    def announced(self) -> list[Address]:
+        """The addresses our record announces now (what dial-back checks)."""
+        return [] if self._own is None else [Address(a.host, a.port) for a in self._own.addresses]
 
     def misclaimed(self, member: MemberId, address: Address) -> None:
         """A dial of `address` from `member`'s record met another key: drop the address for
@@ -293,9 +297,3 @@ class AddressSpread:
                 tx.put_address_record(rec.member, rec.seq, rec.raw(), self._wall())
         except ValuemeshError as e:
             log.warning("could not store the address record of %s: %s", rec.member.short, e.message)
-
-    def _log(self, kind: Outcome | str, msg: str, *args: object) -> None:
-        limiter = self._logs.get(kind)
-        if limiter is None:
-            limiter = self._logs[kind] = LogLimiter(log)
-        limiter.log(logging.INFO, msg, *args)

@@ -28,6 +28,7 @@ from valuemesh.node.api import make_app
 from valuemesh.node.budgets import Budgets
 from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS, Catchup
 from valuemesh.node.clock import now_ms
+from valuemesh.node.dialback import DialBack
 from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.gossip import Gossip
 from valuemesh.node.held import Held, open_home_store
@@ -83,6 +84,7 @@ class Node:
     signer: Signer
     held: Held
     addrs: AddressSpread
+    dialback: DialBack
 
     def __init__(
         self,
@@ -261,6 +263,8 @@ class Node:
                 await self.discovery.stop()
         if self.peers is not None:
             await self.peers.stop()
+        if hasattr(self, "dialback"):
+            await self.dialback.close()
         if hasattr(self, "transport"):  # start may have failed before it
             await self.transport.stop()
         if self._opened:
@@ -320,7 +324,7 @@ class Node:
                 except Exception:  # never let one engine's fault stop the loop for all
                     log.exception("tick failed for %s", eng.text_id)
             if forward:
-                await self.addrs.beat()
+                await self._addresses_beat()
                 for link in list(self.links.values()):
                     await self._offer_peers(link)
                 try:
@@ -433,6 +437,18 @@ class Node:
             penalize=lambda k, points, why: self.transport.penalize(k, points, why),
             listen=lambda: (self.listen_host, self.listen_port))
         self.addrs.register(self.handlers)
+        self.dialback = DialBack(self.identity, self.network_id, self.links, send=send, groups=self.shared_with,
+                                 addresses=self.addrs.announced, on_result=self.addrs.set_reach, spawn=self._spawn)
+        self.dialback.register(self.handlers)
+
+    async def _addresses_beat(self) -> None:
+        await self.addrs.beat()
+        if self.dialback.due():
+            self._spawn(self._ask_dialback())
+
+    async def _ask_dialback(self) -> None:
+        await self.dialback.ask()
+        await self.addrs.refresh_own()
 
     async def _start_addresses(self, peers: PeerManager) -> None:
         peers.signed = self.addrs.has_record

@@ -78,3 +78,21 @@ def limit_accept_errors(loop: asyncio.AbstractEventLoop, log: logging.Logger) ->
 
     loop.set_exception_handler(handler)
     return limiter
+
+
+class LogKinds:
+    """One `LogLimiter` per kind of event (any hashable name), made on first use: each kind of
+    refusal gets its own line per interval, and one kind's flood cannot hide another."""
+
+    __slots__ = ("_level", "_limiters", "_log")
+
+    def __init__(self, log: logging.Logger, level: int = logging.INFO) -> None:
+        self._log = log
+        self._level = level
+        self._limiters: dict[object, LogLimiter] = {}
+
+    def log(self, kind: object, msg: str, *args: object) -> bool:
+        limiter = self._limiters.get(kind)
+        if limiter is None:
+            limiter = self._limiters[kind] = LogLimiter(self._log)
+        return limiter.log(self._level, msg, *args)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from node_kit import dial_node, start_node
 
 from valuemesh.node.addresses import Address
 from valuemesh.node.clock import now_ms
@@ -62,17 +63,14 @@ class Scene:
 
 
 async def connect_as(node: Node, identity: Identity) -> tuple[Transport, PeerLink]:
-    t = Transport(identity, NET.encode(), QuietHandler())
-    await t.start("127.0.0.1", 0)
-    return t, await t.connect(node.listen_host, node.listen_port)
+    return await dial_node(node, identity, QuietHandler())
 
 
 @pytest.fixture
 async def scene(tmp_path: Path) -> AsyncIterator[Scene]:
     async with asyncio.timeout(DEADLINE):
         home = Home(tmp_path / "home")
-        node = Node(home, home.init("arec"), listen="127.0.0.1:0", api="127.0.0.1:0", network=NET)
-        await node.start()
+        node = await start_node(home, home.init("arec"), NET)
         attacker, honest, outsider, absent = (Identity(os.urandom(32)) for _ in range(4))
         transports: list[Transport] = []
         try:
