@@ -4,6 +4,8 @@ with one sentence."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from valuemesh.protocol import cbor
@@ -118,3 +120,12 @@ def test_messages_carrying_records_and_dial_backs_are_bounded() -> None:
             m.decode_message(m.encode_message(bad))  # type: ignore[arg-type]
     ok = m.DialBackReply(b"n" * 16, [["127.0.0.1", 1, "reachable"]], ["127.0.0.1", 5])
     assert m.decode_message(m.encode_message(ok)) == ok
+
+
+def test_the_documented_vector_is_what_alice_signs() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    block = doc.split("<!-- address-record-vector -->", 1)[1].split("```", 2)[1]
+    raw = bytes.fromhex("".join(block.split()))
+    rec = AddressRecord.sign(ALICE, 1_767_225_600_000, ADDRS, [BOB.member])
+    assert rec.raw() == raw  # Ed25519 is deterministic: same key and content, same bytes
+    assert decode_record(raw) == rec
