@@ -109,6 +109,9 @@ class AddressSpread:
         self._interfaces = interfaces
         self._told: dict[MemberId, dict[MemberId, int]] = {}  # link's remote -> member -> seq sent
         self._own_sent: dict[MemberId, float] = {}  # link's remote -> when our record was last sent
+        # A linked key's own record that came before we counted it a member (a joiner racing
+        # its join): one per link, looked at again on each beat until its join is final here.
+        self._early: dict[MemberId, bytes] = {}
         self._own: AddressRecord | None = None
         self._signed_at = -OWN_RESIGN_INTERVAL_S
         self._mapped: Address | None = None
@@ -182,11 +185,19 @@ class AddressSpread:
         if self._links.get(link.remote) in (None, link):
             self._told.pop(link.remote, None)
             self._own_sent.pop(link.remote, None)
+            self._early.pop(link.remote, None)
 
     async def beat(self) -> None:
         """The node's periodic beat: re-sign our record if it changed, offer what each link
         has not heard (a joiner whose join became final now may hear of the others)."""
         await self.refresh_own()
+        for key, raw in list(self._early.items()):
+            link = self._links.get(key)
+            if link is None:
+                del self._early[key]
+            elif self.may_hear(key, key):
+                del self._early[key]
+                await self._on_records(link, m.AddressRecords([raw]))
         for link in list(self._links.values()):
             await self.offer(link)
 
@@ -261,6 +272,10 @@ class AddressSpread:
                 accepted.append(v.record)
                 told[v.record.member] = v.record.seq  # no echo to who told us
                 continue
+            if v.outcome is Outcome.DUPLICATE and v.record is not None:
+                told[v.record.member] = v.record.seq  # it holds this one: no need to send it back
+            if v.outcome is Outcome.EARLY:
+                self._early[sender] = raw
             if v.outcome is Outcome.OURS and v.record is None:
                 await self._ours_came_back(raw)
             penalty = {Outcome.INVALID: float(PENALTY_INVALID), Outcome.OVER_BUDGET: OVER_BUDGET_PENALTY,

@@ -99,7 +99,7 @@ class RecordTable:
             return Verdict(Outcome.OURS)
         held = self._held.get(rec.member)
         if held is not None and rec.seq == held.seq:
-            return Verdict(Outcome.DUPLICATE)
+            return Verdict(Outcome.DUPLICATE, record=held)
         if not may_know(rec.member):
             if rec.member == sender:
                 return Verdict(Outcome.EARLY, f"{who}… sent its own address record but is no member of a "

@@ -48,6 +48,7 @@ class Scene:
     link: PeerLink  # the attacker's link to the node
     honest_link: PeerLink
     transports: list[Transport]
+    cid: bytes
 
     def held(self, who: Identity) -> int | None:
         r = self.node.addrs.table.get(who.member)
@@ -80,7 +81,7 @@ async def scene(tmp_path: Path) -> AsyncIterator[Scene]:
             transports.append(t)
             th, honest_link = await connect_as(node, honest)
             transports.append(th)
-            yield Scene(node, attacker, honest, outsider, absent, link, honest_link, transports)
+            yield Scene(node, attacker, honest, outsider, absent, link, honest_link, transports, cid)
         finally:
             for t in transports:
                 await t.stop()
@@ -230,3 +231,20 @@ async def test_a_nodes_own_older_record_coming_back_moves_its_seq_on(scene: Scen
     changed = scene.node.addrs.own()
     assert changed is not None and changed.seq == own.seq + 1000
     _ = MemberId  # the type appears in hints only
+
+
+async def test_a_joiners_own_record_before_its_join_is_kept_until_it_is_a_member(
+    scene: Scene, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="valuemesh.discovery")
+    t, link = await connect_as(scene.node, scene.outsider)
+    scene.transports.append(t)
+    seq = now_ms()
+    await scene.send([rec(scene.outsider, seq, 4300)], link)
+    assert scene.held(scene.outsider) is None and scene.score(scene.outsider) == 100.0  # no fault of its own
+    assert len(refused(caplog, "no member of a constellation we share (yet)")) == 1
+    await scene.node.addrs.beat()
+    assert scene.held(scene.outsider) is None  # still no member: still not taken
+    scene.node.engines[scene.cid].applicants.add(scene.outsider.member.key)  # its join arrives
+    await scene.node.addrs.beat()
+    assert scene.held(scene.outsider) == seq
