@@ -142,6 +142,15 @@ class AddressSpread:
     def own(self) -> AddressRecord | None:
         return self._own
 
+    def own_json(self) -> dict[str, object] | None:
+        """Our current record as the local API may show it (for `status` / `netcheck`)."""
+        r = self._own
+        if r is None:
+            return None
+        return {"seq": r.seq, "addresses": [{"kind": a.kind.value, "address": str(Address(a.host, a.port))}
+                                            for a in r.addresses],
+                "relays": [str(k) for k in r.relays], "records_held": len(self.table)}
+
     def announced(self) -> list[Address]:
         """The addresses our record announces now (what dial-back checks)."""
         return [] if self._own is None else [Address(a.host, a.port) for a in self._own.addresses]

@@ -12,7 +12,7 @@ from pathlib import Path
 from node_kit import dial_node, start_node
 
 from valuemesh.node.addresses import Address
-from valuemesh.node.addrspread import own_addresses
+from valuemesh.node.addrspread import OWN_RESIGN_INTERVAL_S, AddressSpread, own_addresses
 from valuemesh.node.clock import now_ms
 from valuemesh.node.daemon import Node
 from valuemesh.node.home import Home
@@ -168,3 +168,36 @@ async def test_a_restarted_node_dials_its_peers_last_signed_addresses(tmp_path: 
                 await node.stop()
         finally:
             await tx_.stop()
+
+
+async def test_own_record_is_resigned_on_change_at_most_once_per_interval(tmp_path: Path) -> None:
+    me, relay = Identity(os.urandom(32)), Identity(os.urandom(32))
+    t = [1000.0]
+    wall = [1_767_225_600_000]
+    async with await Store.open(tmp_path / "n.db") as store:
+        spread = AddressSpread(me, store, {}, send=_no_send, groups=lambda k: [b"c" * 32], feed=lambda k, a: None,
+                               penalize=lambda k, p, w: None, listen=lambda: ("0.0.0.0", 7700),
+                               clock=lambda: t[0], wall=lambda: wall[0], interfaces=lambda: ["192.168.1.5"])
+        assert await spread.refresh_own()
+        first = spread.own()
+        assert first is not None and first.seq == wall[0]
+        spread.set_mapped(Address("198.51.100.7", 40001))
+        spread.set_relays([relay.member, me.member])  # never itself
+        t[0] += OWN_RESIGN_INTERVAL_S / 2
+        assert not await spread.refresh_own()  # changed, but signed too recently: next beat
+        t[0] += OWN_RESIGN_INTERVAL_S
+        wall[0] -= 5000  # the clock was set back meanwhile
+        assert await spread.refresh_own()
+        second = spread.own()
+        assert second is not None and second.seq == first.seq + 1  # still above the last
+        assert second.relays == (relay.member,)
+        assert spread.own_json() == {
+            "seq": second.seq, "relays": [str(relay.member)], "records_held": 1,
+            "addresses": [{"kind": "lan", "address": "192.168.1.5:7700"},  # the record's canonical order
+                          {"kind": "mapped", "address": "198.51.100.7:40001"}]}
+        assert not await spread.refresh_own()  # nothing changed
+        assert {k: q for k, q, _ in await store.address_records()} == {me.member: second.seq}
+
+
+async def _no_send(link: PeerLink, msg: m.Message) -> None:
+    raise AssertionError("nobody is linked")

@@ -66,19 +66,31 @@ class Peer:
         return self.transport.reputation.score(of.identity.member, time.monotonic())
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def closed_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[Peer, Peer]]:
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["127.0.0.1", "::1"])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Peer, Peer]]:
+    loopback = request.param
+    if loopback == "::1" and not has_ipv6_loopback():
+        pytest.skip("This machine has no IPv6 loopback address (::1).")
     asker, helper = Peer(), Peer()
     async with asyncio.timeout(DEADLINE):
         try:
-            host, port = await asker.transport.start("127.0.0.1", 0)
-            await helper.transport.start("127.0.0.1", 0)
+            host, port = await asker.transport.start(loopback, 0)
+            await helper.transport.start(loopback, 0)
             asker.announce = [Address(host, port)]
             await asker.transport.connect(*helper.transport.address)  # type: ignore[misc]
             for _ in range(50):  # bounded: both ends take the link in
@@ -100,9 +112,10 @@ def test_answers_merge_into_one_verdict_per_address() -> None:
 
 async def test_a_reachable_and_an_unreachable_address(pair: tuple[Peer, Peer]) -> None:
     asker, helper = pair
-    dead = Address("127.0.0.1", closed_port())
+    loopback = asker.announce[0].host
+    dead = Address(loopback, closed_port(loopback))
     other = Transport(Identity(os.urandom(32)), NET, QuietHandler())  # someone else's node
-    ohost, oport = await other.start("127.0.0.1", 0)
+    ohost, oport = await other.start(loopback, 0)
     try:
         asker.announce = [*asker.announce, dead, Address(ohost, oport)]
         state = await asker.dialback.ask()
@@ -110,7 +123,7 @@ async def test_a_reachable_and_an_unreachable_address(pair: tuple[Peer, Peer]) -
         await other.stop()
     assert state.results == {asker.announce[0]: REACHABLE, dead: UNREACHABLE, Address(ohost, oport): UNREACHABLE}
     assert state.helpers == (helper.identity.member,)
-    assert state.observed[helper.identity.member].host == "127.0.0.1"
+    assert state.observed[helper.identity.member].host == loopback
     assert state.to_json()["addresses"] == {str(a): r for a, r in sorted(state.results.items())}
     assert helper.score(asker) == 100.0  # an honest request costs the asker nothing
 
@@ -144,7 +157,7 @@ async def test_a_third_partys_address_is_never_dialed(
         await victim.wait_closed()
     assert hits == 0
     assert reply.results == [["127.0.0.2", vport, "refused"], ["192.0.2.7", 80, "refused"]]
-    assert reply.observed[0] == "127.0.0.1"
+    assert reply.observed[0] == asker.announce[0].host
     lines = [r.getMessage() for r in caplog.records if "refused a dial-back" in r.getMessage()]
     assert len(lines) == 1 and "other IPs" in lines[0]
     assert helper.score(asker) < 100.0
