@@ -25,8 +25,9 @@ MAX_RECORDS = 4096
 MAX_SEQ_SKEW_MS = 10 * 60 * 1000
 # Accepted updates per member: a burst, then one per interval. A node re-signs its own
 # record at most once per OWN_RESIGN_INTERVAL_S (node/addrspread.py), so honest members stay
-# under it; a member flooding updates is cut to this rate on every node.
-RECORD_UPDATE_BURST = 4
+# under it (the burst's second is for two of its updates whose floods arrive close together);
+# a member flooding updates is cut to this rate on every node.
+RECORD_UPDATE_BURST = 2
 RECORD_UPDATE_INTERVAL_S = 5.0
 # Records one sender may make us look at: enough for a link-up sync of a large group.
 RECORDS_PER_SENDER_BURST = 256
