@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from valuemesh.node.addresses import Address
-from valuemesh.node.addrtable import Outcome, RecordTable
+from valuemesh.node.addrtable import Outcome, RecordTable, Verdict
 from valuemesh.node.budgets import OVER_BUDGET_PENALTY
 from valuemesh.node.clock import now_ms
 from valuemesh.node.interfaces import local_addresses
@@ -285,8 +285,8 @@ class AddressSpread:
                 told[v.record.member] = v.record.seq  # it holds this one: no need to send it back
             if v.outcome is Outcome.EARLY:
                 self._early[sender] = raw
-            if v.outcome is Outcome.OURS and v.record is None:
-                await self._ours_came_back(raw)
+            if v.outcome is Outcome.OURS and not self._ours_came_back(raw):
+                v = Verdict(Outcome.INVALID, "A record in our own name carries a signature that does not verify.")
             penalty = {Outcome.INVALID: float(PENALTY_INVALID), Outcome.OVER_BUDGET: OVER_BUDGET_PENALTY,
                        Outcome.STALE: STALE_PENALTY}.get(v.outcome, 0.0)
             if v.reason:
@@ -303,17 +303,20 @@ class AddressSpread:
                 if other.remote != sender:
                     await self.offer(other)
 
-    async def _ours_came_back(self, raw: bytes) -> None:
-        # A record of ours newer than the one we hold is one we signed before losing our
-        # store: continue above its seq so our next record replaces it everywhere.
+    def _ours_came_back(self, raw: bytes) -> bool:
+        """A record in our name came back; False if we never signed it (a forgery).
+
+        One of ours newer than the one we hold is one we signed before losing our store:
+        continue above its seq, so our next record replaces it everywhere."""
         try:
             rec = decode_record(raw)
         except ValuemeshError:
-            return
+            return False
         if self._own is None or rec.seq > self._own.seq:
             self._own = rec
             self.table.put_own(rec)
             self._signed_at = -OWN_RESIGN_INTERVAL_S
+        return True
 
     async def _keep(self, rec: AddressRecord) -> None:
         try:

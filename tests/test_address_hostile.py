@@ -119,6 +119,12 @@ def forged(s: Scene) -> list[bytes]:
     return [cbor.encode(doc)]
 
 
+def forged_in_the_nodes_name(s: Scene) -> list[bytes]:
+    doc = cbor.decode(rec(s.honest, now_ms(), 4000))
+    doc["m"] = s.node.identity.member.key
+    return [cbor.encode(doc)]
+
+
 def far_future(s: Scene) -> list[bytes]:
     return [rec(s.honest, now_ms() + 3600_000, 4000)]
 
@@ -135,6 +141,7 @@ def too_many_addresses(s: Scene) -> list[bytes]:
 
 @pytest.mark.parametrize(("attack", "words"), [
     (forged, "does not verify"),
+    (forged_in_the_nodes_name, "in our own name"),
     (far_future, "in the future"),
     (non_member, "of no member"),
     (too_many_addresses, "at most 8 addresses"),
