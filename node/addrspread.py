@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from valuemesh.node.addresses import Address
@@ -39,7 +40,8 @@ log = logging.getLogger("valuemesh.discovery")
 # Our own record is re-signed at most this often (node/addrtable.py RECORD_UPDATE_INTERVAL_S
 # is what receivers allow); a change within it waits for the next beat.
 OWN_RESIGN_INTERVAL_S = 5.0
-STALE_PENALTY = 1.0  # an older seq: honest floods can cross
+STALE_PENALTY = 1.0  # an older seq (honest floods can cross), or a member we do not know yet
+MAX_PENDING = 64  # records of keys not (yet) members, kept to look at again
 # Our own record is sent to each link again this often even if unchanged: a receiver may have
 # refused it (a joiner's record arriving before its join is final there, a full budget).
 OWN_REPEAT_S = 30.0
@@ -109,9 +111,10 @@ class AddressSpread:
         self._interfaces = interfaces
         self._told: dict[MemberId, dict[MemberId, int]] = {}  # link's remote -> member -> seq sent
         self._own_sent: dict[MemberId, float] = {}  # link's remote -> when our record was last sent
-        # A linked key's own record that came before we counted it a member (a joiner racing
-        # its join): one per link, looked at again on each beat until its join is final here.
-        self._early: dict[MemberId, bytes] = {}
+        # Records of keys we do not count members yet (a joiner racing its join; a member whose
+        # join our ledger has not caught up with): member -> (sender, raw), looked at again on
+        # each beat while the sender's link lasts; the oldest go beyond MAX_PENDING.
+        self._pending: OrderedDict[MemberId, tuple[MemberId, bytes]] = OrderedDict()
         self._own: AddressRecord | None = None
         self._signed_at = -OWN_RESIGN_INTERVAL_S
         self._mapped: Address | None = None
@@ -194,18 +197,17 @@ class AddressSpread:
         if self._links.get(link.remote) in (None, link):
             self._told.pop(link.remote, None)
             self._own_sent.pop(link.remote, None)
-            self._early.pop(link.remote, None)
 
     async def beat(self) -> None:
         """The node's periodic beat: re-sign our record if it changed, offer what each link
         has not heard (a joiner whose join became final now may hear of the others)."""
         await self.refresh_own()
-        for key, raw in list(self._early.items()):
-            link = self._links.get(key)
+        for member, (sender, raw) in list(self._pending.items()):
+            link = self._links.get(sender)
             if link is None:
-                del self._early[key]
-            elif self.may_hear(key, key):
-                del self._early[key]
+                del self._pending[member]
+            elif self.may_hear(sender, member):
+                del self._pending[member]
                 await self._on_records(link, m.AddressRecords([raw]))
         for link in list(self._links.values()):
             await self.offer(link)
@@ -283,12 +285,12 @@ class AddressSpread:
                 continue
             if v.outcome is Outcome.DUPLICATE and v.record is not None:
                 told[v.record.member] = v.record.seq  # it holds this one: no need to send it back
-            if v.outcome is Outcome.EARLY:
-                self._early[sender] = raw
+            if v.outcome in (Outcome.EARLY, Outcome.UNKNOWN):
+                self._hold(sender, raw)
             if v.outcome is Outcome.OURS and not self._ours_came_back(raw):
                 v = Verdict(Outcome.INVALID, "A record in our own name carries a signature that does not verify.")
             penalty = {Outcome.INVALID: float(PENALTY_INVALID), Outcome.OVER_BUDGET: OVER_BUDGET_PENALTY,
-                       Outcome.STALE: STALE_PENALTY}.get(v.outcome, 0.0)
+                       Outcome.STALE: STALE_PENALTY, Outcome.UNKNOWN: STALE_PENALTY}.get(v.outcome, 0.0)
             if v.reason:
                 self._log(v.outcome, "refused an address record from %s: %s", sender.short, v.reason)
             if penalty > worst[0]:
@@ -302,6 +304,16 @@ class AddressSpread:
             for other in list(self._links.values()):
                 if other.remote != sender:
                     await self.offer(other)
+
+    def _hold(self, sender: MemberId, raw: bytes) -> None:
+        try:
+            member = decode_record(raw, verify=False).member
+        except ValuemeshError:
+            return
+        self._pending.pop(member, None)
+        self._pending[member] = (sender, raw)
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
 
     def _ours_came_back(self, raw: bytes) -> bool:
         """A record in our name came back; False if we never signed it (a forgery).

@@ -42,6 +42,7 @@ class Outcome(enum.Enum):
     OURS = "ours"  # our own record came back (or an older one of ours): nothing to do
     STALE = "stale"  # an older seq: an honest node may forward one that crossed a newer one
     EARLY = "early"  # a key's own record before we count it a member (a joiner, racing its join)
+    UNKNOWN = "unknown"  # a record of a key we do not count a member (yet): our view may lag the sender's
     OVER_BUDGET = "over budget"  # a flood of updates, or a full table
     INVALID = "invalid"  # no honest node sends it: forged, malformed, non-member, far future
 
@@ -105,8 +106,8 @@ class RecordTable:
             if rec.member == sender:
                 return Verdict(Outcome.EARLY, f"{who}… sent its own address record but is no member of a "
                                               "constellation we share (yet).")
-            return Verdict(Outcome.INVALID, f"The address record of {who}… is of no member of a constellation "
-                                            "the sender shares with us.")
+            return Verdict(Outcome.UNKNOWN, f"The address record of {who}… is of no member of a constellation "
+                                            "the sender shares with us (yet).")
         if held is not None and rec.seq < held.seq:
             return Verdict(Outcome.STALE, f"The address record of {who}… is older (seq {rec.seq}) than the one "
                                           f"held (seq {held.seq}).")

@@ -143,7 +143,6 @@ def too_many_addresses(s: Scene) -> list[bytes]:
     (forged, "does not verify"),
     (forged_in_the_nodes_name, "in our own name"),
     (far_future, "in the future"),
-    (non_member, "of no member"),
     (too_many_addresses, "at most 8 addresses"),
 ])
 async def test_invalid_records_are_refused_logged_and_charged(
@@ -255,3 +254,18 @@ async def test_a_joiners_own_record_before_its_join_is_kept_until_it_is_a_member
     scene.node.engines[scene.cid].applicants.add(scene.outsider.member.key)  # its join arrives
     await scene.node.addrs.beat()
     assert scene.held(scene.outsider) == seq
+
+
+async def test_a_record_of_a_non_member_is_refused_and_kept_only_until_it_is_one(
+    scene: Scene, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="valuemesh.discovery")
+    await scene.send(non_member(scene))
+    assert scene.held(scene.outsider) is None
+    assert len(refused(caplog, "of no member")) == 1
+    assert scene.score(scene.attacker) == pytest.approx(99.0, abs=0.5)  # our view may lag: a small charge
+    for i in range(80):  # bounded: records of 80 made-up keys, more than MAX_PENDING
+        await scene.send([rec(Identity(bytes([i]) * 32), now_ms(), 4000)])
+    assert len(scene.node.addrs._pending) == 64
+    assert scene.score(scene.attacker) < 50.0  # each message charged
+    await honest_still_heard(scene)
