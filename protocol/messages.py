@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from . import cbor
 from .errors import DecodeError
-from .records import MAX_BLOCK_SIZE
+from .records import MAX_BLOCK_SIZE, MAX_RECORD_SIZE
 from .snapshot import MAX_SNAPSHOT_SIZE
 
 MAX_MESSAGE_SIZE = MAX_BLOCK_SIZE + 64 * 1024
@@ -256,14 +256,38 @@ class PeerExchange:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class MySeq:
+    """After a doubt about its own database: which is the highest-seq record of mine (the
+    sender's) in constellation `c` that you hold, final or pending? (node/seqcheck.py)"""
+
+    t: ClassVar[str] = "myseq"
+    c: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32
+
+
+@dataclass(frozen=True, slots=True)
+class YourSeq:
+    """The answer to MySeq: that record as signed (empty when I hold none of yours in `c`)."""
+
+    t: ClassVar[str] = "yourseq"
+    c: bytes
+    record: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and len(self.record) <= MAX_RECORD_SIZE
+
+
 Message = (
     Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | CheckpointSig
-    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange
+    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange | MySeq | YourSeq
 )
 _TYPES: dict[str, type[Any]] = {
     cls.t: cls
     for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, CheckpointSig,
-                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange)
+                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange, MySeq, YourSeq)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,

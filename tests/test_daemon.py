@@ -38,6 +38,7 @@ async def test_each_message_type_goes_to_its_owner(node: Node) -> None:
         m.CheckpointSig: node.catchup.on_checkpoint_sig, m.GetCheckpoint: node.catchup.on_get_checkpoint,
         m.CheckpointChain: node.catchup.on_checkpoint_chain, m.GetSnapshot: node.catchup.on_get_snapshot,
         m.SnapshotPart: node.catchup.on_snapshot_part,
+        m.MySeq: node.seqcheck.on_ask, m.YourSeq: node.seqcheck.on_answer,
     }
     assert set(owners) == set(get_args(m.Message))  # every type of the wire has an owner
     assert node.handlers.types() == set(owners)
