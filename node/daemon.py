@@ -40,6 +40,7 @@ from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
+from valuemesh.node.seqcheck import SeqCheck
 from valuemesh.node.signer import Signer
 from valuemesh.node.store import PeerInfo, Store
 from valuemesh.node.transport import Transport
@@ -202,11 +203,14 @@ class Node:
                                connect=self.transport.connect, new_engine=self._new_engine,
                                forward=self.gossip.forward, first_sync=self.catchup.first_sync,
                                reached=self._inviter_reached, gates=self.gossip.gates)
+        self.seqcheck = SeqCheck(self.identity, self.store, self.engines, self.links, send=send,
+                                 doubt=self.held.doubt)
         self.signer = Signer(self.identity, self.registry, self.store, self.engines, spawn=self._spawn,
-                             effects=self.gossip.effects, forward=self.gossip.forward, held=self.held)
+                             effects=self.gossip.effects, forward=self.gossip.forward, held=self.held,
+                             waiting=self.seqcheck.waiting)
         self.handlers.add(m.Hello, self._on_hello)
         self.handlers.add(m.PeerExchange, self._on_peer_exchange)
-        for part in (self.gossip, self.catchup, self.joining):
+        for part in (self.gossip, self.catchup, self.joining, self.seqcheck):
             part.register(self.handlers)
         self._wire_addresses()
 
@@ -324,6 +328,7 @@ class Node:
                 except Exception:  # never let one engine's fault stop the loop for all
                     log.exception("tick failed for %s", eng.text_id)
             if forward:
+                await self.seqcheck.tick()
                 await self._addresses_beat()
                 for link in list(self.links.values()):
                     await self._offer_peers(link)

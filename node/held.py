@@ -32,6 +32,9 @@ class Held:
     path: Path
     floors: dict[bytes, int] = field(default_factory=dict)
     dirty: bool = False
+    # Constellations whose last own seq this start cannot vouch for (`open_home_store`):
+    # node/seqcheck.py asks peers before the signer signs there again.
+    doubt: set[bytes] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
@@ -89,19 +92,22 @@ async def open_home_store(home: Home, member: MemberId, *, recover: bool = False
                              f"missing or empty, and starting afresh could sign a seq twice; {RECOVER_HINT}.")
     store = await Store.open(db)
     try:
+        followed = {c.id for c in await store.constellations()}
+        doubt = set(followed) if held is None or recover else set()
         if held is None:
             held = Held(home.path / HELD_FILE, dirty=True)
-        followed = {c.id for c in await store.constellations()}
         missing = set(held.floors) - followed
         if missing and not recover:
             raise LocalError(f"This home followed {len(missing)} constellation(s) that its database {db} does not "
                              f"hold (it is older than the home), and starting could sign a seq twice; "
                              f"{RECOVER_HINT}.")
-        for cid in followed:
-            held.raise_to(cid, await store.next_seq(cid, member))
         for cid, floor in held.floors.items():
             if floor > await store.next_seq(cid, member):
+                doubt.add(cid)  # the database is older than the home: the floor itself may lag a write
                 await store.raise_seq_floor(cid, member, floor)
+        for cid in followed:
+            held.raise_to(cid, await store.next_seq(cid, member))
+        held.doubt = doubt & followed
         if held.dirty:
             await asyncio.to_thread(held.save)
     except BaseException:

@@ -33,7 +33,8 @@ class Signer:
 
     def __init__(self, identity: Identity, registry: Registry, store: Store, engines: Mapping[bytes, Engine], *,
                  spawn: Spawn, effects: Callable[[Engine, Effects], Awaitable[None]],
-                 forward: Callable[[Engine, list[Record]], Awaitable[None]], held: Held | None = None) -> None:
+                 forward: Callable[[Engine, list[Record]], Awaitable[None]], held: Held | None = None,
+                 waiting: Callable[[bytes], str | None] = lambda cid: None) -> None:
         self.identity = identity
         self.registry = registry
         self.store = store
@@ -51,6 +52,7 @@ class Signer:
         self._own_next: dict[bytes, tuple[Engine, int]] = {}
         # The home's record of how far our seqs went (node/held.py), written behind the signer.
         self.held = held
+        self.waiting = waiting  # why signing in a constellation must wait (node/seqcheck.py), or None
         self._saver: asyncio.Task[None] | None = None
 
     async def submit(self, eng: Engine, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +112,9 @@ class Signer:
         emptied or restored): signing now would leave a gap, or reuse a seq if the floor is
         stale, so we refuse until catch-up from peers has brought those records back.
         """
+        wait = self.waiting(eng.cid)
+        if wait is not None:
+            raise LocalError(wait)
         me = self.identity.member
         held, floor = await self.store.own_seq(eng.cid, me)
         base = max(held, eng.ledger.next_seq(me))

@@ -11,9 +11,9 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from . import cbor
-from .addressrec import MAX_RECORD_SIZE
+from .addressrec import MAX_RECORD_SIZE as MAX_ADDRESS_RECORD_SIZE
 from .errors import DecodeError
-from .records import MAX_BLOCK_SIZE
+from .records import MAX_BLOCK_SIZE, MAX_RECORD_SIZE
 from .snapshot import MAX_SNAPSHOT_SIZE
 
 MAX_MESSAGE_SIZE = MAX_BLOCK_SIZE + 64 * 1024
@@ -271,7 +271,7 @@ class AddressRecords:
 
     def valid(self) -> bool:
         return 0 < len(self.records) <= MAX_RECORDS_PER_MESSAGE and _bytes_list(self.records, MAX_RECORDS_PER_MESSAGE) \
-            and all(len(r) <= MAX_RECORD_SIZE for r in self.records)
+            and all(len(r) <= MAX_ADDRESS_RECORD_SIZE for r in self.records)
 
 
 def _hostport(v: object) -> bool:
@@ -309,16 +309,40 @@ class DialBackReply:
         ) and _hostport(self.observed)
 
 
+@dataclass(frozen=True, slots=True)
+class MySeq:
+    """After a doubt about its own database: which is the highest-seq record of mine (the
+    sender's) in constellation `c` that you hold, final or pending? (node/seqcheck.py)"""
+
+    t: ClassVar[str] = "myseq"
+    c: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32
+
+
+@dataclass(frozen=True, slots=True)
+class YourSeq:
+    """The answer to MySeq: that record as signed (empty when I hold none of yours in `c`)."""
+
+    t: ClassVar[str] = "yourseq"
+    c: bytes
+    record: bytes
+
+    def valid(self) -> bool:
+        return len(self.c) == 32 and len(self.record) <= MAX_RECORD_SIZE
+
+
 Message = (
     Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | CheckpointSig
-    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange | AddressRecords | DialBackAsk
-    | DialBackReply
+    | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange | MySeq | YourSeq | AddressRecords
+    | DialBackAsk | DialBackReply
 )
 _TYPES: dict[str, type[Any]] = {
     cls.t: cls
     for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, CheckpointSig,
-                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange, AddressRecords, DialBackAsk,
-                DialBackReply)
+                GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange, MySeq, YourSeq,
+                AddressRecords, DialBackAsk, DialBackReply)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,

@@ -67,6 +67,14 @@ class RecordReads(StoreCore):
         )
         return [decode_stored_record(raw, bytes(rid)) for rid, raw in rows]
 
+    async def latest_record(self, constellation: bytes, author: MemberId) -> Record | None:
+        """`author`'s highest-seq record in `constellation` that this store holds, final or not."""
+        rows = await self._rows(
+            "SELECT id, raw FROM records WHERE constellation = ? AND author = ? ORDER BY seq DESC LIMIT 1",
+            (constellation, author.key),
+        )
+        return decode_stored_record(rows[0][1], bytes(rows[0][0])) if rows else None
+
     async def next_seq(self, constellation: bytes, author: MemberId) -> int:
         """The seq `reserve_seq` would hand out next (a read; reserves nothing)."""
         self._check_open()
