@@ -40,6 +40,8 @@ class Carrier(Protocol):
 
     # (ip, port) as seen on the socket; None when there is no socket of our own (a circuit).
     addr: tuple[str, int] | None
+    # Why the carrier ended, when it knows more than "closed by the peer" (a circuit does).
+    reason: str | None
 
     async def send(self, data: bytes) -> None:
         """Send one message; raises ConnectionError (or OSError) if the carrier is gone."""
@@ -79,6 +81,7 @@ class WebSocketCarrier:
         self._max = max_message
         self._control: ControlHook | None = None
         self._handshake_pings = 0
+        self.reason: str | None = None
 
     def set_control(self, hook: ControlHook) -> None:
         self._control = hook
@@ -140,6 +143,7 @@ class StreamCarrier:
             (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
         )
         self._send_lock = asyncio.Lock()
+        self.reason: str | None = None
 
     def set_control(self, hook: ControlHook) -> None:
         """A stream has no control messages of its own."""

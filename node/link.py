@@ -299,7 +299,7 @@ class PeerLink:
                 if self.closed:
                     break
                 if data is None:
-                    self.close("the connection was closed by the peer", notify=False)
+                    self.close(self._carrier.reason or "the connection was closed by the peer", notify=False)
                     break
                 if trace.tracer is not None:
                     self.read_at = time.monotonic()

@@ -185,6 +185,7 @@ class Relaying:
         return len(self._hops) // 2
 
     def _say(self, kind: str, msg: str, *args: object) -> None:
+        # What others can make us log: one line per interval for each kind (and reason).
         limiter = self._logs.get(kind)
         if limiter is None:
             limiter = self._logs[kind] = LogLimiter(log)
@@ -269,7 +270,8 @@ class Relaying:
         elif self._pending >= self._lim.max_pending:
             code = Code.BUSY
         if code is not Code.OK:
-            self._say("incoming", "refused a circuit from %s via %s: %s", src.short, link.remote.short, code.sentence)
+            self._say(f"incoming {code.name}", "refused a circuit from %s via %s: %s",
+                      src.short, link.remote.short, code.sentence)
             link._send_circuit(cm.opened(cid, code))
             return
         carrier = CircuitCarrier(self, link, cid)
@@ -375,7 +377,7 @@ class Relaying:
         elif now - b.over_since >= self._lim.over_budget_grace:
             b.over_since = None
             b.cooldown_until = now + self._lim.cooldown
-            log.warning("relay budget of %s spent for %.0f s: closing its %d circuit(s), refusing new ones for %.0f s",
+            log.warning("relay budget of %s spent for %.1f s: closing its %d circuit(s), refusing new ones for %.0f s",
                         member.short, self._lim.over_budget_grace, len(b.circuits), self._lim.cooldown)
             for c in list(b.circuits):
                 self._end_circuit(c, "over the relay's budget for a member of this circuit")
@@ -395,7 +397,7 @@ class Relaying:
             self._reservations[src] = link
             log.info("holding a relay reservation for %s", src.short)
         else:
-            self._say("reserve", "refused a relay reservation for %s: %s", src.short, code.sentence)
+            self._say(f"reserve {code.name}", "refused a relay reservation for %s: %s", src.short, code.sentence)
         link._send_circuit(cm.reserved(code))
 
     def _may(self, src: MemberId, dst: MemberId) -> bool:
@@ -427,7 +429,7 @@ class Relaying:
         ):
             code = Code.BUSY
         if code is not Code.OK or target is None:
-            self._say("open", "refused a circuit from %s to %s: %s", src.short, dst.short, code.sentence)
+            self._say(f"open {code.name}", "refused a circuit from %s to %s: %s", src.short, dst.short, code.sentence)
             link._send_circuit(cm.opened(cid, code))
             return
         c = _Circuit(link, cid, target, self._cid(target))
