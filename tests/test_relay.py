@@ -11,14 +11,19 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from transport_kit import FAST, Cluster, Node, exchange, ident, recv, running_cluster, until
 
+from valuemesh.node.daemon import Node as Daemon
+from valuemesh.node.daemon import installed_registry
+from valuemesh.node.home import Home
 from valuemesh.node.link import PeerLink
 from valuemesh.node.link_limits import PeerUnreachableError, RelayLimits, RelayRefusedError
 from valuemesh.node.relay import CircuitCarrier
 from valuemesh.protocol import circuit as cm
+from valuemesh.protocol.builtin.membership import make_genesis
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import MemberId
 
@@ -218,3 +223,41 @@ def test_relay_limits_refuse_nonsense() -> None:
     with pytest.raises(LocalError):
         RelayLimits(max_circuits=0)
     assert replace(FAST, relay=RelayLimits(max_pending=2)).relay.max_pending == 2
+
+
+# -- the daemon's wiring -------------------------------------------------------------------
+
+
+async def test_the_daemon_relays_only_between_active_members_of_its_constellations(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    me = home.init("relay")
+    node = Daemon(home, me, listen="127.0.0.1:0", api="127.0.0.1:0", network="valuemesh-test-relay")
+    await node.start()
+    try:
+        bob, carol = ident(), ident()
+        registry = installed_registry()
+        members = [{"key": k.member.key, "name": n, "roles": [], "tier": "core", "weight": 1}
+                   for k, n in ((me, "relay"), (bob, "bob"))]
+        g = make_genesis(me, name="c", purpose="", nonce=bytes(16), created=1_700_000_000_000,
+                         plugins={n: str(p.version) for n, p in registry.plugins.items()}, members=members)
+        eng = node._new_engine(g)
+        async with node.store.batch() as tx:
+            tx.put_constellation(eng.info())
+            tx.put_records([eng.genesis], 1_700_000_000_000)
+        await eng.load()
+        node.engines[eng.cid] = eng
+        decide = node.transport.may_relay
+        assert decide is not None
+        assert decide(bob.member, me.member) and decide(bob.member, bob.member)
+        assert not decide(carol.member, bob.member) and not decide(bob.member, carol.member)
+        assert not decide(carol.member, carol.member)
+    finally:
+        await node.stop()
+    home2 = Home(tmp_path / "home2")
+    quiet = Daemon(home2, home2.init("quiet"), listen="127.0.0.1:0", api="127.0.0.1:0",
+                 network="valuemesh-test-relay", serve_relay=False)
+    await quiet.start()
+    try:
+        assert quiet.transport.may_relay is None
+    finally:
+        await quiet.stop()
