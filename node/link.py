@@ -19,6 +19,7 @@ from valuemesh.node import trace
 from valuemesh.node.carrier import Carrier, CarrierViolation
 from valuemesh.node.link_limits import LinkClosedError
 from valuemesh.node.ratelimit import TokenBucket
+from valuemesh.protocol import circuit as cm
 from valuemesh.protocol import wire
 from valuemesh.protocol.circuit import CircuitError
 from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
@@ -203,6 +204,18 @@ class PeerLink:
         self.circuit_bytes += len(body)
         self._wake.set()
         return True
+
+    def _drop_circuit_data(self, cid: int) -> None:
+        """Forget the unwritten DATA of one circuit (it ended; the relay would drop it)."""
+        head = bytes((cm.Op.DATA,)) + cid.to_bytes(4, "big")
+        kept: deque[tuple[int, bytes]] = deque()
+        for kind, body in self._queue:
+            if kind == wire.FRAME_CIRCUIT and body.startswith(head):
+                self._circuit_frames -= 1
+                self.circuit_bytes -= len(body)
+            else:
+                kept.append((kind, body))
+        self._queue = kept
 
     def _take_queued(self) -> list[bytes]:
         """Remove and return the payloads not yet written (for a link that replaces this one)."""

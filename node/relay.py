@@ -106,6 +106,8 @@ class CircuitCarrier:
         """The circuit is gone (closed by the far side, the relay, or the relay link)."""
         if self.reason is None:
             self.reason = reason
+            # What we queued for it and have not written would only be dropped at the relay.
+            self.link._drop_circuit_data(self.cid)
         self._arrived.set()
         self._credited.set()
 
@@ -166,6 +168,8 @@ class Relaying:
         self._pending = 0
         self._next: dict[PeerLink, int] = {}
         self._logs: dict[str, LogLimiter] = {}
+        # How often a member's link was paused for its relay budget (relay role).
+        self.throttled = 0
 
     # -- views ---------------------------------------------------------------
 
@@ -323,7 +327,14 @@ class Relaying:
         if end is not None:
             self._at_end(end, key, msg)
             return
-        # Everything else is this node's relay role, budgeted per sending member.
+        # Everything else is this node's relay role, budgeted per sending member. What it
+        # drops (a circuit that ended or never was) costs no budget: the link's own rate
+        # limit bounds it, and a member's backlog for a circuit we closed drains at once.
+        if op not in (Op.RESERVE, Op.OPEN) and key not in self._hops:
+            if op is Op.DATA:
+                self._say("unknown", "dropped circuit data from %s for unknown circuit %d",
+                          link.remote.short, msg.circuit)
+            return
         await self._charge(link, len(body))
         if link.closed:
             return
@@ -333,8 +344,6 @@ class Relaying:
             self._open(link, msg.circuit, msg.member)
         elif key in self._hops:
             self._forward(self._hops[key], link, msg)
-        elif op is Op.DATA:
-            self._say("unknown", "dropped circuit data from %s for unknown circuit %d", link.remote.short, msg.circuit)
 
     def _at_end(self, end: CircuitCarrier, key: Key, msg: cm.Message) -> None:
         if msg.op is Op.DATA:
@@ -368,21 +377,25 @@ class Relaying:
         member = link.remote
         b = self._budget(member)
         now = self._t.clock()
-        wait = max(b.messages.charge(1, now), b.bytes.charge(size, now))
-        if wait <= 0:
+        msg_wait = b.messages.charge(1, now)
+        wait = max(msg_wait, b.bytes.charge(size, now))
+        # Only a sustained *message* rate counts as flooding: a bulk transfer over the byte
+        # budget is slowed (and credit makes its sender wait), never cut off.
+        if msg_wait <= 0:
             b.over_since = None
-            return
-        if b.over_since is None:
+        elif b.over_since is None:
             b.over_since = now
-        elif now - b.over_since >= self._lim.over_budget_grace:
+        elif now - b.over_since >= self._lim.over_budget_grace and b.cooldown_until <= now:
             b.over_since = None
             b.cooldown_until = now + self._lim.cooldown
             log.warning("relay budget of %s spent for %.1f s: closing its %d circuit(s), refusing new ones for %.0f s",
                         member.short, self._lim.over_budget_grace, len(b.circuits), self._lim.cooldown)
             for c in list(b.circuits):
-                self._end_circuit(c, "over the relay's budget for a member of this circuit")
-        # The throttle: this member's link is not read meanwhile (its bytes, nobody else's).
-        await asyncio.sleep(min(wait, 1.0))
+                self._end_circuit(c, "over the relay's message budget for a member of this circuit")
+        if wait > 0:
+            # The throttle: this member's link is not read meanwhile (its bytes, nobody else's).
+            self.throttled += 1
+            await asyncio.sleep(min(wait, 1.0))
 
     def _reserve(self, link: PeerLink) -> None:
         src = link.remote

@@ -186,7 +186,7 @@ async def test_malformed_and_oversized_circuit_messages(
 async def test_a_member_flooding_through_the_relay_is_throttled_then_cut_others_unaffected(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
-    budget = RelayLimits(rate_bytes=256 * 1024, burst_bytes=256 * 1024, over_budget_grace=0.3, cooldown=30.0)
+    budget = RelayLimits(rate_messages=200.0, burst_messages=200.0, over_budget_grace=0.3, cooldown=30.0)
     limits = replace(FAST, relay=budget, idle_timeout=10.0, send_timeout=10.0)
     relay = await cluster.node(limits=limits)
     a, flooder, honest = [await cluster.node(limits=limits) for _ in range(3)]
@@ -200,9 +200,9 @@ async def test_a_member_flooding_through_the_relay_is_throttled_then_cut_others_
 
     async def pour() -> int:
         sent = 0
-        chunk = os.urandom(64 * 1024)
+        chunk = os.urandom(100)
         deadline = time.monotonic() + 8.0
-        while not flood.closed and time.monotonic() < deadline and sent < 2_000:
+        while not flood.closed and time.monotonic() < deadline and sent < 100_000:
             if flood.try_send(chunk):
                 sent += 1
             else:
@@ -225,7 +225,7 @@ async def test_a_member_flooding_through_the_relay_is_throttled_then_cut_others_
             await asyncio.sleep(0.02)
         sent = await pouring
         await until(lambda: flood.closed, "the flooder's circuit closed", timeout=10.0)
-    print(f"\nflooder sent {sent} x 64 KiB before its circuit closed; calm message latency "
+    print(f"\nflooder queued {sent} x 100 B before its circuit closed; calm message latency "
           f"median {sorted(delays)[10] * 1000:.1f} ms, max {max(delays) * 1000:.1f} ms "
           f"over {time.monotonic() - started:.1f} s")
     assert flood.close_reason is not None and "budget" in flood.close_reason
@@ -240,6 +240,21 @@ async def test_a_member_flooding_through_the_relay_is_throttled_then_cut_others_
     assert err.value.code == cm.Code.OVER_BUDGET
     # The flooder's own link to the relay stays (throttled, not banned): it can still talk.
     assert flooder.transport.link(relay.member) is not None
+
+
+async def test_a_bulk_transfer_over_the_byte_budget_is_slowed_not_cut(cluster: Cluster) -> None:
+    budget = RelayLimits(rate_bytes=1024 * 1024, burst_bytes=256 * 1024, over_budget_grace=0.3)
+    relay, a, sender, _ = await relay_with_target(cluster, replace(FAST, relay=budget, max_payload=64 * 1024))
+    link = await sender.transport.dial_via(relay.member, a.member)
+    chunks = [os.urandom(60 * 1024) for _ in range(40)]  # 2.3 MiB: over a second past the burst
+    started = time.monotonic()
+    for chunk in chunks:
+        await link.send(chunk)
+    for chunk in chunks:
+        assert await recv(a, timeout=10.0) == (sender.member, chunk)
+    print(f"\n2.3 MiB through a 1 MiB/s relay budget in {time.monotonic() - started:.1f} s")
+    assert relay.transport.relaying.throttled > 0
+    assert not link.closed and relay.transport.relaying.circuits == 1
 
 
 async def test_a_circuit_that_never_finishes_its_handshake_is_bounded(
