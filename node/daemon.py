@@ -104,8 +104,10 @@ class Node:
         verify_threads: int | None = None,
         name: str = "",
         recover: bool = False,
+        serve_relay: bool = True,
     ) -> None:
         self.home = home
+        self.serve_relay = serve_relay  # relay for other members (node/relay.py)
         # Start even if the database holds less than the home remembers (node/held.py).
         self.recover = recover
         self.name = name  # what other members see when this node joins
@@ -167,6 +169,11 @@ class Node:
                 self.table.restore(p.member, Address(p.host, p.port), Source(p.source),
                                    max(0.0, (wall - p.last_seen) / 1000), now, reached=p.failures == 0)
         self.transport = Transport(self.identity, self.network_id, self)
+        # -- relaying for other members (node/relay.py): only between members of a
+        # constellation this node is in; the policy of reserving and dialling via relays
+        # lives in the peer manager.
+        if self.serve_relay:
+            self.transport.may_relay = self.may_relay
         self._wire()
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
         self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)),
@@ -351,6 +358,16 @@ class Node:
             for a in saved:
                 tx.put_peer(PeerInfo(a.member, a.address.host, a.address.port, str(a.source),
                                      wall - int(a.age * 1000), 0 if a.reached else max(1, a.dial_failures)))
+
+    def may_relay(self, src: MemberId, dst: MemberId) -> bool:
+        """Whether this node relays a circuit from `src` to `dst` (for a reservation both are
+        the reserving member): both active members of a constellation this node takes part in."""
+        return any(
+            eng.taking_part()
+            and eng.ledger.member_status(src.key) == "active"
+            and eng.ledger.member_status(dst.key) == "active"
+            for eng in self.engines.values()
+        )
 
     # -- transport handler ---------------------------------------------------------
     def authorize(self, remote: MemberId, inbound: bool) -> bool:

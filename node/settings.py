@@ -53,6 +53,10 @@ class Settings:
                           flag="--mdns/--no-mdns")
     mdns_interfaces: tuple[str, ...] = _setting((), "ips", "Interface IPs for mDNS (default: every non-loopback "
                                                            "IPv4 interface in use).", flag="--mdns-interface")
+    serve_relay: bool = _setting(True, "bool", "Relay end-to-end encrypted links between members of a constellation "
+                                               "this node is in who cannot reach each other directly (budgeted "
+                                               "per member; docs/transport.md §9).",
+                                 flag="--serve-relay/--no-serve-relay")
     log_level: str = _setting("info", "level", "Least severe log line written to stderr.",
                               env="VALUEMESH_LOG", flag="--log-level")
     verify_threads: int = _setting(0, "count", "Threads checking signatures of a peer's batch (0: the usable "
