@@ -417,6 +417,15 @@ class Internet(netns.Namespaces):
         """A socket created in a host's namespace: it stays there whichever thread uses it."""
         return self.call(name, lambda: socket.socket(family, kind))
 
+    def listener(self, name: str, port: int, timeout: float = 5.0) -> socket.socket:
+        """A TCP socket listening on every address of a host's namespace at `port`."""
+        s = self.sock(name)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(8)
+        s.settimeout(timeout)
+        return s
+
     # -- faults -----------------------------------------------------------------------------
 
     def link(self, name: str, up: bool) -> None:

@@ -53,6 +53,10 @@ class Settings:
                           flag="--mdns/--no-mdns")
     mdns_interfaces: tuple[str, ...] = _setting((), "ips", "Interface IPs for mDNS (default: every non-loopback "
                                                            "IPv4 interface in use).", flag="--mdns-interface")
+    port_mapping: bool = _setting(True, "bool", "Ask the home router to forward the peer port (PCP, NAT-PMP, then "
+                                                "UPnP-IGD) so that members behind NAT can be dialled; renewed while "
+                                                "running, removed on a clean stop.",
+                                  flag="--port-mapping/--no-port-mapping")
     log_level: str = _setting("info", "level", "Least severe log line written to stderr.",
                               env="VALUEMESH_LOG", flag="--log-level")
     verify_threads: int = _setting(0, "count", "Threads checking signatures of a peer's batch (0: the usable "

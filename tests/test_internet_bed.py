@@ -37,15 +37,6 @@ def net() -> Iterator[Internet]:
     assert bed.leftovers() == []
 
 
-def _listener(net: Internet, host: str, port: int) -> socket.socket:
-    s = net.sock(host)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(8)
-    s.settimeout(5.0)
-    return s
-
-
 def _bound(net: Internet, host: str, port: int) -> socket.socket:
     """A client socket bound to a fixed local port that other sockets may share."""
     s = net.sock(host)
@@ -59,7 +50,7 @@ def _seen_from(net: Internet, client: str, port: int, servers: list[str]) -> lis
     """Connect from `client`'s local `port` to each server; the addresses they saw."""
     seen = []
     for srv in servers:
-        lst = _listener(net, srv, LISTEN_PORT)
+        lst = net.listener(srv, LISTEN_PORT)
         c = _bound(net, client, port)
         try:
             c.settimeout(5.0)
@@ -105,7 +96,7 @@ def _dropped(net: Internet, src: str, dst: tuple[str, int]) -> bool:
 
 
 def test_unsolicited_inbound_to_a_home_is_dropped(net: Internet) -> None:
-    lst = _listener(net, "eim1", 40003)  # something listens inside: still unreachable
+    lst = net.listener("eim1", 40003)  # something listens inside: still unreachable
     try:
         assert _dropped(net, "pub1", (net.homes["eim"].outside_ip, 40003))
         assert _dropped(net, "pub1", (net.homes["sym"].outside_ip, 40003))
@@ -173,7 +164,7 @@ def _natpmp_map(net: Internet, host: str, port: int, lifetime: int) -> tuple[int
 
 def test_miniupnpd_mapping_lets_a_public_host_in(net: Internet) -> None:
     router = net.homes["upnp"].outside_ip
-    lst = _listener(net, "upnp1", 40020)
+    lst = net.listener("upnp1", 40020)
     try:
         assert _dropped(net, "pub1", (router, 40020))
         result, outer = _natpmp_map(net, "upnp1", 40020, 60)
