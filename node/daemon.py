@@ -38,6 +38,7 @@ from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
+from valuemesh.node.portmap import PortMapper
 from valuemesh.node.signer import Signer
 from valuemesh.node.store import PeerInfo, Store
 from valuemesh.node.transport import Transport
@@ -99,6 +100,7 @@ class Node:
         verify_threads: int | None = None,
         name: str = "",
         recover: bool = False,
+        port_mapping: bool = False,
     ) -> None:
         self.home = home
         # Start even if the database holds less than the home remembers (node/held.py).
@@ -135,6 +137,9 @@ class Node:
         self._saved_shape: tuple[object, ...] = ()  # what _save_peers last wrote, by identity
         self._told: dict[MemberId, frozenset[tuple[MemberId, Any]]] = {}  # the last offer per linked key
         self._tasks: list[asyncio.Task[None]] = []
+        # -- port mapping (node/portmap.py): asked for in the background once listening.
+        self.port_mapping = port_mapping
+        self.portmap: PortMapper | None = None
         self._background: set[asyncio.Task[None]] = set()
         # API constellation id text -> engine, for texts that parsed to a followed constellation.
         self._by_text: dict[str, Engine] = {}
@@ -181,6 +186,9 @@ class Node:
         if self.mdns:
             await self._start_mdns()
         self._tasks = [asyncio.create_task(self._tick_loop())]
+        if self.port_mapping:  # -- port mapping: the node does not wait for the router
+            self.portmap = PortMapper(self.listen_port, listen_host=self.listen_host)
+            self._tasks.append(asyncio.create_task(self._start_portmap()))
         log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
                  self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))
 
@@ -229,6 +237,10 @@ class Node:
         # Whoever sends a Hello, the receiving key hears only of what it shares with us.
         await send(link, self._hello(link.remote) if isinstance(msg, m.Hello) else msg)
 
+    async def _start_portmap(self) -> None:
+        assert self.portmap is not None
+        await self.portmap.start()
+
     async def _start_mdns(self) -> None:
         from valuemesh.node.discovery import Discovery
         self.discovery = Discovery(
@@ -255,6 +267,8 @@ class Node:
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
+        if self.portmap is not None:  # -- port mapping: deleted at the router on a clean stop
+            await self.portmap.stop()
         if self.peers is not None:
             await self.peers.stop()
         if hasattr(self, "transport"):  # start may have failed before it

@@ -138,6 +138,15 @@ class _Held:
         raise natpmp.MappingError("Every outside port tried is taken at the router (UPnP conflict).")
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _unusable(ip: str) -> bool:
     try:
         addr = ipaddress.ip_address(ip)
@@ -188,7 +197,7 @@ async def _find_igd(gateway: str, local_ip: str) -> Any:
 class PortMapper:
     """Obtain, keep and release one TCP port mapping for the node's peer port."""
 
-    def __init__(self, internal_port: int, *, enabled: bool = True,
+    def __init__(self, internal_port: int, *, enabled: bool = True, listen_host: str = "0.0.0.0",
                  lifetime_s: int = DEFAULT_LIFETIME_S, gateway: str | None = None,
                  methods: Sequence[Method] = METHODS, retry_s: float = RETRY_S) -> None:
         if not 1 <= internal_port <= 65535:
@@ -197,6 +206,7 @@ class PortMapper:
             raise ValueError(f"Port mapping methods are some of {', '.join(METHODS)}.")
         self.internal_port = internal_port
         self.enabled = enabled
+        self.listen_host = listen_host
         self.lifetime_s = lifetime_s
         self.gateway = gateway
         self.methods = tuple(methods)
@@ -219,6 +229,10 @@ class PortMapper:
         keep it alive in the background; returns what was obtained or why not."""
         if not self.enabled:
             self._set(PortMapping("", self.internal_port, reason="port mapping is turned off (port_mapping = false)"))
+            return self._current
+        if _is_loopback(self.listen_host):
+            self._set(PortMapping("", self.internal_port, reason=f"the peer port listens on {self.listen_host} "
+                                                                 "only (loopback: nothing to map)"))
             return self._current
         await self._obtain()
         self._task = asyncio.create_task(self._keep(), name="portmap")
@@ -243,6 +257,15 @@ class PortMapper:
         gateway = self.gateway or natpmp.default_gateway()
         if gateway is None:
             self._set(PortMapping("", self.internal_port, reason="no default gateway (no router to ask)"))
+            return
+        try:
+            local = natpmp.local_address(gateway)
+        except OSError as exc:
+            self._set(PortMapping("", self.internal_port, reason=f"no route to the gateway {gateway} ({exc})"))
+            return
+        if self.listen_host not in ("", "0.0.0.0", "::") and local != self.listen_host:
+            self._set(PortMapping("", self.internal_port, reason=f"the peer port listens on {self.listen_host}, "
+                                                                 f"not on {local}, the address towards the gateway"))
             return
         reasons = []
         for method in self.methods:

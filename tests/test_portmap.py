@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # chaos/ is a fold
 
 from chaos import internet
 from chaos.internet import HomeSpec, Internet
+from chaos.netns import wait_until
 from valuemesh.node import natpmp
 from valuemesh.node.portmap import Method, PortMapper, PortMapping
 
@@ -138,6 +140,42 @@ def test_turned_off_asks_nothing(net: Internet) -> None:
     got = net.call("upnp1", lambda: asyncio.run(body()))
     assert not got.obtained and "turned off" in got.reason
     assert net.miniupnpd_log("upnp").count("request received from") == before
+
+
+def test_a_node_listening_on_loopback_or_another_address_maps_nothing(net: Internet) -> None:
+    before = net.miniupnpd_log("upnp").count("request received from")
+    on_lo = net.call("upnp1", lambda: asyncio.run(PortMapper(41023, listen_host="127.0.0.1").start()))
+    assert not on_lo.obtained and "loopback" in on_lo.reason
+    elsewhere = net.call("upnp1", lambda: asyncio.run(PortMapper(41024, listen_host="10.9.9.9").start()))
+    assert not elsewhere.obtained and f"not on {net.host('upnp1').ip}," in elsewhere.reason
+    assert net.miniupnpd_log("upnp").count("request received from") == before
+
+
+def test_the_daemon_maps_its_peer_port_by_default_and_unmaps_it_on_stop(net: Internet, tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "valuemesh"
+    if not exe.exists():
+        pytest.skip("the valuemesh command is not installed in this environment")
+    log = tmp_path / "daemon.log"
+    router = net.homes["upnp"].outside_ip
+    with open(log, "w") as err:
+        proc = net.popen("upnp1", [str(exe), "--home", str(tmp_path / "home"), "daemon", "--init-if-missing",
+                                   "--network", "vmtest-portmap"], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        assert wait_until(lambda: "port mapping: pcp mapped" in log.read_text(), 30.0), \
+            log.read_text()[-2000:]
+        assert f"pcp mapped {router}:7470 to port 7470" in log.read_text()
+        c = net.sock("pub1")
+        c.settimeout(5.0)
+        c.connect((router, 7470))  # the daemon's peer port, from the public segment
+        c.close()
+    finally:
+        assert net.stop(proc) == 0
+    assert "port mapping: no port mapping: stopped" in log.read_text()
+    lst = net.listener("upnp1", 7470)
+    try:
+        assert _reach(net, lst, router, 7470) is None
+    finally:
+        lst.close()
 
 
 def test_bad_arguments_are_refused() -> None:
