@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from valuemesh.node import trace, views
+from valuemesh.node import portmap, trace, views
 from valuemesh.node.addresses import Address, ExchangeEntry, Source, parse_hostport
 from valuemesh.node.api import make_app
 from valuemesh.node.budgets import Budgets
@@ -38,7 +38,6 @@ from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
-from valuemesh.node.portmap import PortMapper
 from valuemesh.node.signer import Signer
 from valuemesh.node.store import PeerInfo, Store
 from valuemesh.node.transport import Transport
@@ -139,7 +138,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         # -- port mapping (node/portmap.py): asked for in the background once listening.
         self.port_mapping = port_mapping
-        self.portmap: PortMapper | None = None
+        self.portmap: portmap.PortMapper | None = None
         self._background: set[asyncio.Task[None]] = set()
         # API constellation id text -> engine, for texts that parsed to a followed constellation.
         self._by_text: dict[str, Engine] = {}
@@ -187,7 +186,7 @@ class Node:
             await self._start_mdns()
         self._tasks = [asyncio.create_task(self._tick_loop())]
         if self.port_mapping:  # -- port mapping: the node does not wait for the router
-            self.portmap = PortMapper(self.listen_port, listen_host=self.listen_host)
+            self.portmap = portmap.PortMapper(self.listen_port, listen_host=self.listen_host)
             self._tasks.append(asyncio.create_task(self._start_portmap()))
         log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
                  self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))
