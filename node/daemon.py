@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from valuemesh.node import trace, views
+from valuemesh.node import portmap, trace, views
 from valuemesh.node.addresses import Address, ExchangeEntry, Source, parse_hostport
 from valuemesh.node.addrspread import AddressSpread
 from valuemesh.node.api import make_app
@@ -105,6 +105,7 @@ class Node:
         name: str = "",
         recover: bool = False,
         serve_relay: bool = True,
+        port_mapping: bool = False,
     ) -> None:
         self.home = home
         self.serve_relay = serve_relay  # relay for other members (node/relay.py)
@@ -142,6 +143,9 @@ class Node:
         self._saved_shape: tuple[object, ...] = ()  # what _save_peers last wrote, by identity
         self._told: dict[MemberId, frozenset[tuple[MemberId, Any]]] = {}  # the last offer per linked key
         self._tasks: list[asyncio.Task[None]] = []
+        # -- port mapping (node/portmap.py): asked for in the background once listening.
+        self.port_mapping = port_mapping
+        self.portmap: portmap.PortMapper | None = None
         self._background: set[asyncio.Task[None]] = set()
         # API constellation id text -> engine, for texts that parsed to a followed constellation.
         self._by_text: dict[str, Engine] = {}
@@ -194,6 +198,9 @@ class Node:
         if self.mdns:
             await self._start_mdns()
         self._tasks = [asyncio.create_task(self._tick_loop())]
+        if self.port_mapping:  # -- port mapping: the node does not wait for the router
+            self.portmap = portmap.PortMapper(self.listen_port, listen_host=self.listen_host)
+            self._tasks.append(asyncio.create_task(self._start_portmap()))
         log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
                  self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))
 
@@ -246,6 +253,10 @@ class Node:
         # Whoever sends a Hello, the receiving key hears only of what it shares with us.
         await send(link, self._hello(link.remote) if isinstance(msg, m.Hello) else msg)
 
+    async def _start_portmap(self) -> None:
+        assert self.portmap is not None
+        await self.portmap.start()
+
     async def _start_mdns(self) -> None:
         from valuemesh.node.discovery import Discovery
         self.discovery = Discovery(
@@ -272,6 +283,8 @@ class Node:
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.stop()
+        if self.portmap is not None:  # -- port mapping: deleted at the router on a clean stop
+            await self.portmap.stop()
         if self.peers is not None:
             await self.peers.stop()
         if hasattr(self, "dialback"):

@@ -43,7 +43,8 @@ def run_daemon(home: Home, settings: Settings, *, recover: bool = False) -> None
                 checkpoint_start_min_records=settings.checkpoint_start_min_records,
                 retain_epochs=settings.retain_epochs or None,
                 verify_threads=settings.verify_threads or None, name=settings.name, recover=recover,
-                serve_relay=settings.serve_relay)
+                serve_relay=settings.serve_relay,
+                port_mapping=settings.port_mapping)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

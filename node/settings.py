@@ -57,6 +57,10 @@ class Settings:
                                                "this node is in who cannot reach each other directly (budgeted "
                                                "per member; docs/transport.md §9).",
                                  flag="--serve-relay/--no-serve-relay")
+    port_mapping: bool = _setting(True, "bool", "Ask the home router to forward the peer port (PCP, NAT-PMP, then "
+                                                "UPnP-IGD) so that members behind NAT can be dialled; renewed while "
+                                                "running, removed on a clean stop.",
+                                  flag="--port-mapping/--no-port-mapping")
     log_level: str = _setting("info", "level", "Least severe log line written to stderr.",
                               env="VALUEMESH_LOG", flag="--log-level")
     verify_threads: int = _setting(0, "count", "Threads checking signatures of a peer's batch (0: the usable "
