@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,16 +97,17 @@ class Sync:
 Message = Connect | Sync
 
 
-def candidates(observed_hosts: list[str], listen_port: int, lan_hosts: list[str]) -> tuple[Candidate, ...]:
-    """This node's candidates: each address others observed it at, with its listen port (a
-    port-preserving NAT maps the listen port to itself), then its LAN addresses; first
-    MAX_ADDRS distinct ones. Raises LocalError for an address that is not an IP literal."""
+def candidates(addrs: Iterable[tuple[str, int]]) -> tuple[Candidate, ...]:
+    """This node's candidates in the caller's order of preference (first the addresses others
+    observed it at: a peer's view of the listen port, or the observed IP with the listen port
+    since a port-preserving NAT maps it to itself; then LAN addresses), the first MAX_ADDRS
+    distinct ones. Raises LocalError for an address that is not an IP literal and port."""
     out: list[Candidate] = []
-    for host in [*observed_hosts, *lan_hosts]:
+    for host, port in addrs:
         try:
-            c = Candidate(str(ipaddress.ip_address(host)), listen_port)
+            c = Candidate(str(ipaddress.ip_address(host)), port)
         except (ValueError, DecodeError) as e:
-            raise LocalError(f"Cannot offer {host!r} for hole punching: {e}") from None
+            raise LocalError(f"Cannot offer {host!r} port {port!r} for hole punching: {e}") from None
         if c not in out:
             out.append(c)
     return tuple(out[:MAX_ADDRS])

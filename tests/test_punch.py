@@ -131,13 +131,15 @@ def test_handshake_role_is_the_lower_id_whoever_started() -> None:
         punch.handshake_initiator(lo, lo)
 
 
-def test_candidates_put_observed_first_dedupe_and_bound() -> None:
-    got = punch.candidates(["198.51.100.7", "198.51.100.7"], 7600, ["192.168.1.10", "::1"])
+def test_candidates_keep_order_dedupe_and_bound() -> None:
+    got = punch.candidates([("198.51.100.7", 7600), ("198.51.100.7", 7600), ("192.168.1.10", 7600), ("::1", 7600)])
     assert got == (Candidate("198.51.100.7", 7600), Candidate("192.168.1.10", 7600), Candidate("::1", 7600))
-    many = punch.candidates([f"10.0.0.{i}" for i in range(1, 20)], 1, [])
+    many = punch.candidates([(f"10.0.0.{i}", 1) for i in range(1, 20)])
     assert len(many) == punch.MAX_ADDRS
     with pytest.raises(LocalError, match="Cannot offer"):
-        punch.candidates(["example.org"], 1, [])
+        punch.candidates([("example.org", 1)])
+    with pytest.raises(LocalError, match="Cannot offer"):
+        punch.candidates([("10.0.0.1", 0)])
 
 
 def test_backoff_doubles_with_jitter_and_resets() -> None:

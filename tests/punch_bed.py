@@ -1,0 +1,154 @@
+"""Socket-level hole-punch actors for tests/test_punch*.py, run as processes in namespaces.
+
+`coordinator HOST PORT`: the public host. Each peer connects from its listen port; it answers
+with the address it saw (the peer's observed address, as a NAT rewrote it), then relays
+frames between the first two peers, standing in for a relayed link.
+
+`peer COORD_HOST COORD_PORT MEMBER_BYTE LISTEN_HOST LISTEN_PORT upgrade|answer [--lan]`: listens
+on its port with SO_REUSEPORT (as the node's server does), learns its observed address, then
+punches (upgrade) or answers, says its member byte over the stream, and prints one JSON line:
+{"ok", "reason", "elapsed", "remote", "initiator", "heard", "stolen"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import sys
+import time
+
+from valuemesh.node.punch import Punched, Puncher, enable_reuse
+from valuemesh.protocol import punch
+from valuemesh.protocol.identity import MemberId
+
+MAX_FRAME = 4096
+ANSWER_WAIT = 30.0
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    (n,) = struct.unpack(">I", await reader.readexactly(4))
+    if n > MAX_FRAME:
+        raise ValueError(f"A frame of {n} bytes is over the {MAX_FRAME}-byte bound.")
+    return await reader.readexactly(n)
+
+
+def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(struct.pack(">I", len(data)) + data)
+
+
+class FrameChannel:
+    """A PunchChannel over the coordinator's relay."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def send(self, payload: bytes) -> None:
+        write_frame(self.writer, payload)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await read_frame(self.reader)
+
+
+async def coordinator(host: str, port: int) -> None:
+    waiting: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    paired = asyncio.Event()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                write_frame(dst, await read_frame(src))
+                await dst.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            dst.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = writer.get_extra_info("peername")
+        write_frame(writer, json.dumps({"observed": [seen[0], seen[1]]}).encode())
+        await writer.drain()
+        waiting.append((reader, writer))
+        if len(waiting) == 2:
+            (r1, w1), (r2, w2) = waiting
+            paired.set()
+            await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
+
+    server = await asyncio.start_server(serve, host, port, reuse_address=True)
+    print(json.dumps({"listening": port}), flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def peer(
+    coord: tuple[str, int], me_byte: int, listen: tuple[str, int], role: str, lan: bool
+) -> dict[str, object]:
+    me = MemberId(bytes([me_byte]) * 32)
+    stolen: list[str] = []
+
+    def steal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A punched SYN that reached the listener instead of the dialling socket.
+        stolen.append(str(writer.get_extra_info("peername")))
+        writer.close()
+
+    server = await asyncio.start_server(steal, listen[0], listen[1], reuse_address=True, reuse_port=True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    enable_reuse(sock)
+    sock.bind(listen)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, coord)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    observed = json.loads(await read_frame(reader))["observed"]
+    offer = [(str(observed[0]), int(observed[1]))] + ([listen] if lan else [])
+    puncher = Puncher(me, listen, lambda: punch.candidates(offer))
+    channel = FrameChannel(reader, writer)
+    t0 = time.monotonic()
+    out: dict[str, object] = {"observed": observed}
+    if role == "upgrade":
+        # Both peers are connected to the coordinator once the answer side's frames flow.
+        got = await puncher.upgrade(channel, MemberId(bytes([_other(me_byte)]) * 32))
+    else:
+        first = await channel.recv(ANSWER_WAIT)
+        t0 = time.monotonic()
+        got = await puncher.answer(channel, MemberId(bytes([_other(me_byte)]) * 32), first)
+    out["elapsed"] = round(time.monotonic() - t0, 4)
+    if isinstance(got, Punched):
+        try:
+            if got.initiator:
+                got.writer.write(bytes([me_byte]))
+                heard = await asyncio.wait_for(got.reader.readexactly(1), 5)
+            else:
+                heard = await asyncio.wait_for(got.reader.readexactly(1), 5)
+                got.writer.write(bytes([me_byte]))
+            await got.writer.drain()
+            out.update(ok=True, remote=[got.remote.host, got.remote.port], initiator=got.initiator,
+                       heard=heard[0], local=list(got.writer.get_extra_info("sockname")[:2]))
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
+            out.update(ok=False, reason=f"the punched stream broke at once ({type(e).__name__})")
+        got.writer.close()
+    else:
+        out.update(ok=False, reason=got.reason)
+    out["stolen"] = stolen
+    writer.close()
+    server.close()
+    return out
+
+
+def _other(b: int) -> int:
+    # The tests pair member bytes 1 and 2.
+    return 3 - b
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "coordinator":
+        asyncio.run(coordinator(argv[1], int(argv[2])))
+        return
+    _, ch, cp, mb, lh, lp, role, *rest = argv
+    result = asyncio.run(peer((ch, int(cp)), int(mb), (lh, int(lp)), role, "--lan" in rest))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
