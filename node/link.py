@@ -15,10 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
-from aiohttp import WSMsgType, web
-
 from valuemesh.node import trace
+from valuemesh.node.carrier import Carrier, CarrierViolation
 from valuemesh.node.link_limits import LinkClosedError
 from valuemesh.node.ratelimit import TokenBucket
 from valuemesh.protocol import wire
@@ -34,9 +32,10 @@ log = logging.getLogger("valuemesh.transport")
 # Control frames (pong, close) may exceed the data queue's bound, but only by this much.
 MAX_CONTROL_BACKLOG = 16
 MAX_PING_BODY = 32
-_WS_MESSAGE_TOO_BIG = 1009
+# How a link reaches its peer (shown by `status`); whoever creates the link says which.
+PATHS = frozenset({"direct", "lan", "mapped", "punched", "relayed"})
 
-# Aborts the raw connection under a websocket that will not close politely.
+# Aborts the raw connection under a carrier that will not close politely.
 Abort = Callable[[], None]
 
 
@@ -57,20 +56,29 @@ class PeerLink:
     def __init__(
         self,
         transport: Transport,
-        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        carrier: Carrier,
         channel: wire.SecureChannel,
         addr: tuple[str, int],
         inbound: bool,
-        abort: Abort,
+        *,
+        path: str = "direct",
+        via: MemberId | None = None,
     ) -> None:
+        if path not in PATHS:
+            raise LocalError(f"Unknown link path {path!r}.")
         self._t = transport
-        self._ws = ws
+        self._carrier = carrier
         self._chan = channel
-        self._abort = abort
         self.remote: MemberId = channel.remote
         self.session_id: bytes = channel.session_id
         self.addr = addr
         self.inbound = inbound
+        self.path = path
+        # The relay member a relayed link runs through (None for every other path).
+        self.via = via
+        # The last measured round trip of an encrypted PING, in seconds (None before one).
+        self.rtt: float | None = None
+        self._ping_sent: tuple[bytes, float] | None = None
         lim = transport.limits
         self._lim = lim
         now = transport.clock()
@@ -97,10 +105,19 @@ class PeerLink:
         self.bytes_in = 0
         self.bytes_out = 0
         self.throttled = 0
+        carrier.set_control(self._control)
 
     def __repr__(self) -> str:
         way = "in" if self.inbound else "out"
+        if self.via is not None:
+            return f"PeerLink({self.remote.short}… {way} via {self.via.short}…)"
         return f"PeerLink({self.remote.short}… {way} {self.addr[0]}:{self.addr[1]})"
+
+    @property
+    def ip(self) -> str | None:
+        """The IP address the peer's bytes come from, if they come straight from it:
+        a relayed link has none of its own (the relay's address is not the peer's)."""
+        return None if self.via is not None else self.addr[0]
 
     @property
     def closed(self) -> bool:
@@ -192,7 +209,13 @@ class PeerLink:
                 await fut
         finally:
             self._pongs.pop(token, None)
-        return time.monotonic() - start
+        self.rtt = time.monotonic() - start
+        return self.rtt
+
+    def _keepalive(self) -> None:
+        token = os.urandom(8)
+        if self._send_control(wire.FRAME_PING, token):
+            self._ping_sent = (token, time.monotonic())
 
     async def _writer(self) -> None:
         try:
@@ -204,7 +227,7 @@ class PeerLink:
                             await self._wake.wait()
                     except TimeoutError:
                         # Keep-alive: the peer's idle timer needs something from us.
-                        self._send_control(wire.FRAME_PING, os.urandom(8))
+                        self._keepalive()
                     continue
                 kind, body = self._queue.popleft()
                 if kind == wire.FRAME_DATA:
@@ -212,7 +235,7 @@ class PeerLink:
                     self._data_frames -= 1
                     self._room.set()
                 frame = self._chan.seal(kind, body)
-                await self._ws.send_bytes(frame)
+                await self._carrier.send(frame)
                 if kind == wire.FRAME_DATA and trace.tracer is not None and self._queued_at:
                     trace.tracer.event("wrote", q=self._queued_at.popleft(), n=len(frame))
                 self.frames_out += 1
@@ -234,35 +257,23 @@ class PeerLink:
             await self._gate.wait()
             while not self.closed:
                 try:
-                    msg = await self._ws.receive(timeout=self._lim.idle_timeout)
+                    data = await self._carrier.receive(self._lim.idle_timeout)
                 except TimeoutError:
                     self.close(f"idle: nothing received for {self._lim.idle_timeout} s")
                     break
+                except CarrierViolation as e:
+                    self._violation(e.message)
+                    continue
+                except (ConnectionError, OSError):
+                    data = None
                 if self.closed:
                     break
-                if msg.type == WSMsgType.BINARY:
-                    if trace.tracer is not None:
-                        self.read_at = time.monotonic()
-                    await self._on_frame(msg.data)
-                elif msg.type == WSMsgType.PING:
-                    # Answered by hand so that WebSocket pings, too, pass the rate limiter.
-                    await self._throttle(len(msg.data))
-                    if not self.closed:
-                        await self._ws.pong(msg.data)
-                elif msg.type == WSMsgType.PONG:
-                    await self._throttle(len(msg.data))
-                elif msg.type == WSMsgType.TEXT:
-                    self._violation("the peer sent a text message instead of an encrypted frame")
-                elif msg.type == WSMsgType.ERROR:
-                    code = getattr(msg.data, "code", None)
-                    if code == _WS_MESSAGE_TOO_BIG:
-                        self._violation(
-                            f"the peer sent a frame larger than {self._lim.max_frame} bytes"
-                        )
-                    else:
-                        self._violation("the peer sent invalid websocket framing")
-                else:
+                if data is None:
                     self.close("the connection was closed by the peer", notify=False)
+                    break
+                if trace.tracer is not None:
+                    self.read_at = time.monotonic()
+                await self._on_frame(data)
         except asyncio.CancelledError:
             self.close("the link task was cancelled", notify=False)
             raise
@@ -303,8 +314,15 @@ class PeerLink:
             fut = self._pongs.get(frame.body)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            elif self._ping_sent is not None and self._ping_sent[0] == frame.body:
+                self.rtt = time.monotonic() - self._ping_sent[1]
+                self._ping_sent = None
         elif frame.kind == wire.FRAME_CLOSE:
             self.close(f"closed by the peer: {_clean_reason(frame.body)}", notify=False)
+
+    async def _control(self, size: int) -> bool:
+        await self._throttle(size)
+        return not self.closed
 
     async def _throttle(self, size: int) -> None:
         now = self._t.clock()
@@ -331,12 +349,12 @@ class PeerLink:
     def penalize(self, points: float, reason: str) -> None:
         """Lower the remote's score for invalid data; below the threshold it is cut off
         and its key and address are backed off."""
-        self._t.penalize(self.remote, points, reason, ip=self.addr[0])
+        self._t.penalize(self.remote, points, reason, ip=self.ip)
 
     def _violation(self, reason: str) -> None:
         # A broken frame leaves the channel unusable (counters desynchronised) and is
         # never an honest mistake: cut the peer off and back off at once.
-        self._t.ban(self.remote, reason, ip=self.addr[0])
+        self._t.ban(self.remote, reason, ip=self.ip)
 
     def close(self, reason: str, *, notify: bool = True) -> None:
         """Close the link (idempotent); the handler's on_disconnect runs once."""
@@ -384,6 +402,6 @@ class PeerLink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
         try:
-            await asyncio.wait_for(self._ws.close(), self._lim.close_timeout)
+            await asyncio.wait_for(self._carrier.close(), self._lim.close_timeout)
         except Exception:
-            self._abort()
+            self._carrier.abort()

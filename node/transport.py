@@ -17,12 +17,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from yarl import URL
 
 from valuemesh.node.addresses import address_range
 from valuemesh.node.admission import HandshakeSlots, Slot
-from valuemesh.node.link import Abort, PeerLink
+from valuemesh.node.carrier import Carrier, CarrierViolation, StreamCarrier, WebSocketCarrier
+from valuemesh.node.link import PeerLink
 from valuemesh.node.link_limits import (
     BackedOffError,
     Limits,
@@ -45,8 +46,6 @@ log = logging.getLogger("valuemesh.transport")
 
 PEER_PATH = "/vm/peer"
 SERVER_SHUTDOWN_TIMEOUT = 2.0
-MAX_HANDSHAKE_WS_PINGS = 4
-_WS_POLICY_VIOLATION = 1008
 
 
 class LinkHandler(Protocol):
@@ -240,6 +239,7 @@ class Transport:
         self._links[link.remote] = link
         link._admitted = True
         log.info("link up %r", link)
+        link._keepalive()  # a first round trip for link.rtt
         try:
             await self.handler.on_connect(link)
         except Exception as e:
@@ -301,12 +301,15 @@ class Transport:
             if transport is not None:
                 transport.abort()
 
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        port = int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else 0
+        carrier = WebSocketCarrier(ws, (ip, port), abort, lim.max_frame)
         # There is always a slot: if none is free, the stalest handshake gives up its own.
         slot = self.handshakes.take(ip, self.clock(), abort)
         link: PeerLink | None = None
         try:
             async with asyncio.timeout(lim.handshake_timeout):
-                link = await self._respond(ws, request, ip, abort, slot)
+                link = await self._respond(carrier, ip, slot)
         except (TimeoutError, RemoteError, ConnectionError, aiohttp.ClientError) as e:
             reason = "the handshake timed out" if isinstance(e, TimeoutError) else str(e)
             if slot.evicted:
@@ -322,7 +325,7 @@ class Transport:
                 e, (wire.PeerRefusedError, ConnectionError, aiohttp.ClientError)
             ):
                 self.ip_reputation.penalize(ip, lim.handshake_failure_penalty, self.clock())
-            await self._close_raw(ws, abort)
+            await self._close_raw(carrier)
         finally:
             self.handshakes.release(slot)
         if link is None:
@@ -335,47 +338,70 @@ class Transport:
 
     def _inbound_links(self, ip: str) -> int:
         rng = address_range(ip)
-        return sum(1 for lk in self._all if lk.inbound and address_range(lk.addr[0]) == rng)
+        return sum(
+            1 for lk in self._all if lk.inbound and lk.ip is not None and address_range(lk.ip) == rng
+        )
 
     async def _respond(
-        self, ws: web.WebSocketResponse, request: web.Request, ip: str, abort: Abort, slot: Slot
-    ) -> PeerLink | None:
+        self,
+        carrier: Carrier,
+        ip: str | None,
+        slot: Slot | None,
+        *,
+        expect: MemberId | None = None,
+        path: str = "direct",
+        via: MemberId | None = None,
+    ) -> PeerLink:
+        """The responder's half of the handshake over `carrier`; the caller bounds its time."""
         responder = wire.Responder(self.identity, self.network_id, self._random(32))
-        hello = await _recv_handshake(ws)
-        self.handshakes.moved(slot, self.clock())
-        if wire.peek_hello_version(hello) not in (None, wire.VERSION):
-            await ws.send_bytes(wire.encode_reject(wire.Refusal.UNSUPPORTED_VERSION))
+        hello = await _recv_handshake(carrier)
+        if slot is not None:
+            self.handshakes.moved(slot, self.clock())
+        version = wire.peek_hello_version(hello)
+        if version is not None and version != wire.VERSION:
+            await carrier.send(wire.encode_reject(wire.Refusal.UNSUPPORTED_VERSION))
             raise wire.PeerRefusedError(wire.Refusal.UNSUPPORTED_VERSION)
         try:
             response = responder.read_hello(hello)
         except wire.NetworkMismatchError:
-            await ws.send_bytes(wire.encode_reject(wire.Refusal.NETWORK_MISMATCH))
+            await carrier.send(wire.encode_reject(wire.Refusal.NETWORK_MISMATCH))
             raise
-        await ws.send_bytes(response)
-        auth = await _recv_handshake(ws)
-        self.handshakes.moved(slot, self.clock())
+        await carrier.send(response)
+        auth = await _recv_handshake(carrier)
+        if slot is not None:
+            self.handshakes.moved(slot, self.clock())
         remote = responder.read_auth(auth)
         code, retry = self._admission(remote, inbound=True, ip=ip)
+        if code is wire.Refusal.ACCEPTED and expect is not None and remote != expect:
+            code = wire.Refusal.NOT_AUTHORISED
         verdict, channel = responder.verdict(code, retry)
-        await ws.send_bytes(verdict)
+        await carrier.send(verdict)
         if channel is None:
             raise wire.PeerRefusedError(code, retry)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        port = int(peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else 0
-        link = PeerLink(self, ws, channel, (ip, port), True, abort)
+        addr = carrier.addr or ("", 0)
+        link = PeerLink(self, carrier, channel, addr, True, path=path, via=via)
         self._all.add(link)
         return link
 
-    def _admission(self, remote: MemberId, *, inbound: bool, ip: str) -> tuple[wire.Refusal, int]:
+    def _admission(
+        self, remote: MemberId, *, inbound: bool, ip: str | None
+    ) -> tuple[wire.Refusal, int]:
         now = self.clock()
         if remote == self.member:
             return wire.Refusal.SELF_CONNECTION, 0
-        banned = max(self.reputation.banned_for(remote, now), self.ip_reputation.banned_for(ip, now))
+        banned = self.reputation.banned_for(remote, now)
+        if ip is not None:
+            banned = max(banned, self.ip_reputation.banned_for(ip, now))
         if banned:
             return wire.Refusal.BACKED_OFF, math.ceil(banned)
         if self._stopping or (len(self._all) >= self.limits.max_links and remote not in self._links):
             return wire.Refusal.BUSY, 5
-        if inbound and self._inbound_links(ip) >= self.limits.max_links_per_range and remote not in self._links:
+        if (
+            inbound
+            and ip is not None
+            and self._inbound_links(ip) >= self.limits.max_links_per_range
+            and remote not in self._links
+        ):
             return wire.Refusal.BUSY, 5
         try:
             allowed = self.handler.authorize(remote, inbound)
@@ -384,13 +410,14 @@ class Transport:
             allowed = False
         return (wire.Refusal.ACCEPTED, 0) if allowed else (wire.Refusal.NOT_AUTHORISED, 0)
 
-    async def _close_raw(
-        self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, abort: Abort
-    ) -> None:
+    async def _close_raw(self, carrier: Carrier) -> None:
         try:
-            await asyncio.wait_for(ws.close(code=_WS_POLICY_VIOLATION), self.limits.close_timeout)
+            if isinstance(carrier, WebSocketCarrier):
+                await asyncio.wait_for(carrier.close_refused(), self.limits.close_timeout)
+            else:
+                await asyncio.wait_for(carrier.close(), self.limits.close_timeout)
         except Exception:
-            abort()
+            carrier.abort()
 
     # -- client side ---------------------------------------------------------
 
@@ -420,6 +447,7 @@ class Transport:
         url = URL.build(scheme="http", host=host, port=port, path=PEER_PATH)
         lim = self.limits
         ws: aiohttp.ClientWebSocketResponse | None = None
+        carrier: WebSocketCarrier | None = None
         where = f"{host}:{port}"
 
         def abort() -> None:
@@ -437,55 +465,115 @@ class Transport:
                     compress=0,
                     timeout=aiohttp.ClientWSTimeout(ws_close=lim.close_timeout),
                 )
-                link = await self._initiate(ws, host, port, expect, abort)
+                peer = ws.get_extra_info("peername")
+                ip = str(peer[0]) if isinstance(peer, tuple) and peer else host
+                carrier = WebSocketCarrier(ws, (ip, port), abort, lim.max_frame)
+                link = await self._initiate(carrier, where, expect)
         except TimeoutError:
-            if ws is not None:
-                await self._close_raw(ws, abort)
+            if carrier is not None:
+                await self._close_raw(carrier)
             raise PeerUnreachableError(
                 f"The peer at {where} did not complete the handshake within {lim.connect_timeout} s."
             ) from None
         except aiohttp.WSServerHandshakeError as e:
             raise _http_refusal(e, where) from None
         except (aiohttp.ClientError, OSError) as e:
-            if ws is not None:
-                await self._close_raw(ws, abort)
+            if carrier is not None:
+                await self._close_raw(carrier)
             raise PeerUnreachableError(f"Cannot reach the peer at {where}: {e}.") from None
         except BaseException:
-            if ws is not None:
-                await self._close_raw(ws, abort)
+            if carrier is not None:
+                await self._close_raw(carrier)
+            raise
+        self._spawn(link._run())
+        return await self._admit(link)
+
+    async def adopt_stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        initiator: bool,
+        expect: MemberId,
+        path: str = "punched",
+    ) -> PeerLink:
+        """Run the handshake over an already connected byte stream and return the live link.
+
+        For connections without a dialler, e.g. TCP simultaneous open after hole punching:
+        the caller says which end initiates (both must agree) and whose key to expect.
+        Messages are length-prefixed (node/carrier.py `StreamCarrier`). On any failure the
+        stream is closed and the error raised, as `connect` does.
+        """
+        if self._stopping:
+            writer.close()
+            raise LocalError("The transport is stopping.")
+        carrier = StreamCarrier(reader, writer, self.limits.max_frame)
+        where = f"{carrier.addr[0]}:{carrier.addr[1]}" if carrier.addr else "a stream"
+        return await self._adopt(carrier, where, initiator=initiator, expect=expect, path=path)
+
+    async def _adopt(
+        self,
+        carrier: Carrier,
+        where: str,
+        *,
+        initiator: bool,
+        expect: MemberId,
+        path: str,
+        via: MemberId | None = None,
+    ) -> PeerLink:
+        """The handshake in a given role over a carrier made elsewhere, then admission."""
+        ip = carrier.addr[0] if carrier.addr is not None and via is None else None
+        try:
+            async with asyncio.timeout(self.limits.handshake_timeout):
+                if initiator:
+                    link = await self._initiate(carrier, where, expect, path=path, via=via)
+                else:
+                    link = await self._respond(carrier, ip, None, expect=expect, path=path, via=via)
+        except TimeoutError:
+            await self._close_raw(carrier)
+            raise PeerUnreachableError(
+                f"The peer at {where} did not complete the handshake within "
+                f"{self.limits.handshake_timeout} s."
+            ) from None
+        except (ConnectionError, OSError) as e:
+            await self._close_raw(carrier)
+            raise PeerUnreachableError(f"Lost the peer at {where} during the handshake: {e}.") from None
+        except BaseException:
+            await self._close_raw(carrier)
             raise
         self._spawn(link._run())
         return await self._admit(link)
 
     async def _initiate(
         self,
-        ws: aiohttp.ClientWebSocketResponse,
-        host: str,
-        port: int,
+        carrier: Carrier,
+        where: str,
         expect: MemberId | None,
-        abort: Abort,
+        *,
+        path: str = "direct",
+        via: MemberId | None = None,
     ) -> PeerLink:
         initiator = wire.Initiator(self.identity, self.network_id, self._random(32))
-        await ws.send_bytes(initiator.start())
-        remote = initiator.read_response(await _recv_handshake(ws))
+        await carrier.send(initiator.start())
+        remote = initiator.read_response(await _recv_handshake(carrier))
         if expect is not None and remote != expect:
             raise wire.HandshakeError(
-                f"The peer at {host}:{port} presents key {remote.short}…, not {expect.short}…."
+                f"The peer at {where} presents key {remote.short}…, not {expect.short}…."
             )
-        peer = ws.get_extra_info("peername")
-        ip = str(peer[0]) if isinstance(peer, tuple) and peer else host
+        ip = carrier.addr[0] if carrier.addr is not None and via is None else None
         code, retry = self._admission(remote, inbound=False, ip=ip)
         if code is wire.Refusal.NOT_AUTHORISED:
             raise AuthorizationError(f"This node does not authorise the peer {remote.short}….")
         if code is wire.Refusal.BACKED_OFF:
             raise BackedOffError(f"This node backs off from {remote.short}… for {retry} more s.")
         if code is wire.Refusal.SELF_CONNECTION:
-            raise LocalError(f"The peer at {host}:{port} is this node itself.")
+            raise LocalError(f"The peer at {where} is this node itself.")
         if code is not wire.Refusal.ACCEPTED:
             raise LocalError("This node has no room for another link right now.")
-        await ws.send_bytes(initiator.auth())
-        channel = initiator.read_verdict(await _recv_handshake(ws))
-        link = PeerLink(self, ws, channel, (ip, port), False, abort)
+        await carrier.send(initiator.auth())
+        channel = initiator.read_verdict(await _recv_handshake(carrier))
+        addr = carrier.addr or ("", 0)
+        link = PeerLink(self, carrier, channel, addr, False, path=path, via=via)
         self._all.add(link)
         return link
 
@@ -504,21 +592,14 @@ def _http_refusal(e: aiohttp.WSServerHandshakeError, where: str) -> ValuemeshErr
     )
 
 
-async def _recv_handshake(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> bytes:
-    for _ in range(MAX_HANDSHAKE_WS_PINGS + 1):
-        msg = await ws.receive()
-        if msg.type == WSMsgType.BINARY:
-            return bytes(msg.data)
-        if msg.type in (WSMsgType.PING, WSMsgType.PONG):
-            continue  # meaningless here; a few are tolerated, none answered
-        if msg.type == WSMsgType.TEXT:
-            raise wire.HandshakeError("The peer sent text where a handshake message was due.")
-        if msg.type == WSMsgType.ERROR:
-            raise wire.HandshakeError(
-                "The peer sent an invalid websocket message during the handshake."
-            )
+async def _recv_handshake(carrier: Carrier) -> bytes:
+    try:
+        data = await carrier.receive(None)
+    except CarrierViolation as e:
+        raise wire.HandshakeError(f"During the handshake, {e.message}.") from None
+    if data is None:
         raise _HandshakeAbandoned("The peer closed the connection during the handshake.")
-    raise wire.HandshakeError("The peer sent websocket pings instead of a handshake message.")
+    return data
 
 
 class _HandshakeAbandoned(wire.HandshakeError):

@@ -10,16 +10,27 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transport_kit import (
+    FAST,
+    NET,
+    Cluster,
+    Node,
+    Recorder,
+    exchange,
+    ident,
+    recv,
+    running_cluster,
+    until,
+)
 
-from valuemesh.node.link import PeerLink
-from valuemesh.node.link_limits import BackedOffError, Limits, LinkClosedError, PeerUnreachableError
+from valuemesh.node.link_limits import BackedOffError, LinkClosedError, PeerUnreachableError
 from valuemesh.node.transport import PEER_PATH, Transport
 from valuemesh.protocol import wire
 from valuemesh.protocol.errors import (
@@ -27,27 +38,8 @@ from valuemesh.protocol.errors import (
     LocalError,
     RemoteError,
     SignatureError,
-    ValidationError,
 )
-from valuemesh.protocol.identity import Identity, MemberId
-
-DEADLINE = 30.0
-NET = b"valuemesh-test"
-
-FAST = Limits(
-    handshake_timeout=3.0,
-    connect_timeout=5.0,
-    ping_interval=0.5,
-    idle_timeout=5.0,
-    send_timeout=2.0,
-    close_timeout=1.0,
-    duplicate_probe_timeout=1.0,
-)
-
-
-def ident() -> Identity:
-    return Identity(os.urandom(32))
-
+from valuemesh.protocol.identity import Identity
 
 # -- pure handshake ----------------------------------------------------------
 
@@ -286,110 +278,10 @@ def test_docs_spec_interoperates_with_the_implementation() -> None:
 # -- network helpers ---------------------------------------------------------
 
 
-class Recorder:
-    """A LinkHandler that records everything and can be told to refuse or stall."""
-
-    def __init__(self, allow: set[MemberId] | None = None) -> None:
-        self.allow = allow
-        self.messages: asyncio.Queue[tuple[MemberId, bytes]] = asyncio.Queue()
-        self.events: list[tuple[str, MemberId, str]] = []
-        self.changed = asyncio.Event()
-        self.stall: asyncio.Event | None = None
-        self.invalid_prefix: bytes | None = None
-
-    def authorize(self, remote: MemberId, inbound: bool) -> bool:
-        return self.allow is None or remote in self.allow
-
-    async def on_connect(self, link: PeerLink) -> None:
-        self.events.append(("connect", link.remote, ""))
-        self.changed.set()
-
-    async def on_message(self, link: PeerLink, payload: bytes) -> None:
-        if self.stall is not None:
-            await self.stall.wait()
-        if self.invalid_prefix is not None and payload.startswith(self.invalid_prefix):
-            raise ValidationError("The message breaks a rule.")
-        await self.messages.put((link.remote, payload))
-
-    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
-        self.events.append(("disconnect", link.remote, reason))
-        self.changed.set()
-
-    def count(self, kind: str, who: MemberId) -> int:
-        return sum(1 for k, m, _ in self.events if k == kind and m == who)
-
-
-@dataclass
-class Node:
-    identity: Identity
-    handler: Recorder
-    transport: Transport
-    addr: tuple[str, int]
-
-    @property
-    def member(self) -> MemberId:
-        return self.identity.member
-
-
-class Cluster:
-    def __init__(self) -> None:
-        self.nodes: list[Node] = []
-
-    async def node(
-        self,
-        *,
-        net: bytes = NET,
-        limits: Limits = FAST,
-        identity: Identity | None = None,
-        allow: set[MemberId] | None = None,
-        clock: object = None,
-    ) -> Node:
-        identity = identity or ident()
-        handler = Recorder(allow)
-        kwargs = {} if clock is None else {"clock": clock}
-        t = Transport(identity, net, handler, limits=limits, **kwargs)  # type: ignore[arg-type]
-        addr = await t.start("127.0.0.1", 0)
-        n = Node(identity, handler, t, addr)
-        self.nodes.append(n)
-        return n
-
-    async def stop(self) -> None:
-        await asyncio.gather(*(n.transport.stop() for n in self.nodes))
-
-
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
-    c = Cluster()
-    try:
-        async with asyncio.timeout(DEADLINE):
-            yield c
-    finally:
-        async with asyncio.timeout(DEADLINE):
-            await c.stop()
-
-
-async def until(pred: object, what: str, timeout: float = 10.0) -> None:
-    """Poll a condition (bounded in time and count) for state set by other tasks."""
-    for _ in range(int(timeout / 0.01)):
-        if pred():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for: {what}")
-
-
-async def recv(node: Node, timeout: float = 5.0) -> tuple[MemberId, bytes]:
-    async with asyncio.timeout(timeout):
-        return await node.handler.messages.get()
-
-
-async def exchange(a: Node, b: Node, tag: bytes) -> None:
-    """Assert the live link a↔b carries a message each way."""
-    la, lb = a.transport.link(b.member), b.transport.link(a.member)
-    assert la is not None and lb is not None and not la.closed and not lb.closed
-    await la.send(b"a>" + tag)
-    assert await recv(b) == (a.member, b"a>" + tag)
-    await lb.send(b"b>" + tag)
-    assert await recv(a) == (b.member, b"b>" + tag)
+    async with running_cluster() as c:
+        yield c
 
 
 class RawPeer:
@@ -1136,3 +1028,119 @@ async def test_unreachable_and_backed_off_dials_fail_cleanly(cluster: Cluster) -
     a.transport.ban(b.member, "test", ip=None)
     with pytest.raises(BackedOffError):
         await a.transport.connect(*addr, expect=b.member)
+
+
+# -- carriers: a length-prefixed stream adopted in a given role, paths, rtt --------------
+
+
+async def stream_pair() -> tuple[
+    tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    asyncio.Server,
+]:
+    """Two ends of one TCP connection on 127.0.0.1 (as a hole punch leaves them)."""
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def on_accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.set_result((r, w))
+
+    server = await asyncio.start_server(on_accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dialled = await asyncio.open_connection("127.0.0.1", port)
+    return dialled, await accepted, server
+
+
+async def test_a_stream_adopted_in_given_roles_carries_a_link_and_measures_rtt(
+    cluster: Cluster,
+) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    (ra, wa), (rb, wb), server = await stream_pair()
+    try:
+        # The side that accepted the TCP connection initiates: roles come from the caller.
+        la, lb = await asyncio.gather(
+            a.transport.adopt_stream(ra, wa, initiator=False, expect=b.member),
+            b.transport.adopt_stream(rb, wb, initiator=True, expect=a.member),
+        )
+        assert la.path == lb.path == "punched" and la.via is None
+        assert la.inbound and not lb.inbound
+        assert la.session_id == lb.session_id
+        await exchange(a, b, b"stream")
+        await until(lambda: la.rtt is not None and lb.rtt is not None, "first round trips")
+        assert la.rtt is not None and 0 < la.rtt < 5
+        big = os.urandom(FAST.max_payload)
+        await la.send(big)
+        assert await recv(b) == (a.member, big)
+        la.close("done")
+        await until(lambda: lb.closed, "peer saw the close")
+        assert lb.close_reason is not None and "done" in lb.close_reason
+    finally:
+        server.close()
+
+
+async def test_an_adopted_stream_presenting_another_key_is_refused(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    stranger = ident()
+    (ra, wa), (rb, wb), server = await stream_pair()
+    try:
+        results = await asyncio.gather(
+            a.transport.adopt_stream(ra, wa, initiator=True, expect=stranger.member),
+            b.transport.adopt_stream(rb, wb, initiator=False, expect=a.member),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], wire.HandshakeError) and "presents key" in str(results[0])
+        assert isinstance(results[1], (RemoteError, PeerUnreachableError))
+        assert a.transport.links == {} and b.transport.links == {}
+        # And a responder refuses an initiator that is not the one it expects.
+        (ra, wa), (rb, wb), server2 = await stream_pair()
+        results = await asyncio.gather(
+            a.transport.adopt_stream(ra, wa, initiator=True, expect=b.member),
+            b.transport.adopt_stream(rb, wb, initiator=False, expect=stranger.member),
+            return_exceptions=True,
+        )
+        server2.close()
+        assert isinstance(results[0], wire.PeerRefusedError)
+        assert results[0].code is wire.Refusal.NOT_AUTHORISED
+        assert isinstance(results[1], wire.PeerRefusedError)
+        assert a.transport.links == {} and b.transport.links == {}
+    finally:
+        server.close()
+
+
+async def test_a_stream_peer_that_never_speaks_is_bounded_by_the_handshake_timeout(
+    cluster: Cluster,
+) -> None:
+    a = await cluster.node(limits=replace(FAST, handshake_timeout=0.3))
+    (ra, wa), (_rb, wb), server = await stream_pair()
+    try:
+        with pytest.raises(PeerUnreachableError, match="did not complete the handshake"):
+            await a.transport.adopt_stream(ra, wa, initiator=False, expect=ident().member)
+        assert wa.is_closing()
+    finally:
+        wb.close()
+        server.close()
+
+
+async def test_an_oversized_stream_length_is_refused_before_buffering(cluster: Cluster) -> None:
+    limits = replace(FAST, max_payload=1024)
+    a = await cluster.node(limits=limits)
+    (ra, wa), (rb, wb), server = await stream_pair()
+    try:
+        wb.write((limits.max_frame + 1).to_bytes(4, "big"))
+        await wb.drain()
+        with pytest.raises(wire.HandshakeError, match="larger than"):
+            await a.transport.adopt_stream(ra, wa, initiator=False, expect=ident().member)
+        assert await rb.read() == b""  # closed by a
+    finally:
+        wb.close()
+        server.close()
+
+
+async def test_websocket_links_say_direct_and_learn_their_rtt(cluster: Cluster) -> None:
+    a, b = await cluster.node(), await cluster.node()
+    link = await a.transport.connect(*b.addr)
+    assert link.path == "direct" and link.via is None
+    await until(lambda: link.rtt is not None, "first round trip")
+    rtt = await link.ping(2.0)
+    assert link.rtt == rtt
