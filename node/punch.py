@@ -18,13 +18,17 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
 
 from valuemesh.protocol import punch
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import MemberId
 from valuemesh.protocol.punch import Candidate, PunchError
+
+if TYPE_CHECKING:
+    from valuemesh.node.link import PeerLink
+    from valuemesh.node.transport import Transport
 
 log = logging.getLogger("valuemesh.punch")
 
@@ -54,6 +58,8 @@ class Punched:
     initiator: bool
     remote: Candidate
     rtt: float
+    # What `adopt` returned (the PeerLink, with `into_transport`); None without adopt.
+    adopted: object = None
 
 
 @dataclass(frozen=True)
@@ -329,13 +335,25 @@ class Puncher:
         return Punched(reader, writer, initiator, remote, rtt)
 
 
+def into_transport(transport: Transport, peer: MemberId) -> Callable[[Punched], Awaitable[PeerLink]]:
+    """The `adopt` that makes a punched stream a live PeerLink to `peer` with path "punched":
+    the wire handshake over it in this end's role, expecting `peer`'s key."""
+
+    async def adopt(got: Punched) -> PeerLink:
+        return await transport.adopt_stream(
+            got.reader, got.writer, initiator=got.initiator, expect=peer, path="punched"
+        )
+
+    return adopt
+
+
 async def _adopted(got: Punched, adopt: Adopt) -> Punched | PunchFailed:
     """Run the caller's handshake over the punched stream; close it if that fails."""
     try:
-        await adopt(got)
+        adopted = await adopt(got)
     except Exception as e:
         got.writer.close()
         with contextlib.suppress(Exception):
             await got.writer.wait_closed()
         return PunchFailed(f"The punched connection's handshake failed: {e}")
-    return got
+    return replace(got, adopted=adopted)

@@ -4,10 +4,12 @@
 with the address it saw (the peer's observed address, as a NAT rewrote it), then relays
 frames between the first two peers, standing in for a relayed link.
 
-`peer COORD_HOST COORD_PORT MEMBER_BYTE LISTEN_HOST LISTEN_PORT upgrade|answer [--lan]`: listens
-on its port with SO_REUSEPORT (as the node's server does), learns its observed address, then
-punches (upgrade) or answers, says its member byte over the stream, and prints one JSON line:
-{"ok", "reason", "elapsed", "remote", "initiator", "heard", "stolen"}.
+`peer COORD_HOST COORD_PORT MEMBER_BYTE LISTEN_HOST LISTEN_PORT upgrade|answer [--lan] [--link]`:
+listens on its port with SO_REUSEPORT (as the node's server does), learns its observed
+address, then punches (upgrade) or answers, says its member byte over the stream, and prints
+one JSON line: {"ok", "reason", "elapsed", "remote", "initiator", "heard", "stolen"}. With
+--link the listener is a real Transport, the punched stream becomes a PeerLink through the
+wire handshake, and the byte goes over that link (the report adds "path").
 """
 
 from __future__ import annotations
@@ -19,12 +21,34 @@ import struct
 import sys
 import time
 
-from valuemesh.node.punch import Punched, Puncher, enable_reuse
+from valuemesh.node.link import PeerLink
+from valuemesh.node.punch import Punched, Puncher, enable_reuse, into_transport
+from valuemesh.node.transport import Transport
 from valuemesh.protocol import punch
-from valuemesh.protocol.identity import MemberId
+from valuemesh.protocol.identity import Identity, MemberId
 
 MAX_FRAME = 4096
 ANSWER_WAIT = 30.0
+NETWORK = b"punch-bed"
+
+
+class Inbox:
+    """A link handler that takes every key and keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.heard: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def authorize(self, remote: MemberId, inbound: bool) -> bool:
+        return True
+
+    async def on_connect(self, link: PeerLink) -> None:
+        pass
+
+    async def on_message(self, link: PeerLink, payload: bytes) -> None:
+        self.heard.put_nowait(payload)
+
+    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
+        pass
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -83,17 +107,22 @@ async def coordinator(host: str, port: int) -> None:
 
 
 async def peer(
-    coord: tuple[str, int], me_byte: int, listen: tuple[str, int], role: str, lan: bool
+    coord: tuple[str, int], me_byte: int, listen: tuple[str, int], role: str, lan: bool, link: bool
 ) -> dict[str, object]:
-    me = MemberId(bytes([me_byte]) * 32)
+    ident, other = Identity(bytes([me_byte]) * 32), Identity(bytes([_other(me_byte)]) * 32).member
     stolen: list[str] = []
+    inbox = Inbox()
+    transport = Transport(ident, NETWORK, inbox) if link else None
 
     def steal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A punched SYN that reached the listener instead of the dialling socket.
         stolen.append(str(writer.get_extra_info("peername")))
         writer.close()
 
-    server = await asyncio.start_server(steal, listen[0], listen[1], reuse_address=True, reuse_port=True)
+    if transport is not None:
+        await transport.start(*listen)
+    else:
+        server = await asyncio.start_server(steal, listen[0], listen[1], reuse_address=True, reuse_port=True)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     enable_reuse(sock)
     sock.bind(listen)
@@ -102,21 +131,25 @@ async def peer(
     reader, writer = await asyncio.open_connection(sock=sock)
     observed = json.loads(await read_frame(reader))["observed"]
     offer = [(str(observed[0]), int(observed[1]))] + ([listen] if lan else [])
-    puncher = Puncher(me, listen, lambda: punch.candidates(offer))
+    puncher = Puncher(ident.member, listen, lambda: punch.candidates(offer))
+    adopt = into_transport(transport, other) if transport is not None else None
     channel = FrameChannel(reader, writer)
     t0 = time.monotonic()
     out: dict[str, object] = {"observed": observed}
     if role == "upgrade":
-        # Both peers are connected to the coordinator once the answer side's frames flow.
-        got = await puncher.upgrade(channel, MemberId(bytes([_other(me_byte)]) * 32))
+        got = await puncher.upgrade(channel, other, adopt)
     else:
         first = await channel.recv(ANSWER_WAIT)
         t0 = time.monotonic()
-        got = await puncher.answer(channel, MemberId(bytes([_other(me_byte)]) * 32), first)
+        got = await puncher.answer(channel, other, first, adopt)
     out["elapsed"] = round(time.monotonic() - t0, 4)
     if isinstance(got, Punched):
         try:
-            if got.initiator:
+            if isinstance(got.adopted, PeerLink):
+                out.update(path=got.adopted.path, member=str(got.adopted.remote))
+                await got.adopted.send(bytes([me_byte]))
+                heard = await asyncio.wait_for(inbox.heard.get(), 5)
+            elif got.initiator:
                 got.writer.write(bytes([me_byte]))
                 heard = await asyncio.wait_for(got.reader.readexactly(1), 5)
             else:
@@ -127,12 +160,18 @@ async def peer(
                        heard=heard[0], local=list(got.writer.get_extra_info("sockname")[:2]))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
             out.update(ok=False, reason=f"the punched stream broke at once ({type(e).__name__})")
-        got.writer.close()
+        if got.adopted is None:
+            got.writer.close()
     else:
         out.update(ok=False, reason=got.reason)
     out["stolen"] = stolen
     writer.close()
-    server.close()
+    if transport is not None:
+        # Both ends must hear each other before either hangs up: linger a moment.
+        await asyncio.sleep(0.5)
+        await transport.stop()
+    else:
+        server.close()
     return out
 
 
@@ -146,7 +185,7 @@ def main(argv: list[str]) -> None:
         asyncio.run(coordinator(argv[1], int(argv[2])))
         return
     _, ch, cp, mb, lh, lp, role, *rest = argv
-    result = asyncio.run(peer((ch, int(cp)), int(mb), (lh, int(lp)), role, "--lan" in rest))
+    result = asyncio.run(peer((ch, int(cp)), int(mb), (lh, int(lp)), role, "--lan" in rest, "--link" in rest))
     print(json.dumps(result), flush=True)
 
 

@@ -204,7 +204,7 @@ FIREWALL = """table inet vmpunch {{
 
 
 def run_pair(
-    lan: netns.NetnsLan, hosts: list[netns.Host], coord: netns.Host, lan_flag: bool
+    lan: netns.NetnsLan, hosts: list[netns.Host], coord: netns.Host, extra: list[str]
 ) -> list[dict[str, object]]:
     """Start the coordinator on `coord`, then the answering and the upgrading peer; return
     both peers' reports (answer side first)."""
@@ -213,7 +213,6 @@ def run_pair(
     c = lan.popen(coord, [*py, "coordinator", coord.ip, str(port)], stdout=subprocess.PIPE)
     assert c.stdout is not None
     assert "listening" in c.stdout.readline()
-    extra = ["--lan"] if lan_flag else []
     procs = [
         lan.popen(h, [*py, "peer", coord.ip, str(port), str(i + 1), h.ip, str(7700 + i), role, *extra],
                   stdout=subprocess.PIPE)
@@ -227,9 +226,13 @@ def run_pair(
     return [json.loads(o.strip().splitlines()[-1]) for o in outs]
 
 
-@pytest.mark.netns
-@pytest.mark.slow
-def test_simultaneous_open_through_a_stateful_firewall() -> None:
+# The bed's peers: identities from seeds of their member byte (1 answers, 2 upgrades).
+ONE, TWO = Identity(b"\x01" * 32).member, Identity(b"\x02" * 32).member
+
+
+def firewalled_pair(extra: list[str]) -> tuple[netns.Host, list[dict[str, object]]]:
+    """Two peers on one namespace's address, each on its own listen port, behind a firewall
+    that drops every SYN arriving before the receiving side's own SYN left, as a NAT does."""
     reason = netns.unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces unavailable: {reason}")
@@ -239,19 +242,40 @@ def test_simultaneous_open_through_a_stateful_firewall() -> None:
         rules = FIREWALL.format(coord=7800)
         subprocess.run(["ip", "netns", "exec", host.netns, "nft", "-f", "-"], input=rules, text=True,
                        check=True, timeout=10)
-        # Two "peers" on one address, each on its own listen port: every SYN that arrives
-        # before the receiving side's own SYN left is dropped, as a NAT drops it.
-        answer, upgrade = run_pair(lan, [host, host], host, lan_flag=False)
+        return host, run_pair(lan, [host, host], host, extra)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_simultaneous_open_through_a_stateful_firewall() -> None:
+    host, (answer, upgrade) = firewalled_pair([])
     assert answer["ok"] is True, answer
     assert upgrade["ok"] is True, upgrade
     # One stream, seen from both ends: each left from its listen port to the other's.
     assert upgrade["local"] == [host.ip, 7701] and upgrade["remote"] == [host.ip, 7700]
     assert answer["local"] == [host.ip, 7700] and answer["remote"] == [host.ip, 7701]
-    # The lower id (1, the answering side here) runs the handshake as initiator.
-    assert answer["initiator"] is True and upgrade["initiator"] is False
+    # The lower id runs the handshake as initiator, whichever side started the punch.
+    assert answer["initiator"] is punch.handshake_initiator(ONE, TWO)
+    assert upgrade["initiator"] is punch.handshake_initiator(TWO, ONE)
     assert answer["heard"] == 2 and upgrade["heard"] == 1
     # No punched SYN reached a listening socket instead of the dialling one.
     assert answer["stolen"] == [] and upgrade["stolen"] == []
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_punched_stream_becomes_a_punched_peer_link() -> None:
+    host, (answer, upgrade) = firewalled_pair(["--link"])
+    assert answer["ok"] is True, answer
+    assert upgrade["ok"] is True, upgrade
+    # The wire handshake ran over the punched stream, each end in the role the ids give,
+    # each end authenticated the other's key, and a frame crossed the link each way.
+    assert answer["path"] == upgrade["path"] == "punched"
+    assert answer["member"] == str(TWO) and upgrade["member"] == str(ONE)
+    assert answer["initiator"] is punch.handshake_initiator(ONE, TWO)
+    assert upgrade["initiator"] is punch.handshake_initiator(TWO, ONE)
+    assert answer["heard"] == 2 and upgrade["heard"] == 1
+    assert upgrade["local"] == [host.ip, 7701] and upgrade["remote"] == [host.ip, 7700]
 
 
 async def test_transport_shares_its_port_with_punch_sockets_but_not_with_a_second_node() -> None:
