@@ -41,7 +41,8 @@ STREAM_LIMIT = 2**20
 
 class PunchChannel(Protocol):
     """Punch messages to and from one peer over a link that already exists (usually relayed):
-    `recv` returns the next punch message from that peer or raises TimeoutError."""
+    `recv` returns the next punch message from that peer or raises TimeoutError; both raise
+    ConnectionError once the link is gone."""
 
     async def send(self, payload: bytes) -> None: ...
 
@@ -287,6 +288,8 @@ class Puncher:
             return await self._dial(peer, plan.dial, plan.rtt)
         except TimeoutError:
             return PunchFailed(f"{peer.short}… did not answer the hole-punch request in time.")
+        except ConnectionError:
+            return PunchFailed(f"The link to {peer.short}… closed during the hole-punch exchange.")
         except (PunchError, LocalError) as e:
             return PunchFailed(str(e))
 
@@ -315,6 +318,8 @@ class Puncher:
             return await self._dial(peer, targets, 0.0)
         except TimeoutError:
             return PunchFailed(f"{peer.short}… did not send punch-sync in time.")
+        except ConnectionError:
+            return PunchFailed(f"The link to {peer.short}… closed during the hole-punch exchange.")
         except (PunchError, LocalError) as e:
             return PunchFailed(str(e))
 

@@ -22,7 +22,7 @@ import sys
 import time
 
 from valuemesh.node.link import PeerLink
-from valuemesh.node.punch import Punched, Puncher, enable_reuse, into_transport
+from valuemesh.node.punch import Punched, Puncher, PunchFailed, enable_reuse, into_transport
 from valuemesh.node.transport import Transport
 from valuemesh.protocol import punch
 from valuemesh.protocol.identity import Identity, MemberId
@@ -74,8 +74,11 @@ class FrameChannel:
         await self.writer.drain()
 
     async def recv(self, timeout: float) -> bytes:
-        async with asyncio.timeout(timeout):
-            return await read_frame(self.reader)
+        try:
+            async with asyncio.timeout(timeout):
+                return await read_frame(self.reader)
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("the coordinator closed the relay") from None
 
 
 async def coordinator(host: str, port: int) -> None:
@@ -139,9 +142,18 @@ async def peer(
     if role == "upgrade":
         got = await puncher.upgrade(channel, other, adopt)
     else:
-        first = await channel.recv(ANSWER_WAIT)
-        t0 = time.monotonic()
-        got = await puncher.answer(channel, other, first, adopt)
+        # Answer each of the upgrader's tries until one connects or it stops asking.
+        got = PunchFailed("The upgrading peer never asked.")
+        for n in range(punch.MAX_TRIES):
+            try:
+                first = await channel.recv(ANSWER_WAIT)
+            except (TimeoutError, ConnectionError):
+                break
+            if n == 0:
+                t0 = time.monotonic()
+            got = await puncher.answer(channel, other, first, adopt)
+            if isinstance(got, Punched):
+                break
     out["elapsed"] = round(time.monotonic() - t0, 4)
     if isinstance(got, Punched):
         try:

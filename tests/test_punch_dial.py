@@ -295,3 +295,17 @@ async def test_transport_shares_its_port_with_punch_sockets_but_not_with_a_secon
         far.close()
         await first.stop()
         await second.stop()
+
+
+class Gone(Pipe):
+    async def recv(self, timeout: float) -> bytes:
+        raise ConnectionError("link closed")
+
+
+async def test_a_link_that_closes_mid_exchange_fails_each_try_with_one_sentence() -> None:
+    q: asyncio.Queue[bytes] = asyncio.Queue()
+    got = await puncher(A, closed_port()).upgrade(Gone(q, q), B)
+    assert isinstance(got, PunchFailed) and "closed during the hole-punch exchange" in got.reason
+    connect = punch.encode(punch.Connect(bytes(16), (Candidate(LO, 9),)))
+    answered = await puncher(B, closed_port()).answer(Gone(q, q), A, connect)
+    assert isinstance(answered, PunchFailed) and "closed during" in answered.reason
