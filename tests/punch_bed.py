@@ -4,7 +4,8 @@
 with the address it saw (the peer's observed address, as a NAT rewrote it), then relays
 frames between the first two peers, standing in for a relayed link.
 
-`peer COORD_HOST COORD_PORT MEMBER_BYTE LISTEN_HOST LISTEN_PORT upgrade|answer [--lan] [--link]`:
+`peer COORD_HOST COORD_PORT MEMBER_BYTE LISTEN_HOST LISTEN_PORT upgrade|answer [--lan] [--link]
+[--tries N]`:
 listens on its port with SO_REUSEPORT (as the node's server does), learns its observed
 address, then punches (upgrade) or answers, says its member byte over the stream, and prints
 one JSON line: {"ok", "reason", "elapsed", "remote", "initiator", "heard", "stolen"}. With
@@ -18,14 +19,20 @@ import asyncio
 import json
 import socket
 import struct
+import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from valuemesh.node.link import PeerLink
 from valuemesh.node.punch import Punched, Puncher, PunchFailed, enable_reuse, into_transport
 from valuemesh.node.transport import Transport
 from valuemesh.protocol import punch
 from valuemesh.protocol.identity import Identity, MemberId
+
+if TYPE_CHECKING:
+    from chaos.internet import Internet
 
 MAX_FRAME = 4096
 ANSWER_WAIT = 30.0
@@ -110,7 +117,8 @@ async def coordinator(host: str, port: int) -> None:
 
 
 async def peer(
-    coord: tuple[str, int], me_byte: int, listen: tuple[str, int], role: str, lan: bool, link: bool
+    coord: tuple[str, int], me_byte: int, listen: tuple[str, int], role: str, lan: bool, link: bool,
+    tries: int = punch.MAX_TRIES,
 ) -> dict[str, object]:
     ident, other = Identity(bytes([me_byte]) * 32), Identity(bytes([_other(me_byte)]) * 32).member
     stolen: list[str] = []
@@ -134,7 +142,7 @@ async def peer(
     reader, writer = await asyncio.open_connection(sock=sock)
     observed = json.loads(await read_frame(reader))["observed"]
     offer = [(str(observed[0]), int(observed[1]))] + ([listen] if lan else [])
-    puncher = Puncher(ident.member, listen, lambda: punch.candidates(offer))
+    puncher = Puncher(ident.member, listen, lambda: punch.candidates(offer), tries=tries)
     adopt = into_transport(transport, other) if transport is not None else None
     channel = FrameChannel(reader, writer)
     t0 = time.monotonic()
@@ -144,7 +152,7 @@ async def peer(
     else:
         # Answer each of the upgrader's tries until one connects or it stops asking.
         got = PunchFailed("The upgrading peer never asked.")
-        for n in range(punch.MAX_TRIES):
+        for n in range(tries):
             try:
                 first = await channel.recv(ANSWER_WAIT)
             except (TimeoutError, ConnectionError):
@@ -187,6 +195,34 @@ async def peer(
     return out
 
 
+def run_pair(
+    net: Internet, answerer: str, upgrader: str, port: int, extra: tuple[str, ...] = (), deadline: float = 120.0
+) -> tuple[dict[str, object], dict[str, object]]:
+    """On the internet bed: the coordinator on pub1, member 1 answering on `answerer`, member
+    2 upgrading on `upgrader`, both listening on `port`; (answer report, upgrade report)."""
+    py = [sys.executable, str(Path(__file__).resolve())]
+    coord = net.host("pub1").ip
+    cport = str(7800 + port % 100)
+    c = net.popen("pub1", [*py, "coordinator", coord, cport], stdout=subprocess.PIPE)
+    try:
+        if c.stdout is None or "listening" not in c.stdout.readline():
+            raise RuntimeError("The coordinator did not start.")
+        procs = [
+            net.popen(h, [*py, "peer", coord, cport, str(i + 1), net.host(h).ip, str(port), role, *extra],
+                      stdout=subprocess.PIPE)
+            for i, (h, role) in enumerate(((answerer, "answer"), (upgrader, "upgrade")))
+        ]
+        try:
+            outs = [p.communicate(timeout=deadline)[0] for p in procs]
+        finally:
+            for p in procs:
+                net.stop(p)
+    finally:
+        net.stop(c)
+    a, u = (json.loads(o.strip().splitlines()[-1]) for o in outs)
+    return a, u
+
+
 def _other(b: int) -> int:
     # The tests pair member bytes 1 and 2.
     return 3 - b
@@ -197,7 +233,10 @@ def main(argv: list[str]) -> None:
         asyncio.run(coordinator(argv[1], int(argv[2])))
         return
     _, ch, cp, mb, lh, lp, role, *rest = argv
-    result = asyncio.run(peer((ch, int(cp)), int(mb), (lh, int(lp)), role, "--lan" in rest, "--link" in rest))
+    tries = int(rest[rest.index("--tries") + 1]) if "--tries" in rest else punch.MAX_TRIES
+    result = asyncio.run(
+        peer((ch, int(cp)), int(mb), (lh, int(lp)), role, "--lan" in rest, "--link" in rest, tries)
+    )
     print(json.dumps(result), flush=True)
 
 
