@@ -10,57 +10,25 @@ only what a dead run of this suite left behind.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import re
 import secrets
-import shutil
-import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from chaos import netns
+from chaos.netns import BedError, enter_netns, run
+
+__all__ = ["Bed", "BedError", "Host", "enter_netns", "remove_stale", "run", "unavailable_reason"]
+
 PREFIX = "vmchaos-"
-CMD_TIMEOUT_S = 15.0
 BLKIO = Path("/sys/fs/cgroup/blkio/blkio.throttle.write_iops_device")
-_STALE_RE = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]+-")
-CLONE_NEWNET = 0x40000000
-
-
-class BedError(Exception):
-    """Raised when the kernel or a tool refuses to build or change the bed."""
-
-
-def run(*argv: str, check: bool = True, inp: str | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT_S, input=inp)
-    if check and res.returncode != 0:
-        raise BedError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
-    return res
 
 
 def unavailable_reason() -> str | None:
     """Why this machine cannot host the bed (one sentence), or None if it can."""
-    if os.geteuid() != 0:
-        return "the chaos bed needs root to create network namespaces and mounts"
-    for tool in ("ip", "tc", "nft"):
-        if shutil.which(tool) is None:
-            return f"the '{tool}' command is not installed"
-    probe = f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}-probe"
-    made = run("ip", "netns", "add", probe, check=False)
-    run("ip", "netns", "del", probe, check=False)
-    if made.returncode != 0:
-        return f"network namespaces are unavailable ({made.stderr.strip()})"
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return netns.unavailable_reason(PREFIX, ("ip", "tc", "nft"), "the chaos bed")
 
 
 def remove_stale() -> list[str]:
@@ -71,37 +39,16 @@ def remove_stale() -> list[str]:
     for line in mounts:
         where = line.split()[1]
         m = re.search(rf"/{PREFIX}(\d+)-[0-9a-f]+-", where)
-        if m and not _alive(int(m.group(1))):
+        if m and not netns.alive(int(m.group(1))):
             run("umount", "-l", where, check=False)
             removed.append(where)
     for line in run("losetup", "-a", check=False).stdout.splitlines():
         m = re.search(rf"/{PREFIX}(\d+)-[0-9a-f]+-", line)
-        if m and not _alive(int(m.group(1))):
+        if m and not netns.alive(int(m.group(1))):
             dev = line.split(":")[0]
             run("losetup", "-d", dev, check=False)
             removed.append(dev)
-    for line in run("ip", "netns", "list", check=False).stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = _STALE_RE.match(name)
-        if m and not _alive(int(m.group(1))):
-            run("ip", "netns", "del", name, check=False)
-            removed.append(name)
-    return removed
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread (only it) into a named network namespace: sockets it opens
-    afterwards live there, so one process can reach every daemon's loopback API."""
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise BedError(f"setns into {name} failed: {os.strerror(err)}")
-    finally:
-        os.close(fd)
+    return removed + netns.remove_stale(PREFIX)
 
 
 def _sample(percent: int) -> str:
@@ -177,8 +124,7 @@ class Bed:
 
     def leftovers(self) -> list[str]:
         """What of this bed still exists (a teardown check)."""
-        out = run("ip", "netns", "list", check=False).stdout
-        left = [ln.split()[0] for ln in out.splitlines() if ln.startswith(self.base)]
+        left = netns.existing(self.base)
         mounts = Path("/proc/mounts").read_text()
         left += [str(m) for m in self._mounts if f" {m} " in mounts]
         return left
@@ -186,7 +132,7 @@ class Bed:
     # -- network faults ---------------------------------------------------------------------
 
     def nft(self, h: Host, script: str) -> None:
-        run("ip", "netns", "exec", h.netns, "nft", "-f", "-", inp=script + "\n")
+        netns.nft(h.netns, script)
 
     def link(self, h: Host, up: bool) -> None:
         """Cut (or restore) a host's cable: its bridge port goes down."""
