@@ -20,6 +20,7 @@ from valuemesh.node.carrier import Carrier, CarrierViolation
 from valuemesh.node.link_limits import LinkClosedError
 from valuemesh.node.ratelimit import TokenBucket
 from valuemesh.protocol import wire
+from valuemesh.protocol.circuit import CircuitError
 from valuemesh.protocol.errors import LocalError, RemoteError, ValuemeshError
 from valuemesh.protocol.identity import MemberId
 
@@ -90,6 +91,9 @@ class PeerLink:
         self.read_at = 0.0  # when the frame being handled was read, while tracing
         self._queued_bytes = 0
         self._data_frames = 0
+        self._circuit_frames = 0
+        # Bytes of relay sub-protocol frames queued (bounded by circuit credit, not by room).
+        self.circuit_bytes = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
@@ -187,8 +191,31 @@ class PeerLink:
         self._data_frames += 1
         self._wake.set()
 
+    def _send_circuit(self, body: bytes) -> bool:
+        """Queue one relay sub-protocol message; False if the link is closed.
+
+        Not bounded by the data queue's room: circuit DATA is bounded by credit per circuit
+        and circuits per member (node/relay.py), so a full queue never stalls a relay."""
+        if self.closed:
+            return False
+        self._queue.append((wire.FRAME_CIRCUIT, body))
+        self._circuit_frames += 1
+        self.circuit_bytes += len(body)
+        self._wake.set()
+        return True
+
+    def _take_queued(self) -> list[bytes]:
+        """Remove and return the payloads not yet written (for a link that replaces this one)."""
+        payloads = [body for kind, body in self._queue if kind == wire.FRAME_DATA]
+        self._queue = deque(item for item in self._queue if item[0] != wire.FRAME_DATA)
+        self._queued_at.clear()
+        self._queued_bytes = 0
+        self._data_frames = 0
+        self._room.set()
+        return payloads
+
     def _send_control(self, kind: int, body: bytes) -> bool:
-        if len(self._queue) - self._data_frames >= MAX_CONTROL_BACKLOG:
+        if len(self._queue) - self._data_frames - self._circuit_frames >= MAX_CONTROL_BACKLOG:
             return False
         self._queue.append((kind, body))
         self._wake.set()
@@ -234,6 +261,9 @@ class PeerLink:
                     self._queued_bytes -= len(body)
                     self._data_frames -= 1
                     self._room.set()
+                elif kind == wire.FRAME_CIRCUIT:
+                    self._circuit_frames -= 1
+                    self.circuit_bytes -= len(body)
                 frame = self._chan.seal(kind, body)
                 await self._carrier.send(frame)
                 if kind == wire.FRAME_DATA and trace.tracer is not None and self._queued_at:
@@ -297,6 +327,9 @@ class PeerLink:
         if self.closed:
             return
         if frame.kind == wire.FRAME_DATA:
+            if len(frame.body) > self._lim.max_payload:
+                self._violation(f"the peer sent a payload larger than {self._lim.max_payload} bytes")
+                return
             try:
                 await self._t.handler.on_message(self, frame.body)
             except RemoteError as e:
@@ -319,6 +352,12 @@ class PeerLink:
                 self._ping_sent = None
         elif frame.kind == wire.FRAME_CLOSE:
             self.close(f"closed by the peer: {_clean_reason(frame.body)}", notify=False)
+        elif frame.kind == wire.FRAME_CIRCUIT:
+            try:
+                await self._t.relaying.on_frame(self, frame.body)
+            except CircuitError as e:
+                log.info("invalid circuit message from %r: %s", self, e.message)
+                self.penalize(self._lim.invalid_message_penalty, e.message)
 
     async def _control(self, size: int) -> bool:
         await self._throttle(size)
@@ -392,6 +431,8 @@ class PeerLink:
         self._queue.clear()
         self._queued_bytes = 0
         self._data_frames = 0
+        self._circuit_frames = 0
+        self.circuit_bytes = 0
         if notify and writer is not None and not writer.done():
             self._queue.append((wire.FRAME_CLOSE, reason.encode("utf-8")[: wire.MAX_CLOSE_REASON]))
             self._wake.set()

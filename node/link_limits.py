@@ -23,6 +23,37 @@ FLOOD_GRACE = 5.0
 
 
 @dataclass(frozen=True, slots=True)
+class RelayLimits:
+    """What a relay carries for others (node/relay.py), budgeted per end-to-end member:
+    a whole home shares one NAT address and relayed members share one link, so neither
+    an address nor a link is the unit; the member whose bytes they are is."""
+
+    max_reservations: int = 128
+    max_circuits: int = 256
+    # Circuits one member may have through this relay, as opener and as target together.
+    max_circuits_per_member: int = 16
+    # The bytes and circuit messages a member may send through this relay.
+    rate_bytes: float = 4 * 1024 * 1024
+    burst_bytes: float = 16 * 1024 * 1024
+    rate_messages: float = 2_000.0
+    burst_messages: float = 4_000.0
+    # Over budget this long without a break: that member's circuits close...
+    over_budget_grace: float = 3.0
+    # ...and its new circuits are refused for this long.
+    cooldown: float = 30.0
+    # Relayed bytes queued towards one link beyond which circuits into it close (a stalled end).
+    max_backlog: int = 32 * 1024 * 1024
+    # Inbound circuits this node (as an end) may have mid-handshake at once.
+    max_pending: int = 16
+
+    def __post_init__(self) -> None:
+        counts = (self.max_reservations, self.max_circuits, self.max_circuits_per_member, self.max_pending)
+        rates = (self.rate_bytes, self.burst_bytes, self.rate_messages, self.burst_messages)
+        if min(counts) < 1 or min(rates) <= 0 or self.max_backlog < 1:
+            raise LocalError("Relay limits must be positive.")
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Every bound a link obeys; tests shorten the timers, operators tune the rates."""
 
@@ -56,6 +87,7 @@ class Limits:
     handshake_failure_penalty: float = 25.0
     handshake_abandon_penalty: float = 5.0
     reputation: ReputationPolicy = field(default_factory=ReputationPolicy)
+    relay: RelayLimits = field(default_factory=RelayLimits)
 
     def __post_init__(self) -> None:
         if self.max_payload < 1 or self.send_queue_frames < 1 or self.send_queue_bytes < 1:
@@ -72,7 +104,7 @@ class Limits:
 
     @property
     def max_frame(self) -> int:
-        return self.max_payload + wire.FRAME_OVERHEAD
+        return self.max_payload + wire.MAX_FRAME_OVERHEAD
 
 
 class LinkClosedError(LocalError):
@@ -81,6 +113,14 @@ class LinkClosedError(LocalError):
 
 class PeerUnreachableError(RemoteError):
     """Raised when a peer cannot be reached or does not finish the handshake in time."""
+
+
+class RelayRefusedError(RemoteError):
+    """Raised when a relay (or the target behind it) refuses a reservation or circuit."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class BackedOffError(LocalError):

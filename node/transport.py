@@ -33,6 +33,7 @@ from valuemesh.node.link_limits import (
 from valuemesh.node.loglimit import LogLimiter, limit_accept_errors
 from valuemesh.node.punch import check_port_free
 from valuemesh.node.ratelimit import Reputation
+from valuemesh.node.relay import MayRelay, Relaying
 from valuemesh.protocol import wire
 from valuemesh.protocol.errors import (
     AuthorizationError,
@@ -98,6 +99,8 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
         self.address: tuple[str, int] | None = None
+        # Reservations, circuits and relaying for others (node/relay.py).
+        self.relaying = Relaying(self)
 
     @property
     def member(self) -> MemberId:
@@ -110,6 +113,32 @@ class Transport:
 
     def link(self, remote: MemberId) -> PeerLink | None:
         return self._links.get(remote)
+
+    @property
+    def may_relay(self) -> MayRelay | None:
+        """Whom this node relays between (None: it serves as no relay)."""
+        return self.relaying.may_relay
+
+    @may_relay.setter
+    def may_relay(self, decide: MayRelay | None) -> None:
+        self.relaying.may_relay = decide
+
+    async def reserve(self, relay_link: PeerLink) -> None:
+        """Stay reachable through the relay at the other end of `relay_link` while it lives.
+
+        Raises RelayRefusedError (with `.code`) or PeerUnreachableError."""
+        await self.relaying.reserve(relay_link)
+
+    async def dial_via(self, relay: MemberId, target: MemberId) -> PeerLink:
+        """A link to `target` through a circuit at `relay` (path "relayed", via=relay); the
+        handshake runs end to end inside it. Raises RelayRefusedError, PeerUnreachableError
+        or any error `connect` raises for the handshake."""
+        return await self.relaying.dial_via(relay, target)
+
+    @property
+    def reservations(self) -> list[MemberId]:
+        """The relays currently holding a reservation for this node."""
+        return self.relaying.reservations
 
     def banned_for(self, key: MemberId | str) -> float:
         """Seconds this node still refuses the key or IP address (0 if it does not)."""
@@ -201,6 +230,7 @@ class Transport:
         self._all.discard(link)
         if self._links.get(link.remote) is link:
             del self._links[link.remote]
+        self.relaying.link_closed(link)
 
     async def _admit(self, link: PeerLink) -> PeerLink:
         """Make `link` the live link to its remote unless a better one exists; return the winner."""
@@ -223,8 +253,12 @@ class Transport:
                 return old
             raise LinkClosedError(f"The link to {link.remote.short}… closed: {link.close_reason}.")
         old = self._links.get(link.remote)
+        carried: list[bytes] = []
         if old is not None and not old.closed:
             if await self._new_wins(old, link):
+                if old.path == "relayed" and link.path != "relayed":
+                    # What the relayed link had not yet written goes out on the direct one.
+                    carried = old._take_queued()
                 old.close("replaced by another connection with the same peer")
                 # Wait for its on_disconnect only, not for the socket to finish closing.
                 await old._notified.wait()
@@ -239,6 +273,8 @@ class Transport:
         self._links[link.remote] = link
         link._admitted = True
         log.info("link up %r", link)
+        for payload in carried:
+            link._enqueue(payload)
         link._keepalive()  # a first round trip for link.rtt
         try:
             await self.handler.on_connect(link)
@@ -251,6 +287,9 @@ class Transport:
         return link
 
     async def _new_wins(self, old: PeerLink, new: PeerLink) -> bool:
+        if (old.path == "relayed") != (new.path == "relayed"):
+            # A path of its own beats a path through a relay, at both ends alike.
+            return old.path == "relayed"
         if old.inbound == new.inbound:
             # Same dialler twice: it dialled again because it lost the old one.
             return True
@@ -360,7 +399,7 @@ class Transport:
         version = wire.peek_hello_version(hello)
         if version is not None and version != wire.VERSION:
             await carrier.send(wire.encode_reject(wire.Refusal.UNSUPPORTED_VERSION))
-            raise wire.PeerRefusedError(wire.Refusal.UNSUPPORTED_VERSION)
+            raise wire.VersionMismatchError(version)
         try:
             response = responder.read_hello(hello)
         except wire.NetworkMismatchError:
@@ -425,14 +464,15 @@ class Transport:
         """Dial host:port, run the handshake and return the live link to that peer.
 
         With `expect`, a peer presenting any other key is refused, and a live link to
-        `expect` is returned at once instead of dialling again. Raises
+        `expect` is returned at once instead of dialling again (unless it is relayed: a
+        direct link replaces a relayed one). Raises
         PeerUnreachableError, wire.PeerRefusedError (NetworkMismatchError among them),
         wire.HandshakeError, AuthorizationError or BackedOffError.
         """
         if self._stopping:
             raise LocalError("The transport is stopping.")
         live = self._links.get(expect) if expect is not None else None
-        if live is not None and not live.closed:
+        if live is not None and not live.closed and live.path != "relayed":
             return live
         for key in (expect, host):
             if key is not None and self.banned_for(key):

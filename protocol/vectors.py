@@ -14,7 +14,8 @@ from typing import Any
 import nacl.pwhash
 import nacl.secret
 
-from . import cbor
+from . import cbor, wire
+from . import circuit as cm
 from .builtin import builtin_registry
 from .builtin.membership import make_genesis
 from .identity import FAST_MEMLIMIT, FAST_OPSLIMIT, Identity, encode_keyfile
@@ -84,6 +85,45 @@ def _record_vector(r: Record) -> dict[str, Any]:
         "seq": r.seq, "created": r.created, "body": diag(r.body),
         "payload": payload.hex(), "signed_message": (RECORD_DOMAIN + payload).hex(),
         "sig": r.sig.hex(), "record": r.raw.hex(), "id": r.id.hex(),
+    }
+
+
+WIRE_NETWORK = b"valuemesh-vectors"
+
+
+def _wire_vectors(alice: Identity, bob: Identity) -> dict[str, Any]:
+    """A whole handshake (alice initiates, bob responds), frames, relay sub-protocol messages."""
+    e_i, e_r = seed("alice ephemeral"), seed("bob ephemeral")
+    i = wire.Initiator(alice, WIRE_NETWORK, e_i)
+    r = wire.Responder(bob, WIRE_NETWORK, e_r)
+    hello = i.start()
+    response = r.read_hello(hello)
+    i.read_response(response)
+    auth = i.auth()
+    r.read_auth(auth)
+    verdict, _ = r.verdict()
+    ch = i.read_verdict(verdict)
+    opened = cm.open_(1, bob.member)
+    frames = [
+        {"from": "alice", "counter": 0, "kind": wire.FRAME_DATA, "body": b"hello bob".hex(),
+         "frame": ch.seal(wire.FRAME_DATA, b"hello bob").hex()},
+        {"from": "alice", "counter": 1, "kind": wire.FRAME_CIRCUIT, "body": opened.hex(),
+         "frame": ch.seal(wire.FRAME_CIRCUIT, opened).hex()},
+    ]
+    circuit = {
+        "reserve": cm.reserve(), "reserved_ok": cm.reserved(cm.Code.OK),
+        "open_1_to_bob": opened,
+        "incoming_responder_side_1_from_alice": cm.incoming(cm.RESPONDER_BIT | 1, alice.member),
+        "opened_1_refused": cm.opened(1, cm.Code.REFUSED), "data_1": cm.data(1, hello),
+        "close_1": cm.close(1, "bye"), "credit_1": cm.credit(1, cm.INITIAL_WINDOW // 2),
+    }
+    return {
+        "version": wire.VERSION, "network_id": WIRE_NETWORK.hex(),
+        "initiator": "alice", "responder": "bob",
+        "initiator_ephemeral_secret": e_i.hex(), "responder_ephemeral_secret": e_r.hex(),
+        "hello": hello.hex(), "response": response.hex(), "auth": auth.hex(), "verdict": verdict.hex(),
+        "session_id": ch.session_id.hex(), "frames": frames,
+        "circuit": {k: v.hex() for k, v in circuit.items()},
     }
 
 
@@ -163,6 +203,7 @@ def generate() -> dict[str, Any]:
             "signed_message": (INVITE_DOMAIN + cbor.encode(invite.payload())).hex(),
             "raw": invite.raw().hex(), "id": invite.id.hex(), "token": invite.text(),
         },
+        "wire": _wire_vectors(alice, bob),
         "keyfile": {
             "plain": encode_keyfile(alice, None, lambda n: b"").hex(),
             "sealed": sealed.hex(), "passphrase": "correct horse battery staple",

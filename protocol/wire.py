@@ -35,8 +35,8 @@ import nacl.exceptions
 from .errors import DecodeError, LocalError, RemoteError
 from .identity import KEY_LEN, SIG_LEN, Identity, MemberId
 
-PROTOCOL_NAME = b"valuemesh peer handshake v1"
-VERSION = 1
+PROTOCOL_NAME = b"valuemesh peer handshake v2"
+VERSION = 2
 MAGIC = b"vm"
 MAX_NETWORK_ID = 64
 MAX_RETRY_AFTER = 0xFFFFFFFF
@@ -61,8 +61,15 @@ FRAME_DATA = 0x00
 FRAME_PING = 0x01
 FRAME_PONG = 0x02
 FRAME_CLOSE = 0x03
-_FRAME_KINDS = frozenset({FRAME_DATA, FRAME_PING, FRAME_PONG, FRAME_CLOSE})
+# Version 2: a relay sub-protocol message (protocol/circuit.py), e.g. one carrier
+# message of an end-to-end link travelling through this link's relay.
+FRAME_CIRCUIT = 0x04
+_FRAME_KINDS = frozenset({FRAME_DATA, FRAME_PING, FRAME_PONG, FRAME_CLOSE, FRAME_CIRCUIT})
 FRAME_OVERHEAD = 1 + _TAG
+# A CIRCUIT frame's body: op(1) and circuit id(4), then one whole frame of the inner link.
+CIRCUIT_HEADER = 5
+# The largest carrier message is a CIRCUIT frame carrying an inner frame of max payload.
+MAX_FRAME_OVERHEAD = FRAME_OVERHEAD + CIRCUIT_HEADER + FRAME_OVERHEAD
 MAX_CLOSE_REASON = 200
 _MAX_COUNTER = (1 << 64) - 1
 
@@ -108,6 +115,19 @@ class PeerRefusedError(HandshakeError):
         super().__init__(text)
         self.code = code
         self.retry_after = retry_after
+
+
+class VersionMismatchError(PeerRefusedError):
+    """Raised when the other end speaks another version of the peer protocol."""
+
+    def __init__(self, theirs: int) -> None:
+        super().__init__(Refusal.UNSUPPORTED_VERSION)
+        self.theirs = theirs
+        self.message = (
+            f"The peer speaks version {theirs} of the peer protocol; "
+            f"this node speaks only version {VERSION}."
+        )
+        self.args = (self.message,)
 
 
 class NetworkMismatchError(PeerRefusedError):
@@ -193,7 +213,7 @@ def _expect(data: bytes, kind: int, length: int, what: str) -> None:
     if len(data) < _HEADER_LEN or data[:2] != MAGIC:
         raise HandshakeError(f"The peer's {what} message is not a valuemesh handshake message.")
     if data[2] != VERSION:
-        raise PeerRefusedError(Refusal.UNSUPPORTED_VERSION)
+        raise VersionMismatchError(data[2])
     if data[3] != kind:
         raise HandshakeError(f"The peer sent another message where a {what} was due.")
     if len(data) != length:
@@ -211,6 +231,8 @@ def _raise_reject(data: bytes) -> None:
         raise HandshakeError("The peer sent a refusal that refuses nothing.")
     if code is Refusal.NETWORK_MISMATCH:
         raise NetworkMismatchError()
+    if code is Refusal.UNSUPPORTED_VERSION and data[2] != VERSION:
+        raise VersionMismatchError(data[2])
     raise PeerRefusedError(code, int.from_bytes(data[5:9], "big"))
 
 
@@ -327,12 +349,12 @@ class Initiator(_Side):
         _expect(data, T_RESPONSE, RESPONSE_LEN, "response")
         e_r = data[4:36]
         self._dh = _dh(self._e_sec, e_r)
-        k2 = _kdf(self._dh, b"vm1 responder auth", self._h + e_r)
+        k2 = _kdf(self._dh, b"vm2 responder auth", self._h + e_r)
         plain = _open(k2, 0, data[36:], self._h + e_r)
         if plain is None:
             raise HandshakeError("The peer's handshake response failed to decrypt.")
         remote = MemberId(plain[:KEY_LEN])
-        remote.verify(_sig_message(b"vm1 responder sig", self._h, e_r, remote.key), plain[KEY_LEN:])
+        remote.verify(_sig_message(b"vm2 responder sig", self._h, e_r, remote.key), plain[KEY_LEN:])
         self._h = _h(self._h, data)
         self._remote = remote
         self._phase = _Phase.GOT_RESPONSE
@@ -342,8 +364,8 @@ class Initiator(_Side):
         self._step(_Phase.GOT_RESPONSE, _Phase.SENT_AUTH)
         assert self._remote is not None
         me = self._id.member.key
-        sig = self._id.sign(_sig_message(b"vm1 initiator sig", self._h, self._remote.key, me))
-        k3 = _kdf(self._dh, b"vm1 initiator auth", self._h)
+        sig = self._id.sign(_sig_message(b"vm2 initiator sig", self._h, self._remote.key, me))
+        k3 = _kdf(self._dh, b"vm2 initiator auth", self._h)
         msg = _header(T_AUTH) + _seal(k3, 0, me + sig, self._h)
         self._h = _h(self._h, msg)
         return msg
@@ -352,7 +374,7 @@ class Initiator(_Side):
         self._step(_Phase.SENT_AUTH, _Phase.FAILED)
         assert self._remote is not None
         _expect(data, T_VERDICT, VERDICT_LEN, "verdict")
-        k4 = _kdf(self._dh, b"vm1 verdict", self._h)
+        k4 = _kdf(self._dh, b"vm2 verdict", self._h)
         plain = _open(k4, 0, data[4:], self._h)
         if plain is None:
             raise HandshakeError("The peer's handshake verdict failed to decrypt.")
@@ -364,8 +386,8 @@ class Initiator(_Side):
             raise PeerRefusedError(code, int.from_bytes(plain[1:5], "big"))
         self._phase = _Phase.DONE
         return SecureChannel(
-            _kdf(self._dh, b"vm1 traffic i2r", self._h),
-            _kdf(self._dh, b"vm1 traffic r2i", self._h),
+            _kdf(self._dh, b"vm2 traffic i2r", self._h),
+            _kdf(self._dh, b"vm2 traffic r2i", self._h),
             self._remote,
             self._h,
         )
@@ -385,8 +407,8 @@ class Responder(_Side):
         self._dh = _dh(self._e_sec, e_i)
         h1 = _h(self._h, data)
         me = self._id.member.key
-        sig = self._id.sign(_sig_message(b"vm1 responder sig", h1, self._e_pub, me))
-        k2 = _kdf(self._dh, b"vm1 responder auth", h1 + self._e_pub)
+        sig = self._id.sign(_sig_message(b"vm2 responder sig", h1, self._e_pub, me))
+        k2 = _kdf(self._dh, b"vm2 responder auth", h1 + self._e_pub)
         msg = _header(T_RESPONSE) + self._e_pub + _seal(k2, 0, me + sig, h1 + self._e_pub)
         self._h = _h(h1, msg)
         self._phase = _Phase.GOT_HELLO
@@ -395,13 +417,13 @@ class Responder(_Side):
     def read_auth(self, data: bytes) -> MemberId:
         self._step(_Phase.GOT_HELLO, _Phase.FAILED)
         _expect(data, T_AUTH, AUTH_LEN, "auth")
-        k3 = _kdf(self._dh, b"vm1 initiator auth", self._h)
+        k3 = _kdf(self._dh, b"vm2 initiator auth", self._h)
         plain = _open(k3, 0, data[4:], self._h)
         if plain is None:
             raise HandshakeError("The peer's handshake authentication failed to decrypt.")
         remote = MemberId(plain[:KEY_LEN])
         me = self._id.member.key
-        remote.verify(_sig_message(b"vm1 initiator sig", self._h, me, remote.key), plain[KEY_LEN:])
+        remote.verify(_sig_message(b"vm2 initiator sig", self._h, me, remote.key), plain[KEY_LEN:])
         self._h = _h(self._h, data)
         self._remote = remote
         self._phase = _Phase.GOT_AUTH
@@ -413,14 +435,14 @@ class Responder(_Side):
         """The encrypted VERDICT; with ACCEPTED also the established channel."""
         self._step(_Phase.GOT_AUTH, _Phase.DONE if code is Refusal.ACCEPTED else _Phase.FAILED)
         assert self._remote is not None
-        k4 = _kdf(self._dh, b"vm1 verdict", self._h)
+        k4 = _kdf(self._dh, b"vm2 verdict", self._h)
         body = bytes((code,)) + _u32(retry_after)
         msg = _header(T_VERDICT) + _seal(k4, 0, body, self._h)
         if code is not Refusal.ACCEPTED:
             return msg, None
         return msg, SecureChannel(
-            _kdf(self._dh, b"vm1 traffic r2i", self._h),
-            _kdf(self._dh, b"vm1 traffic i2r", self._h),
+            _kdf(self._dh, b"vm2 traffic r2i", self._h),
+            _kdf(self._dh, b"vm2 traffic i2r", self._h),
             self._remote,
             self._h,
         )

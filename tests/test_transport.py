@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import aiohttp
@@ -243,32 +243,32 @@ def test_docs_spec_interoperates_with_the_implementation() -> None:
     net = b"spec-net"
     e_sec = os.urandom(32)
     e_i = na.crypto_scalarmult_base(e_sec)
-    h0 = h(b"valuemesh peer handshake v1", bytes((len(net),)), net)
-    hello = b"vm\x01\x01" + h(b"valuemesh network tag v1", net) + e_i
+    h0 = h(b"valuemesh peer handshake v2", bytes((len(net),)), net)
+    hello = b"vm\x02\x01" + h(b"valuemesh network tag v1", net) + e_i
     r = wire.Responder(server, net, os.urandom(32))
     resp = r.read_hello(hello)
     h1 = h(h0, hello)
     e_r = resp[4:36]
     dh = na.crypto_scalarmult(e_sec, e_r)
     plain = na.crypto_aead_chacha20poly1305_ietf_decrypt(
-        resp[36:], h1 + e_r, nonce(0), kdf(dh, b"vm1 responder auth", h1 + e_r)
+        resp[36:], h1 + e_r, nonce(0), kdf(dh, b"vm2 responder auth", h1 + e_r)
     )
     assert plain[:32] == server.member.key
-    server.member.verify(b"vm1 responder sig" + h1 + e_r + plain[:32], plain[32:])
+    server.member.verify(b"vm2 responder sig" + h1 + e_r + plain[:32], plain[32:])
     h2 = h(h1, resp)
-    sig = me.sign(b"vm1 initiator sig" + h2 + server.member.key + me.member.key)
-    auth = b"vm\x01\x03" + na.crypto_aead_chacha20poly1305_ietf_encrypt(
-        me.member.key + sig, h2, nonce(0), kdf(dh, b"vm1 initiator auth", h2)
+    sig = me.sign(b"vm2 initiator sig" + h2 + server.member.key + me.member.key)
+    auth = b"vm\x02\x03" + na.crypto_aead_chacha20poly1305_ietf_encrypt(
+        me.member.key + sig, h2, nonce(0), kdf(dh, b"vm2 initiator auth", h2)
     )
     assert r.read_auth(auth) == me.member
     h3 = h(h2, auth)
     verdict, ch = r.verdict()
     assert ch is not None and ch.session_id == h3
     body = na.crypto_aead_chacha20poly1305_ietf_decrypt(
-        verdict[4:], h3, nonce(0), kdf(dh, b"vm1 verdict", h3)
+        verdict[4:], h3, nonce(0), kdf(dh, b"vm2 verdict", h3)
     )
     assert body == bytes(5)
-    k_i2r, k_r2i = kdf(dh, b"vm1 traffic i2r", h3), kdf(dh, b"vm1 traffic r2i", h3)
+    k_i2r, k_r2i = kdf(dh, b"vm2 traffic i2r", h3), kdf(dh, b"vm2 traffic r2i", h3)
     frame = na.crypto_aead_chacha20poly1305_ietf_encrypt(b"\x00payload", b"", nonce(0), k_i2r)
     assert ch.open(frame) == wire.Frame(wire.FRAME_DATA, b"payload")
     reply = ch.seal(wire.FRAME_PING, b"abc")
@@ -276,6 +276,23 @@ def test_docs_spec_interoperates_with_the_implementation() -> None:
 
 
 # -- network helpers ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def fake_peer_server(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[int]:
+    """A hand-written server on PEER_PATH at 127.0.0.1; yields its port."""
+    app = web.Application()
+    app.router.add_get(PEER_PATH, handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -548,7 +565,7 @@ async def test_silent_server_and_foreign_http_server_fail_cleanly(cluster: Clust
 
 async def test_hostile_server_answers_are_rejected_by_the_client(cluster: Cluster) -> None:
     a = await cluster.node()
-    answers = [os.urandom(wire.RESPONSE_LEN), b"vm\x01\x02" + os.urandom(wire.RESPONSE_LEN - 4)]
+    answers = [os.urandom(wire.RESPONSE_LEN), b"vm\x02\x02" + os.urandom(wire.RESPONSE_LEN - 4)]
 
     async def serve(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -626,14 +643,8 @@ async def test_a_stale_link_that_no_longer_answers_loses_to_a_new_dial(cluster: 
                     break
         return ws
 
-    app = web.Application()
-    app.router.add_get(PEER_PATH, silent_responder)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        stale = await s.transport.connect("127.0.0.1", runner.addresses[0][1])
+    async with fake_peer_server(silent_responder) as port:
+        stale = await s.transport.connect("127.0.0.1", port)
         assert stale.remote == x_id.member and not stale.inbound
         x = await cluster.node(identity=x_id)
         fresh = await x.transport.connect(*s.addr)
@@ -643,8 +654,6 @@ async def test_a_stale_link_that_no_longer_answers_loses_to_a_new_dial(cluster: 
         )
         assert stale.closed and not fresh.closed
         await exchange(s, x, b"after stale")
-    finally:
-        await runner.cleanup()
 
 
 # -- hostile peers -------------------------------------------------------------
@@ -772,15 +781,15 @@ async def test_impersonation_with_a_wrong_signature_is_refused(
     bad = new_raw(raw, identity=mallory)
     await bad.open(server.addr)
     e_sec = os.urandom(32)
-    hello = b"vm\x01\x01" + wire.network_tag(NET) + na.crypto_scalarmult_base(e_sec)
+    hello = b"vm\x02\x01" + wire.network_tag(NET) + na.crypto_scalarmult_base(e_sec)
     await bad.send(hello)
     resp = (await bad.receive()).data
-    h1 = h(h(b"valuemesh peer handshake v1", bytes((len(NET),)), NET), hello)
+    h1 = h(h(b"valuemesh peer handshake v2", bytes((len(NET),)), NET), hello)
     dh = na.crypto_scalarmult(e_sec, resp[4:36])
     h2 = h(h1, resp)
-    sig = mallory.sign(b"vm1 initiator sig" + h2 + server.member.key + victim.member.key)
-    auth = b"vm\x01\x03" + na.crypto_aead_chacha20poly1305_ietf_encrypt(
-        victim.member.key + sig, h2, bytes(12), kdf(dh, b"vm1 initiator auth", h2)
+    sig = mallory.sign(b"vm2 initiator sig" + h2 + server.member.key + victim.member.key)
+    auth = b"vm\x02\x03" + na.crypto_aead_chacha20poly1305_ietf_encrypt(
+        victim.member.key + sig, h2, bytes(12), kdf(dh, b"vm2 initiator auth", h2)
     )
     await bad.send(auth)
     assert await bad.closed_by_server()
@@ -1144,3 +1153,108 @@ async def test_websocket_links_say_direct_and_learn_their_rtt(cluster: Cluster) 
     await until(lambda: link.rtt is not None, "first round trip")
     rtt = await link.ping(2.0)
     assert link.rtt == rtt
+
+
+# -- wire version 2 against a version-1 peer -----------------------------------------------
+
+
+async def test_a_version_1_dialler_is_refused_with_the_version_code_and_one_clear_line(
+    cluster: Cluster, raw: list[RawPeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await cluster.node()
+    old = new_raw(raw)
+    await old.open(server.addr)
+    hello_v1 = b"vm\x01\x01" + wire.network_tag(NET) + os.urandom(32)
+    with caplog.at_level("INFO", logger="valuemesh.transport"):
+        await old.send(hello_v1)
+        msg = await old.receive()
+        assert msg.type == aiohttp.WSMsgType.BINARY
+        # What a version-1 node reads: a REJECT (type 0xFF) with code 2, unsupported version.
+        assert msg.data[:2] == b"vm" and msg.data[3] == wire.T_REJECT
+        assert msg.data[4] == wire.Refusal.UNSUPPORTED_VERSION
+        await until(lambda: "speaks version 1" in caplog.text, "the responder's log line")
+    lines = [r.getMessage() for r in caplog.records if "speaks version 1" in r.getMessage()]
+    assert lines == [
+        f"inbound handshake from 127.0.0.1 failed: The peer speaks version 1 of the peer "
+        f"protocol; this node speaks only version {wire.VERSION}."
+    ]
+    assert server.transport.links == {}
+    assert server.transport.banned_for("127.0.0.1") == 0  # a refusal costs nothing
+
+
+async def test_dialling_a_version_1_node_says_so_in_one_sentence(cluster: Cluster) -> None:
+    a = await cluster.node()
+
+    async def v1_responder(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        hello = (await ws.receive()).data
+        assert hello[2] == wire.VERSION  # a version-1 node refuses anything else
+        await ws.send_bytes(b"vm\x01\xff\x02\x00\x00\x00\x00")
+        await ws.close()
+        return ws
+
+    async with fake_peer_server(v1_responder) as port:
+        with pytest.raises(wire.VersionMismatchError) as err:
+            await a.transport.connect("127.0.0.1", port)
+        assert str(err.value) == (
+            f"The peer speaks version 1 of the peer protocol; this node speaks only version {wire.VERSION}."
+        )
+        assert err.value.code is wire.Refusal.UNSUPPORTED_VERSION
+        assert a.transport.links == {}
+
+
+def test_wire_vectors_in_docs_rederive_from_the_spec_alone() -> None:
+    """docs/vectors.json "wire", rebuilt with hashlib and PyNaCl from docs/transport.md."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import nacl.bindings as na
+    import nacl.signing
+
+    v = json.loads((Path(__file__).resolve().parent.parent / "docs" / "vectors.json").read_text())["wire"]
+
+    def h(*p: bytes) -> bytes:
+        return hashlib.blake2b(b"".join(p), digest_size=32).digest()
+
+    def kdf(k: bytes, label: bytes, ctx: bytes) -> bytes:
+        return hashlib.blake2b(label + ctx, key=k, digest_size=32).digest()
+
+    def aead(k: bytes, n: int, p: bytes, ad: bytes) -> bytes:
+        return bytes(na.crypto_aead_chacha20poly1305_ietf_encrypt(p, ad, bytes(4) + n.to_bytes(8, "little"), k))
+
+    def key(label: str) -> nacl.signing.SigningKey:
+        return nacl.signing.SigningKey(hashlib.blake2b(label.encode(), digest_size=32).digest())
+
+    alice, bob = key("alice"), key("bob")
+    a_pub, b_pub = bytes(alice.verify_key), bytes(bob.verify_key)
+    net = bytes.fromhex(v["network_id"])
+    ei_s, er_s = bytes.fromhex(v["initiator_ephemeral_secret"]), bytes.fromhex(v["responder_ephemeral_secret"])
+    e_i, e_r = na.crypto_scalarmult_base(ei_s), na.crypto_scalarmult_base(er_s)
+    dh = na.crypto_scalarmult(ei_s, e_r)
+    hello = b"vm\x02\x01" + h(b"valuemesh network tag v1", net) + e_i
+    h1 = h(h(b"valuemesh peer handshake v2", bytes((len(net),)), net), hello)
+    sig_r = bob.sign(b"vm2 responder sig" + h1 + e_r + b_pub).signature
+    response = b"vm\x02\x02" + e_r + aead(kdf(dh, b"vm2 responder auth", h1 + e_r), 0, b_pub + sig_r, h1 + e_r)
+    h2 = h(h1, response)
+    sig_i = alice.sign(b"vm2 initiator sig" + h2 + b_pub + a_pub).signature
+    auth = b"vm\x02\x03" + aead(kdf(dh, b"vm2 initiator auth", h2), 0, a_pub + sig_i, h2)
+    h3 = h(h2, auth)
+    verdict = b"vm\x02\x04" + aead(kdf(dh, b"vm2 verdict", h3), 0, bytes(5), h3)
+    assert [hello.hex(), response.hex(), auth.hex(), verdict.hex(), h3.hex()] == [
+        v["hello"], v["response"], v["auth"], v["verdict"], v["session_id"]
+    ]
+    k_i2r = kdf(dh, b"vm2 traffic i2r", h3)
+    for f in v["frames"]:
+        plain = bytes((f["kind"],)) + bytes.fromhex(f["body"])
+        assert aead(k_i2r, f["counter"], plain, b"").hex() == f["frame"]
+    c = {k: bytes.fromhex(x) for k, x in v["circuit"].items()}
+    assert c["reserve"] == b"\x01" + bytes(4)
+    assert c["reserved_ok"][:6] == b"\x02" + bytes(4) + b"\x00"
+    assert c["open_1_to_bob"] == b"\x03\x00\x00\x00\x01" + b_pub
+    assert c["incoming_responder_side_1_from_alice"] == b"\x04\x80\x00\x00\x01" + a_pub
+    assert c["opened_1_refused"][:6] == b"\x05\x00\x00\x00\x01\x04"
+    assert c["data_1"] == b"\x06\x00\x00\x00\x01" + hello
+    assert c["close_1"] == b"\x07\x00\x00\x00\x01bye"
+    assert c["credit_1"] == b"\x08\x00\x00\x00\x01" + (128 * 1024).to_bytes(4, "big")
