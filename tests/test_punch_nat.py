@@ -15,15 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # chaos/ is a fold
 
 import punch_bed  # tests/ is on sys.path under pytest
 
+from chaos import internet
+from chaos.internet import HomeSpec, Internet
 from valuemesh.protocol import punch
 from valuemesh.protocol.identity import Identity
-
-try:
-    from chaos.internet import HomeSpec, Internet
-
-    from chaos import internet
-except ImportError:  # until h-bed's chaos/internet.py is merged
-    pytest.skip("the internet bed (chaos/internet.py) is not in this checkout.", allow_module_level=True)
 
 REASON = internet.unavailable_reason()
 pytestmark = [
