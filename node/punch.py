@@ -269,7 +269,8 @@ class Puncher:
         waits = self.backoff.failed(peer, self.clock(), self._jitter())
         log.info("punch to %s failed %d times, staying on the relay for %.0f s: %s",
                  peer.short, self.tries, waits, reasons[-1])
-        return PunchFailed(f"{reasons[-1]} (after {self.tries} tries; next try in {waits:.0f} s)")
+        tries = "1 try" if self.tries == 1 else f"{self.tries} tries"
+        return PunchFailed(f"{reasons[-1].rstrip('.')}; gave up after {tries}, next in {waits:.0f} s.")
 
     async def _try(self, channel: PunchChannel, peer: MemberId) -> Punched | PunchFailed:
         try:

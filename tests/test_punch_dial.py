@@ -139,7 +139,7 @@ async def test_silent_peer_costs_bounded_tries_then_backs_off(monkeypatch: pytes
     p = puncher(A, closed_port())
     got = await p.upgrade(mine, B)
     assert isinstance(got, PunchFailed)
-    assert "did not answer" in got.reason and "after 3 tries" in got.reason
+    assert "did not answer" in got.reason and "gave up after 3 tries" in got.reason and got.reason.endswith(" s.")
     assert len(mine.sent) == 3  # one CONNECT per try, no more
     again = await p.upgrade(mine, B)
     assert isinstance(again, PunchFailed) and "backed off" in again.reason

@@ -77,5 +77,5 @@ def test_a_symmetric_home_makes_the_punch_fail_within_its_bound(
     assert all(r["observed"][1] != port for r in sym_sides)  # type: ignore[index]
     assert u["ok"] is False and a["ok"] is False
     # The upgrading side tried its bounded number of times, then backs off; both say why.
-    assert "No direct connection" in str(u["reason"]) and f"after {punch.MAX_TRIES} tries" in str(u["reason"])
+    assert "No direct connection" in str(u["reason"]) and f"gave up after {punch.MAX_TRIES} tries" in str(u["reason"])
     assert "No direct connection" in str(a["reason"])
