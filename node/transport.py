@@ -31,6 +31,7 @@ from valuemesh.node.link_limits import (
     PeerUnreachableError,
 )
 from valuemesh.node.loglimit import LogLimiter, limit_accept_errors
+from valuemesh.node.punch import check_port_free
 from valuemesh.node.ratelimit import Reputation
 from valuemesh.node.relay import MayRelay, Relaying
 from valuemesh.protocol import wire
@@ -161,7 +162,10 @@ class Transport:
         limit_accept_errors(asyncio.get_running_loop(), log)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            # SO_REUSEPORT lets hole-punch sockets dial from the listen port (node/punch.py);
+            # the probe keeps a second daemon on this port an error, as it was without it.
+            check_port_free(host, port)
+            site = web.TCPSite(runner, host, port, reuse_port=True)
             await site.start()
         except OSError as e:
             await runner.cleanup()
