@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))  # chaos/ is a folder of scripts, not installed
 sys.path.insert(0, str(ROOT / "tests"))
 
 import punch_bed  # noqa: E402
-from chaos.internet import HomeSpec, Internet  # noqa: E402
 
 from chaos import internet  # noqa: E402
+from chaos.internet import HomeSpec, Internet  # noqa: E402
 
 HOMES = (HomeSpec("ea", "eim"), HomeSpec("eb", "eim"), HomeSpec("sa", "sym"), HomeSpec("sb", "sym"))
 PAIRINGS = (("EIM-EIM", "ea1", "eb1"), ("EIM-sym", "ea1", "sa1"), ("sym-EIM", "sa1", "ea1"), ("sym-sym", "sa1", "sb1"))
