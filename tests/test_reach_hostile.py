@@ -106,7 +106,7 @@ async def test_an_honest_punch_connect_is_answered_over_the_relayed_link(scene: 
     await sent(scene.relayed, connect_msg())
     async with asyncio.timeout(10):
         while True:
-            who, payload = await scene.member_rec.messages.get()
+            _, payload = await scene.member_rec.messages.get()
             msg = m.decode_message(payload)
             if isinstance(msg, m.PunchMessage):
                 break
