@@ -121,7 +121,7 @@ class Node:
             raise LocalError("retain_epochs must be 1 or more (or absent: keep every block).")
         self.retain_epochs = retain_epochs
         self.identity = identity
-        self.listen_host, self.listen_port = parse_hostport(listen, default_host="0.0.0.0")
+        self.listen_host, self.listen_port = parse_hostport(listen, default_host="::")
         self.api_host, self.api_port = parse_hostport(api, default_host="127.0.0.1")
         if self.api_host not in ("127.0.0.1", "::1", "localhost"):
             raise LocalError("The local API must listen on loopback (127.0.0.1 or ::1).")
