@@ -38,6 +38,7 @@ from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.link import PeerLink
 from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
+from valuemesh.node.netview import NetView
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
 from valuemesh.node.seqcheck import SeqCheck
@@ -86,6 +87,7 @@ class Node:
     held: Held
     addrs: AddressSpread
     dialback: DialBack
+    netview: NetView  # paths and netcheck (node/netview.py)
 
     def __init__(
         self,
@@ -475,6 +477,10 @@ class Node:
         self.dialback = DialBack(self.identity, self.network_id, self.links, send=send, groups=self.shared_with,
                                  addresses=self.addrs.announced, on_result=self.addrs.set_reach, spawn=self._spawn)
         self.dialback.register(self.handlers)
+        self.netview = NetView(transport=self.transport, addrs=self.addrs, dialback=self.dialback,
+                               ask=self._ask_dialback, spawn=self._spawn, mapper=lambda: self.portmap,
+                               listen=lambda: (self.listen_host, self.listen_port),
+                               port_mapping=self.port_mapping, serve_relay=self.serve_relay)
 
     async def _addresses_beat(self) -> None:
         await self.addrs.beat()
@@ -536,6 +542,7 @@ class Node:
                 f"{v.addresses[0].host}:{v.addresses[0].port}" if v.addresses else "")
             doc["via"] = v.via.source if v.via is not None else (v.addresses[0].source if v.addresses else "")
             doc["connected"] = link is not None
+            doc.update(self.netview.link_json(link))  # path, relay, rtt_ms
             doc["constellations"] = [constellation_text(c) for c in sorted(self.peer_constellations.get(mid, ()))]
             out.append(doc)
         return out
@@ -554,6 +561,9 @@ class Node:
         health = "degraded: " + "; ".join(short) if short else "ok"
         return {"health": health, "member": str(self.identity.member), "listen": self.addresses()[0],
                 "uptime_s": int(time.time() - self.started_at), "peers": self.peer_list(), "constellations": cons}
+
+    async def netcheck(self, fresh: bool, wait_s: float) -> dict[str, Any]:
+        return await self.netview.netcheck(fresh, wait_s)
 
     def constellation_list(self) -> list[dict[str, Any]]:
         return [{k: s[k] for k in ("id", "name", "members", "status", "my_tier", "guarantee")}

@@ -75,6 +75,24 @@ def local_addresses(adapters: Sequence[ifaddr.Adapter] | None = None) -> set[str
     return out
 
 
+def local_networks(
+    adapters: Sequence[ifaddr.Adapter] | None = None,
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of this host's interface addresses (loopback included: a peer on this
+    machine is as near as one on the LAN), for telling a `lan` link from a `direct` one."""
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for adapter in adapters if adapters is not None else ifaddr.get_adapters():
+        for ip in adapter.ips:
+            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            try:
+                net = ipaddress.ip_network(f"{text.split('%')[0]}/{ip.network_prefix}", strict=False)
+            except ValueError:
+                continue
+            if net not in out:
+                out.append(net)
+    return out
+
+
 def check_interfaces(interfaces: Sequence[str]) -> list[str]:
     """Validate the operator's interface addresses: IP literals assigned to this host."""
     if isinstance(interfaces, str):
