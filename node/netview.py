@@ -99,8 +99,8 @@ def nat_behaviour(seen: Mapping[MemberId, Seen], own_ips: Collection[str], local
     does, which is what hole punching relies on) is endpoint-independent; each seen at another
     port, endpoint-dependent (symmetric). Fewer than two of our own connections seen: unknown."""
     own = {p for p in (plain_ip(ip) for ip in own_ips) if p is not None}
-    views = [s for s in seen.values() if _specified(s.observed.host)
-             and not (s.remote_ip is not None and on_lan(plain_ip(s.remote_ip) or s.remote_ip, local))]
+    views = [s for s in seen.values()
+             if not (s.remote_ip is not None and on_lan(plain_ip(s.remote_ip) or s.remote_ip, local))]
     if not views:
         why = "only members on this node's own network have said" if seen else "no member has said yet"
         return NatView(NAT_UNKNOWN, f"NAT behaviour unknown: {why} where they see this node's connections come from.")
@@ -148,11 +148,6 @@ def nat_behaviour(seen: Mapping[MemberId, Seen], own_ips: Collection[str], local
                    outside, n)
 
 
-def _specified(host: str) -> bool:
-    ip = plain_ip(host)
-    return ip is not None and not ipaddress.ip_address(ip).is_unspecified
-
-
 # -- the other parts of the report ---------------------------------------------------------------
 
 
@@ -165,11 +160,12 @@ def ids(members: Iterable[MemberId]) -> str:
 
 
 def address_lines(record: AddressRecord | None, results: Mapping[Address, str]) -> list[dict[str, Any]]:
-    """The addresses our record announces, each with its kind, dial-back's result and a sentence."""
+    """The addresses our record announces (mapped, direct, then LAN ones), each with its kind,
+    dial-back's result and a sentence."""
     if record is None:
         return []
     out = []
-    for a in record.addresses:
+    for a in sorted(record.addresses, key=lambda r: (r.kind is Kind.LAN, r.kind is Kind.DIRECT, r.host, r.port)):
         addr = Address(a.host, a.port)
         result = results.get(addr, "unchecked")
         what = {Kind.DIRECT: "a public (direct) address", Kind.MAPPED: "a port-mapped address at its router",
@@ -292,10 +288,9 @@ def links_view(paths: Mapping[MemberId, tuple[str, MemberId | None]]) -> dict[st
 def parse_params(query: Mapping[str, str]) -> tuple[bool, float]:
     """netcheck's query parameters: `fresh` (true/false, default true) and `wait_s` (0 to
     MAX_WAIT_S); anything else is refused with one sentence."""
-    names = list(query.keys())
-    if len(names) != len(set(names)):
+    if len(query) != len(set(query)):  # a multidict counts each value of a repeated name
         raise LocalError("Give each netcheck parameter at most once.")
-    unknown = sorted(set(names) - {"fresh", "wait_s"})
+    unknown = sorted(set(query) - {"fresh", "wait_s"})
     if unknown:
         raise LocalError(f"netcheck takes only the parameters fresh and wait_s, not {unknown[0][:40]!r}.")
     raw = query.get("fresh", "true").lower()
