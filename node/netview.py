@@ -142,7 +142,7 @@ def nat_behaviour(seen: Mapping[MemberId, Seen], own_ips: Collection[str], local
         return NatView(NAT_EDM, f"{behind}; the router gave each of the {len(opened)} connections members saw "
                                 "another port than this node's own, as an endpoint-dependent (symmetric) NAT "
                                 "does: hole punching will likely fail, so members reach this node through relays "
-                                "unless its port is mapped or forwarded.", outside, n)
+                                "unless its router maps its port.", outside, n)
     return NatView(NAT_UNKNOWN, f"{behind}; the router kept this node's port on {kept} of {len(opened)} "
                                 "connections and changed it on the others, so how it maps ports is unclear.",
                    outside, n)
@@ -190,8 +190,7 @@ def reach_view(state: Reachability, record: AddressRecord | None, nat: NatView, 
     failed = [a for a, r in sorted(state.results.items()) if r == UNREACHABLE]
     behind = nat.kind != NAT_NONE and bool(nat.outside)
     announced_outside = any(plain_ip(a.host) in nat.outside for a in kinds)
-    forward = (f" To be reachable, forward TCP port {listen_port} on the router to this machine "
-               "(docs/operator.md).") if not (mapping is not None and mapping.obtained) else ""
+    forward = advice(mapping, listen_port)
     if public:
         state_, text = "reachable", (f"Reachable from the internet: members dialled this node back at "
                                      f"{', '.join(map(str, public))} ({when}).")
@@ -214,6 +213,16 @@ def reach_view(state: Reachability, record: AddressRecord | None, nat: NatView, 
         state_, text = "unknown", f"Reachability unknown: no member could dial this node's addresses back ({when})."
     return {"state": state_, "checked_at": state.checked_at, "age_s": age,
             "asked": [str(h) for h in state.helpers], "text": text}
+
+
+def advice(mapping: PortMapping | None, listen_port: int) -> str:
+    """What makes a node behind NAT reachable, as this node announces addresses: a mapping its
+    router grants (it goes into the signed record; a port forwarded by hand does not)."""
+    if mapping is not None and mapping.obtained:
+        return ""
+    how = "turn on UPnP-IGD, NAT-PMP or PCP on the router" if mapping is not None else \
+        "turn on port_mapping and UPnP-IGD, NAT-PMP or PCP on the router"
+    return f" To be reachable, {how}, so that it maps TCP port {listen_port} (docs/operator.md)."
 
 
 def mapping_view(mapping: PortMapping | None, enabled: bool) -> dict[str, Any]:

@@ -174,7 +174,10 @@ def test_reachability_states() -> None:
     assert r["state"] == "reachable" and r["age_s"] == 5 and "203.0.113.7:7470" in r["text"]
     assert "checked 5 s ago by 2 member(s)" in r["text"]
     r = reach_view(state({pub: UNREACHABLE}), rec, nonat, None, 7470, NOW)
-    assert r["state"] == "unreachable" and "forward TCP port 7470" in r["text"]
+    assert r["state"] == "unreachable" and "turn on port_mapping and UPnP-IGD" in r["text"]
+    refused = PortMapping("", 7470, reason="the router granted none")
+    r = reach_view(state({pub: UNREACHABLE}), rec, nonat, refused, 7470, NOW)
+    assert "turn on UPnP-IGD, NAT-PMP or PCP on the router, so that it maps TCP port 7470" in r["text"]
     home = record((Kind.LAN, lan.host, lan.port))
     behind = NatView(NAT_EIM, "", ("198.51.100.99",), 2)
     r = reach_view(state({lan: UNKNOWN}), home, behind, None, 7470, NOW)
@@ -187,7 +190,7 @@ def test_reachability_states() -> None:
     assert r["state"] == "unchecked" and r["age_s"] is None and r["checked_at"] is None
     mapped = PortMapping("pcp", 7470, "198.51.100.99", 7470, 7200)
     r = reach_view(state({lan: UNREACHABLE}), home, unknown, mapped, 7470, NOW)
-    assert "forward" not in r["text"]  # the router maps already: no advice to forward by hand
+    assert "To be reachable" not in r["text"]  # the router maps already: no advice
 
 
 def test_addresses_mapping_relays_ipv6_and_links_sentences() -> None:
