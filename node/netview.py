@@ -371,7 +371,17 @@ class NetView:
         db = self._dialback
         if not fresh:
             return False, "Shown as last checked (fresh=false)."
-        if not db.asking:
+        if self._round is not None and not self._round.done():
+            pass  # one netcheck started a round already: wait for that one, ask nobody again
+        elif db.asking:
+            # The node's own periodic round is under way: wait for it the same way (bounded).
+            deadline = self._clock() + wait_s
+            while db.asking and self._clock() < deadline:
+                await asyncio.sleep(0.1)
+            return (not db.asking), ("" if not db.asking else
+                                     f"A check under way had not finished within {wait_s:.0f} s; the last result "
+                                     "is shown.")
+        else:
             checked = db.state.checked_at
             age = None if checked is None else (self._wall() - checked) / 1000
             if age is not None and age < FRESH_INTERVAL_S:
@@ -380,14 +390,7 @@ class NetView:
             if not db.can_ask:
                 return False, "No linked member shares a constellation with this node, so nobody can check it now."
             self._round = self._spawn(self._ask())
-        elif self._round is None or self._round.done():
-            # The node's own periodic round is under way: wait for it the same way (bounded).
-            deadline = self._clock() + wait_s
-            while db.asking and self._clock() < deadline:
-                await asyncio.sleep(0.1)
-            return (not db.asking), ("" if not db.asking else
-                                     f"A check under way had not finished within {wait_s:.0f} s; the last result "
-                                     "is shown.")
+        assert self._round is not None
         done, _ = await asyncio.wait({self._round}, timeout=wait_s)
         if not done:
             return False, (f"The members asked had not all answered within {wait_s:.0f} s; the check goes on in "
