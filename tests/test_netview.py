@@ -13,6 +13,8 @@ from typing import Any, cast
 import pytest
 from multidict import MultiDict
 from test_dialback import Peer
+from test_relay import relayed_pair
+from transport_kit import running_cluster, until
 
 from valuemesh.node.addresses import Address
 from valuemesh.node.dialback import REACHABLE, UNKNOWN, UNREACHABLE, Reachability, Seen
@@ -289,3 +291,25 @@ async def test_a_round_records_our_end_of_the_connection_the_helper_saw() -> Non
             for p in (asker, helper):
                 await p.dialback.close()
                 await p.transport.stop()
+
+
+async def test_a_real_relayed_link_shows_its_relay_and_the_relay_lists_whom_it_serves() -> None:
+    async with running_cluster() as cluster:
+        relay, a, b, link, far = await relayed_pair(cluster)
+        for end in (link, far):
+            got = link_json(end, None, mapped=False, local=LAN)
+            assert got["path"] == "relayed" and got["relay"] == str(relay.member)
+            assert end.opened_from is None  # no socket of its own: nothing of a NAT to see
+        await until(lambda: link.rtt is not None, "the relayed link's first round trip")
+        assert link_json(link, None, mapped=False, local=LAN)["rtt_ms"] is not None
+        # Each end dialled the relay: that link has our socket's end, which the relay sees.
+        to_relay = b.transport.link(relay.member)
+        assert to_relay is not None and to_relay.opened_from is not None
+        seen_by_relay = relay.transport.link(b.member)
+        assert seen_by_relay is not None and seen_by_relay.addr == to_relay.opened_from
+        assert seen_by_relay.opened_from is None
+        held = relays_view(a.transport.reservations, a.transport.relaying.relayed_for, 0, True, False)
+        assert held["reserved_at"] == [str(relay.member)]
+        serving = relays_view(relay.transport.reservations, relay.transport.relaying.relayed_for,
+                              relay.transport.relaying.circuits, True, True)
+        assert serving["relaying_for"] == [str(a.member)] and serving["circuits"] == 1
