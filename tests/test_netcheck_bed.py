@@ -130,7 +130,15 @@ def test_netcheck_tells_each_nat_and_the_mapping(net: Internet, tmp_path: Path) 
         assert pm["method"] in ("pcp", "natpmp", "upnp") and pm["external_ip"] == router, pm
         assert pm["text"].startswith(f"Port mapping: the router forwards {router}:{pm['external_port']} to this "
                                      f"node's port {PORT} by ")
-        for name, doc in (("eim1", eim), ("sym1", sym), ("upnp1", mapped)):
+        public = until(lambda: (d := founder.json("netcheck"))["reachability"]["state"] == "reachable" and d,
+                       "pub1's netcheck to find it reachable", every)
+        assert f"{net.host('pub1').ip}:{PORT}" in public["reachability"]["text"]
+        assert [(a["kind"], a["result"]) for a in public["addresses"]] == [("direct", "reachable")]
+        assert public["relays"]["reserved_at"] == [] and "needs none" in public["relays"]["text"]
+        # It has a global IPv6 address, but listens on its IPv4 one only, and says so.
+        assert public["ipv6"]["host_addresses"] == [net.host("pub1").ip6] and public["ipv6"]["announced"] == []
+        assert "announces no IPv6 address" in public["ipv6"]["text"]
+        for name, doc in (("pub1", public), ("eim1", eim), ("sym1", sym), ("upnp1", mapped)):
             print(f"--- {name}: valuemesh netcheck\n" + "\n".join(doc["lines"]))
         text = members["eim1"].cli("netcheck", "--cached").stdout
         assert "endpoint-independent" in text and "Not reachable from the internet" in text
