@@ -11,26 +11,22 @@ asks the same members (they answer one request per DIALBACK_INTERVAL_S).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from valuemesh.node.addresses import Address
+from valuemesh.node.addresses import Address, Network, ip_or_none, on_networks
 from valuemesh.node.addrspread import AddressSpread
 from valuemesh.node.clock import now_ms
 from valuemesh.node.dialback import DIALBACK_INTERVAL_S, REACHABLE, UNREACHABLE, DialBack, Reachability, Seen, plain_ip
-from valuemesh.node.interfaces import local_addresses, local_networks
+from valuemesh.node.interfaces import local_addresses
 from valuemesh.node.link import PeerLink
 from valuemesh.node.portmap import PortMapper, PortMapping
-from valuemesh.node.reach_policy import on_lan, path_of
 from valuemesh.node.transport import Transport
 from valuemesh.protocol.addressrec import AddressRecord, Kind
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import MemberId
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # A fresh round is asked for only when the last is older than this: each member asked answers
 # one dial-back request per DIALBACK_INTERVAL_S (after a burst of two), and a refused request
@@ -38,7 +34,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 FRESH_INTERVAL_S = DIALBACK_INTERVAL_S
 DEFAULT_WAIT_S = 12.0  # how long netcheck waits for a fresh round (answers take up to 10 s)
 MAX_WAIT_S = 20.0  # below the CLI client's 30 s timeout
-NETWORKS_TTL_S = 5.0  # the interface networks are read again after this long
 SHOWN_IDS = 4  # member ids a sentence names before it says "and N more"
 
 NAT_NONE, NAT_EIM, NAT_EDM, NAT_UNKNOWN = "none", "endpoint-independent", "endpoint-dependent", "unknown"
@@ -47,32 +42,13 @@ NAT_NONE, NAT_EIM, NAT_EDM, NAT_UNKNOWN = "none", "endpoint-independent", "endpo
 # -- paths ---------------------------------------------------------------------------------------
 
 
-def dialled_kind(link: PeerLink, record: AddressRecord | None) -> str | None:
-    """The kind the member's signed record gives the address we dialled (None if we did not
-    dial it, or the record does not name it)."""
-    if link.inbound or record is None:
-        return None
-    ip, port = plain_ip(link.addr[0]), link.addr[1]
-    return next((a.kind.value for a in record.addresses if plain_ip(a.host) == ip and a.port == port), None)
-
-
-def link_path(link: PeerLink, record: AddressRecord | None, *, mapped: bool, local: Sequence[Network]) -> str:
-    """A link's path: the transport's own word for relayed and punched links; a direct one
-    refined by reach_policy.path_of into lan, mapped or direct."""
-    if link.path != "direct":
-        return link.path
-    ip = plain_ip(link.addr[0]) or link.addr[0]
-    return path_of(ip, inbound=link.inbound, dialled_kind=dialled_kind(link, record), mapped=mapped, local=local)
-
-
-def link_json(link: PeerLink | None, record: AddressRecord | None, *, mapped: bool,
-              local: Sequence[Network]) -> dict[str, Any]:
-    """The keys `peers` and `status` add per peer: `path`, `relay` (the relay's member id for a
-    relayed link) and `rtt_ms` (the last measured round trip); all None when not connected."""
+def link_json(link: PeerLink | None, path: str | None) -> dict[str, Any]:
+    """The keys `peers` and `status` add per peer: `path` (node/reach.py `Reach.path`: lan,
+    direct, mapped, punched, relayed), `relay` (the relay's member id for a relayed link) and
+    `rtt_ms` (the last measured round trip); all None when not connected."""
     if link is None:
         return {"path": None, "relay": None, "rtt_ms": None}
-    return {"path": link_path(link, record, mapped=mapped, local=local),
-            "relay": str(link.via) if link.via is not None else None,
+    return {"path": path, "relay": str(link.via) if link.via is not None else None,
             "rtt_ms": round(link.rtt * 1000, 1) if link.rtt is not None else None}
 
 
@@ -100,7 +76,7 @@ def nat_behaviour(seen: Mapping[MemberId, Seen], own_ips: Collection[str], local
     port, endpoint-dependent (symmetric). Fewer than two of our own connections seen: unknown."""
     own = {p for p in (plain_ip(ip) for ip in own_ips) if p is not None}
     views = [s for s in seen.values()
-             if not (s.remote_ip is not None and on_lan(plain_ip(s.remote_ip) or s.remote_ip, local))]
+             if not (s.remote_ip is not None and on_networks(plain_ip(s.remote_ip) or s.remote_ip, local))]
     if not views:
         why = "only members on this node's own network have said" if seen else "no member has said yet"
         return NatView(NAT_UNKNOWN, f"NAT behaviour unknown: {why} where they see this node's connections come from.")
@@ -262,7 +238,7 @@ def relays_view(reserved_at: Sequence[MemberId], relaying_for: Sequence[MemberId
 
 
 def ipv6_view(local_ips: Collection[str], listen_host: str, record: AddressRecord | None) -> dict[str, Any]:
-    mine = sorted(ip for ip in local_ips if (p := _ip(ip)) is not None and p.version == 6 and p.is_global)
+    mine = sorted(ip for ip in local_ips if (p := ip_or_none(ip)) is not None and p.version == 6 and p.is_global)
     announced = [str(Address(a.host, a.port)) for a in (record.addresses if record is not None else ())
                  if ":" in a.host]
     if announced:
@@ -273,13 +249,6 @@ def ipv6_view(local_ips: Collection[str], listen_host: str, record: AddressRecor
     else:
         text = "IPv6: this host has no global IPv6 address; the node is reached over IPv4."
     return {"host_addresses": mine, "announced": announced, "text": text}
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 def links_view(paths: Mapping[MemberId, tuple[str, MemberId | None]]) -> dict[str, Any]:
@@ -326,7 +295,7 @@ class NetView:
         ask: Callable[[], Coroutine[Any, Any, None]], spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         mapper: Callable[[], PortMapper | None], listen: Callable[[], tuple[str, int]],
         port_mapping: bool, serve_relay: bool,
-        networks: Callable[[], Sequence[Network]] = local_networks,
+        path: Callable[[PeerLink], str],
         interface_ips: Callable[[], Collection[str]] = local_addresses,
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], int] = now_ms,
     ) -> None:
@@ -339,32 +308,18 @@ class NetView:
         self._listen = listen
         self._port_mapping = port_mapping
         self._serve_relay = serve_relay
-        self._networks_of = networks
+        self._path = path
         self._interface_ips = interface_ips
         self._clock = clock
         self._wall = wall
-        self._networks: tuple[float, Sequence[Network]] | None = None
         self._round: asyncio.Task[None] | None = None
-
-    def networks(self) -> Sequence[Network]:
-        now = self._clock()
-        if self._networks is None or now - self._networks[0] >= NETWORKS_TTL_S:
-            try:
-                self._networks = (now, self._networks_of())
-            except OSError:
-                self._networks = (now, ())
-        return self._networks[1]
 
     def _mapping(self) -> PortMapping | None:
         mapper = self._mapper()
         return mapper.current if mapper is not None else None
 
     def link_json(self, link: PeerLink | None) -> dict[str, Any]:
-        if link is None:
-            return link_json(None, None, mapped=False, local=())
-        mapping = self._mapping()
-        return link_json(link, self._addrs.table.get(link.remote), mapped=mapping is not None and mapping.obtained,
-                         local=self.networks())
+        return link_json(link, self._path(link) if link is not None else None)
 
     async def _refresh(self, fresh: bool, wait_s: float) -> tuple[bool, str]:
         """(whether a round finished during this call, why not in one sentence)."""
@@ -402,7 +357,7 @@ class NetView:
         state = self._dialback.state
         record = self._addrs.own()
         host, port = self._listen()
-        local = self.networks()
+        local = self._addrs.local()
         ips = self._interface_ips()
         nat = nat_behaviour(state.seen, ips, local)
         mapping = self._mapping()
@@ -413,8 +368,7 @@ class NetView:
         pm = mapping_view(mapping, self._port_mapping)
         v6 = ipv6_view(ips, host, record)
         addresses = address_lines(record, state.results)
-        mapped = mapping is not None and mapping.obtained
-        paths = {k: (link_path(lk, self._addrs.table.get(k), mapped=mapped, local=local), lk.via)
+        paths = {k: (self._path(lk), lk.via)
                  for k, lk in t.links.items() if not lk.closed}
         links = links_view(paths)
         if not addresses:

@@ -140,6 +140,15 @@ def test_netcheck_tells_each_nat_and_the_mapping(net: Internet, tmp_path: Path) 
         assert "announces no IPv6 address" in public["ipv6"]["text"]
         for name, doc in (("pub1", public), ("eim1", eim), ("sym1", sym), ("upnp1", mapped)):
             print(f"--- {name}: valuemesh netcheck\n" + "\n".join(doc["lines"]))
+        # With node/reach.py: the mapping is announced and dial-back reaches it; a home member
+        # without one holds reservations at the public members.
+        upnp = until(lambda: (d := members["upnp1"].json("netcheck"))["reachability"]["state"] == "reachable" and d,
+                     "upnp1 to be found reachable through its mapping", every)
+        assert f"{router}:{pm['external_port']}" in upnp["reachability"]["text"]
+        assert ("mapped", "reachable") in [(a["kind"], a["result"]) for a in upnp["addresses"]]
+        held = until(lambda: members["eim1"].json("netcheck", "--cached")["relays"]["reserved_at"],
+                     "eim1 to hold relay reservations", every)
+        assert set(held) <= pubs
         text = members["eim1"].cli("netcheck", "--cached").stdout
         assert "endpoint-independent" in text and "Not reachable from the internet" in text
         assert all(line.endswith(".") for line in text.strip().splitlines())

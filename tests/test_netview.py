@@ -16,10 +16,12 @@ from test_dialback import Peer
 from test_relay import relayed_pair
 from transport_kit import running_cluster, until
 
-from valuemesh.node.addresses import Address
-from valuemesh.node.dialback import REACHABLE, UNKNOWN, UNREACHABLE, Reachability, Seen
+from valuemesh.node.addresses import Address, Network
+from valuemesh.node.addrspread import AddressSpread
+from valuemesh.node.dialback import REACHABLE, UNKNOWN, UNREACHABLE, DialBack, Reachability, Seen
 from valuemesh.node.interfaces import local_networks
 from valuemesh.node.link import PeerLink
+from valuemesh.node.messaging import Send, Spawn
 from valuemesh.node.netview import (
     MAX_WAIT_S,
     NAT_EDM,
@@ -39,6 +41,8 @@ from valuemesh.node.netview import (
     relays_view,
 )
 from valuemesh.node.portmap import PortMapping
+from valuemesh.node.reach import Reach
+from valuemesh.node.transport import Transport
 from valuemesh.protocol.addressrec import AddressRecord, Kind, RecordAddress
 from valuemesh.protocol.errors import LocalError
 from valuemesh.protocol.identity import Identity, MemberId
@@ -64,8 +68,31 @@ class LinkLike:
     rtt: float | None = None
 
 
-def view(link: LinkLike, record: AddressRecord | None = None, *, mapped: bool = False) -> dict[str, Any]:
-    return link_json(cast(PeerLink, link), record, mapped=mapped, local=LAN)
+class AddrsLike:
+    """What Reach.path reads of AddressSpread: the members' records and this host's networks."""
+
+    def __init__(self, records: dict[MemberId, AddressRecord]) -> None:
+        self.table = self
+        self._records = records
+
+    def kind_of(self, member: MemberId, address: Address) -> Kind | None:
+        rec = self._records.get(member)
+        return None if rec is None else next(
+            (a.kind for a in rec.addresses if Address(a.host, a.port) == address), None)
+
+    def local(self) -> list[Network]:
+        return list(LAN)
+
+
+def view(link: LinkLike | PeerLink, record: AddressRecord | None = None, *, mapped: bool = False) -> dict[str, Any]:
+    """link_json with the path as the daemon names it (node/reach.py Reach.path)."""
+    reach = Reach(ME.member, cast(Transport, None), {}, cast(AddressSpread, AddrsLike(
+        {link.remote: record} if record is not None else {})), cast(DialBack, None), send=cast(Send, None),
+        wanted=lambda: (), groups=lambda k: (), spawn=cast(Spawn, None))
+    if mapped:
+        reach.mapping = PortMapping("pcp", 7470, "198.51.100.99", 7470, 7200)
+    lk = cast(PeerLink, link)
+    return link_json(lk, reach.path(lk))
 
 
 def record(*addrs: tuple[Kind, str, int]) -> AddressRecord:
@@ -80,7 +107,6 @@ def test_each_path_with_the_relay_and_rtt() -> None:
     assert view(LinkLike(mid(1), ("192.168.1.9", 7470), False, rtt=0.0123)) == \
         {"path": "lan", "relay": None, "rtt_ms": 12.3}
     assert view(LinkLike(mid(1), ("203.0.113.7", 7470), False), rec)["path"] == "mapped"
-    assert view(LinkLike(mid(1), ("::ffff:203.0.113.7", 7470), False), rec)["path"] == "mapped"
     # The same IP on another port than the record's mapped one was not dialled as mapped.
     assert view(LinkLike(mid(1), ("203.0.113.7", 9999), False), rec)["path"] == "direct"
     assert view(LinkLike(mid(1), ("198.51.100.4", 50123), True), rec, mapped=True)["path"] == "mapped"
@@ -88,7 +114,7 @@ def test_each_path_with_the_relay_and_rtt() -> None:
     assert view(LinkLike(mid(1), ("198.51.100.4", 7470), False, path="punched"))["path"] == "punched"
     relayed = view(LinkLike(mid(1), ("", 0), False, path="relayed", via=mid(2), rtt=0.25))
     assert relayed == {"path": "relayed", "relay": str(mid(2)), "rtt_ms": 250.0}
-    assert link_json(None, None, mapped=False, local=LAN) == {"path": None, "relay": None, "rtt_ms": None}
+    assert link_json(None, None) == {"path": None, "relay": None, "rtt_ms": None}
 
 
 def test_loopback_is_one_of_our_networks() -> None:
@@ -297,11 +323,11 @@ async def test_a_real_relayed_link_shows_its_relay_and_the_relay_lists_whom_it_s
     async with running_cluster() as cluster:
         relay, a, b, link, far = await relayed_pair(cluster)
         for end in (link, far):
-            got = link_json(end, None, mapped=False, local=LAN)
+            got = view(end)
             assert got["path"] == "relayed" and got["relay"] == str(relay.member)
             assert end.opened_from is None  # no socket of its own: nothing of a NAT to see
         await until(lambda: link.rtt is not None, "the relayed link's first round trip")
-        assert link_json(link, None, mapped=False, local=LAN)["rtt_ms"] is not None
+        assert view(link)["rtt_ms"] is not None
         # Each end dialled the relay: that link has our socket's end, which the relay sees.
         to_relay = b.transport.link(relay.member)
         assert to_relay is not None and to_relay.opened_from is not None
