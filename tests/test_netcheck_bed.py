@@ -87,8 +87,9 @@ def test_netcheck_tells_each_nat_and_the_mapping(net: Internet, tmp_path: Path) 
     every = list(members.values())
     try:
         for name, m in members.items():
-            # A public member listens on its address (its invites name it); a home one on all of its own.
-            m.start(f"{net.host(name).ip}:{PORT}" if name.startswith("pub") else f"0.0.0.0:{PORT}")
+            # pub1 and the homes listen on every interface of both families (the default), pub2 on
+            # its IPv4 address alone.
+            m.start(f"{net.host(name).ip}:{PORT}" if name == "pub2" else f"[::]:{PORT}")
         for m in every:
             until(lambda m=m: m.cli("status", check=False).returncode == 0, f"{m.host}'s daemon to answer", every)
         founder = members["pub1"]
@@ -133,11 +134,15 @@ def test_netcheck_tells_each_nat_and_the_mapping(net: Internet, tmp_path: Path) 
         public = until(lambda: (d := founder.json("netcheck"))["reachability"]["state"] == "reachable" and d,
                        "pub1's netcheck to find it reachable", every)
         assert f"{net.host('pub1').ip}:{PORT}" in public["reachability"]["text"]
-        assert [(a["kind"], a["result"]) for a in public["addresses"]] == [("direct", "reachable")]
+        found = {a["address"]: (a["kind"], a["result"]) for a in public["addresses"]}
+        assert found[f"{net.host('pub1').ip}:{PORT}"] == ("direct", "reachable"), found
         assert public["relays"]["reserved_at"] == [] and "needs none" in public["relays"]["text"]
-        # It has a global IPv6 address, but listens on its IPv4 one only, and says so.
-        assert public["ipv6"]["host_addresses"] == [net.host("pub1").ip6] and public["ipv6"]["announced"] == []
-        assert "announces no IPv6 address" in public["ipv6"]["text"]
+        # Listening on both families, it announces its global IPv6 address too (members with
+        # IPv6 dial it); pub2, listening on its IPv4 address alone, announces none and says so.
+        assert public["ipv6"]["host_addresses"] == [net.host("pub1").ip6]
+        assert public["ipv6"]["announced"] == [f"[{net.host('pub1').ip6}]:{PORT}"], public["ipv6"]
+        other = members["pub2"].json("netcheck", "--cached")["ipv6"]
+        assert other["announced"] == [] and "announces no IPv6 address" in other["text"]
         for name, doc in (("pub1", public), ("eim1", eim), ("sym1", sym), ("upnp1", mapped)):
             print(f"--- {name}: valuemesh netcheck\n" + "\n".join(doc["lines"]))
         # With node/reach.py: the mapping is announced and dial-back reaches it; a home member
