@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from valuemesh.node.addresses import Address, Network
+from valuemesh.node.addresses import Address, Network, is_global
 from valuemesh.node.addrtable import Outcome, RecordTable, Verdict
 from valuemesh.node.budgets import OVER_BUDGET_PENALTY
 from valuemesh.node.clock import now_ms
@@ -61,7 +61,9 @@ def own_addresses(
 ) -> list[RecordAddress]:
     """What our record announces: each interface address we listen on (all of one family for
     0.0.0.0, both for ::), non-loopback unless we have nothing else, never link-local;
-    `direct` where dial-back found a public address reachable, `lan` otherwise; the mapping."""
+    `direct` where dial-back found a public address reachable, `lan` otherwise; the mapping;
+    and any other global address with our port that dial-back found reachable (the router's
+    outside address, when the operator forwarded the port by hand)."""
     ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     if listen_host in ("0.0.0.0", "::"):
         for text in local_ips:
@@ -74,6 +76,9 @@ def own_addresses(
             ips.append(ipaddress.ip_address(listen_host))
         except ValueError:
             return []  # a host name: the operator's, not ours to announce
+    mine = {ip.compressed for ip in ips}
+    forwarded = [a for a, r in reach.items() if r == "reachable" and a.port == port and a != mapped
+                 and a.host not in mine and is_global(a.host)]
     routable = [ip for ip in ips if not ip.is_loopback]
     chosen = sorted(routable or ips, key=lambda ip: (ip.version, ip.packed))
     out = []
@@ -83,6 +88,9 @@ def own_addresses(
         out.append(RecordAddress(kind, a.host, a.port))
     if mapped is not None:
         out.insert(0, RecordAddress(Kind.MAPPED, mapped.host, mapped.port))
+    # Our router's outside address with our port, found reachable by dial-back: a port
+    # forwarded by hand (or a NAT that keeps the port open), announced as direct.
+    out += [RecordAddress(Kind.DIRECT, a.host, a.port) for a in forwarded]
     # Direct and mapped first: if a host has more than fits, those matter most.
     out.sort(key=lambda r: (r.kind is Kind.LAN, r))
     return out[:MAX_RECORD_ADDRESSES]
@@ -124,6 +132,8 @@ class AddressSpread:
         self._mapped: Address | None = None
         self._relays: tuple[MemberId, ...] = ()
         self.reach: dict[Address, str] = {}  # dial-back results (node/dialback.py)
+        # The IPs members see our links come from (node/dialback.py sets it).
+        self.observed: Callable[[], Collection[str]] = lambda: ()
         self._log = LogKinds(log).log
 
     def register(self, handlers: Handlers) -> None:
@@ -159,8 +169,17 @@ class AddressSpread:
                 "relays": [str(k) for k in r.relays], "records_held": len(self.table)}
 
     def announced(self) -> list[Address]:
-        """The addresses our record announces now (what dial-back checks)."""
+        """The addresses our record announces now."""
         return [] if self._own is None else [Address(a.host, a.port) for a in self._own.addresses]
+
+    def to_check(self) -> list[Address]:
+        """What dial-back checks: the outside IPs members observe our links come from, with our
+        listen port (reachable there only through a forward made by hand, or a mapping), then
+        the addresses we announce."""
+        port = self._listen()[1]
+        seen = [Address(ip, port) for ip in dict.fromkeys(self.observed()) if is_global(ip)]
+        announced = self.announced()
+        return [a for a in seen if a not in announced] + announced
 
     def local(self) -> Sequence[Network]:
         """This host's networks (node/interfaces.py), read at most every NETWORKS_TTL_S."""

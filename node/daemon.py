@@ -28,7 +28,7 @@ from valuemesh.node.api import make_app
 from valuemesh.node.budgets import Budgets
 from valuemesh.node.catchup import CHECKPOINT_START_MIN_RECORDS, Catchup
 from valuemesh.node.clock import now_ms
-from valuemesh.node.dialback import DialBack
+from valuemesh.node.dialback import DialBack, plain_ip
 from valuemesh.node.engine import Effects, Engine
 from valuemesh.node.gossip import Gossip
 from valuemesh.node.held import Held, open_home_store
@@ -483,8 +483,10 @@ class Node:
             listen=lambda: (self.listen_host, self.listen_port))
         self.addrs.register(self.handlers)
         self.dialback = DialBack(self.identity, self.network_id, self.links, send=send, groups=self.shared_with,
-                                 addresses=self.addrs.announced, on_result=self.addrs.set_reach, spawn=self._spawn)
+                                 addresses=self.addrs.to_check, on_result=self.addrs.set_reach, spawn=self._spawn)
         self.dialback.register(self.handlers)
+        self.addrs.observed = lambda: [h for a in self.dialback.state.observed.values()
+                                       if (h := plain_ip(a.host)) is not None]
         self.reach = Reach(self.identity.member, self.transport, self.links, self.addrs, self.dialback, send=send,
                            wanted=self._core_members, groups=self.shared_with, spawn=self._spawn)
         self.reach.register(self.handlers)

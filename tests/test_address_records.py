@@ -46,6 +46,18 @@ def test_a_node_announces_its_interface_addresses_by_kind() -> None:
     assert len(own_addresses("0.0.0.0", 1, many, {}, None)) == 8
 
 
+def test_a_port_forwarded_by_hand_is_announced_once_dial_back_reaches_it() -> None:
+    """Behind a router (only a private interface address), the outside IP members observe,
+    with our port, is announced as direct when dial-back reached it there; not when it did
+    not, nor at another port, nor a mapping twice."""
+    reach = {Address("93.184.216.34", 7700): "reachable", Address("93.184.216.35", 7701): "reachable",
+             Address("8.8.8.8", 7700): "unreachable", Address("198.51.100.7", 7700): "reachable"}
+    got = own_addresses("0.0.0.0", 7700, ["192.168.1.5"], reach, Address("198.51.100.7", 7700))
+    assert got == [RecordAddress(Kind.DIRECT, "93.184.216.34", 7700),
+                   RecordAddress(Kind.MAPPED, "198.51.100.7", 7700),
+                   RecordAddress(Kind.LAN, "192.168.1.5", 7700)]
+
+
 class Listener:
     """A member's side: takes every key, keeps every address record it receives."""
 
