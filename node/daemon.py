@@ -464,6 +464,11 @@ class Node:
     def _inviter_reached(self, link: PeerLink, host: str, port: int) -> None:
         if self.peers is not None:
             self.peers.add_known(link.remote, Address(host, port), Source.INVITE)
+            # Linked now, not at the inviter's hello: else the table dials the address just
+            # added once more, and that link replaces the one carrying the join and its
+            # checkpoint request (whose answer was then awaited 10 s in vain).
+            if not link.closed:
+                self.peers.link_up(link)
 
     # -- address records and dial-back (node/addrspread.py, node/dialback.py) -------
     def _wire_addresses(self) -> None:
@@ -597,7 +602,9 @@ class Node:
                 "uses": inv.uses}
 
     def _invite_addrs(self, eng: Engine) -> tuple[tuple[str, int], ...]:
-        out = [self._own_address()]
+        # What our address record announces first (direct and mapped before lan): a node
+        # listening on every interface is at 127.0.0.1 only for a joiner on this very host.
+        out = [(a.host, a.port) for a in self.addrs.announced()] + [self._own_address()]
         for v in self.table.snapshot(time.monotonic()):
             if v.linked and v.via is not None and eng.may_receive(MemberId.parse(v.member)):
                 out.extend((a.host, a.port) for a in v.addresses if a.ok_ago is not None)
