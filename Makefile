@@ -67,6 +67,10 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py
 
+# Issue #17's figures on the namespace internet beside their targets (root; ~3 min a repeat).
+bench-reach: $(STAMP)
+	$(PY) bench/reach.py --repeats $${REPEATS:-3}
+
 bench-soak: $(STAMP)
 	$(PY) bench/soak.py $(SOAK_ARGS)
 

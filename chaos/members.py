@@ -299,18 +299,21 @@ class Members:
 
     def api(self, name: str, method: str, path: str, body: Any = None, timeout: float = API_TIMEOUT_S) -> Any:
         """Call the member's local API from a thread inside its namespace (as the command does)."""
-        m = self.members[name]
+        return self.net.call(name, lambda: self.request(name, method, path, body, timeout), timeout + 5.0)
 
-        def call() -> Any:
-            token = (m.home / "api.token").read_text().strip()
-            data = json.dumps(body).encode() if body is not None else None
-            req = urllib.request.Request(f"http://127.0.0.1:7471{path}", data=data, method=method,
-                                         headers={"Authorization": f"Bearer {token}",
-                                                  "Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read() or b"{}")
+    def request(self, name: str, method: str, path: str, body: Any = None, timeout: float = API_TIMEOUT_S) -> Any:
+        """Call the member's local API from the calling thread, which must have entered the
+        member's namespace (`enter(name)`): for loops that call it often."""
+        token = (self.members[name].home / "api.token").read_text().strip()
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:7471{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
 
-        return self.net.call(name, call, timeout + 5.0)
+    def enter(self, name: str) -> None:
+        """Move the calling thread into the member's namespace."""
+        netns.enter_netns(self.net.host(name).netns)
 
 
 def _host_of(ids: dict[str, str], member: Any) -> str | None:
