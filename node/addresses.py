@@ -10,6 +10,7 @@ import enum
 import ipaddress
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from valuemesh.protocol.errors import LocalError, ValidationError
@@ -53,6 +54,21 @@ def ip_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return ipaddress.ip_address(host)
     except ValueError:
         return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_global(host: str) -> bool:
+    """Whether the IP literal `host` is a globally routable address (False for a name)."""
+    ip = ip_or_none(host)
+    return ip is not None and ip.is_global
+
+
+def on_networks(host: str, networks: Sequence[Network]) -> bool:
+    """Whether the IP literal `host` is on one of `networks` (False for a name)."""
+    ip = ip_or_none(host)
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
 @dataclass(frozen=True, slots=True, order=True)

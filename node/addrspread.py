@@ -13,11 +13,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from valuemesh.node.addresses import Address
+from valuemesh.node.addresses import Address, Network
 from valuemesh.node.addrtable import Outcome, RecordTable, Verdict
 from valuemesh.node.budgets import OVER_BUDGET_PENALTY
 from valuemesh.node.clock import now_ms
-from valuemesh.node.interfaces import local_addresses
+from valuemesh.node.interfaces import local_addresses, local_networks
 from valuemesh.node.link import PeerLink
 from valuemesh.node.loglimit import LogKinds
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, Send
@@ -42,6 +42,7 @@ log = logging.getLogger("valuemesh.discovery")
 OWN_RESIGN_INTERVAL_S = 5.0
 STALE_PENALTY = 1.0  # an older seq (honest floods can cross), or a member we do not know yet
 MAX_PENDING = 64  # records of keys not (yet) members, kept to look at again
+NETWORKS_TTL_S = 5.0  # this host's networks are read again at most this often
 # Our own record is sent to each link again this often even if unchanged: a receiver may have
 # refused it (a joiner's record arriving before its join is final there, a full budget).
 OWN_REPEAT_S = 30.0
@@ -95,6 +96,7 @@ class AddressSpread:
         groups: Groups, feed: Feed, penalize: Penalize, listen: Callable[[], tuple[str, int]],
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], int] = now_ms,
         interfaces: Callable[[], Collection[str]] = local_addresses,
+        networks: Callable[[], Sequence[Network]] = local_networks,
     ) -> None:
         self.identity = identity
         self.me = identity.member
@@ -109,6 +111,8 @@ class AddressSpread:
         self._clock = clock
         self._wall = wall
         self._interfaces = interfaces
+        self._networks = networks
+        self._nets: tuple[float, Sequence[Network]] = (-NETWORKS_TTL_S, ())
         self._told: dict[MemberId, dict[MemberId, int]] = {}  # link's remote -> member -> seq sent
         self._own_sent: dict[MemberId, float] = {}  # link's remote -> when our record was last sent
         # Records of keys we do not count members yet (a joiner racing its join; a member whose
@@ -158,14 +162,36 @@ class AddressSpread:
         """The addresses our record announces now (what dial-back checks)."""
         return [] if self._own is None else [Address(a.host, a.port) for a in self._own.addresses]
 
+    def local(self) -> Sequence[Network]:
+        """This host's networks (node/interfaces.py), read at most every NETWORKS_TTL_S."""
+        at, nets = self._nets
+        if self._clock() - at >= NETWORKS_TTL_S:
+            try:
+                nets = tuple(self._networks())
+            except OSError as e:
+                log.warning("could not list this host's networks: %s", e)
+            self._nets = (self._clock(), nets)
+        return nets
+
+    def usable(self, member: MemberId) -> list[Address]:
+        """`member`'s record addresses worth dialling from this host (its LAN addresses only
+        when on one of our networks)."""
+        return self.table.usable(member, self.local())
+
     def misclaimed(self, member: MemberId, address: Address) -> None:
         """A dial of `address` from `member`'s record met another key: drop the address for
-        that record and charge the member who announced it, not the key that answered."""
-        if self.table.drop_address(member, address):
+        that record and charge the member who announced it, not the key that answered — unless
+        the record calls it a LAN address: another home may number its LAN the same way."""
+        lan = self.table.kind_of(member, address) is Kind.LAN
+        if not self.table.drop_address(member, address):
+            return
+        if lan:
+            log.info("LAN address %s of %s is another node's here: dropped", address, member.short)
+        else:
             self._log("misclaim", "address %s in the record of %s is another node's: dropped, %s penalised",
                       address, member.short, member.short)
             self._penalize(member, MISCLAIM_PENALTY, f"its address record named {address}, another node's address")
-            self._feed(member, self.table.usable(member))
+        self._feed(member, self.usable(member))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -184,7 +210,7 @@ class AddressSpread:
                 self._own = rec
                 self.table.put_own(rec)
             elif self.table.restore(rec):
-                self._feed(member, self.table.usable(member))
+                self._feed(member, self.usable(member))
                 n += 1
         return n
 
@@ -298,7 +324,7 @@ class AddressSpread:
         if worst[0] > 0:
             link.penalize(worst[0], worst[1])
         for rec in accepted:
-            self._feed(rec.member, self.table.usable(rec.member))
+            self._feed(rec.member, self.usable(rec.member))
             await self._keep(rec)
         if accepted:
             for other in list(self._links.values()):

@@ -8,12 +8,12 @@ Pure: no I/O; time comes in (`now` monotonic seconds, `wall_ms` the wall clock).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from valuemesh.node.addresses import Address
+from valuemesh.node.addresses import Address, Network, is_global, on_networks
 from valuemesh.node.budgets import ByteWindows
-from valuemesh.protocol.addressrec import AddressRecord, decode_record
+from valuemesh.protocol.addressrec import AddressRecord, Kind, decode_record
 from valuemesh.protocol.errors import RemoteError
 from valuemesh.protocol.identity import MemberId
 
@@ -151,13 +151,26 @@ class RecordTable:
         dropped.add(address)
         return True
 
-    def usable(self, member: MemberId) -> list[Address]:
-        """The addresses of `member`'s record worth dialing (docs/protocol.md §9.1, Dialing)."""
+    def usable(self, member: MemberId, local: Sequence[Network] | None = None) -> list[Address]:
+        """The addresses of `member`'s record worth dialing (docs/protocol.md §9.1, Dialing);
+        with `local` (this host's networks), its private `lan` addresses only where they are on
+        one of them: a home's private address is someone else's, or nobody's, from outside (a
+        global one may be public but not yet confirmed by dial-back: worth a try)."""
         rec = self._held.get(member)
         if rec is None:
             return []
         dropped = self._dropped.get(member, set())
-        return [a for a in usable_addresses(rec) if a not in dropped]
+        lan_elsewhere = set() if local is None else {
+            Address(a.host, a.port) for a in rec.addresses
+            if a.kind is Kind.LAN and not is_global(a.host) and not on_networks(a.host, local)}
+        return [a for a in usable_addresses(rec) if a not in dropped and a not in lan_elsewhere]
+
+    def kind_of(self, member: MemberId, address: Address) -> Kind | None:
+        """What `member`'s record calls `address` (None if it does not name it)."""
+        rec = self._held.get(member)
+        if rec is None:
+            return None
+        return next((a.kind for a in rec.addresses if Address(a.host, a.port) == address), None)
 
     def _put(self, rec: AddressRecord) -> None:
         self._held[rec.member] = rec

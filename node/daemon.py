@@ -37,9 +37,10 @@ from valuemesh.node.joining import Joining
 from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.link import PeerLink
 from valuemesh.node.link_limits import HEADER_TIMEOUT
-from valuemesh.node.messaging import PENALTY_INVALID, Handlers, send
+from valuemesh.node.messaging import PENALTY_INVALID, Handlers, NotYetKnown, send
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
+from valuemesh.node.reach import Reach
 from valuemesh.node.seqcheck import SeqCheck
 from valuemesh.node.signer import Signer
 from valuemesh.node.store import PeerInfo, Store
@@ -86,6 +87,7 @@ class Node:
     held: Held
     addrs: AddressSpread
     dialback: DialBack
+    reach: Reach
 
     def __init__(
         self,
@@ -174,12 +176,12 @@ class Node:
                                    max(0.0, (wall - p.last_seen) / 1000), now, reached=p.failures == 0)
         self.transport = Transport(self.identity, self.network_id, self)
         # -- relaying for other members (node/relay.py): only between members of a
-        # constellation this node is in; the policy of reserving and dialling via relays
-        # lives in the peer manager.
+        # constellation this node is in; reserving and dialling via relays is node/reach.py's.
         if self.serve_relay:
             self.transport.may_relay = self.may_relay
         self._wire()
         self.listen_host, self.listen_port = await self.transport.start(self.listen_host, self.listen_port)
+        self.reach.start((self.listen_host, self.listen_port))
         self.peers = PeerManager(self.table, self.transport, rng=random.Random(secrets.randbits(64)),
                                  groups=self.shared_with)
         await self._start_addresses(self.peers)
@@ -200,6 +202,7 @@ class Node:
         self._tasks = [asyncio.create_task(self._tick_loop())]
         if self.port_mapping:  # -- port mapping: the node does not wait for the router
             self.portmap = portmap.PortMapper(self.listen_port, listen_host=self.listen_host)
+            self.portmap.on_change(self.reach.mapped)
             self._tasks.append(asyncio.create_task(self._start_portmap()))
         log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
                  self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))
@@ -289,6 +292,7 @@ class Node:
             await self.peers.stop()
         if hasattr(self, "dialback"):
             await self.dialback.close()
+            self.reach.close()
         if hasattr(self, "transport"):  # start may have failed before it
             await self.transport.stop()
         if self._opened:
@@ -393,6 +397,7 @@ class Node:
         await send(link, self._hello(link.remote))
         await self._links_changed()
         await self.addrs.link_up(link)
+        self.reach.link_up(link)
         await self._offer_peers(link)
 
     async def _offer_peers(self, link: PeerLink) -> None:
@@ -415,6 +420,7 @@ class Node:
             self.peer_constellations.pop(link.remote, None)
             self._told.pop(link.remote, None)
         self.addrs.link_down(link)
+        self.reach.link_down(link)
         if self.peers is not None:
             self.peers.link_down(link)
         await self._links_changed()
@@ -438,6 +444,8 @@ class Node:
         except RemoteError as exc:
             log.info("bad data from %s: %s", link.remote.short, exc.message)
             link.penalize(PENALTY_INVALID, exc.message)
+        except NotYetKnown as exc:
+            log.debug("ignored: %s", exc.message)
         except ValuemeshError as exc:
             log.warning("could not handle a message from %s: %s", link.remote.short, exc.message)
         except Exception:
@@ -480,9 +488,19 @@ class Node:
         self.dialback = DialBack(self.identity, self.network_id, self.links, send=send, groups=self.shared_with,
                                  addresses=self.addrs.announced, on_result=self.addrs.set_reach, spawn=self._spawn)
         self.dialback.register(self.handlers)
+        self.reach = Reach(self.identity.member, self.transport, self.links, self.addrs, self.dialback, send=send,
+                           wanted=self._core_members, groups=self.shared_with, spawn=self._spawn)
+        self.reach.register(self.handlers)
+
+    def _core_members(self) -> set[MemberId]:
+        """Whom this node keeps linked to, through a relay if need be: the core members of
+        every constellation it takes part in (their blocks make our records final)."""
+        return {mid for eng in self.engines.values() if eng.taking_part()
+                for mid, _ in eng.current_committee().members} - {self.identity.member}
 
     async def _addresses_beat(self) -> None:
         await self.addrs.beat()
+        await self.reach.beat()
         if self.dialback.due():
             self._spawn(self._ask_dialback())
 
@@ -493,6 +511,7 @@ class Node:
     async def _start_addresses(self, peers: PeerManager) -> None:
         peers.signed = self.addrs.has_record
         peers.on_misclaim = self.addrs.misclaimed
+        peers.on_dial_failed = self.reach.dial_failed
         await self.addrs.load()  # before any dial: a restarted node dials its peers' last records
         await self.addrs.refresh_own()
 
@@ -602,9 +621,12 @@ class Node:
                 "uses": inv.uses}
 
     def _invite_addrs(self, eng: Engine) -> tuple[tuple[str, int], ...]:
-        # What our address record announces first (direct and mapped before lan): a node
-        # listening on every interface is at 127.0.0.1 only for a joiner on this very host.
-        out = [(a.host, a.port) for a in self.addrs.announced()] + [self._own_address()]
+        """Where a joiner may reach the group: our record's addresses (public ones first;
+        never 127.0.0.1 for a node listening on every interface, unless it has nothing
+        else), then the proven addresses of the members we are linked to."""
+        rec = self.addrs.own()
+        mine = sorted(rec.addresses, key=lambda a: a.kind.value == "lan") if rec is not None else []
+        out = [(a.host, a.port) for a in mine] or [self._own_address()]
         for v in self.table.snapshot(time.monotonic()):
             if v.linked and v.via is not None and eng.may_receive(MemberId.parse(v.member)):
                 out.extend((a.host, a.port) for a in v.addresses if a.ok_ago is not None)

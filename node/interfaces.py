@@ -4,12 +4,13 @@ non-loopback IPv4) and the check of the operator's explicit interface addresses.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Sequence
 
 import ifaddr
 
-from valuemesh.node.addresses import ip_or_none
+from valuemesh.node.addresses import Network, ip_or_none
 from valuemesh.protocol.errors import LocalError
 
 # Linux interface flags (include/uapi/linux/if.h) as /sys/class/net/*/flags shows them.
@@ -72,6 +73,23 @@ def local_addresses(adapters: Sequence[ifaddr.Adapter] | None = None) -> set[str
             parsed = ip_or_none(text.split("%")[0])
             if parsed is not None:
                 out.add(parsed.compressed)
+    return out
+
+
+def local_networks(adapters: Sequence[ifaddr.Adapter] | None = None) -> list[Network]:
+    """The networks this host's interfaces are on (address and prefix length), loopback
+    included: a member's `lan` address is worth dialling only when it is on one of them."""
+    out: list[Network] = []
+    for adapter in adapters if adapters is not None else ifaddr.get_adapters():
+        for ip in adapter.ips:
+            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            parsed = ip_or_none(text.split("%")[0])
+            if parsed is None or parsed.is_link_local:
+                continue
+            with contextlib.suppress(ValueError):
+                net = ipaddress.ip_network(f"{parsed.compressed}/{ip.network_prefix}", strict=False)
+                if net not in out:
+                    out.append(net)
     return out
 
 

@@ -37,10 +37,19 @@ async def send(link: PeerLink, msg: m.Message) -> None:
         log.debug("could not send %s to %s: %s", msg.t, link.remote.short, exc)
 
 
+class NotYetKnown(ValuemeshError):
+    """Raised for data of a constellation we follow from a key our ledger does not count a
+    member while our own join is not final here yet: the ledger is behind, not the peer
+    wrong (a joiner hears from members who joined before it). Ignored, not charged."""
+
+
 def engine_for_peer(engines: Mapping[bytes, Engine], link: PeerLink, cid: bytes) -> Engine:
     """The engine of `cid`, if the peer at `link` may exchange its data with us."""
     eng = engines.get(cid)
     if eng is None or not eng.may_receive(link.remote):
+        if eng is not None and eng.ledger.member_status(eng.identity.member.key) != "active":
+            raise NotYetKnown(f"{link.remote.short}… sent data of a constellation our ledger has not caught up "
+                              "with enough to count it a member yet.")
         raise RemoteError("The peer sent data for a constellation it does not share with us.")
     return eng
 

@@ -104,6 +104,8 @@ class PeerManager:
         # when a record's address proved to be another key's.
         self.signed: Callable[[MemberId], bool] = lambda member: False
         self.on_misclaim: Callable[[MemberId, Address], None] | None = None
+        # Told when a dial of a known member's address failed (node/reach.py: go via a relay).
+        self.on_dial_failed: Callable[[MemberId], None] | None = None
         self._clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -293,6 +295,8 @@ class PeerManager:
             log.debug("dial %s failed: %s", a, e)
             self._target_result(a, ok=False)
             self._emit(self.table.dial_failed(target, self._clock(), self._rng.random()))
+            if target.member is not None and self.on_dial_failed is not None:
+                self.on_dial_failed(target.member)
         else:
             self._target_result(a, ok=True)
             now = self._clock()

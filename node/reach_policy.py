@@ -9,11 +9,11 @@ actions. Time comes in as monotonic seconds.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from valuemesh.node.addresses import Network, on_networks
 from valuemesh.protocol.identity import MemberId
 
 # A member behind NAT keeps reservations at this many relays when the group has them, so that
@@ -118,6 +118,15 @@ class ReachPolicy:
     def unlinked(self, member: MemberId) -> None:
         self._punched.discard(member)
 
+    def released(self, relay: MemberId) -> None:
+        """We gave up the reservation at `relay` (reachable without it, or it was not public)."""
+        self.reserved.discard(relay)
+
+    def punch_over(self, member: MemberId) -> None:
+        """A punch to `member` ended without a direct link: it may be asked for again (the
+        puncher's own back-off answers at once while it lasts)."""
+        self._punched.discard(member)
+
     # -- decisions ---------------------------------------------------------------------------
     def relays(self, public: bool | None, candidates: Iterable[LinkView], known: Mapping[MemberId, Known],
                now: float) -> tuple[list[Reserve], list[MemberId]]:
@@ -137,7 +146,7 @@ class ReachPolicy:
         return [Reserve(v.member) for v in free[: max(0, self.relays_wanted - keep)]], give_up
 
     def via(self, wanted: Iterable[MemberId], linked: Mapping[MemberId, LinkView], known: Mapping[MemberId, Known],
-            local: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], now: float) -> list[DialVia]:
+            local: Sequence[Network], now: float) -> list[DialVia]:
         """Members to dial through one of their relays: not linked, naming relays, and either
         without a public or same-LAN address to dial, or dialled directly and failed lately;
         through the first of their relays this node is linked to directly."""
@@ -148,7 +157,7 @@ class ReachPolicy:
                 continue
             if self._via_backoff.get(member, _Backoff()).until > now:
                 continue
-            dialable = k.public or any(on_lan(h, local) for h in k.lan)
+            dialable = k.public or any(on_networks(h, local) for h in k.lan)
             failed = now - self._direct_failed.get(member, -math.inf) < DIRECT_FRESH_S
             if dialable and not failed:
                 continue
@@ -168,20 +177,12 @@ class ReachPolicy:
         return out
 
 
-def on_lan(host: str, local: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(ip.version == net.version and ip in net for net in local)
-
-
 def path_of(remote_ip: str, *, inbound: bool, dialled_kind: str | None, mapped: bool,
-            local: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
+            local: Sequence[Network]) -> str:
     """The path of a link the transport made directly (not relayed, not punched): `lan` when
     the peer is on one of our networks; `mapped` when we dialled its mapped address, or it came
     in from outside through a port mapping of ours; else `direct`."""
-    if on_lan(remote_ip, local):
+    if on_networks(remote_ip, local):
         return "lan"
     if (not inbound and dialled_kind == "mapped") or (inbound and mapped):
         return "mapped"

@@ -218,6 +218,13 @@ class Relaying:
         self._reserved_at[link.remote] = link
         log.info("reserved at relay %s", link.remote.short)
 
+    def release(self, relay: MemberId) -> None:
+        """Give up the reservation at `relay` (this node became reachable without it)."""
+        link = self._reserved_at.pop(relay, None)
+        if link is not None and not link.closed:
+            link._send_circuit(cm.release())
+            log.info("released the reservation at relay %s", relay.short)
+
     def _cid(self, link: PeerLink) -> int:
         # Our side's bit: 0 if we initiated the link's handshake, else the responder bit.
         side = cm.RESPONDER_BIT if link.inbound else 0
@@ -322,6 +329,11 @@ class Relaying:
             fut = self._reserving.get(link)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
+            return
+        if op is Op.RELEASE:  # costs nothing to charge: it only frees what the member held
+            if self._reservations.get(link.remote) is link:
+                del self._reservations[link.remote]
+                log.info("released the relay reservation of %s at its request", link.remote.short)
             return
         end = self._ends.get(key)
         if end is not None:

@@ -129,6 +129,10 @@ class Transport:
         Raises RelayRefusedError (with `.code`) or PeerUnreachableError."""
         await self.relaying.reserve(relay_link)
 
+    def release(self, relay: MemberId) -> None:
+        """Give up the reservation at `relay` (nothing happens if none is held there)."""
+        self.relaying.release(relay)
+
     async def dial_via(self, relay: MemberId, target: MemberId) -> PeerLink:
         """A link to `target` through a circuit at `relay` (path "relayed", via=relay); the
         handshake runs end to end inside it. Raises RelayRefusedError, PeerUnreachableError

@@ -40,6 +40,7 @@ class Op(enum.IntEnum):
     DATA = 0x06  # one carrier message of the end-to-end link (1 .. max payload + 17 bytes)
     CLOSE = 0x07  # either hop: reason (0 .. 200 bytes of UTF-8)
     CREDIT = 0x08  # receiver → sender, end to end: 4-byte big-endian DATA byte increment
+    RELEASE = 0x09  # end → relay, circuit 0, no rest: forget my reservation (I am reachable now)
 
 
 class Code(enum.IntEnum):
@@ -118,6 +119,10 @@ def reserve() -> bytes:
     return _head(Op.RESERVE, 0)
 
 
+def release() -> bytes:
+    return _head(Op.RELEASE, 0)
+
+
 def reserved(code: Code, reason: str = "") -> bytes:
     return _head(Op.RESERVED, 0) + bytes((code,)) + _reason(reason or code.sentence)
 
@@ -160,10 +165,10 @@ def decode(body: bytes, max_data: int) -> Message:
         raise CircuitError("The peer sent a circuit message of an unknown kind.") from None
     circuit = int.from_bytes(body[1:5], "big")
     rest = bytes(body[5:])
-    if (op in (Op.RESERVE, Op.RESERVED)) != (circuit == 0):
+    if (op in (Op.RESERVE, Op.RESERVED, Op.RELEASE)) != (circuit == 0):
         raise CircuitError("The peer sent a circuit message with a misplaced circuit id.")
-    if op is Op.RESERVE and rest:
-        raise CircuitError("The peer's reservation request carries unexpected bytes.")
+    if op in (Op.RESERVE, Op.RELEASE) and rest:
+        raise CircuitError("The peer's reservation request or release carries unexpected bytes.")
     if op in (Op.OPEN, Op.INCOMING) and len(rest) != KEY_LEN:
         raise CircuitError("The peer's circuit open does not name one member key.")
     if op in (Op.RESERVED, Op.OPENED):

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from . import cbor
 from .addressrec import MAX_RECORD_SIZE as MAX_ADDRESS_RECORD_SIZE
 from .errors import DecodeError
+from .punch import MAX_MESSAGE as MAX_PUNCH_MESSAGE
 from .records import MAX_BLOCK_SIZE, MAX_RECORD_SIZE
 from .snapshot import MAX_SNAPSHOT_SIZE
 
@@ -333,16 +334,28 @@ class YourSeq:
         return len(self.c) == 32 and len(self.record) <= MAX_RECORD_SIZE
 
 
+@dataclass(frozen=True, slots=True)
+class PunchMessage:
+    """One hole-punch message (protocol/punch.py: punch-connect or punch-sync), carried over
+    the relayed link it means to upgrade (node/reach.py); `data` is decoded by punch.decode."""
+
+    t: ClassVar[str] = "punch"
+    data: bytes
+
+    def valid(self) -> bool:
+        return 0 < len(self.data) <= MAX_PUNCH_MESSAGE
+
+
 Message = (
     Hello | Heads | Blocks | GetBlocks | SubmitRecords | JoinRequest | JoinReply | Refuse | Proof | CheckpointSig
     | GetCheckpoint | CheckpointChain | GetSnapshot | SnapshotPart | PeerExchange | MySeq | YourSeq | AddressRecords
-    | DialBackAsk | DialBackReply
+    | DialBackAsk | DialBackReply | PunchMessage
 )
 _TYPES: dict[str, type[Any]] = {
     cls.t: cls
     for cls in (Hello, Heads, Blocks, GetBlocks, SubmitRecords, JoinRequest, JoinReply, Refuse, Proof, CheckpointSig,
                 GetCheckpoint, CheckpointChain, GetSnapshot, SnapshotPart, PeerExchange, MySeq, YourSeq,
-                AddressRecords, DialBackAsk, DialBackReply)
+                AddressRecords, DialBackAsk, DialBackReply, PunchMessage)
 }
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "constellations": list, "listen_port": int, "version": str, "c": bytes, "heads": list,

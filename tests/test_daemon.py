@@ -41,6 +41,7 @@ async def test_each_message_type_goes_to_its_owner(node: Node) -> None:
         m.AddressRecords: node.addrs._on_records,
         m.DialBackAsk: node.dialback._on_ask, m.DialBackReply: node.dialback._on_reply,
         m.MySeq: node.seqcheck.on_ask, m.YourSeq: node.seqcheck.on_answer,
+        m.PunchMessage: node.reach._on_punch,
     }
     assert set(owners) == set(get_args(m.Message))  # every type of the wire has an owner
     assert node.handlers.types() == set(owners)

@@ -3,12 +3,13 @@ an unknown type is a RemoteError; a second handler for a type is a programming e
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from nodefakes import FakeLink
 
-from valuemesh.node.messaging import Handlers, engine_for_peer, send
+from valuemesh.node.messaging import Handlers, NotYetKnown, engine_for_peer, send
 from valuemesh.protocol import messages as m
 from valuemesh.protocol.errors import RemoteError
 from valuemesh.protocol.identity import MemberId
@@ -51,7 +52,13 @@ async def test_send_drops_what_a_closed_link_refuses() -> None:
 def test_a_peer_gets_only_engines_it_shares() -> None:
     member, other = MemberId(bytes([1]) * 32), MemberId(bytes([2]) * 32)
 
+    me = MemberId(bytes([3]) * 32)
+
     class Eng:
+        identity = SimpleNamespace(member=me)
+        mine = "active"
+        ledger = SimpleNamespace(member_status=lambda key: Eng.mine if key == me.key else "unknown")
+
         def may_receive(self, key: MemberId) -> bool:
             return key == member
 
@@ -60,3 +67,10 @@ def test_a_peer_gets_only_engines_it_shares() -> None:
     for cid, remote in ((b"c", other), (b"x", member)):  # not its member; not a constellation we follow
         with pytest.raises(RemoteError):
             engine_for_peer(engines, FakeLink(remote), cid)  # type: ignore[arg-type]
+    # While our own join is not final here, a key we do not know yet may be a member who
+    # joined before us: ignored, not charged. A constellation we do not follow still is.
+    Eng.mine = "applicant"
+    with pytest.raises(NotYetKnown):
+        engine_for_peer(engines, FakeLink(other), b"c")  # type: ignore[arg-type]
+    with pytest.raises(RemoteError):
+        engine_for_peer(engines, FakeLink(other), b"x")  # type: ignore[arg-type]

@@ -114,6 +114,18 @@ async def test_closing_the_relay_link_closes_its_circuits_promptly_at_both_ends(
     assert err.value.code == cm.Code.NO_RESERVATION
 
 
+async def test_a_released_reservation_is_forgotten_at_the_relay(cluster: Cluster) -> None:
+    relay, (a, b) = await relay_setup(cluster)
+    assert relay.transport.relaying.relayed_for == [a.member]
+    a.transport.release(relay.member)
+    assert a.transport.reservations == []
+    await until(lambda: relay.transport.relaying.relayed_for == [], "the relay forgot the reservation")
+    with pytest.raises(RelayRefusedError) as err:
+        await b.transport.dial_via(relay.member, a.member)
+    assert err.value.code == cm.Code.NO_RESERVATION
+    assert relay.transport.link(a.member) is not None  # the link itself stays
+
+
 async def test_either_end_closing_ends_the_circuit_at_the_relay(cluster: Cluster) -> None:
     relay, a, b, link, far = await relayed_pair(cluster)
     far.close("done talking")

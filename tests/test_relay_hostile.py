@@ -332,7 +332,9 @@ def test_every_encoder_round_trips() -> None:
     ("body", "fragment"),
     [
         (b"\x06\x00\x00", "too short"),
-        (b"\x09" + bytes(4), "unknown kind"),
+        (b"\x0a" + bytes(4), "unknown kind"),
+        (b"\x09\x00\x00\x00\x01", "misplaced circuit id"),
+        (b"\x09" + bytes(4) + b"x", "unexpected bytes"),
         (b"\x00" + bytes(4), "unknown kind"),
         (b"\x01\x00\x00\x00\x01", "misplaced circuit id"),
         (b"\x03" + bytes(4) + KEY, "misplaced circuit id"),
