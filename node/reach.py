@@ -39,6 +39,7 @@ from valuemesh.protocol.identity import MemberId
 log = logging.getLogger("valuemesh.reach")
 
 KICK_DELAY_S = 0.02  # events within this long are planned for together
+DIRECT_RETRY_S = 30.0  # a relayed public member that could not be dialled is tried again after this
 CHANNEL_DEPTH = 4  # punch messages queued per exchange (the protocol needs at most 2)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
@@ -101,6 +102,7 @@ class Reach:
         self._listen_port = 0
         self._reserving: set[MemberId] = set()
         self._dialling: set[MemberId] = set()
+        self._direct_after: dict[MemberId, float] = {}  # relayed public members: dial again after
         self._sessions: dict[MemberId, _Channel] = {}
         self._published: tuple[MemberId, ...] = ()
         self._kicked: asyncio.TimerHandle | None = None
@@ -260,8 +262,18 @@ class Reach:
             if via.target not in self._dialling:
                 self._dialling.add(via.target)
                 self._spawn(self._via(via))
+        # A relayed member whose record names a public or mapped address is dialled there (the
+        # direct link replaces the relayed one), never punched; nor do we punch while public
+        # ourselves: the other end dials us. docs/punch.md: such pairs get a direct path.
+        me_public = self.public()
+        for k, v in views.items():
+            if v.path == "relayed" and (kn := known.get(k)) is not None and kn.public and k not in self._dialling \
+                    and now >= self._direct_after.get(k, 0.0):
+                self._dialling.add(k)
+                self._spawn(self._direct(k))
         if self.puncher is not None:
-            for p in self.policy.punches(views.values()):
+            for p in self.policy.punches(v for v in views.values()
+                                         if not me_public and not getattr(known.get(v.member), "public", False)):
                 if p.target in self._sessions or self.puncher.backoff.wait(p.target, now):
                     self.policy.punch_over(p.target)
                     continue
@@ -298,6 +310,19 @@ class Reach:
             log.info("reached %s through relay %s (path %s)", via.target.short, via.relay.short, link.path)
         finally:
             self._dialling.discard(via.target)
+
+    async def _direct(self, member: MemberId) -> None:
+        """Dial a relayed member at its record's public addresses; the link replaces the relayed one."""
+        try:
+            for a in self._addrs.table.usable(member, self._addrs.local()):
+                with contextlib.suppress(Exception):  # unreachable, refused, another key: try the next
+                    await self._transport.connect(a.host, a.port, expect=member)
+                    log.info("replaced the relayed link to %s by a direct one to %s", member.short, a)
+                    self._direct_after.pop(member, None)
+                    return
+            self._direct_after[member] = self._clock() + DIRECT_RETRY_S
+        finally:
+            self._dialling.discard(member)
 
     # -- hole punching ---------------------------------------------------------------------------
     async def _upgrade(self, peer: MemberId, ch: _Channel) -> None:
