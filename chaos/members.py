@@ -48,6 +48,7 @@ POLL_S = 0.25
 PATHS = ("lan", "direct", "mapped", "punched", "relayed")
 # "link up PeerLink(abcd1234… out via 0123abcd…)" or "link up PeerLink(abcd1234… in 1.2.3.4:7470)"
 LINK_UP = re.compile(r"link up PeerLink\((\w+)… (in|out) (?:via (\w+)…|(\S+):(\d+))\)")
+PUNCHED = re.compile(r"upgraded the relayed link to (\w+) to a punched one")
 LINK_DOWN = re.compile(r"link down PeerLink\((\w+)… (in|out) (?:via (\w+)…|(\S+):(\d+))\)")
 
 
@@ -261,31 +262,50 @@ class Members:
         return self._paths_from_log(name)
 
     def _paths_from_log(self, name: str) -> dict[str, tuple[str, str | None]]:
+        """Live links from this start's log: "link up/down" lines (relayed ones name their
+        relay) and "upgraded the relayed link to X to a punched one"; a direct link is `lan`
+        from the host's own LAN, `mapped` when dialled at a router's outside address or taken
+        in from outside by a host whose router maps ports, else `direct` (the bed's addresses
+        stand in for the node's own labels until `peers --json` carries them)."""
         by_short = {mid[:8]: host for mid, host in self.ids().items()}
-        live: dict[str, tuple[str, str | None]] = {}
+
+        def host_of(short: str) -> str | None:
+            return next((h for s, h in by_short.items() if s.startswith(short) or short.startswith(s)), None)
+
         me = self.net.host(name)
+        my_home = self.net.homes[me.home] if me.home is not None else None
+        routers = {h.outside_ip for h in self.net.homes.values()}
+        live: dict[str, tuple[str, str | None]] = {}
+        reprs: dict[str, str] = {}  # the live link's repr, per host
         for line in self.log_text(name, this_start=True).splitlines():
             try:
                 msg = str(json.loads(line).get("msg", ""))
             except (ValueError, AttributeError):
                 continue
+            punched = PUNCHED.match(msg)
+            if punched is not None:
+                host = host_of(punched.group(1))
+                if host is not None and host in live and live[host][0] != "relayed":
+                    live[host] = ("punched", None)
+                continue
             up, down = LINK_UP.match(msg), LINK_DOWN.match(msg)
             hit = up or down
-            if hit is None:
-                continue
-            host = next((h for s, h in by_short.items() if s.startswith(hit.group(1)) or hit.group(1).startswith(s)),
-                        None)
-            if host is None:
+            host = host_of(hit.group(1)) if hit is not None else None
+            if hit is None or host is None:
                 continue
             if down:
-                live.pop(host, None)
+                # A link replaced by a newer one to the same member leaves that one live.
+                if "replaced by another connection" not in msg and reprs.get(host) == hit.group(0)[10:]:
+                    live.pop(host, None)
                 continue
-            relay_short, ip = hit.group(3), hit.group(4)
+            reprs[host] = hit.group(0)[8:]
+            inbound, relay_short, ip = hit.group(2) == "in", hit.group(3), hit.group(4)
             if relay_short:
-                relay = next((h for s, h in by_short.items() if s.startswith(relay_short)), None)
-                live[host] = ("relayed", relay)
-            elif me.home is not None and ip and ip.startswith(self.net.homes[me.home].lan_net + "."):
+                live[host] = ("relayed", host_of(relay_short))
+            elif my_home is not None and ip.startswith(my_home.lan_net + "."):
                 live[host] = ("lan", None)
+            elif (not inbound and ip in routers) or (inbound and my_home is not None and my_home.upnp):
+                live[host] = ("mapped", None)
             else:
                 live[host] = ("direct", None)
         return live
