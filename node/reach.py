@@ -272,8 +272,8 @@ class Reach:
                 self._dialling.add(k)
                 self._spawn(self._direct(k))
         if self.puncher is not None:
-            for p in self.policy.punches(v for v in views.values()
-                                         if not me_public and not getattr(known.get(v.member), "public", False)):
+            for p in self.policy.punches(v for v in views.values() if self._groups(v.member) and not me_public
+                                         and not getattr(known.get(v.member), "public", False)):
                 if p.target in self._sessions or self.puncher.backoff.wait(p.target, now):
                     self.policy.punch_over(p.target)
                     continue
@@ -357,16 +357,20 @@ class Reach:
         """A punch message from the other end of a relayed link: part of an exchange under
         way, or a punch-connect that opens one (node/punch.py budgets how often we answer)."""
         peer = link.remote
-        if self.puncher is None or link.path != "relayed" or not self._groups(peer):
-            # A link upgraded meanwhile, or a peer that shares nothing with us: nothing to do.
-            self._log("punch-ignored", "ignored a hole-punch message from %s on a %s link", peer.short, link.path)
+        if self.puncher is None or link.path != "relayed":  # a link upgraded meanwhile: nothing to do
+            self._log("punch-direct", "ignored a hole-punch message from %s on a %s link", peer.short, link.path)
             return
+        if not self._groups(peer):
+            self._log("punch-stranger", "ignored a hole-punch message from %s: it shares no constellation with us",
+                      peer.short)
+            return
+        parsed = punch.decode(msg.data)  # PunchError: the peer is charged
         ch = self._sessions.get(peer)
         if ch is not None:
             if not ch.deliver(msg.data):
                 self._log("punch-flood", "dropped a hole-punch message from %s: too many queued", peer.short)
             return
-        if not isinstance(punch.decode(msg.data), punch.Connect):  # PunchError: the peer is charged
+        if not isinstance(parsed, punch.Connect):
             return  # a punch-sync of an exchange that ended here (timed out): harmless
         ch = self._sessions[peer] = _Channel(self, peer)
         self._spawn(self._answer(peer, ch, msg.data))
