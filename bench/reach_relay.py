@@ -20,6 +20,7 @@ import sys
 import time
 
 from valuemesh.node.link import PeerLink
+from valuemesh.node.testing import QuietHandler
 from valuemesh.node.transport import Transport
 from valuemesh.protocol.identity import Identity, MemberId
 
@@ -27,20 +28,6 @@ NET = b"vm-reach-bench"
 PINGS = 50
 CHUNK = 64 * 1024
 DEADLINE_S = 120.0
-
-
-class Sink:
-    def authorize(self, remote: MemberId, inbound: bool) -> bool:
-        return True
-
-    async def on_connect(self, link: PeerLink) -> None:
-        pass
-
-    async def on_message(self, link: PeerLink, payload: bytes) -> None:
-        pass
-
-    async def on_disconnect(self, link: PeerLink, reason: str) -> None:
-        pass
 
 
 def say(doc: dict[str, object]) -> None:
@@ -53,7 +40,7 @@ async def median_rtt(link: PeerLink) -> float:
 
 
 async def main(argv: list[str]) -> None:
-    t = Transport(Identity(os.urandom(32)), NET, Sink())
+    t = Transport(Identity(os.urandom(32)), NET, QuietHandler())
     role = argv[0]
     try:
         if role == "relay":
