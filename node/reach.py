@@ -274,7 +274,9 @@ class Reach:
         if self.puncher is not None:
             for p in self.policy.punches(v for v in views.values() if self._groups(v.member) and not me_public
                                          and not getattr(known.get(v.member), "public", False)):
-                if p.target in self._sessions or self.puncher.backoff.wait(p.target, now):
+                # One exchange at a time: two peers behind one router share its address and our
+                # listen port's 4-tuple towards it, so two punches at once spoil each other.
+                if self._sessions or self.puncher.backoff.wait(p.target, now):
                     self.policy.punch_over(p.target)
                     continue
                 ch = self._sessions[p.target] = _Channel(self, p.target)
@@ -372,5 +374,9 @@ class Reach:
             return
         if not isinstance(parsed, punch.Connect):
             return  # a punch-sync of an exchange that ended here (timed out): harmless
+        if self._sessions:  # busy punching another peer: this one's try times out and backs off
+            self._log("punch-busy", "not answering a hole-punch request from %s: punching another member",
+                      peer.short)
+            return
         ch = self._sessions[peer] = _Channel(self, peer)
         self._spawn(self._answer(peer, ch, msg.data))
