@@ -266,8 +266,13 @@ class Internet(netns.Namespaces):
         for h in self.hosts.values():
             if h.home is None:
                 self.add_plugged(h.netns, h.ifname, h.port, self.pub_ns)
-                run("ip", "-n", h.netns, "addr", "add", f"{h.ip}/24", "dev", h.ifname)
-                run("ip", "-n", h.netns, "addr", "add", f"{h.ip6}/64", "dev", h.ifname, "nodad")
+                # A host address alone (/32, /128) and an on-link route to the segment: as on the
+                # real internet, a server's own network does not hold the home routers, so its
+                # node sees their members as remote (path direct), not on its LAN.
+                run("ip", "-n", h.netns, "addr", "add", f"{h.ip}/32", "dev", h.ifname)
+                run("ip", "-n", h.netns, "addr", "add", f"{h.ip6}/128", "dev", h.ifname, "nodad")
+                run("ip", "-n", h.netns, "route", "add", f"{PUBLIC_NET}.0/24", "dev", h.ifname)
+                run("ip", "-n", h.netns, "route", "add", f"{PUBLIC_NET6}/64", "dev", h.ifname)
         for home in self.homes.values():
             self._build_home(home)
         for home in self.homes.values():

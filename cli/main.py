@@ -111,8 +111,7 @@ def status(c: Ctx) -> None:
              f"listen   {doc['listen']}",
              f"peers    {sum(1 for p in doc['peers'] if p.get('connected'))} connected, {len(doc['peers'])} known"]
     for p in doc["peers"]:
-        linked = "connected" if p.get("connected") else "not connected"
-        lines.append(f"  {p['member'][:16]}…  {p['address']}  via {p['via']}  {p['state']}, {linked}")
+        lines.append(f"  {p['member'][:16]}…  {p['address']}  found by {p['via']}  {peer_state(p)}")
     for k in doc["constellations"]:
         lines.append(f"{k['name']}  {k['id']}")
         lines.append(f"  members {k['members']} (core {k['core']}), final {k['final']}, pending {k['pending']}, "
@@ -138,9 +137,31 @@ def peers(ctx: click.Context) -> None:
     if ctx.invoked_subcommand is None:
         c: Ctx = ctx.obj
         doc = c.api.call("GET", "/v1/peers")
-        c.out(doc, "\n".join(
-            f"{p['member']}  {p['address']}  via {p['via']}  {p['state']}"
-            f"{', connected' if p.get('connected') else ''}" for p in doc["peers"]) or "no peers")
+        c.out(doc, "\n".join(f"{p['member']}  {p['address']}  found by {p['via']}  {peer_state(p)}"
+                             for p in doc["peers"]) or "no peers")
+
+
+def peer_state(p: dict[str, Any]) -> str:
+    """Liveness, then for a connected peer its path (the relay's id for a relayed one) and RTT."""
+    if not p.get("connected"):
+        return f"{p['state']}, not connected"
+    path = p.get("path") or "?"
+    if p.get("relay"):
+        path = f"{path} via {p['relay'][:12]}…"
+    rtt = f"rtt {p['rtt_ms']:.1f} ms" if p.get("rtt_ms") is not None else "rtt not measured yet"
+    return f"{p['state']}, connected, {path}, {rtt}"
+
+
+@cli.command()
+@click.option("--cached", is_flag=True, help="Show the last check instead of asking members for a new one.")
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 20), default=12.0, show_default=True,
+              help="Seconds to wait for the members asked to dial this node back.")
+@json_option
+@pass_ctx
+def netcheck(c: Ctx, cached: bool, wait_s: float) -> None:
+    """How the internet reaches this node: reachability, NAT, port mapping, relays, IPv6."""
+    doc = c.api.call("GET", f"/v1/netcheck?fresh={'false' if cached else 'true'}&wait_s={wait_s:g}")
+    c.out(doc, "\n".join(doc["lines"]))
 
 
 @peers.command("add")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from valuemesh.node import views
+from valuemesh.node import netview, views
 from valuemesh.node.accounting_api import add_accounting_routes
 from valuemesh.node.facade import NodeFacade, json_ok, read_json_object
 from valuemesh.node.plugin_routes import mount_plugin_routes
@@ -101,6 +101,12 @@ def make_app(node: NodeFacade, token: str) -> web.Application:
     @routes.get("/v1/peers")
     async def peers(request: web.Request) -> web.Response:
         return ok({"peers": node.peer_list()})
+
+    @routes.get("/v1/netcheck")
+    async def netcheck(request: web.Request) -> web.Response:
+        """Public reachability, NAT behaviour, port mapping, relays and IPv6, each as a sentence."""
+        fresh, wait_s = netview.parse_params(request.query)
+        return ok(await node.netcheck(fresh, wait_s))
 
     @routes.post("/v1/peers")
     async def add_peer(request: web.Request) -> web.Response:

@@ -64,6 +64,10 @@ class Carrier(Protocol):
         """Once the link is up: how carrier-level pings are charged and answered."""
         ...
 
+    def local_addr(self) -> tuple[str, int] | None:
+        """This end's (IP, port) of the connection; None when it has no socket of its own."""
+        ...
+
 
 class WebSocketCarrier:
     """The WebSocket carrier (RFC 6455 over aiohttp), either side of `/vm/peer`."""
@@ -85,6 +89,9 @@ class WebSocketCarrier:
 
     def set_control(self, hook: ControlHook) -> None:
         self._control = hook
+
+    def local_addr(self) -> tuple[str, int] | None:
+        return _endpoint(self._ws.get_extra_info("sockname"))
 
     async def send(self, data: bytes) -> None:
         await self._ws.send_bytes(data)
@@ -148,6 +155,9 @@ class StreamCarrier:
     def set_control(self, hook: ControlHook) -> None:
         """A stream has no control messages of its own."""
 
+    def local_addr(self) -> tuple[str, int] | None:
+        return _endpoint(self._writer.get_extra_info("sockname"))
+
     async def send(self, data: bytes) -> None:
         if len(data) > self._max:
             raise ValueError(f"A message of {len(data)} bytes exceeds the carrier's {self._max}.")
@@ -177,3 +187,10 @@ class StreamCarrier:
         transport = self._writer.transport
         if transport is not None:
             transport.abort()
+
+
+def _endpoint(name: object) -> tuple[str, int] | None:
+    """(IP, port) of a socket name as asyncio gives it (IPv6 names carry two more fields)."""
+    if isinstance(name, tuple) and len(name) >= 2 and isinstance(name[0], str) and isinstance(name[1], int):
+        return name[0], name[1]
+    return None

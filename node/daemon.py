@@ -38,6 +38,7 @@ from valuemesh.node.jsonbody import body_from_json
 from valuemesh.node.link import PeerLink
 from valuemesh.node.link_limits import HEADER_TIMEOUT
 from valuemesh.node.messaging import PENALTY_INVALID, Handlers, NotYetKnown, send
+from valuemesh.node.netview import NetView
 from valuemesh.node.peer_manager import PeerManager
 from valuemesh.node.peers import PeerTable
 from valuemesh.node.reach import Reach
@@ -88,6 +89,7 @@ class Node:
     addrs: AddressSpread
     dialback: DialBack
     reach: Reach
+    netview: NetView  # paths and netcheck (node/netview.py)
 
     def __init__(
         self,
@@ -121,7 +123,7 @@ class Node:
             raise LocalError("retain_epochs must be 1 or more (or absent: keep every block).")
         self.retain_epochs = retain_epochs
         self.identity = identity
-        self.listen_host, self.listen_port = parse_hostport(listen, default_host="0.0.0.0")
+        self.listen_host, self.listen_port = parse_hostport(listen, default_host="::")
         self.api_host, self.api_port = parse_hostport(api, default_host="127.0.0.1")
         if self.api_host not in ("127.0.0.1", "::1", "localhost"):
             raise LocalError("The local API must listen on loopback (127.0.0.1 or ::1).")
@@ -491,6 +493,11 @@ class Node:
         self.reach = Reach(self.identity.member, self.transport, self.links, self.addrs, self.dialback, send=send,
                            wanted=self._core_members, groups=self.shared_with, spawn=self._spawn)
         self.reach.register(self.handlers)
+        self.netview = NetView(transport=self.transport, addrs=self.addrs, dialback=self.dialback,
+                               ask=self._ask_dialback, spawn=self._spawn, mapper=lambda: self.portmap,
+                               path=self.reach.path,
+                               listen=lambda: (self.listen_host, self.listen_port),
+                               port_mapping=self.port_mapping, serve_relay=self.serve_relay)
 
     def _core_members(self) -> set[MemberId]:
         """Whom this node keeps linked to, through a relay if need be: the core members of
@@ -560,6 +567,7 @@ class Node:
                 f"{v.addresses[0].host}:{v.addresses[0].port}" if v.addresses else "")
             doc["via"] = v.via.source if v.via is not None else (v.addresses[0].source if v.addresses else "")
             doc["connected"] = link is not None
+            doc.update(self.netview.link_json(link))  # path, relay, rtt_ms
             doc["constellations"] = [constellation_text(c) for c in sorted(self.peer_constellations.get(mid, ()))]
             out.append(doc)
         return out
@@ -578,6 +586,9 @@ class Node:
         health = "degraded: " + "; ".join(short) if short else "ok"
         return {"health": health, "member": str(self.identity.member), "listen": self.addresses()[0],
                 "uptime_s": int(time.time() - self.started_at), "peers": self.peer_list(), "constellations": cons}
+
+    async def netcheck(self, fresh: bool, wait_s: float) -> dict[str, Any]:
+        return await self.netview.netcheck(fresh, wait_s)
 
     def constellation_list(self) -> list[dict[str, Any]]:
         return [{k: s[k] for k in ("id", "name", "members", "status", "my_tier", "guarantee")}

@@ -49,6 +49,17 @@ REACHABLE, UNREACHABLE, UNKNOWN, REFUSED = "reachable", "unreachable", "unknown"
 Groups = Callable[[MemberId], Collection[bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One helper's view of our link to it: the address it saw us at; the helper's IP as we
+    see it (None for a relayed link); our end of the connection when this end opened it
+    (PeerLink.opened_from; None when the helper dialled us, so its view shows no NAT's doing)."""
+
+    observed: Address
+    remote_ip: str | None
+    opened_from: tuple[str, int] | None
+
+
 @dataclass(slots=True)
 class Reachability:
     """What dial-back found out, for `status` and `valuemesh netcheck`: per announced address
@@ -59,6 +70,7 @@ class Reachability:
     observed: dict[MemberId, Address] = field(default_factory=dict)
     helpers: tuple[MemberId, ...] = ()
     checked_at: int | None = None
+    seen: dict[MemberId, Seen] = field(default_factory=dict)  # the observations with their links
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -163,9 +175,19 @@ class DialBack:
 
     # -- asking --------------------------------------------------------------------------------
 
+    @property
+    def asking(self) -> bool:
+        """Whether a round of asking is under way."""
+        return self._asking
+
+    @property
+    def can_ask(self) -> bool:
+        """Whether a round could start now: none under way, and a linked member to ask."""
+        return not self._asking and bool(self._helpers())
+
     def due(self) -> bool:
         """Whether to ask now: never asked, our addresses changed, or RECHECK_S passed."""
-        if self._asking or not self._helpers():
+        if not self.can_ask:
             return False
         now = self._clock()
         return (self._asked_at is None or tuple(self._addresses()) != self._asked_for
@@ -214,7 +236,7 @@ class DialBack:
                 del self._waiting[nonce]
             results = merge(asked, answers)
             self.state = Reachability(results, self.state.observed, tuple(lk.remote for lk in helpers),
-                                      self._wall())
+                                      self._wall(), self.state.seen)
             self._on_result(results)
             return self.state
         finally:
@@ -234,7 +256,9 @@ class DialBack:
                 if a in asked and result in (REACHABLE, UNREACHABLE):
                     answer[a] = result
         with contextlib.suppress(ValidationError):
-            self.state.observed[link.remote] = Address(msg.observed[0], msg.observed[1])
+            seen = Address(msg.observed[0], msg.observed[1])
+            self.state.observed[link.remote] = seen
+            self.state.seen[link.remote] = Seen(seen, link.ip, link.opened_from)
         fut.set_result(answer)
 
     # -- answering -----------------------------------------------------------------------------

@@ -125,6 +125,15 @@ class PeerLink:
         return None if self.via is not None else self.addr[0]
 
     @property
+    def opened_from(self) -> tuple[str, int] | None:
+        """Our (IP, port) of a connection this end opened (dialled, or punched from the listen
+        port); None for one the peer opened or a relayed link. Only on such a connection does
+        the address the peer sees show what our NAT did to it (node/netview.py)."""
+        if self.via is not None or (self.inbound and self.path != "punched"):
+            return None
+        return self._carrier.local_addr()
+
+    @property
     def closed(self) -> bool:
         return self._reason is not None
 

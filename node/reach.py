@@ -264,7 +264,7 @@ class Reach:
                 self._spawn(self._via(via))
         # A relayed member whose record names a public or mapped address is dialled there (the
         # direct link replaces the relayed one), never punched; nor do we punch while public
-        # ourselves: the other end dials us. docs/punch.md: such pairs get a direct path.
+        # ourselves: the other end dials us. docs/reach.md §5: such pairs get a direct path.
         me_public = self.public()
         for k, v in views.items():
             if v.path == "relayed" and (kn := known.get(k)) is not None and kn.public and k not in self._dialling \

@@ -65,6 +65,10 @@ class CircuitCarrier:
     def set_control(self, hook: ControlHook) -> None:
         """A circuit has no control messages of its own."""
 
+    def local_addr(self) -> tuple[str, int] | None:
+        """A circuit has no socket of its own."""
+        return None
+
     async def send(self, data: bytes) -> None:
         while self._credit <= 0 and self.reason is None:
             self._credited.clear()

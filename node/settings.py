@@ -41,8 +41,9 @@ class Settings:
     network: str = _setting("valuemesh-main", "network",
                             "Network id; nodes of different networks refuse each other in the handshake.",
                             flag="--network")
-    listen: str = _setting("0.0.0.0:7470", "address",
-                           "Peer port HOST:PORT, on every interface so that other members can reach it.",
+    listen: str = _setting("[::]:7470", "address",
+                           "Peer port HOST:PORT, on every interface ([::]: IPv4 and IPv6) so that other members "
+                           "can reach it.",
                            flag="--listen")
     api: str = _setting("127.0.0.1:7471", "loopback",
                         "Local API HOST:PORT; loopback only, guarded by the token in api.token.", flag="--api")
@@ -139,7 +140,7 @@ def _listen_host(value: Any, default_host: str) -> tuple[str, str]:
 
 
 def _address(value: Any) -> str:
-    return _listen_host(value, "0.0.0.0")[0]
+    return _listen_host(value, "::")[0]
 
 
 def _loopback(value: Any) -> str:

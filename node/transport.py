@@ -165,11 +165,15 @@ class Transport:
         )
         limit_accept_errors(asyncio.get_running_loop(), log)
         await runner.setup()
+        # `::` means every interface of both families (IPv4 and IPv6 sockets on one port);
+        # asyncio makes IPv6 listening sockets IPv6-only, so IPv4 needs a socket of its own.
+        dual = host == "::"
+        first = "0.0.0.0" if dual else host
         try:
             # SO_REUSEPORT lets hole-punch sockets dial from the listen port (node/punch.py);
             # the probe keeps a second daemon on this port an error, as it was without it.
-            check_port_free(host, port)
-            site = web.TCPSite(runner, host, port, reuse_port=True)
+            check_port_free(first, port)
+            site = web.TCPSite(runner, first, port, reuse_port=True)
             await site.start()
         except OSError as e:
             await runner.cleanup()
@@ -177,6 +181,14 @@ class Transport:
         self._runner = runner
         sock = runner.addresses[0]
         self.address = (str(sock[0]), int(sock[1]))
+        if dual:
+            try:
+                check_port_free("::", self.address[1])
+                await web.TCPSite(runner, "::", self.address[1], reuse_port=True).start()
+                self.address = ("::", self.address[1])
+            except OSError as e:  # a host without IPv6: IPv4 alone, as asked of 0.0.0.0
+                log.warning("listening on IPv4 only: no IPv6 socket on port %d (%s)", self.address[1],
+                            e.strerror or e)
         log.info("listening on %s:%d as %s", self.address[0], self.address[1], self.member)
         return self.address
 

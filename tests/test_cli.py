@@ -141,7 +141,7 @@ def test_config_set_get_list(tmp_path: Path) -> None:
     assert (d.home / "config.json").stat().st_mode & 0o777 == 0o600
     rows = {r["key"]: r for r in d.cli_json("config", "list")["settings"]}
     assert (rows["mdns"]["value"], rows["mdns"]["source"]) == ("false", "file")
-    assert (rows["listen"]["value"], rows["listen"]["source"]) == ("0.0.0.0:7470", "default")
+    assert (rows["listen"]["value"], rows["listen"]["source"]) == ("[::]:7470", "default")
     listed = _valuemesh(d.home, "--json", "config", "list", env={"VALUEMESH_LOG": "debug"})
     assert {r["key"]: r["source"] for r in json.loads(listed.stdout)["settings"]}["log_level"] == "env"
 
@@ -177,7 +177,7 @@ def test_daemon_help_shows_every_default(tmp_path: Path) -> None:
     out = " ".join(_valuemesh(tmp_path, "daemon", "--help").stdout.split())
     for s in SETTINGS:
         assert s.flag.split("/")[0] in out and s.env in out, s.key
-    for default in ("[default: 0.0.0.0:7470]", "[default: 127.0.0.1:7471]", "[default: no-mdns]",
+    for default in ("[default: [::]:7470]", "[default: 127.0.0.1:7471]", "[default: no-mdns]",
                     "[default: info]", "[default: 10000]"):
         assert default in out, default
 

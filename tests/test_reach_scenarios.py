@@ -282,7 +282,7 @@ def test_every_member_restarted_in_turn_rejoins_the_mesh(scen: Scenario) -> None
         print(f"\n{n} killed and restarted: back in the mesh in {time.monotonic() - started:.1f} s", end="")
     if REACH:
         # A punch cut short by a relay's restart counts as a failed try; after 3 the pair backs
-        # off about a minute (docs/punch.md): the wait covers one back-off and the next try.
+        # off about a minute (docs/reach.md §5): the wait covers one back-off and the next try.
         took = scen.wait_paths(expected_paths(), "every pair on its expected path after every restart",
                                deadline_s=RESTART_PATHS_S)
         seen = scen.paths()

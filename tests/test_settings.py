@@ -44,7 +44,7 @@ def _refused(match: str, home: Home, flags: dict[str, object] | None = None,
 
 def test_defaults_are_the_documented_node() -> None:
     s = Settings()
-    assert (s.listen, s.api, s.network, s.mdns) == ("0.0.0.0:7470", "127.0.0.1:7471", "valuemesh-main", False)
+    assert (s.listen, s.api, s.network, s.mdns) == ("[::]:7470", "127.0.0.1:7471", "valuemesh-main", False)
     assert (s.verify_threads, s.checkpoint_start_min_records, s.retain_epochs) == (0, 10_000, 0)
     assert (s.bootstrap, s.mdns_interfaces, s.disable_plugins, s.log_level, s.name) == ((), (), (), "info", "")
     with pytest.raises(FrozenInstanceError):

@@ -606,6 +606,28 @@ async def test_ipv6_loopback(cluster: Cluster) -> None:
     assert await recv(cluster.nodes[-1]) == (a.member, b"over v6")
 
 
+async def test_listening_on_all_interfaces_takes_ipv4_and_ipv6_on_one_port(cluster: Cluster) -> None:
+    """`::` is both families (asyncio makes IPv6 sockets IPv6-only, so IPv4 gets its own):
+    one node is dialled on 127.0.0.1 and on ::1 at the same port. Only loopback is dialled."""
+    a = await cluster.node()
+    identity, handler = ident(), Recorder()
+    t = Transport(identity, NET, handler, limits=FAST)
+    host, port = await t.start("::", 0)
+    both = Node(identity, handler, t, (host, port))
+    cluster.nodes.append(both)
+    link4 = await a.transport.connect("127.0.0.1", port, expect=identity.member)
+    await link4.send(b"over v4")
+    assert await recv(both) == (a.member, b"over v4")
+    if host != "::":
+        pytest.skip("no IPv6 here: the node listens on IPv4 alone")
+    b = await cluster.node()
+    link6 = await b.transport.connect("::1", port, expect=identity.member)
+    await link6.send(b"over v6")
+    assert await recv(both) == (b.member, b"over v6")
+    with pytest.raises(LocalError, match="Cannot listen"):  # the port is taken in both families
+        await Transport(ident(), NET, Recorder(), limits=FAST).start("::", port)
+
+
 async def test_a_crossing_dial_returns_the_live_link_both_ends_keep(cluster: Cluster) -> None:
     while True:
         lo, hi = ident(), ident()
