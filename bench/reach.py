@@ -46,7 +46,8 @@ HOSTS = ("pub1", "pub2", "eim1", "sym1", "upnp1", "lan1", "lan2")
 FOUNDER = "pub1"
 DIRECT = {"lan", "direct", "mapped", "punched"}
 MESH_DEADLINE_S = 60.0
-SETTLE_S = 60.0  # paths stop changing (punches, upgrades) within this, or are read as they are
+SETTLE_S = 150.0  # paths stop changing (punches, upgrades) within this, or are read as they are
+STABLE_S = 20.0
 LOAD_EVERY_S = 0.25
 POLL_EVERY_S = 0.05
 WARMUP_S = 2.0
@@ -98,14 +99,26 @@ def wait_mesh(ms: Members, names: list[str], deadline_s: float) -> float | None:
 
 
 def settled_paths(ms: Members, deadline_s: float) -> dict[str, dict[str, tuple[str, str | None]]]:
-    """The paths once two readings 3 s apart agree (or at the deadline)."""
-    started, last = time.monotonic(), None
+    """The paths once they held still for STABLE_S (punches retried after a back-off change
+    them), or as they are at the deadline."""
+    started, last, since = time.monotonic(), None, time.monotonic()
     while True:
         now = ms.all_paths(list(HOSTS))
-        if now == last or time.monotonic() - started > deadline_s:
+        if now != last:
+            last, since = now, time.monotonic()
+        if time.monotonic() - since >= STABLE_S or time.monotonic() - started > deadline_s:
             return now
-        last = now
-        time.sleep(3.0)
+        time.sleep(2.0)
+
+
+def link_rtts(ms: Members) -> dict[str, list[float]]:
+    """The daemons' own round trips (`peers --json` rtt_ms) of their links, by relayed or not."""
+    out: dict[str, list[float]] = {"relayed": [], "not relayed": []}
+    for doc in ms.cli_all(list(HOSTS), "peers").values():
+        for p in (doc or {}).get("peers", []):
+            if p.get("connected") and p.get("rtt_ms") is not None and p.get("path"):
+                out["relayed" if p["path"] == "relayed" else "not relayed"].append(float(p["rtt_ms"]))
+    return out
 
 
 class Load:
@@ -249,6 +262,8 @@ def one_run(workdir: Path, relay_mb: int) -> dict[str, Any]:
         paths = settled_paths(ms, SETTLE_S)
         out["paths"] = {f"{a}-{b}": paths.get(a, {}).get(b, ("none", None))[0]
                         for a, b in itertools.combinations(HOSTS, 2)}
+        rtts = link_rtts(ms)
+        out["link_rtt_ms"] = {k: med(list(v)) for k, v in rtts.items()}
         out["founder"] = commit_gap(ms, cid, FOUNDER)
         ms.start(FOUNDER)
         out["mesh_after_founder_s"] = wait_mesh(ms, list(HOSTS), MESH_DEADLINE_S)
@@ -283,6 +298,9 @@ def report(runs: list[dict[str, Any]]) -> None:
         ("relay kill -9 -> next record final on all survivors",
          fmt(med([r["relay"]["next_ms"] for r in runs]), "ms"), "<= 2 s, goal <= 300 ms"),
         ("  longest commit stall in the 5 s after it", fmt(med([r["relay"]["longest_ms"] for r in runs]), "ms"), ""),
+        ("daemons' link RTT, not relayed (peers --json, median)",
+         fmt(med([r["link_rtt_ms"]["not relayed"] for r in runs]), "ms", 2), "-"),
+        ("daemons' link RTT, relayed", fmt(med([r["link_rtt_ms"]["relayed"] for r in runs]), "ms", 2), "-"),
         ("ping RTT direct (sym1 -> pub2)",
          fmt(med([r["relay_overhead"]["rtt_direct_ms"] for r in runs]), "ms", 3), "-"),
         ("ping RTT relayed (sym1 -> pub2 -> eim1)",
