@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/sharing/pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck pytest soak demo bench bench-full bench-soak chaos clean
+.PHONY: run test lint typecheck pytest soak demo bench bench-full bench-soak chaos reach bench-reach clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy -p chaos
 
 pytest: $(STAMP)
-	$(VENV)/bin/pytest tests examples/sharing/tests
+	$(VENV)/bin/pytest -m "not reach" tests examples/sharing/tests
 
 test: lint typecheck pytest
 
@@ -55,10 +55,21 @@ CHAOS_ARGS ?=
 chaos: $(STAMP)
 	$(PY) -m chaos.run --seed $(CHAOS_SEED) --kills $(CHAOS_KILLS) $(CHAOS_ARGS)
 
+# Issue #17's scenarios on the namespace internet (docs/testbed.md, tests/test_reach_scenarios.py):
+# 7 real daemons behind real NATs driven through the CLI; about 2-4 minutes on 2 cores, so
+# outside `make test`. Needs root (installs nftables and miniupnpd-nftables; else skipped
+# with the reason, which -rs prints).
+reach: $(STAMP)
+	$(VENV)/bin/pytest -m reach -s -rs tests/test_reach_scenarios.py
+
 # Benchmarks (pysyncobj is a bench-only extra): quick < 5 min, full as the issue sizes them.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py
+
+# Issue #17's figures on the namespace internet beside their targets (root; ~3 min a repeat).
+bench-reach: $(STAMP)
+	$(PY) bench/reach.py --repeats $${REPEATS:-3}
 
 bench-soak: $(STAMP)
 	$(PY) bench/soak.py $(SOAK_ARGS)

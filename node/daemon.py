@@ -474,6 +474,11 @@ class Node:
     def _inviter_reached(self, link: PeerLink, host: str, port: int) -> None:
         if self.peers is not None:
             self.peers.add_known(link.remote, Address(host, port), Source.INVITE)
+            # Linked now, not at the inviter's hello: else the table dials the address just
+            # added once more, and that link replaces the one carrying the join and its
+            # checkpoint request (whose answer was then awaited 10 s in vain).
+            if not link.closed:
+                self.peers.link_up(link)
 
     # -- address records and dial-back (node/addrspread.py, node/dialback.py) -------
     def _wire_addresses(self) -> None:

@@ -39,6 +39,7 @@ from valuemesh.protocol.identity import MemberId
 log = logging.getLogger("valuemesh.reach")
 
 KICK_DELAY_S = 0.02  # events within this long are planned for together
+DIRECT_RETRY_S = 30.0  # a relayed public member that could not be dialled is tried again after this
 CHANNEL_DEPTH = 4  # punch messages queued per exchange (the protocol needs at most 2)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
@@ -101,6 +102,7 @@ class Reach:
         self._listen_port = 0
         self._reserving: set[MemberId] = set()
         self._dialling: set[MemberId] = set()
+        self._direct_after: dict[MemberId, float] = {}  # relayed public members: dial again after
         self._sessions: dict[MemberId, _Channel] = {}
         self._published: tuple[MemberId, ...] = ()
         self._kicked: asyncio.TimerHandle | None = None
@@ -260,9 +262,21 @@ class Reach:
             if via.target not in self._dialling:
                 self._dialling.add(via.target)
                 self._spawn(self._via(via))
+        # A relayed member whose record names a public or mapped address is dialled there (the
+        # direct link replaces the relayed one), never punched; nor do we punch while public
+        # ourselves: the other end dials us. docs/reach.md §5: such pairs get a direct path.
+        me_public = self.public()
+        for k, v in views.items():
+            if v.path == "relayed" and (kn := known.get(k)) is not None and kn.public and k not in self._dialling \
+                    and now >= self._direct_after.get(k, 0.0):
+                self._dialling.add(k)
+                self._spawn(self._direct(k))
         if self.puncher is not None:
-            for p in self.policy.punches(v for v in views.values() if self._groups(v.member)):
-                if p.target in self._sessions or self.puncher.backoff.wait(p.target, now):
+            for p in self.policy.punches(v for v in views.values() if self._groups(v.member) and not me_public
+                                         and not getattr(known.get(v.member), "public", False)):
+                # One exchange at a time: two peers behind one router share its address and our
+                # listen port's 4-tuple towards it, so two punches at once spoil each other.
+                if self._sessions or self.puncher.backoff.wait(p.target, now):
                     self.policy.punch_over(p.target)
                     continue
                 ch = self._sessions[p.target] = _Channel(self, p.target)
@@ -298,6 +312,19 @@ class Reach:
             log.info("reached %s through relay %s (path %s)", via.target.short, via.relay.short, link.path)
         finally:
             self._dialling.discard(via.target)
+
+    async def _direct(self, member: MemberId) -> None:
+        """Dial a relayed member at its record's public addresses; the link replaces the relayed one."""
+        try:
+            for a in self._addrs.table.usable(member, self._addrs.local()):
+                with contextlib.suppress(Exception):  # unreachable, refused, another key: try the next
+                    await self._transport.connect(a.host, a.port, expect=member)
+                    log.info("replaced the relayed link to %s by a direct one to %s", member.short, a)
+                    self._direct_after.pop(member, None)
+                    return
+            self._direct_after[member] = self._clock() + DIRECT_RETRY_S
+        finally:
+            self._dialling.discard(member)
 
     # -- hole punching ---------------------------------------------------------------------------
     async def _upgrade(self, peer: MemberId, ch: _Channel) -> None:
@@ -347,5 +374,9 @@ class Reach:
             return
         if not isinstance(parsed, punch.Connect):
             return  # a punch-sync of an exchange that ended here (timed out): harmless
+        if self._sessions:  # busy punching another peer: this one's try times out and backs off
+            self._log("punch-busy", "not answering a hole-punch request from %s: punching another member",
+                      peer.short)
+            return
         ch = self._sessions[peer] = _Channel(self, peer)
         self._spawn(self._answer(peer, ch, msg.data))
