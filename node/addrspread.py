@@ -142,7 +142,10 @@ class AddressSpread:
     # -- what the lead's policy and the dialer set -------------------------------------------
 
     def set_mapped(self, address: Address | None) -> None:
-        """The port mapping our router made (node/portmap.py), or None when it is gone."""
+        """The port mapping our router made (node/portmap.py), or None when it is gone; a
+        change is re-signed at once, not after OWN_RESIGN_INTERVAL_S (mappings change rarely)."""
+        if address != self._mapped:
+            self._signed_at = -OWN_RESIGN_INTERVAL_S
         self._mapped = address
 
     def set_relays(self, relays: Sequence[MemberId]) -> None:

@@ -205,6 +205,7 @@ class Node:
         if self.port_mapping:  # -- port mapping: the node does not wait for the router
             self.portmap = portmap.PortMapper(self.listen_port, listen_host=self.listen_host)
             self.portmap.on_change(self.reach.mapped)
+            self.reach.expect_mapping()
             self._tasks.append(asyncio.create_task(self._start_portmap()))
         log.info("started member=%s listen=%s:%d api=%s:%d constellations=%d", self.identity.member,
                  self.listen_host, self.listen_port, self.api_host, self.api_port, len(self.engines))

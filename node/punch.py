@@ -65,9 +65,12 @@ class Punched:
 
 @dataclass(frozen=True)
 class PunchFailed:
-    """The punch did not connect; `reason` is one sentence. The link stays on the relay."""
+    """The punch did not connect; `reason` is one sentence. The link stays on the relay.
+    `link_lost`: the link it was coordinated over closed meanwhile (the relay went away):
+    not the pair's failure, so it does not count towards the back-off."""
 
     reason: str
+    link_lost: bool = False
 
 
 class PunchDialError(Exception):
@@ -265,6 +268,8 @@ class Puncher:
             if isinstance(got, Punched):
                 self.backoff.succeeded(peer)
                 return got
+            if got.link_lost:  # nothing learnt of the pair: the next relayed link tries afresh
+                return got
             reasons.append(got.reason)
         waits = self.backoff.failed(peer, self.clock(), self._jitter())
         log.info("punch to %s failed %d times, staying on the relay for %.0f s: %s",
@@ -290,7 +295,7 @@ class Puncher:
         except TimeoutError:
             return PunchFailed(f"{peer.short}… did not answer the hole-punch request in time.")
         except ConnectionError:
-            return PunchFailed(f"The link to {peer.short}… closed during the hole-punch exchange.")
+            return PunchFailed(f"The link to {peer.short}… closed during the hole-punch exchange.", link_lost=True)
         except (PunchError, LocalError) as e:
             return PunchFailed(str(e))
 
@@ -320,7 +325,7 @@ class Puncher:
         except TimeoutError:
             return PunchFailed(f"{peer.short}… did not send punch-sync in time.")
         except ConnectionError:
-            return PunchFailed(f"The link to {peer.short}… closed during the hole-punch exchange.")
+            return PunchFailed(f"The link to {peer.short}… closed during the hole-punch exchange.", link_lost=True)
         except (PunchError, LocalError) as e:
             return PunchFailed(str(e))
 

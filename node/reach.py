@@ -40,6 +40,7 @@ log = logging.getLogger("valuemesh.reach")
 
 KICK_DELAY_S = 0.02  # events within this long are planned for together
 DIRECT_RETRY_S = 30.0  # a relayed public member that could not be dialled is tried again after this
+MAPPING_WAIT_S = 10.0  # no punching until the router answered the mapping request, or this long
 CHANNEL_DEPTH = 4  # punch messages queued per exchange (the protocol needs at most 2)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
@@ -106,6 +107,7 @@ class Reach:
         self._sessions: dict[MemberId, _Channel] = {}
         self._published: tuple[MemberId, ...] = ()
         self._kicked: asyncio.TimerHandle | None = None
+        self._mapping_wait_until = 0.0
         self._planning = False
         self.punches = {"punched": 0, "failed": 0, "answered": 0}
         self._log = LogKinds(log).log
@@ -129,11 +131,22 @@ class Reach:
             ch.end()
 
     # -- what the node tells us ----------------------------------------------------------------
+    def expect_mapping(self) -> None:
+        """The node asked its router for a port mapping: punch nobody until it answers (at most
+        MAPPING_WAIT_S), or a member about to be mapped would be punched instead."""
+        self._mapping_wait_until = self._clock() + MAPPING_WAIT_S
+
     def mapped(self, mapping: PortMapping) -> None:
-        """node/portmap.py's listener: our router's mapping goes into our address record."""
+        """node/portmap.py's listener: our router's mapping goes into our address record at
+        once (not at the next re-sign), so members dial it rather than a relay."""
         self.mapping = mapping
+        self._mapping_wait_until = 0.0
         self._addrs.set_mapped(Address(mapping.external_ip, mapping.external_port) if mapping.obtained else None)
+        self._spawn(self._refresh())
         self.kick()
+
+    async def _refresh(self) -> None:
+        await self._addrs.refresh_own()
 
     def link_up(self, link: PeerLink) -> None:
         self.policy.linked(link.remote)
@@ -271,7 +284,7 @@ class Reach:
                     and now >= self._direct_after.get(k, 0.0):
                 self._dialling.add(k)
                 self._spawn(self._direct(k))
-        if self.puncher is not None:
+        if self.puncher is not None and now >= self._mapping_wait_until:
             for p in self.policy.punches(v for v in views.values() if self._groups(v.member) and not me_public
                                          and not getattr(known.get(v.member), "public", False)):
                 # One exchange at a time: two peers behind one router share its address and our

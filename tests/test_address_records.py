@@ -193,7 +193,6 @@ async def test_own_record_is_resigned_on_change_at_most_once_per_interval(tmp_pa
         assert await spread.refresh_own()
         first = spread.own()
         assert first is not None and first.seq == wall[0]
-        spread.set_mapped(Address("198.51.100.7", 40001))
         spread.set_relays([relay.member, me.member])  # never itself
         t[0] += OWN_RESIGN_INTERVAL_S / 2
         assert not await spread.refresh_own()  # changed, but signed too recently: next beat
@@ -203,12 +202,18 @@ async def test_own_record_is_resigned_on_change_at_most_once_per_interval(tmp_pa
         second = spread.own()
         assert second is not None and second.seq == first.seq + 1  # still above the last
         assert second.relays == (relay.member,)
+        # A new port mapping is re-signed at once: members should dial it, not a relay.
+        spread.set_mapped(Address("198.51.100.7", 40001))
+        assert await spread.refresh_own()
+        third = spread.own()
+        assert third is not None and third.seq == second.seq + 1
         assert spread.own_json() == {
-            "seq": second.seq, "relays": [str(relay.member)], "records_held": 1,
+            "seq": third.seq, "relays": [str(relay.member)], "records_held": 1,
             "addresses": [{"kind": "lan", "address": "192.168.1.5:7700"},  # the record's canonical order
                           {"kind": "mapped", "address": "198.51.100.7:40001"}]}
+        spread.set_mapped(Address("198.51.100.7", 40001))  # the same mapping renewed: no change
         assert not await spread.refresh_own()  # nothing changed
-        assert {k: q for k, q, _ in await store.address_records()} == {me.member: second.seq}
+        assert {k: q for k, q, _ in await store.address_records()} == {me.member: third.seq}
 
 
 async def _no_send(link: PeerLink, msg: m.Message) -> None:
