@@ -61,6 +61,7 @@ class Node:
     starts: int = 0
     loop_device: str = ""  # the loop device under the home, for the slow-disk fault
     log_from: int = 0  # where this start's lines begin in the log
+    started_in: float = 0.0  # seconds from launch to the ready line (the store's replay), last start
 
     @property
     def name(self) -> str:
@@ -95,9 +96,10 @@ class Node:
             subprocess.run(self._argv("init", "--name", self.name), capture_output=True, check=True,
                            timeout=CLI_TIMEOUT_S)
 
-    def start(self, bootstrap: list[str] | None = None, skew_s: int = 0) -> None:
-        """Start the daemon and wait for its ready line. A nonzero skew runs it under
-        libfaketime, its wall clock `skew_s` seconds off (monotonic time untouched)."""
+    def start(self, bootstrap: list[str] | None = None, skew_s: int = 0, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the daemon and wait (up to `timeout`) for its ready line, which it prints once
+        it has loaded its store; `started_in` is how long that took. A nonzero skew runs it
+        under libfaketime, its wall clock `skew_s` seconds off (monotonic time untouched)."""
         argv = self._argv("daemon", "--listen", self.address, "--api", f"127.0.0.1:{API_PORT}", "--no-mdns",
                           "--network", NETWORK)
         for b in bootstrap or []:
@@ -118,7 +120,8 @@ class Node:
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + START_TIMEOUT_S
+        launched = time.monotonic()
+        deadline = launched + timeout
         buf = b""
         try:
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -131,11 +134,12 @@ class Node:
                 line = next((ln for ln in buf.split(b"\n")[:-1] if ln.startswith(b"{")), None)
                 if line is not None:
                     self.member = json.loads(line)["member"]
+                    self.started_in = time.monotonic() - launched
                     return
         finally:
             sel.close()
         self.kill()
-        raise DaemonError(f"{self.name} did not start within {START_TIMEOUT_S:.0f} s; see its log")
+        raise DaemonError(f"{self.name} did not start within {timeout:.0f} s; see its log")
 
     def dropped_constellation(self) -> bool:
         """Whether this start refused to follow the constellation it holds (its log says

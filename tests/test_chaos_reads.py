@@ -72,3 +72,17 @@ def test_percentiles_by_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (50.0, 95.0, 100.0)
     assert percentile([], 95) == 0.0 and percentile([3.0], 95) == 3.0
+
+
+def test_a_node_that_does_not_start_again_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    """A restart replays the whole store; at kill 160 of a long run one took over the 30 s the
+    runner allowed, and the runner crashed with every figure of the run unchecked."""
+    runner = Runner(parse(["--workdir", str(tmp_path)]))
+    home = tmp_path / "home0"
+    home.mkdir()
+    node = Node(Host(0, "vmchaos-absent-n0", "10.213.0.1", "p0"), home)  # no such namespace: it cannot start
+    _db(home / "node.db", [b"\x01"])
+    assert runner.start(node, "kill 3") is False
+    assert not node.alive and runner.startups == []
+    assert len(runner.findings) == 1 and runner.findings[0].startswith("n0 did not start again after kill 3")
+    assert "final count 1" in runner.findings[0]
