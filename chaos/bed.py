@@ -1,7 +1,8 @@
 """The test bed: one network namespace per daemon, veth pairs into a bridge that lives in a
-hub namespace, and the kernel's fault knobs on them (nftables drops, tc shaping), plus small
-tmpfs and loop mounts for disk faults. Nothing is created in the host's own namespace but the
-mounts under the run's directory; everything is removed by `teardown`, even after a failure.
+hub namespace, and the kernel's fault knobs on them (nftables drops, tc shaping), plus ext4
+file systems on loop devices (sparse images) for the disk faults. Nothing is created in the
+host's own namespace but the mounts under the run's directory; everything is removed by
+`teardown`, even after a failure.
 
 Names start with `vmchaos-<pid>-<tag>-`, so two runs never collide and a later run removes
 only what a dead run of this suite left behind.
@@ -186,17 +187,16 @@ class Bed:
 
     # -- disks ------------------------------------------------------------------------------
 
-    def tmpfs(self, where: Path, size_kib: int) -> None:
-        where.mkdir(parents=True, exist_ok=True)
-        run("mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0700", "tmpfs", str(where))
-        self._mounts.append(where)
-
     def loop_mount(self, where: Path, size_mib: int) -> str:
-        """An ext4 file system on a loop device of its own; returns the device (to slow it)."""
+        """An ext4 file system on a loop device of its own; returns the device (to slow it).
+        The image is sparse: it takes room on the real disk only as the home fills it, so it
+        is sized for the whole run (run.disk_mib) at no cost, and the full-disk fault fills it
+        with fallocate (blocks reserved, nothing written). No blocks reserved for root (-m 0):
+        the daemon runs as root and must meet the same ENOSPC as the filler."""
         img = self.dir / f"{where.name}.img"
         with open(img, "wb") as f:
             f.truncate(size_mib * 1024 * 1024)
-        run("mkfs.ext4", "-q", "-F", str(img))
+        run("mkfs.ext4", "-q", "-F", "-m", "0", "-T", "largefile", str(img))
         dev = run("losetup", "-f", "--show", str(img)).stdout.strip()
         self._loops.append(dev)
         where.mkdir(parents=True, exist_ok=True)

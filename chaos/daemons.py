@@ -15,12 +15,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from chaos.bed import Host
 
+T = TypeVar("T")
 PEER_PORT = 7470
 API_PORT = 7471
 NETWORK = "vmchaos"
@@ -59,6 +61,7 @@ class Node:
     starts: int = 0
     loop_device: str = ""  # the loop device under the home, for the slow-disk fault
     log_from: int = 0  # where this start's lines begin in the log
+    started_in: float = 0.0  # seconds from launch to the ready line (the store's replay), last start
 
     @property
     def name(self) -> str:
@@ -93,9 +96,10 @@ class Node:
             subprocess.run(self._argv("init", "--name", self.name), capture_output=True, check=True,
                            timeout=CLI_TIMEOUT_S)
 
-    def start(self, bootstrap: list[str] | None = None, skew_s: int = 0) -> None:
-        """Start the daemon and wait for its ready line. A nonzero skew runs it under
-        libfaketime, its wall clock `skew_s` seconds off (monotonic time untouched)."""
+    def start(self, bootstrap: list[str] | None = None, skew_s: int = 0, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the daemon and wait (up to `timeout`) for its ready line, which it prints once
+        it has loaded its store; `started_in` is how long that took. A nonzero skew runs it
+        under libfaketime, its wall clock `skew_s` seconds off (monotonic time untouched)."""
         argv = self._argv("daemon", "--listen", self.address, "--api", f"127.0.0.1:{API_PORT}", "--no-mdns",
                           "--network", NETWORK)
         for b in bootstrap or []:
@@ -116,7 +120,8 @@ class Node:
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + START_TIMEOUT_S
+        launched = time.monotonic()
+        deadline = launched + timeout
         buf = b""
         try:
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -129,11 +134,12 @@ class Node:
                 line = next((ln for ln in buf.split(b"\n")[:-1] if ln.startswith(b"{")), None)
                 if line is not None:
                     self.member = json.loads(line)["member"]
+                    self.started_in = time.monotonic() - launched
                     return
         finally:
             sel.close()
         self.kill()
-        raise DaemonError(f"{self.name} did not start within {START_TIMEOUT_S:.0f} s; see its log")
+        raise DaemonError(f"{self.name} did not start within {timeout:.0f} s; see its log")
 
     def dropped_constellation(self) -> bool:
         """Whether this start refused to follow the constellation it holds (its log says
@@ -144,6 +150,25 @@ class Node:
                 return b"cannot follow constellation" in log.read()
         except OSError:
             return False
+
+    def last_errors(self, n: int = 2) -> list[str]:
+        """The messages of the last `n` error lines this start logged: what a stall finding
+        quotes, to tell a slow shared machine (none) from a node that gave up (some)."""
+        try:
+            with open(self.home.parent / f"{self.name}.log", "rb") as log:
+                log.seek(self.log_from)
+                lines = log.read().splitlines()
+        except OSError:
+            return []
+        out: list[str] = []
+        for raw in lines:
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and doc.get("level") == "error":
+                out.append(str(doc.get("msg", ""))[:300])
+        return out[-n:]
 
     def kill(self) -> None:
         """SIGKILL by PID: the crash."""
@@ -202,14 +227,42 @@ class Node:
 # -- the store, read only -------------------------------------------------------------------
 
 
-def read_db(db: Path) -> tuple[str, list[str]]:
-    """PRAGMA integrity_check's answer and the final order (record ids, hex; a chaos node
-    follows one constellation), read only: safe on a killed node's database and, as one
-    more reader, on a live one."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+class Unreadable(Exception):
+    """The runner could not read a node's database (a full disk, a damaged file): reported as
+    a finding with the node and SQLite's words, never a crash of the runner."""
+
+
+def _read(db: Path, fn: Callable[[sqlite3.Connection], T]) -> T:
     try:
-        integrity = "; ".join(r[0] for r in con.execute("PRAGMA integrity_check").fetchall())
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return fn(con)
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from None
+
+
+def read_db(db: Path, integrity: bool = True) -> tuple[str, list[str]]:
+    """PRAGMA integrity_check's answer ("" when not asked) and the final order (record ids,
+    hex, interned: a long run keeps a thousand snapshots of it; a chaos node follows one
+    constellation), read only: safe on a killed node's database and, as one more reader, on
+    a live one. Raises Unreadable."""
+
+    def body(con: sqlite3.Connection) -> tuple[str, list[str]]:
+        answer = "; ".join(r[0] for r in con.execute("PRAGMA integrity_check").fetchall()) if integrity else ""
         rows = con.execute("SELECT record_id FROM final_records ORDER BY constellation, commit_idx, pos").fetchall()
-        return integrity, [bytes(r[0]).hex() for r in rows]
-    finally:
-        con.close()
+        return answer, [sys.intern(bytes(r[0]).hex()) for r in rows]
+
+    return _read(db, body)
+
+
+def final_count(db: Path) -> int:
+    """How many records the node holds final (cheap: the recovery wait asks every half second).
+    Raises Unreadable."""
+    return _read(db, lambda con: int(con.execute("SELECT count(*) FROM final_records").fetchone()[0]))
+
+
+def db_bytes(db: Path) -> int:
+    """The database's size on disk with its write-ahead log (what the home's disk must hold)."""
+    return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())

@@ -20,8 +20,8 @@ from chaos.daemons import Node
 KINDS = ("kill", "link-down", "partition", "asym-partition", "split", "loss", "duplicate", "delay-reorder",
          "clock-skew", "disk-full", "disk-slow")
 NETWORK_KINDS = ("link-down", "partition", "asym-partition", "split", "loss", "duplicate", "delay-reorder")
-FILL_CHUNK = 1024 * 1024
-MAX_FILL_CHUNKS = 4096
+FILL_STEPS = (256 << 20, 16 << 20, 1 << 20, 64 << 10, 4 << 10)
+MAX_FILL_STEPS = 256  # 256 steps of 256 MiB = 64 GiB: more than any image run.disk_mib makes
 
 
 @dataclass(frozen=True)
@@ -126,18 +126,23 @@ def inject(f: Fault, bed: Bed, nodes: Sequence[Node], restart: Callable[[Node, i
 
 
 def fill(home: Path) -> Path:
-    """Fill the file system holding `home` until it refuses (ENOSPC), bounded in size."""
+    """Fill the file system holding `home` until it refuses (ENOSPC) with one filler file,
+    bounded in steps. fallocate reserves the blocks without writing them, so filling a large
+    sparse image costs neither time nor room on the real disk; unlinking the filler gives all
+    of it back. Big steps, then ever smaller ones down to one block."""
     filler = home / "chaos-filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    offset = 0
     try:
-        for size in (FILL_CHUNK, 4096):  # big writes, then the last partial blocks
-            for _ in range(MAX_FILL_CHUNKS * FILL_CHUNK // size):
+        for step in FILL_STEPS:
+            for _ in range(MAX_FILL_STEPS):
                 try:
-                    os.write(fd, b"\0" * size)
+                    os.posix_fallocate(fd, offset, step)
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC:
                         raise
                     break
+                offset += step
     finally:
         os.close(fd)
     return filler

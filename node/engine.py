@@ -22,6 +22,7 @@ from typing import Any
 from valuemesh.node import trace
 from valuemesh.node.epoch_ends import Closing, EarlyCheckpoints
 from valuemesh.node.pending_pool import PendingPool
+from valuemesh.node.rebuild_retry import RebuildRetry
 from valuemesh.node.store import Checkpoint as StoredCheckpoint
 from valuemesh.node.store import CommitEntry, ConstellationInfo, Store
 from valuemesh.protocol.consensus import (
@@ -89,7 +90,7 @@ class Engine:
         self._flusher: asyncio.Task[None] | None = None
         # Set when a step's write failed: memory is ahead of the store until `recover`.
         self.failed: str | None = None
-        self._retry_at = self._retries = 0
+        self._retry = RebuildRetry(RECOVER_RETRY_MS, RECOVER_RETRY_MAX_MS)
         self.ledger = Ledger(self.registry, self.cid)
         first = self.ledger.apply(self.genesis, self.genesis.created)
         if not first[0].applied:
@@ -230,9 +231,9 @@ class Engine:
         """After a failed write: rebuild from the store as a restart would, in a fresh engine
         whose state then replaces ours (collaborators keep this object; until then ours, ahead
         of the store, still answers who is a member). While the store refuses (a full disk),
-        again after RECOVER_RETRY_MS, doubling up to RECOVER_RETRY_MAX_MS."""
-        if now < self._retry_at:
-            self.next_tick = self._retry_at
+        again after RECOVER_RETRY_MS, doubling up to RECOVER_RETRY_MAX_MS (node/rebuild_retry.py)."""
+        if now < self._retry.at:
+            self.next_tick = self._retry.at
             return Effects()
         fresh = Engine(self.store, self.registry, self.identity, self.genesis, self.consensus_params)
         fresh.retain_epochs = self.retain_epochs
@@ -241,15 +242,13 @@ class Engine:
         except Exception as exc:
             if fresh._flusher is not None:
                 fresh._flusher.cancel()
-            wait = min(RECOVER_RETRY_MS << min(self._retries, 16), RECOVER_RETRY_MAX_MS)
-            self._retries += 1
-            self._retry_at = self.next_tick = now + wait
+            self.next_tick = self._retry.failed(now)
             log.error("could not rebuild from the store yet (%s: %s); trying again in %d s", type(exc).__name__,
-                      exc, wait // 1000, extra={"c": self.text_id})
+                      exc, (self.next_tick - now) // 1000, extra={"c": self.text_id})
             return Effects()
         if self._flusher is not None:
             self._flusher.cancel()
-        cause, self.__dict__ = self.failed, fresh.__dict__
+        cause, self.__dict__ = self.failed, {**fresh.__dict__, "_retry": self._retry}  # kept: see its module
         log.warning("rebuilt from the store after a failed write (%s); taking blocks and records again",
                     cause, extra={"c": self.text_id})
         return eff
@@ -479,11 +478,12 @@ class Engine:
             # Memory is now ahead of the store and our blocks in this batch were never sent.
             # Take nothing until `recover` (the next tick) rebuilt memory from the store:
             # going on would store commits after a gap for ever (a full disk, say).
-            self.failed, self.loading, self.next_tick = f"{type(exc).__name__}: {exc}", True, now
+            self.failed, self.loading, self.next_tick = f"{type(exc).__name__}: {exc}", True, self._retry.failed(now)
             log.error("a step's write failed (%s); taking nothing until memory is rebuilt from the "
                       "store", self.failed, extra={"c": self.text_id})
             raise
         self._undurable.difference_update(b.id for b in own)
+        self._retry.failures = 0
         if tr is not None:
             if received:
                 tr.event("persisted", n=len(received))

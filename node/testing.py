@@ -70,6 +70,7 @@ class Daemon:
     bootstrap: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     member: str = ""
+    log: Path | None = None  # where stderr goes; default <home>/daemon.log (elsewhere when the home's disk fills)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run `valuemesh --home <home> ARGS…` and return the finished process."""
@@ -93,7 +94,7 @@ class Daemon:
                "--network", self.network]
         for b in self.bootstrap:
             cmd += ["--bootstrap", b]
-        log = open(self.home / "daemon.log", "ab")
+        log = open(self.log or self.home / "daemon.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         log.close()
         assert self.proc.stdout is not None
@@ -105,7 +106,7 @@ class Daemon:
                 break
         if not line.startswith(b"{"):
             self.kill()
-            raise AssertionError(f"{self.name} did not start; see {self.home / 'daemon.log'}")
+            raise AssertionError(f"{self.name} did not start; see {self.log or self.home / 'daemon.log'}")
         self.member = json.loads(line)["member"]
 
     @property

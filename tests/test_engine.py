@@ -104,7 +104,7 @@ async def test_a_block_of_ours_whose_write_failed_is_never_sent(tmp_path: Path, 
         assert lost.round > stored.round
         # While the engine waits to be rebuilt, the machine's stall guard re-sends nothing.
         monkeypatch.setattr(eng.consensus, "tick", lambda now: Output(rebroadcast=(stored, lost)))
-        monkeypatch.setattr(eng, "_retry_at", T0 + 10_000)
+        monkeypatch.setattr(eng._retry, "at", T0 + 10_000)
         assert await eng.tick(T0 + 5_000) == Effects()
         monkeypatch.setattr(store, "batch", real)
         # Rebuilt from the store, the machine knows only the stored block of ours: the lost
@@ -409,5 +409,50 @@ async def test_a_failed_write_stops_the_engine_until_memory_is_rebuilt_from_the_
         await again.load()
         assert (again.commit_index, again.final_count) == (eng.commit_index, eng.final_count)
         assert again.ledger.state_hash() == eng.ledger.state_hash()
+    finally:
+        await store.close()
+
+
+async def test_a_disk_that_stays_full_is_retried_with_back_off_not_in_a_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild only reads, so on a disk that is still full it succeeds, and the next write
+    fails again. That must back off like a failed rebuild (5 s, doubling), not rebuild at once
+    for ever: a real daemon did 173 rebuilds in a 7.4 s full-disk fault, each a replay of its
+    whole store and two log lines. Once a write succeeds, the next failure is retried at once."""
+    store, eng = await _engine(tmp_path / "n.sqlite")
+    try:
+        await _finalise(eng, 2)
+        final = eng.final_count
+        rec = _record(eng, 3)
+        disk = _FullDisk(store)
+        monkeypatch.setattr(store, "batch", disk.batch)
+        now, rebuilds, failures = T0 + 1_000, 0, 0
+        for _ in range(600):  # one minute of the daemon's ticks, 100 ms apart, the record offered each time
+            now += 100
+            was_failed = eng.failed is not None
+            await eng.tick(now)
+            rebuilds += was_failed and eng.failed is None
+            if eng.failed is None:
+                with pytest.raises(sqlite3.OperationalError):
+                    await eng.propose([rec], now)
+                failures += 1
+        # At once, then after 5, 10 and 20 s (35 s), then 40 s later (75 s): not in this minute.
+        assert failures >= 2 and rebuilds <= 4, (failures, rebuilds)
+        assert eng.final_count == final + 1  # memory ahead of the store is not trusted…
+        disk.full = False
+        for _ in range(900):  # …until space returns: bounded, within the longest wait (40 s) and then some
+            now += 100
+            await eng.tick(now)
+            if eng.failed is None:
+                await eng.propose([rec], now)
+            if eng.failed is None and await store.record_status(rec.id) == "final":
+                break
+        assert eng.failed is None and await store.record_status(rec.id) == "final"
+        disk.full = True  # a new failure after good writes is retried at once again
+        with pytest.raises(sqlite3.OperationalError):
+            await eng.propose([_record(eng, 4)], now + 10)
+        disk.full = False
+        await eng.tick(now + 20)
+        assert eng.failed is None
     finally:
         await store.close()
